@@ -1,0 +1,173 @@
+"""Crash-safe record output: append-and-flush JSONL for resumable jobs, atomic files and directories.
+
+Long jobs (rewrite, audit, eval) write one JSON object per input record into `<out>.partial`,
+flushed and fsynced after every record, keyed by the record's `_index` (its position in the input).
+A restart with the same command reads the partial file, drops a torn last line (a SIGKILL mid-write),
+skips the indices already done, and finally renames the partial file to `<out>` in one step. So a
+reader never sees a half-written output under the final name, and no record is lost or duplicated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from onsft.errors import UserError
+
+
+def check_writable(path: str | os.PathLike) -> Path:
+    """Fail early (before any compute) when the output's folder cannot be created or written."""
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".onsft-write-test-"):
+            pass
+    except OSError as error:
+        raise UserError(
+            f"cannot write output here ({error.strerror or error})", where=str(path),
+            fix="choose an output path in a folder you can write to.",
+        ) from None
+    return path
+
+
+def _fsync(handle) -> None:
+    handle.flush()
+    os.fsync(handle.fileno())
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Write JSON to a temporary file beside `path`, then rename: readers see the old file or the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(obj, handle, indent=2, default=_json_default)
+        handle.write("\n")
+        _fsync(handle)
+    os.replace(tmp, path)
+
+
+def write_jsonl_atomic(path: str | os.PathLike, rows: list[dict]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False, default=_json_default) + "\n")
+        _fsync(handle)
+    os.replace(tmp, path)
+
+
+def _json_default(value: Any) -> Any:
+    # numpy / torch scalars and arrays end up in records; JSON has no type for them.
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+class ResumableJsonl:
+    """Append-only JSONL keyed by `_index`, finalised by an atomic rename.
+
+    Usage:
+        store = ResumableJsonl(out_path, fingerprint={...})
+        for i, item in enumerate(items):
+            if i in store.done: continue
+            store.append({"_index": i, ...})
+        store.finalize(order=range(len(items)))
+    The fingerprint (command settings that change results) is stored in the first line; a restart with
+    different settings refuses to mix outputs instead of silently merging them.
+    """
+
+    def __init__(self, path: str | os.PathLike, fingerprint: dict | None = None):
+        self.path = Path(path)
+        self.partial = self.path.with_name(self.path.name + ".partial")
+        self.fingerprint = fingerprint or {}
+        self.done: dict[int, dict] = {}
+        check_writable(self.path)
+        self._load_existing()
+        self._handle = open(self.partial, "a", encoding="utf-8")
+        if self._handle.tell() == 0:
+            self._handle.write(json.dumps({"_fingerprint": self.fingerprint}, default=_json_default) + "\n")
+            _fsync(self._handle)
+
+    def _load_existing(self) -> None:
+        if not self.partial.exists():
+            return
+        raw = self.partial.read_bytes()
+        # A SIGKILL can leave a torn last line: keep everything up to the last newline.
+        cut = raw.rfind(b"\n") + 1
+        if cut < len(raw):
+            with open(self.partial, "r+b") as handle:
+                handle.truncate(cut)
+        lines = raw[:cut].decode("utf-8").splitlines()
+        if not lines:
+            return
+        header = json.loads(lines[0])
+        stored = header.get("_fingerprint", {})
+        if json.loads(json.dumps(self.fingerprint, default=_json_default)) != stored:
+            raise UserError(
+                "an unfinished earlier run with different settings left this partial output",
+                where=str(self.partial),
+                fix="rerun with the same settings to resume, or delete the .partial file to start over.",
+            )
+        for text in lines[1:]:
+            row = json.loads(text)
+            self.done[row["_index"]] = row
+
+    def append(self, row: dict) -> None:
+        if row["_index"] in self.done:
+            return
+        self._handle.write(json.dumps(row, ensure_ascii=False, default=_json_default) + "\n")
+        _fsync(self._handle)
+        self.done[row["_index"]] = row
+
+    def append_many(self, rows: list[dict]) -> None:
+        for row in rows:
+            if row["_index"] not in self.done:
+                self._handle.write(json.dumps(row, ensure_ascii=False, default=_json_default) + "\n")
+                self.done[row["_index"]] = row
+        _fsync(self._handle)
+
+    def rows(self, order) -> list[dict]:
+        return [self.done[i] for i in order if i in self.done]
+
+    def finalize(self, order, keep_index: bool = False) -> list[dict]:
+        """Write the final file in input order (atomic), remove the partial file, return the rows."""
+        self._handle.close()
+        rows = self.rows(order)
+        if not keep_index:
+            rows = [{k: v for k, v in row.items() if k != "_index"} for row in rows]
+        write_jsonl_atomic(self.path, rows)
+        self.partial.unlink(missing_ok=True)
+        return rows
+
+    def close(self) -> None:
+        if not self._handle.closed:
+            self._handle.close()
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """Build a directory under a temporary name and rename it into place only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.building")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
