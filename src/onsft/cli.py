@@ -1,0 +1,65 @@
+"""The `onsft` command: one sub-command per job, each implemented as `main(argv)` in its own module.
+
+Errors a user can fix (`UserError`) print one line and exit 2; partial outputs are never left behind
+because every writer in onsft writes under a temporary name and renames on success.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+from onsft.errors import EXIT_USER_ERROR, UserError
+
+COMMANDS = {
+    "train": ("onsft.train", "Fine-tune a causal LM with SFT (nll), DFT or IDFT, or DPO / SimPO."),
+    "audit": ("onsft.audit", "Measure how off-policy a dataset is for a model (DDT: phi, Z, p-values, report)."),
+    "rewrite": ("onsft.rewrite", "Rewrite off-policy data into the model's own distribution (hinted decoding)."),
+    "eval": ("onsft.evaluate", "Accuracy (pass@1, pass@k), retention and KL drift of a model on a dataset."),
+    "pairs": ("onsft.preference", "Build DPO / SimPO preference pairs from the model's own samples."),
+    "compare": ("onsft.compare", "Run a grid of methods x seeds from one base model and tabulate them."),
+    "demo": ("onsft.demo", "The whole story on the embedded model organism, on a CPU, in minutes."),
+    "data": ("onsft.datasets_cli", "Write the built-in synthetic datasets (or reasoning-gym tasks) to JSONL."),
+}
+
+
+def _usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: onsft <command> [options]   (onsft <command> --help for its options)", "", "commands:"]
+    lines += [f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from onsft import __version__
+
+        print(f"onsft {__version__}")
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(str(UserError(f"unknown command `{name}`", fix=f"use one of: {', '.join(COMMANDS)}.")), file=sys.stderr)
+        return EXIT_USER_ERROR
+    # Quiet the libraries' start-up chatter; users of the CLI read our progress bars and summaries.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        module = importlib.import_module(COMMANDS[name][0])
+        return int(module.main(rest) or 0)
+    except UserError as error:
+        print(str(error), file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("onsft: interrupted; rerun the same command to resume.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
