@@ -1,0 +1,129 @@
+"""`onsft train`: fine-tune a causal LM with SFT (nll), DFT or IDFT; DPO / SimPO via `--method`.
+
+    onsft train --model organism --data teacher.jsonl --loss idft --output_dir runs/idft --max_steps 300
+
+Checkpoints go to `<output_dir>/checkpoint-N`; rerunning the same command resumes from the last one
+(step counter, optimiser, scheduler, RNG and IDFT schedule restored). The final model is written to
+`<output_dir>/model` (loadable with `from_pretrained`) under a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from onsft.config import parse_command
+from onsft.errors import UserError
+from onsft.losses import LossConfig
+from onsft.records import atomic_directory, check_writable, write_json_atomic, write_jsonl_atomic
+from onsft.trainer import OnPolicySFTTrainer, TrainConfig
+
+METHODS = ("sft", "dpo", "simpo")
+
+
+@dataclass
+class TrainInputs:
+    model: str = field(default="organism", metadata={"help": "Hugging Face model name or local path, or `organism`."})
+    data: str = field(default="", metadata={"help": "Training data (.jsonl/.parquet/.csv/saved dataset)."})
+    eval_data: str | None = field(default=None, metadata={"help": "Validation data; reports the plain NLL."})
+    method: str = field(default="sft", metadata={"help": "sft (token-weighted: --loss nll|dft|idft), dpo or simpo."})
+    overlong: str = field(default="reject", metadata={"help": "Rows over --max_length: reject | truncate | drop."})
+    lora_r: int = field(default=0, metadata={"help": "LoRA rank; 0 trains all weights."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
+    lora_target_modules: str = field(default="all-linear", metadata={"help": "LoRA targets (peft syntax)."})
+    resume: bool = field(default=True, metadata={"help": "Resume from the last checkpoint in output_dir if any."})
+
+
+def _peft_config(inputs: TrainInputs):
+    if inputs.lora_r <= 0:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(r=inputs.lora_r, lora_alpha=inputs.lora_alpha, lora_dropout=inputs.lora_dropout,
+                      target_modules=inputs.lora_target_modules, task_type="CAUSAL_LM")
+
+
+def _build_dataset(tokenizer, path: str, max_length: int, overlong: str):
+    import datasets
+
+    from onsft.data import encode_examples, load_examples
+
+    examples = load_examples(path, require_response=True)
+    encoded, stats = encode_examples(tokenizer, examples, max_length, overlong, where=path)
+    table = datasets.Dataset.from_dict({"input_ids": [e.input_ids for e in encoded],
+                                        "labels": [e.labels for e in encoded]})
+    stats["response_tokens"] = sum(sum(1 for t in e.labels if t != -100) for e in encoded)
+    return table, stats
+
+
+def _last_checkpoint(output_dir: str) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
+
+
+def run_training(inputs: TrainInputs, loss_config: LossConfig, args: TrainConfig) -> dict:
+    """Validate everything a user can get wrong, then train; returns the summary written to train_summary.json."""
+    from onsft.models import load_model, load_tokenizer
+
+    loss_config.validate()
+    if args.nonfinite not in ("stop", "skip"):
+        raise UserError(f"unknown --nonfinite `{args.nonfinite}`", where="command line", fix="use stop or skip.")
+    if not inputs.data:
+        raise UserError("no training data given", where="command line", fix="pass --data FILE.")
+    check_writable(Path(args.output_dir) / "train_summary.json")
+    tokenizer = load_tokenizer(inputs.model)
+    train_set, stats = _build_dataset(tokenizer, inputs.data, args.max_length, inputs.overlong)
+    eval_set = _build_dataset(tokenizer, inputs.eval_data, args.max_length, inputs.overlong)[0] if inputs.eval_data else None
+    model = load_model(inputs.model)
+    args.dataset_kwargs = {"skip_prepare_dataset": True}
+    args.remove_unused_columns = False
+    if eval_set is not None and args.eval_strategy == "no":
+        args.eval_strategy = "steps"
+        args.eval_steps = args.eval_steps or args.save_steps
+    trainer = OnPolicySFTTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
+                                 processing_class=tokenizer, peft_config=_peft_config(inputs), loss_config=loss_config)
+    resume_from = _last_checkpoint(args.output_dir) if inputs.resume else None
+    started = time.time()
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    summary = {
+        "method": inputs.method, "loss": loss_config.loss, "model": inputs.model, "data": inputs.data,
+        "global_step": trainer.state.global_step, "resumed_from": resume_from,
+        "train_loss": result.training_loss, "wall_seconds_this_run": time.time() - started,
+        "rows": stats["rows"], "dropped_overlong": stats["dropped"], "truncated_overlong": stats["truncated"],
+        "response_tokens_per_epoch": stats["response_tokens"], "skipped_nonfinite": trainer.skipped_nonfinite,
+        "loss_config": vars(loss_config),
+    }
+    if trainer.is_world_process_zero():
+        _save_final(trainer, tokenizer, Path(args.output_dir), inputs)
+        write_jsonl_atomic(Path(args.output_dir) / "metrics.jsonl", trainer.state.log_history)
+        write_json_atomic(Path(args.output_dir) / "train_summary.json", summary)
+    return summary
+
+
+def _save_final(trainer, tokenizer, output_dir: Path, inputs: TrainInputs) -> None:
+    model = trainer.model
+    with atomic_directory(output_dir / "model") as tmp:
+        if inputs.lora_r > 0:
+            # Save the adapter for peft users and a merged model that plain `from_pretrained` loads.
+            model.save_pretrained(tmp / "adapter")
+            model = model.merge_and_unload()
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+
+def main(argv: list[str] | None = None) -> int:
+    inputs, loss_config, args = parse_command(argv, TrainInputs, LossConfig, TrainConfig, prog="onsft train")
+    if inputs.method not in METHODS:
+        raise UserError(f"unknown method `{inputs.method}`", where="command line", fix=f"use one of {', '.join(METHODS)}.")
+    if inputs.method in ("dpo", "simpo"):
+        from onsft.preference import train_preference
+
+        summary = train_preference(argv)
+    else:
+        summary = run_training(inputs, loss_config, args)
+    print(json.dumps({k: summary[k] for k in ("global_step", "train_loss") if k in summary}))
+    return 0
