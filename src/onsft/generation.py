@@ -1,0 +1,468 @@
+"""Batched decoding with a KV cache: sampling rules, stop rules, and the loop hinted decoding shares.
+
+One loop serves plain generation and hinted decoding. Every example owns one or two *contexts*
+(token rows): a plain prompt, and optionally a hinted prompt. All rows of a batch run through the
+model together, left-padded, with one KV cache. At each step the loop turns the rows' next-token
+log-probs into one distribution per example (plain generation: the plain row's; hinted decoding: a
+mixture, see `onsft.hinted`), samples one token per example, appends it to every row of that example,
+and drops rows that are no longer needed (finished examples; hinted rows after the hand-over), so
+they stop costing compute. Plain `generate` is this loop with no hinted rows.
+
+Sampling is deterministic for a seed and independent of batching: each example draws from its own
+`torch.Generator`, seeded from (seed, the example's index in the input list).
+"""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer
+
+from onsft.errors import UserError
+
+FINISH_REASONS = ("eos", "length", "repetition")
+
+
+@dataclass
+class SamplingConfig:
+    """How to sample continuations. Field names follow `transformers.GenerationConfig` where they overlap."""
+
+    max_new_tokens: int = field(default=1024, metadata={"help": "Most tokens generated per example."})
+    min_new_tokens: int = field(
+        default=0, metadata={"help": "EOS is suppressed until this many tokens exist (benchmarks, length floors)."})
+    temperature: float = field(default=0.0, metadata={"help": "Softmax temperature; 0 means greedy (argmax)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling: keep the smallest set of tokens "
+                                                        "holding this much probability (1 = off)."})
+    top_k: int = field(default=0, metadata={"help": "Keep only the k most likely tokens (0 = off)."})
+    seed: int = field(default=0, metadata={"help": "Sampling seed; example i draws from its own generator "
+                                                   "seeded by (seed, i), so batching does not change samples."})
+    repetition_window: int = field(
+        default=30, metadata={"help": "Stop a row when one window of this many tokens has occurred "
+                                      "`repetition_count` times (a degenerate loop)."})
+    repetition_count: int = field(default=5, metadata={"help": "Occurrences of one window that stop a row "
+                                                               "(0 = never stop for repetition)."})
+    batch_size: int = field(default=16, metadata={"help": "Examples decoded together."})
+    use_cache: bool = field(
+        default=True, metadata={"help": "Decode with a KV cache. False recomputes the whole sequence every step "
+                                        "(quadratic; only for tests and as a benchmark baseline)."})
+
+    def validate(self) -> None:
+        problems = []
+        if self.max_new_tokens < 1:
+            problems.append(("max_new_tokens", "must be at least 1"))
+        if self.min_new_tokens < 0:
+            problems.append(("min_new_tokens", "must be >= 0"))
+        if self.temperature < 0:
+            problems.append(("temperature", "must be >= 0 (0 = greedy)"))
+        if not 0 < self.top_p <= 1:
+            problems.append(("top_p", "must be in (0, 1]"))
+        if self.top_k < 0:
+            problems.append(("top_k", "must be >= 0 (0 = off)"))
+        if self.repetition_count < 0 or self.repetition_window < 1:
+            problems.append(("repetition_window/count", "window must be >= 1 and count >= 0"))
+        if self.batch_size < 1:
+            problems.append(("batch_size", "must be at least 1"))
+        if problems:
+            name, why = problems[0]
+            raise UserError(f"`{name}` {why}", where="config", fix=f"set a valid `{name}`.")
+
+
+@dataclass
+class Generation:
+    """One decoded continuation. `token_ids` include the final EOS when `finish_reason` is 'eos'
+    (as `model.generate` returns it); `text` is decoded without special tokens."""
+
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    n_tokens: int
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure functions: sampling and the repetition rule
+# ---------------------------------------------------------------------------------------------
+
+def filter_logprobs(logprobs: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
+                    top_p: float = 1.0) -> torch.Tensor:
+    """Temperature, then top-k, then top-p (the order `transformers` applies them) over the last dim.
+
+    Input may be unnormalised (a geometric mixture); output is normalised log-probs with the removed
+    tokens at -inf. Temperature must be > 0 here; greedy decoding is an argmax and never calls this.
+    """
+    if temperature <= 0:
+        raise ValueError("filter_logprobs needs temperature > 0; use argmax for greedy decoding")
+    scores = torch.log_softmax(logprobs.float() / temperature, dim=-1)
+    vocab = scores.shape[-1]
+    if 0 < top_k < vocab:
+        kth = torch.topk(scores, top_k, dim=-1).values[..., -1:]
+        # Renormalised so the nucleus below is measured within the top k, as transformers does.
+        scores = torch.log_softmax(scores.masked_fill(scores < kth, float("-inf")), dim=-1)
+    if top_p < 1.0:
+        ordered, order = torch.sort(scores, dim=-1, descending=True)
+        probs = ordered.exp()
+        mass_before = torch.cumsum(probs, dim=-1) - probs
+        # Keep a token while the mass of strictly more likely tokens is below top_p: the smallest
+        # prefix reaching top_p, and never less than the single most likely token.
+        drop_sorted = mass_before >= top_p
+        drop_sorted[..., 0] = False
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        scores = scores.masked_fill(drop, float("-inf"))
+    return torch.log_softmax(scores, dim=-1)
+
+
+def example_generator(seed: int, index: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The random stream of example `index`: fixed by (seed, index) alone, so batch size and order do
+    not change what an example samples."""
+    # A multiplicative (golden-ratio) mix keeps streams of neighbouring seeds and indices apart.
+    mixed = (seed * 0x9E3779B97F4A7C15 + index * 0xBF58476D1CE4E5B9 + 1) % (2**63 - 1)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(mixed)
+    return generator
+
+
+def sample_tokens(logprobs: torch.Tensor, config: SamplingConfig,
+                  generators: list[torch.Generator]) -> torch.Tensor:
+    """One token per row of `logprobs` [N, V] (unnormalised is fine): argmax when temperature is 0,
+    else a draw from the filtered distribution with row i's own generator."""
+    if config.temperature == 0:
+        return torch.argmax(logprobs, dim=-1)
+    probs = filter_logprobs(logprobs, config.temperature, config.top_k, config.top_p).exp()
+    return torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)])
+
+
+def has_repeated_window(tokens: list[int], window: int, count: int) -> bool:
+    """True when some run of `window` consecutive tokens occurs at least `count` times (overlaps count).
+    The naive statement of the rule; `RepetitionDetector` is its incremental form."""
+    if count <= 0 or len(tokens) < window:
+        return False
+    seen = Counter(tuple(tokens[i:i + window]) for i in range(len(tokens) - window + 1))
+    return max(seen.values()) >= count
+
+
+class RepetitionDetector:
+    """Incremental `has_repeated_window`: `push` one token at a time, O(window) per token.
+
+    The reference code scans the whole output every 100 tokens; checking at each token stops a loop
+    as soon as it qualifies instead of up to 99 tokens later.
+    """
+
+    def __init__(self, window: int, count: int):
+        self.window, self.count = window, count
+        self.recent: deque[int] = deque(maxlen=window)
+        self.seen: Counter[tuple[int, ...]] = Counter()
+
+    def push(self, token: int) -> bool:
+        if self.count <= 0:
+            return False
+        self.recent.append(token)
+        if len(self.recent) < self.window:
+            return False
+        key = tuple(self.recent)
+        self.seen[key] += 1
+        return self.seen[key] >= self.count
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows of token contexts in one batch with one KV cache
+# ---------------------------------------------------------------------------------------------
+
+class RowBatch:
+    """Token rows decoded together: left-padded, sharing one forward pass per step and one KV cache.
+
+    Positions come from the attention mask (a row's first real token is position 0), so left padding
+    changes nothing a row computes. With `use_cache=False` every step recomputes all rows from scratch
+    (the quadratic baseline); results must agree with the cached path.
+    """
+
+    def __init__(self, model, prompts: list[list[int]], *, use_cache: bool = True, pad_id: int = 0,
+                 prefill_groups: list[range] | None = None, prefill_token_budget: int = 16384):
+        self.model = model
+        self.device = model.device
+        self.use_cache = use_cache
+        self.pad_id = pad_id
+        lengths = torch.tensor([len(p) for p in prompts])
+        self.mask = _left_padded(prompts, 0, int(lengths.max()), lambda p: [1] * len(p)).to(self.device)
+        self.next_position = lengths.to(self.device)
+        if not use_cache:
+            self.ids = _left_padded(prompts, pad_id, int(lengths.max()), list).to(self.device)
+            self.cache = None
+            self.logprobs = self._forward_all()
+            return
+        self.ids = None
+        self.logprobs = self._prefill(prompts, prefill_groups or [range(len(prompts))], prefill_token_budget)
+
+    @property
+    def rows(self) -> int:
+        return self.mask.shape[0]
+
+    def advance(self, keep: torch.Tensor | None, tokens: torch.Tensor) -> torch.Tensor:
+        """Keep only rows `keep` (None = all), append one token to each, return next-token log-probs."""
+        if keep is not None:
+            self._select(keep.to(self.device))
+        tokens = tokens.to(self.device).view(-1, 1)
+        self.mask = torch.cat([self.mask, self.mask.new_ones(self.rows, 1)], dim=1)
+        if self.use_cache:
+            out = self.model(input_ids=tokens, attention_mask=self.mask,
+                             position_ids=self.next_position.view(-1, 1), past_key_values=self.cache,
+                             use_cache=True, logits_to_keep=1)
+            self.logprobs = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+        else:
+            self.ids = torch.cat([self.ids, tokens], dim=1)
+            self.logprobs = self._forward_all()
+        self.next_position = self.next_position + 1
+        return self.logprobs
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _forward_all(self) -> torch.Tensor:
+        positions = (self.mask.cumsum(-1) - 1).clamp_min(0)
+        out = self.model(input_ids=self.ids, attention_mask=self.mask, position_ids=positions,
+                         use_cache=False, logits_to_keep=1)
+        return torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+
+    def _prefill(self, prompts, groups, token_budget) -> torch.Tensor:
+        """Prefill each group (e.g. hinted rows, plain rows) padded only to its own longest prompt, in
+        chunks of at most `token_budget` padded tokens, then join the caches left-padded with zeros.
+        A cache whose layers are not plain `DynamicLayer`s (sliding windows, ...) is prefilled whole."""
+        probe = DynamicCache(config=self.model.config)
+        mergeable = bool(probe.layers) and all(type(layer) is DynamicLayer for layer in probe.layers)
+        if not mergeable:
+            chunks = [range(len(prompts))]
+        else:
+            chunks = [c for g in groups for c in _chunks(g, [len(prompts[i]) for i in g], token_budget)]
+        total = self.mask.shape[1]
+        keys: list[list[torch.Tensor]] = []
+        values: list[list[torch.Tensor]] = []
+        logprobs = []
+        for chunk in chunks:
+            rows = [prompts[i] for i in chunk]
+            width = max(len(p) for p in rows) if mergeable else total
+            ids = _left_padded(rows, self.pad_id, width, list).to(self.device)
+            mask = _left_padded(rows, 0, width, lambda p: [1] * len(p)).to(self.device)
+            positions = (mask.cumsum(-1) - 1).clamp_min(0)
+            cache = DynamicCache(config=self.model.config)
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                             past_key_values=cache, use_cache=True, logits_to_keep=1)
+            logprobs.append(torch.log_softmax(out.logits[:, -1].float(), dim=-1))
+            if not mergeable:
+                self.cache = cache
+                return logprobs[0]
+            keys.append([_pad_left(layer.keys, total) for layer in cache.layers])
+            values.append([_pad_left(layer.values, total) for layer in cache.layers])
+        self.cache = DynamicCache(config=self.model.config)
+        for i, layer in enumerate(self.cache.layers):
+            layer.update(torch.cat([k[i] for k in keys]), torch.cat([v[i] for v in values]))
+        return torch.cat(logprobs)
+
+    def _select(self, keep: torch.Tensor) -> None:
+        self.mask = self.mask[keep]
+        self.next_position = self.next_position[keep]
+        if self.use_cache:
+            self.cache.batch_select_indices(keep)
+        else:
+            self.ids = self.ids[keep]
+        # Columns that are padding in every remaining row (e.g. the hinted rows' long prompts after
+        # they left) cost attention for nothing: cut them.
+        used = self.mask.any(dim=0).nonzero()
+        start = int(used[0]) if used.numel() else 0
+        if start == 0:
+            return
+        if self.use_cache:
+            if not all(type(layer) is DynamicLayer for layer in self.cache.layers):
+                return
+            for layer in self.cache.layers:
+                layer.keys = layer.keys[:, :, start:]
+                layer.values = layer.values[:, :, start:]
+        else:
+            self.ids = self.ids[:, start:]
+        self.mask = self.mask[:, start:]
+
+
+def _left_padded(rows, pad, width, content) -> torch.Tensor:
+    return torch.tensor([[pad] * (width - len(r)) + content(r) for r in rows], dtype=torch.long)
+
+
+def _pad_left(states: torch.Tensor, width: int) -> torch.Tensor:
+    missing = width - states.shape[-2]
+    if missing == 0:
+        return states
+    return torch.nn.functional.pad(states, (0, 0, missing, 0))
+
+
+def _chunks(indices: range, lengths: list[int], token_budget: int) -> list[range]:
+    """Split consecutive rows so each chunk's padded size (rows x longest) stays within the budget."""
+    out, start, longest = [], 0, 0
+    for offset, length in enumerate(lengths):
+        wider = max(longest, length)
+        if offset > start and wider * (offset - start + 1) > token_budget:
+            out.append(indices[start:offset])
+            start, wider = offset, length
+        longest = wider
+    out.append(indices[start:len(lengths)])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The decoding loop shared by `generate` and `onsft.hinted.hinted_decode`
+# ---------------------------------------------------------------------------------------------
+
+# mixer(hinted_logprobs [N, V], plain_logprobs [N, V]) -> (mixed scores [N, V], lambda [N])
+Mixer = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class Trace:
+    """What the loop records per example; `generate` and `hinted_decode` turn it into their results."""
+
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str = "length"
+    lambdas: list[float] = field(default_factory=list)
+    handover_step: int | None = None
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """EOS ids from the model's generation config (may be several) and the tokenizer."""
+    ids: set[int] = set()
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif configured:
+        ids.update(int(i) for i in configured)
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return sorted(ids)
+
+
+def decode_examples(model, tokenizer, plain_ids: list[list[int]], hinted_ids: list[list[int]] | None,
+                    config: SamplingConfig, mixer: Mixer | None = None, answer_marker: str = "",
+                    hinted_first: bool = True, progress: Callable[[int], None] | None = None) -> list[Trace]:
+    """Decode every example; returns traces in input order.
+
+    With `hinted_ids`, example i has a hinted row and a plain row; each step's distribution is
+    `mixer(hinted, plain)`, except the first step (hinted alone, when `hinted_first`) and every step
+    after `answer_marker` appeared in the generated text (plain alone; the hinted row is dropped).
+    Without `hinted_ids` each example has its plain row only: ordinary decoding.
+    """
+    config.validate()
+    if hinted_ids is not None and len(hinted_ids) != len(plain_ids):
+        raise UserError(f"{len(hinted_ids)} hinted prompts for {len(plain_ids)} plain prompts",
+                        where="hinted decoding", fix="pass one hinted prompt per plain prompt.")
+    limit = getattr(model.config, "max_position_embeddings", None)
+    for name, prompts in (("plain", plain_ids), ("hinted", hinted_ids or [])):
+        for i, prompt in enumerate(prompts):
+            if not prompt:
+                raise UserError(f"{name} prompt {i} is empty", where="generation", fix="drop the example.")
+            if limit and len(prompt) >= limit:
+                raise UserError(f"{name} prompt {i} has {len(prompt)} tokens, the model's context is {limit}",
+                                where="generation", fix="shorten the prompt or drop the example.")
+    # Similar lengths together waste less padding; results do not depend on the grouping.
+    lead = hinted_ids if hinted_ids is not None else plain_ids
+    order = sorted(range(len(plain_ids)), key=lambda i: (-len(lead[i]), -len(plain_ids[i]), i))
+    traces: list[Trace | None] = [None] * len(plain_ids)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(order), config.batch_size):
+                batch = order[start:start + config.batch_size]
+                done = _decode_batch(model, tokenizer, batch, plain_ids, hinted_ids, config, mixer,
+                                     answer_marker, hinted_first, limit)
+                for i, trace in zip(batch, done):
+                    traces[i] = trace
+                if progress is not None:
+                    progress(len(batch))
+    finally:
+        model.train(was_training)
+    return traces  # type: ignore[return-value]
+
+
+def _decode_batch(model, tokenizer, batch, plain_ids, hinted_ids, config, mixer, answer_marker,
+                  hinted_first, limit) -> list[Trace]:
+    n = len(batch)
+    hinted = hinted_ids is not None
+    prompts = ([hinted_ids[i] for i in batch] if hinted else []) + [plain_ids[i] for i in batch]
+    groups = [range(0, n), range(n, 2 * n)] if hinted else [range(n)]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    rows = RowBatch(model, prompts, use_cache=config.use_cache, pad_id=pad_id, prefill_groups=groups)
+    device = rows.logprobs.device
+    stops = torch.tensor(stop_token_ids(model, tokenizer), dtype=torch.long, device=device)
+    stop_set = set(stops.tolist())
+    generators = [example_generator(config.seed, i, device) for i in batch]
+    detectors = [RepetitionDetector(config.repetition_window, config.repetition_count) for _ in batch]
+    traces = [Trace() for _ in batch]
+    # A row's positions grow from its own prompt length; the longest row of an example meets the
+    # model's context first.
+    room = [max(len(plain_ids[i]), len(hinted_ids[i]) if hinted else 0) for i in batch]
+    # Row of each context of each example in the current RowBatch (-1 = that row is gone).
+    hinted_row = list(range(n)) if hinted else [-1] * n
+    plain_row = [j + n for j in range(n)] if hinted else list(range(n))
+    active = list(range(n))
+    marker_tail = len(answer_marker) + 32  # tokens decoded to look for the marker: >= 1 char each, margin
+    for step in range(config.max_new_tokens):
+        h_rows = torch.tensor([hinted_row[j] for j in active], device=device)
+        p_rows = torch.tensor([plain_row[j] for j in active], device=device)
+        plain_lp = rows.logprobs[p_rows]
+        has_hint = h_rows >= 0
+        if bool(has_hint.any()):
+            hint_lp = rows.logprobs[torch.where(has_hint, h_rows, p_rows)]
+            if step == 0 and hinted_first:
+                scores, lam = hint_lp, torch.zeros(len(active), device=device)
+            else:
+                scores, lam = mixer(hint_lp, plain_lp)
+            # Examples whose hinted row is gone decode the plain context alone.
+            scores = torch.where(has_hint[:, None], scores, plain_lp)
+            lam = torch.where(has_hint, lam, torch.ones_like(lam))
+        else:
+            scores, lam = plain_lp, torch.ones(len(active), device=device)
+        if step < config.min_new_tokens and stops.numel():
+            scores = scores.index_fill(-1, stops, float("-inf"))
+        tokens = sample_tokens(scores, config, [generators[j] for j in active]).tolist()
+        lam_list = lam.tolist()
+
+        still = []
+        for slot, j in enumerate(active):
+            token, trace = tokens[slot], traces[j]
+            trace.token_ids.append(token)
+            trace.lambdas.append(lam_list[slot])
+            reason = None
+            if token in stop_set:
+                reason = "eos"
+            elif len(trace.token_ids) >= config.max_new_tokens or (limit and room[j] + len(trace.token_ids) >= limit):
+                reason = "length"
+            elif detectors[j].push(token):
+                reason = "repetition"
+            if reason is not None:
+                trace.finish_reason = reason
+                continue
+            still.append(j)
+            if hinted_row[j] >= 0 and answer_marker:
+                tail = tokenizer.decode(trace.token_ids[-marker_tail:], skip_special_tokens=False)
+                if answer_marker in tail:
+                    trace.handover_step = step + 1  # the first step decoded by the plain context alone
+                    hinted_row[j] = -1
+        if not still:
+            break
+        # Surviving rows keep their relative order, so selecting them is one sorted index_select.
+        pairs = sorted((row, traces[j].token_ids[-1]) for j in still
+                       for row in (hinted_row[j], plain_row[j]) if row >= 0)
+        renumber = {old: new for new, (old, _) in enumerate(pairs)}
+        for j in still:
+            hinted_row[j] = renumber[hinted_row[j]] if hinted_row[j] >= 0 else -1
+            plain_row[j] = renumber[plain_row[j]]
+        keep = None if len(pairs) == rows.rows else torch.tensor([row for row, _ in pairs])
+        rows.advance(keep, torch.tensor([token for _, token in pairs]))
+        active = still
+    return traces
+
+
+def generate(model, tokenizer, prompt_ids: list[list[int]], config: SamplingConfig | None = None,
+             progress: Callable[[int], None] | None = None) -> list[Generation]:
+    """Sample one continuation per prompt (token ids), batched, left-padded, stopping per row at EOS,
+    `max_new_tokens` or a repetition loop. Greedy results do not depend on `batch_size`."""
+    config = config or SamplingConfig()
+    traces = decode_examples(model, tokenizer, prompt_ids, None, config, progress=progress)
+    return [Generation(token_ids=t.token_ids, text=tokenizer.decode(t.token_ids, skip_special_tokens=True),
+                       finish_reason=t.finish_reason, n_tokens=len(t.token_ids)) for t in traces]
