@@ -32,10 +32,37 @@ class TrainConfig(SFTConfig):
     save_steps: float = field(default=50, metadata={"help": "Checkpoint every N optimiser steps."})
     save_total_limit: int | None = field(default=2, metadata={"help": "Keep only the last N checkpoints."})
     logging_steps: float = field(default=10, metadata={"help": "Log every N optimiser steps."})
+    head_token_chunk: int = field(
+        default=0,
+        metadata={"help": "Tokens per tile of TRL's fused LM head; 0 = automatic (TRL's 4096 with Triton, 1024 "
+                          "on CPU, where its torch fallback makes several tile-sized float32 temporaries)."})
+    head_vocab_chunk: int = field(
+        default=0, metadata={"help": "Vocabulary columns per tile of the fused LM head; 0 = automatic (TRL's "
+                                     "32768 with Triton, 8192 on CPU)."})
     nonfinite: str = field(
         default="stop",
         metadata={"help": "On a NaN/inf loss: `stop` with a clear message (exit 2) or `skip` the micro-batch "
                           "(counted in the summary)."})
+
+
+def configure_fused_head_tiles(token_chunk: int, vocab_chunk: int, device_type: str) -> tuple[int, int]:
+    """Set the tile shape of TRL's fused LM head (process-wide module constants, read at call time).
+
+    On CUDA the Triton kernel folds each tile in place, so TRL's large tiles are right. On CPU the torch
+    fallback materialises ~5 float32 copies of a tile; TRL's 4096 x 32768 tile then costs ~2 GB, more than
+    the full logits of a 2k-token sequence. Smaller tiles keep the memory advantage at the same speed
+    (see benchmarks/train_step.py).
+    """
+    import trl.kernels.chunked_logprob as kernel
+    import trl.trainer.utils as trl_utils
+
+    on_triton = device_type in ("cuda", "xpu")
+    token_chunk = token_chunk or (4096 if on_triton else 1024)
+    vocab_chunk = vocab_chunk or (32768 if on_triton else 8192)
+    if hasattr(kernel, "TOKEN_CHUNK_SIZE") and hasattr(trl_utils, "_CHUNKED_LOGPROB_CHUNK_SIZE"):
+        kernel.TOKEN_CHUNK_SIZE = token_chunk
+        trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = vocab_chunk
+    return token_chunk, vocab_chunk
 
 
 class OnPolicySFTTrainer(SFTTrainer):
@@ -46,6 +73,9 @@ class OnPolicySFTTrainer(SFTTrainer):
         self.loss_config.validate()
         self.skipped_nonfinite = 0
         super().__init__(*args, **kwargs)
+        if isinstance(self.args, TrainConfig):
+            configure_fused_head_tiles(self.args.head_token_chunk, self.args.head_vocab_chunk,
+                                       self.accelerator.device.type)
 
     def current_lambda(self) -> float:
         return schedule_lambda(self.state.global_step, self.state.max_steps, self.loss_config.schedule_start,
