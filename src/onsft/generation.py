@@ -208,7 +208,7 @@ class RowBatch:
             out = self.model(input_ids=tokens, attention_mask=self.mask,
                              position_ids=self.next_position.view(-1, 1), past_key_values=self.cache,
                              use_cache=True, logits_to_keep=1)
-            self.logprobs = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+            self.logprobs = _logprobs(out.logits[:, -1])
         else:
             self.ids = torch.cat([self.ids, tokens], dim=1)
             self.logprobs = self._forward_all()
@@ -221,7 +221,7 @@ class RowBatch:
         positions = (self.mask.cumsum(-1) - 1).clamp_min(0)
         out = self.model(input_ids=self.ids, attention_mask=self.mask, position_ids=positions,
                          use_cache=False, logits_to_keep=1)
-        return torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+        return _logprobs(out.logits[:, -1])
 
     def _prefill(self, prompts, groups, token_budget) -> torch.Tensor:
         """Prefill each group (e.g. hinted rows, plain rows) padded only to its own longest prompt, in
@@ -246,7 +246,7 @@ class RowBatch:
             cache = DynamicCache(config=self.model.config)
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
                              past_key_values=cache, use_cache=True, logits_to_keep=1)
-            logprobs.append(torch.log_softmax(out.logits[:, -1].float(), dim=-1))
+            logprobs.append(_logprobs(out.logits[:, -1]))
             if not mergeable:
                 self.cache = cache
                 return logprobs[0]
@@ -279,6 +279,11 @@ class RowBatch:
         else:
             self.ids = self.ids[:, start:]
         self.mask = self.mask[:, start:]
+
+
+def _logprobs(logits: torch.Tensor) -> torch.Tensor:
+    # At least float32 for the mixture and the entropy; a float64 model keeps float64.
+    return torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
 
 
 def _left_padded(rows, pad, width, content) -> torch.Tensor:
