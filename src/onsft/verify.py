@@ -14,8 +14,8 @@ Verifiers
   math-verify cannot parse either side, when it errors or times out, when an answer is longer than
   `max_answer_chars`, and for gold answers that are bare words of two or more letters (`bcda`,
   `yes`, `a1B2`): math-verify reads those as products of symbols, so `abc` would equal `cba`.
-- "exact": the final answer extracted by `extract_final_answer` equals the gold answer after
-  `normalize_answer` (case-sensitive: answers like `aBc` are case-sensitive strings).
+- "exact": the final answer extracted by `extract_final_answer` (the whole response when it has no
+  answer marker) equals the gold answer after `normalize_answer` (case-sensitive: `aBc` != `abc`).
 - "module:function" or "path/to/file.py:function": a user function fn(response, answer) returning a
   bool, or a float score in [0, 1] that counts as correct at >= 0.5.
 
@@ -232,8 +232,11 @@ class ExactVerifier(Verifier):
 
     def _check(self, response: str, answer: str) -> Verdict:
         extracted = extract_final_answer(response)
-        correct = extracted is not None and normalize_answer(extracted) == normalize_answer(str(answer))
-        return Verdict(correct, "exact" if extracted is not None else "no-answer", extracted)
+        if extracted is None:
+            # No answer marker: the whole response is the answer (short-answer tasks).
+            extracted = response
+        gold = normalize_answer(str(answer))
+        return Verdict(bool(gold) and normalize_answer(extracted) == gold, "exact", extracted)
 
 
 class MathVerifier(Verifier):
