@@ -150,9 +150,11 @@ def make_pairs(row: dict, example: Example, candidates: list[tuple[str, str]], v
         pair = _format_pair(example.prompt, good, bad["text"], tokenizer, fmt)
         pair.update(chosen_source=source, source_index=example.index, n_samples=len(samples),
                     n_correct=sum(s["correct"] for s in samples), rejected_finish_reason=bad["finish_reason"])
-        for key in ("id", "task", "answer"):
+        for key in ("id", "task"):
             if example.record.get(key) is not None:
                 pair[key] = example.record[key]
+        if example.answer is not None:
+            pair["answer"] = example.answer
         pairs.append(pair)
     return pairs, f"pair_from_{source}"
 
