@@ -67,7 +67,8 @@ def _yaml_to_argv(path: Path, known: dict[str, dataclasses.Field]) -> list[str]:
 def parse_command(argv: list[str] | None, *config_types: type, prog: str = "onsft") -> tuple[Any, ...]:
     """Parse `argv` into instances of `config_types` (YAML via `--config`, then flags)."""
     argv = list(argv or [])
-    parser = _RaisingParser(config_types, prog=prog)
+    # No abbreviations: `--learning_rat` must be an error, not silently `--learning_rate`.
+    parser = _RaisingParser(config_types, prog=prog, allow_abbrev=False)
     parser.add_argument("--config", type=str, default=None, help="YAML file of field: value; flags override it.")
     known = {f.name: f for t in config_types for f in dataclasses.fields(t)}
     pre = argparse.ArgumentParser(add_help=False)

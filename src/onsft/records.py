@@ -13,7 +13,6 @@ import contextlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,18 +21,20 @@ from onsft.errors import UserError
 
 
 def check_writable(path: str | os.PathLike) -> Path:
-    """Fail early (before any compute) when the output's folder cannot be created or written."""
+    """Fail early (before any compute, creating nothing) when `path` could not be written.
+
+    Walks up to the nearest existing folder and checks it is a writable folder, so a bad output path
+    is reported before a long job starts instead of after it.
+    """
     path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=parent, prefix=".onsft-write-test-"):
-            pass
-    except OSError as error:
-        raise UserError(
-            f"cannot write output here ({error.strerror or error})", where=str(path),
-            fix="choose an output path in a folder you can write to.",
-        ) from None
+    if path.is_dir():
+        raise UserError("output path is a folder, expected a file", where=str(path), fix="name a file.")
+    ancestor = path.parent.resolve()
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write output here ({ancestor} is not a writable folder)", where=str(path),
+                        fix="choose an output path in a folder you can write to.")
     return path
 
 
@@ -93,6 +94,7 @@ class ResumableJsonl:
         self.fingerprint = fingerprint or {}
         self.done: dict[int, dict] = {}
         check_writable(self.path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._load_existing()
         self._handle = open(self.partial, "a", encoding="utf-8")
         if self._handle.tell() == 0:

@@ -42,8 +42,10 @@ def _peft_config(inputs: TrainInputs):
         return None
     from peft import LoraConfig
 
+    targets = inputs.lora_target_modules
+    targets = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
     return LoraConfig(r=inputs.lora_r, lora_alpha=inputs.lora_alpha, lora_dropout=inputs.lora_dropout,
-                      target_modules=inputs.lora_target_modules, task_type="CAUSAL_LM")
+                      target_modules=targets, task_type="CAUSAL_LM")
 
 
 def _build_dataset(tokenizer, path: str, max_length: int, overlong: str):
@@ -65,6 +67,22 @@ def _last_checkpoint(output_dir: str) -> str | None:
     return get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
 
 
+def _settings(inputs: TrainInputs, loss_config: LossConfig, args: TrainConfig) -> dict:
+    """Everything that decides the result of a run, as JSON (the output folder itself excluded)."""
+    train_args = {k: v for k, v in args.to_dict().items() if k not in ("output_dir", "logging_dir")}
+    return json.loads(json.dumps({"inputs": vars(inputs), "loss": vars(loss_config), "args": train_args},
+                                 sort_keys=True, default=str))
+
+
+def _finished_run(output_dir: Path, settings: dict) -> dict | None:
+    """The summary of a completed run with the same settings: rerunning it must not train past its end."""
+    summary_path = output_dir / "train_summary.json"
+    if not (summary_path.is_file() and (output_dir / "model").is_dir()):
+        return None
+    summary = json.loads(summary_path.read_text())
+    return summary if summary.get("settings") == settings else None
+
+
 def run_training(inputs: TrainInputs, loss_config: LossConfig, args: TrainConfig) -> dict:
     """Validate everything a user can get wrong, then train; returns the summary written to train_summary.json."""
     from onsft.models import load_model, load_tokenizer
@@ -75,6 +93,11 @@ def run_training(inputs: TrainInputs, loss_config: LossConfig, args: TrainConfig
     if not inputs.data:
         raise UserError("no training data given", where="command line", fix="pass --data FILE.")
     check_writable(Path(args.output_dir) / "train_summary.json")
+    settings = _settings(inputs, loss_config, args)
+    finished = _finished_run(Path(args.output_dir), settings)
+    if finished is not None:
+        print(f"onsft: {args.output_dir} already holds this finished run; nothing to do.")
+        return finished
     tokenizer = load_tokenizer(inputs.model)
     train_set, stats = _build_dataset(tokenizer, inputs.data, args.max_length, inputs.overlong)
     eval_set = _build_dataset(tokenizer, inputs.eval_data, args.max_length, inputs.overlong)[0] if inputs.eval_data else None
@@ -84,8 +107,15 @@ def run_training(inputs: TrainInputs, loss_config: LossConfig, args: TrainConfig
     if eval_set is not None and args.eval_strategy == "no":
         args.eval_strategy = "steps"
         args.eval_steps = args.eval_steps or args.save_steps
-    trainer = OnPolicySFTTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-                                 processing_class=tokenizer, peft_config=_peft_config(inputs), loss_config=loss_config)
+    try:
+        trainer = OnPolicySFTTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
+                                     processing_class=tokenizer, peft_config=_peft_config(inputs),
+                                     loss_config=loss_config)
+    except ValueError as error:  # peft's NoMatchingPeftModuleError is a ValueError
+        if "target modules" not in str(error).lower():
+            raise
+        raise UserError(str(error).split(". ")[0], where="command line",
+                        fix="pass --lora_target_modules with module names of this model, or all-linear.") from None
     resume_from = _last_checkpoint(args.output_dir) if inputs.resume else None
     started = time.time()
     result = trainer.train(resume_from_checkpoint=resume_from)
@@ -95,7 +125,7 @@ def run_training(inputs: TrainInputs, loss_config: LossConfig, args: TrainConfig
         "train_loss": result.training_loss, "wall_seconds_this_run": time.time() - started,
         "rows": stats["rows"], "dropped_overlong": stats["dropped"], "truncated_overlong": stats["truncated"],
         "response_tokens_per_epoch": stats["response_tokens"], "skipped_nonfinite": trainer.skipped_nonfinite,
-        "loss_config": vars(loss_config),
+        "loss_config": vars(loss_config), "settings": settings,
     }
     if trainer.is_world_process_zero():
         _save_final(trainer, tokenizer, Path(args.output_dir), inputs)

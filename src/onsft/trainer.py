@@ -27,7 +27,6 @@ class TrainConfig(SFTConfig):
     # Recomputing activations costs ~20-30% time; small models and CPUs rarely need the memory.
     activation_checkpointing: bool | None = field(default=False, metadata={"help": "Trade compute for activation memory."})
     gradient_checkpointing: bool | None = field(default=None, metadata={"help": "Deprecated alias of activation_checkpointing."})
-    report_to: str | list[str] | None = field(default="none", metadata={"help": "Experiment trackers (wandb, ...)."})
     save_strategy: str = field(default="steps", metadata={"help": "When to checkpoint (resumable): steps|epoch|no."})
     save_steps: float = field(default=50, metadata={"help": "Checkpoint every N optimiser steps."})
     save_total_limit: int | None = field(default=2, metadata={"help": "Keep only the last N checkpoints."})

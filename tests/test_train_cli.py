@@ -1,0 +1,122 @@
+"""`onsft train` end to end on a tiny model: outputs, bad input, and 2-process data parallelism."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from onsft.cli import main
+from tiny import tiny_model, tiny_tokenizer
+
+ROWS = [{"prompt": f"Copy {w}.", "completion": f"{w} \\boxed{{{w}}}"} for w in
+        ["ab", "cde", "fg", "hij", "kl", "mno", "pq", "rst"]]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_model")
+    tiny_model().save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def train_args(model, data, out, *extra):
+    return ["train", "--model", str(model), "--data", str(data), "--output_dir", str(out), "--max_steps", "3",
+            "--per_device_train_batch_size", "4", "--learning_rate", "1e-2", "--bf16", "false", "--use_cpu", "true",
+            "--logging_steps", "1", "--save_steps", "2", "--disable_tqdm", "true", "--max_length", "64", *extra]
+
+
+def test_train_writes_a_loadable_model_and_metrics(tmp_path, tiny_dir):
+    data = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    out = tmp_path / "run"
+    assert main(train_args(tiny_dir, data, out, "--loss", "idft")) == 0
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["global_step"] == 3 and summary["loss"] == "idft" and summary["rows"] == 8
+    tuned = AutoModelForCausalLM.from_pretrained(out / "model")
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    assert not torch.equal(tuned.lm_head.weight, base.lm_head.weight)
+    logs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("mean_phi" in row and "frac_gamma_max" in row for row in logs)
+    # Rerunning the finished command resumes from its last checkpoint and does no extra step.
+    assert main(train_args(tiny_dir, data, out, "--loss", "idft")) == 0
+    assert json.loads((out / "train_summary.json").read_text())["global_step"] == 3
+
+
+def test_lora_training_saves_adapter_and_merged_model(tmp_path, tiny_dir):
+    data = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    out = tmp_path / "lora"
+    assert main(train_args(tiny_dir, data, out, "--lora_r", "4", "--lora_target_modules", "q_proj,v_proj")) == 0
+    assert (out / "model" / "adapter" / "adapter_config.json").exists()
+    merged = AutoModelForCausalLM.from_pretrained(out / "model")
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    q = merged.model.layers[0].self_attn.q_proj.weight
+    assert not torch.equal(q, base.model.layers[0].self_attn.q_proj.weight)
+    assert torch.equal(merged.model.layers[0].mlp.up_proj.weight, base.model.layers[0].mlp.up_proj.weight)
+
+
+BAD_INPUTS = {
+    "malformed_json": (['{"prompt": "a", "completion": "b"}', '{"prompt": "a", "comp'], "d.jsonl:2"),
+    "missing_column": ([{"question": "a", "completion": "b"}], "neither `messages` nor `prompt`"),
+    "empty_response": ([{"prompt": "a", "completion": "  "}], "response is empty"),
+    "not_an_object": (["[1, 2]"], "not an object"),
+    "no_assistant_turn": ([{"messages": [{"role": "user", "content": "hi"}]}], "no assistant turn"),
+    "overlong": ([{"prompt": "a", "completion": "b" * 500}], "longer than max_length"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_exits_2_with_one_line_and_no_output(tmp_path, tiny_dir, capsys, case):
+    rows, expected = BAD_INPUTS[case]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    out = tmp_path / "run"
+    assert main(train_args(tiny_dir, data, out)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expected in err and "Fix:" in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--model", "no/such-model-anywhere"], "no/such-model-anywhere"),
+    (["--loss", "focal"], "unknown loss"),
+    (["--learning_rat", "1"], "unknown option"),
+])
+def test_bad_options_exit_2(tmp_path, tiny_dir, capsys, args, expected):
+    data = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    out = tmp_path / "run"
+    assert main(train_args(tiny_dir, data, out, *args)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expected in err
+    assert not out.exists()
+
+
+def test_two_processes_follow_the_single_process_loss_trajectory(tmp_path, tiny_dir):
+    data = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    config = Path(__file__).resolve().parents[1] / "configs" / "accelerate_cpu_2proc.yaml"
+
+    def run(out, launcher, per_device):
+        # Full-batch steps (every row, of different lengths, in every step): 1 and 2 processes shard rows
+        # differently, so only then do both see the same global batch; what is tested is the token
+        # normalisation across processes and the gradient averaging, not the sampler.
+        args = train_args(tiny_dir, data, out, "--per_device_train_batch_size", str(per_device), "--max_steps", "3",
+                          "--loss", "idft")
+        done = subprocess.run([*launcher, "-m", "onsft.cli", *args], env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return [row["loss"] for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+                if "loss" in row]
+
+    one = run(tmp_path / "one", [sys.executable], 8)
+    two = run(tmp_path / "two", [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)], 4)
+    assert len(one) == len(two) == 3 and one[0] != one[-1]
+    assert one == pytest.approx(two, rel=1e-4)
