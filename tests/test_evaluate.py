@@ -186,11 +186,11 @@ def run_eval(saved, out, *extra):
                      "exact", "--max_new_tokens", "6", "--batch_size", "2", *extra])
 
 
-def test_eval_command_outputs(saved, tmp_path):
+def test_eval_command_outputs(saved, tmp_path, monkeypatch):
     out = tmp_path / "eval"
-    code = run_eval(saved, out, "--samples", "2", "--retention_data", saved["retention"], "--base_model",
-                    saved["model"], "--kl_max_new_tokens", "5")
-    assert code == 0
+    options = ("--samples", "2", "--retention_data", saved["retention"], "--base_model", saved["model"],
+               "--kl_max_new_tokens", "5")
+    assert run_eval(saved, out, *options) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["accuracy"] == 1.0 and metrics["n"] == len(PROMPTS)
     assert set(metrics["by_task"]) == {"t0", "t1"} and set(metrics["pass_at_k"]) == {"1", "2"}
@@ -201,6 +201,9 @@ def test_eval_command_outputs(saved, tmp_path):
     assert all(r["note"] == "kept" and r["correct"] and len(r["samples"]) == 2 for r in rows)
     assert (out / "accuracy.png").stat().st_size > 1000
     assert not list(out.glob("*.partial"))
+    # Rerunning a finished evaluation computes nothing.
+    monkeypatch.setattr(onsft.generation, "generate", lambda *a, **k: pytest.fail("generated again"))
+    assert run_eval(saved, out, *options) == 0
 
 
 def test_killed_run_resumes_without_loss_or_duplicates(saved, tmp_path, monkeypatch):

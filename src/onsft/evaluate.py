@@ -33,6 +33,7 @@ Sampling seeds: prompts are decoded in fixed chunks; the samples of a chunk come
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections import Counter, defaultdict
 from collections.abc import Sequence
@@ -392,10 +393,14 @@ def run_eval(config: EvalConfig) -> dict:
     retention = _load(config.retention_data, config.limit, need_answer=True) if config.retention_data else None
     kl_source = config.kl_data or config.retention_data or config.data
     kl_examples = _load(kl_source, config.limit, need_answer=False) if config.base_model else None
+    settings = {k: v for k, v in asdict(config).items() if k not in ("out", "plot")}
+    finished = _finished(out / "metrics.json", settings)
+    if finished is not None:
+        print(f"onsft: {out} already holds this finished evaluation; nothing to do.", file=sys.stderr)
+        return finished
     tokenizer = load_tokenizer(config.model)
     model = load_model(config.model)
     started = time.time()
-    settings = {k: v for k, v in asdict(config).items() if k not in ("out", "plot")}
     stores = [ResumableJsonl(out / "generations.jsonl", fingerprint={"part": "eval", **settings})]
     rows = _evaluate_rows(model, tokenizer, examples, config, verifier, stores[0], where=config.data)
     metrics: dict = {"model": config.model, "data": config.data, "verifier": config.verifier,
@@ -410,6 +415,7 @@ def run_eval(config: EvalConfig) -> dict:
         metrics["kl"] = _kl_command(config, model, tokenizer, kl_examples, stores[-1], kl_source)
     metrics["wall_seconds_this_run"] = time.time() - started
     metrics["config"] = asdict(config)
+    metrics["settings"] = settings
     # Every part is complete: publish the final files, then the metrics that summarise them.
     for store in stores:
         store.finalize(order=range(max(len(examples), len(retention or []), len(kl_examples or []))))
@@ -417,6 +423,18 @@ def run_eval(config: EvalConfig) -> dict:
         _plot(metrics, out / "accuracy.png")
     write_json_atomic(out / "metrics.json", metrics)
     return metrics
+
+
+def _finished(path: Path, settings: dict) -> dict | None:
+    """The saved result of a completed run with the same settings (a rerun must not redo it)."""
+    import json
+
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    same = json.loads(json.dumps(settings, default=str)) == saved.get("settings")
+    return saved if same else None
 
 
 def _kl_command(config: EvalConfig, model, tokenizer, examples: list[Example], store: ResumableJsonl,

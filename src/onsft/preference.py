@@ -37,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -169,7 +170,7 @@ def _format_pair(prompt: list[dict], chosen: str, rejected: str, tokenizer, fmt:
 
 def build_pairs(config: PairsConfig) -> dict:
     """The `onsft pairs` command: sample, verify, pair, write; returns the summary."""
-    from onsft.evaluate import _check_answers, _evaluate_rows
+    from onsft.evaluate import _check_answers, _evaluate_rows, _finished
     from onsft.models import load_model, load_tokenizer
     from onsft.verify import get_verifier
 
@@ -184,14 +185,19 @@ def build_pairs(config: PairsConfig) -> dict:
         examples = examples[:config.limit]
     _check_answers(examples, config.data)
     rewrites = _load_rewrites(config.rewrites, config.rewrite_field) if config.rewrites else {}
+    samples_path = out.with_name(out.stem + ".samples.jsonl")
+    summary_path = out.with_name(out.stem + ".summary.json")
+    settings = {k: v for k, v in dataclasses.asdict(config).items()
+                if k in ("model", "data", "verifier", "samples", "temperature", "top_p", "top_k", "max_new_tokens",
+                         "batch_size", "seed", "limit")}
+    finished = _finished(summary_path, {**dataclasses.asdict(config), "out": str(out)})
+    if finished is not None and out.exists():
+        print(f"onsft: {out} already holds these pairs; nothing to do.", file=sys.stderr)
+        return finished
     tokenizer = load_tokenizer(config.model)
     model = load_model(config.model)
     started = time.time()
     eval_config = config.eval_config()
-    samples_path = out.with_name(out.stem + ".samples.jsonl")
-    settings = {k: v for k, v in dataclasses.asdict(config).items()
-                if k in ("model", "data", "verifier", "samples", "temperature", "top_p", "top_k", "max_new_tokens",
-                         "batch_size", "seed", "limit")}
     store = ResumableJsonl(samples_path, fingerprint={"part": "pairs", **settings})
     rows = _evaluate_rows(model, tokenizer, examples, eval_config, verifier, store, desc="pairs", where=config.data)
     pairs, outcomes = [], Counter()
@@ -212,10 +218,10 @@ def build_pairs(config: PairsConfig) -> dict:
                "chosen_sources": dict(Counter(p["chosen_source"] for p in pairs)),
                "mean_sample_accuracy": sum(r["n_correct"] for r in rows) / max(1, config.samples * len(rows)),
                "samples_file": str(samples_path), "wall_seconds_this_run": time.time() - started,
-               "config": dataclasses.asdict(config)}
+               "config": dataclasses.asdict(config), "settings": {**dataclasses.asdict(config), "out": str(out)}}
     # The samples are complete and worth keeping even when no pair came out of them.
     store.finalize(order=range(len(examples)))
-    write_json_atomic(out.with_name(out.stem + ".summary.json"), summary)
+    write_json_atomic(summary_path, summary)
     if not pairs:
         raise UserError(f"no preference pairs from {len(examples)} prompts ({dict(outcomes)})", where=config.data,
                         fix="a pair needs a wrong own sample and a correct response: raise --samples or "
@@ -242,6 +248,16 @@ class PreferenceTrainConfig(DPOConfig):
     save_strategy: str = field(default="steps", metadata={"help": "When to checkpoint (resumable): steps|epoch|no."})
     save_steps: float = field(default=50, metadata={"help": "Checkpoint every N optimiser steps."})
     save_total_limit: int | None = field(default=2, metadata={"help": "Keep only the last N checkpoints."})
+    bf16: bool | None = field(default=None, metadata={
+        "help": "bf16 mixed precision; default: on where a GPU supports it, off on CPU-only machines."})
+
+    def __post_init__(self):
+        # TRL turns an unset bf16 into True, which TrainingArguments then rejects on a CPU-only machine.
+        if self.bf16 is None:
+            import torch
+
+            self.bf16 = not self.fp16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        super().__post_init__()
 
 
 def _as_messages(value, column: str, where: str, line: int, role: str) -> list[dict]:
