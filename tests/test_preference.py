@@ -183,6 +183,9 @@ def test_dpo_trains_from_log2_changes_the_model_and_resumes(setup, tmp_path):
     assert max((before[k] - after[k]).abs().max().item() for k in before) > 1e-4
     more = train_preference(["--method", "dpo", *train_args(setup["model"], data, out), "--max_steps", "3"])
     assert more["global_step"] == 3 and more["resumed_from"].endswith("checkpoint-2")
+    stamp = (out / "model" / "model.safetensors").stat().st_mtime_ns
+    again = train_preference(["--method", "dpo", *train_args(setup["model"], data, out), "--max_steps", "3"])
+    assert again["global_step"] == 3 and (out / "model" / "model.safetensors").stat().st_mtime_ns == stamp
 
 
 def naive_simpo_loss(model_path, pair, beta, gamma):

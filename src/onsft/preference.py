@@ -362,7 +362,7 @@ def train_preference(argv: list[str] | None) -> dict:
     import torch
 
     from onsft.models import load_model, load_tokenizer
-    from onsft.train import TrainInputs, _last_checkpoint, _peft_config, _save_final
+    from onsft.train import TrainInputs, _finished_run, _last_checkpoint, _peft_config, _save_final
 
     inputs, args = parse_command(argv, TrainInputs, PreferenceTrainConfig, prog="onsft train")
     if inputs.method not in PREFERENCE_METHODS:
@@ -378,6 +378,12 @@ def train_preference(argv: list[str] | None) -> dict:
         trainer_args = args
         trainer_args.beta = 0.1 if args.beta is None else args.beta
     check_writable(Path(args.output_dir) / "train_summary.json")
+    run_args = {k: v for k, v in args.to_dict().items() if k not in ("output_dir", "logging_dir")}
+    settings = json.loads(json.dumps({"inputs": vars(inputs), "args": run_args}, sort_keys=True, default=str))
+    finished = _finished_run(Path(args.output_dir), settings)
+    if finished is not None:
+        print(f"onsft: {args.output_dir} already holds this finished run; nothing to do.", file=sys.stderr)
+        return finished
     tokenizer = load_tokenizer(inputs.model)
     train_set, stats = load_pairs(inputs.data, tokenizer, args.max_length, inputs.overlong)
     eval_set = load_pairs(inputs.eval_data, tokenizer, args.max_length, inputs.overlong)[0] if inputs.eval_data else None
@@ -410,7 +416,7 @@ def train_preference(argv: list[str] | None) -> dict:
         "pairs": stats.get("rows", 0), "dropped_overlong": stats.get("dropped", 0),
         "truncated_overlong": stats.get("truncated", 0), "identical_pairs": stats.get("identical", 0),
         "beta": trainer_args.beta, "simpo_gamma": args.simpo_gamma if inputs.method == "simpo" else None,
-        "trainer": type(trainer).__name__, "torch": torch.__version__,
+        "trainer": type(trainer).__name__, "torch": torch.__version__, "settings": settings,
     }
     if trainer.is_world_process_zero():
         _save_final(trainer, tokenizer, Path(args.output_dir), inputs)
