@@ -12,7 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import onsft.generation
 from onsft import cli
-from onsft.data import Example, encode_prompt
+from onsft.data import Example, encode_prompt, load_examples
 from onsft.errors import UserError
 from onsft.evaluate import EvalConfig, aggregate, evaluate_model, kl_drift, kl_per_position, pass_at_k
 from onsft.generation import SamplingConfig, generate
@@ -231,6 +231,14 @@ def test_killed_run_resumes_without_loss_or_duplicates(saved, tmp_path, monkeypa
     assert run_eval(saved, out, *resumable) == 0
     assert calls == [2, 4, 2, 4]  # only chunks 2 and 3 (greedy rows, then 2 samples x 2 prompts)
     assert (out / "generations.jsonl").read_text() == (reference / "generations.jsonl").read_text()
+    # A kill in the middle of writing a chunk (one of its rows on disk, the next torn) loses nothing either.
+    torn = tmp_path / "torn"
+    torn.mkdir()
+    (torn / "generations.jsonl.partial").write_text("\n".join(partial[:2]) + "\n" + partial[2][:25])
+    calls.clear()
+    assert run_eval(saved, torn, *resumable) == 0
+    assert calls == [2, 4] * 3
+    assert (torn / "generations.jsonl").read_text() == (reference / "generations.jsonl").read_text()
     # A different setting must not be merged into an unfinished run's partial output.
     monkeypatch.setattr(onsft.generation, "generate", dying)
     calls.clear()
@@ -252,3 +260,11 @@ def test_user_errors_stop_before_any_compute(saved, tmp_path, capsys, monkeypatc
     assert not out.exists() or not any(out.iterdir())
     with pytest.raises(UserError, match="answer"):
         evaluate_model(talker(), TOKENIZER, examples_with([None] * len(PROMPTS)), EvalConfig())
+
+
+def test_a_prompt_longer_than_the_context_names_its_line(saved, tmp_path):
+    data = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "Hi?", "answer": "x"}, {"prompt": "y" * 300, "answer": "x"}])
+    with pytest.raises(UserError, match="context is 256") as error:
+        evaluate_model(talker(), TOKENIZER, load_examples(data, require_response=False),
+                       EvalConfig(verifier="exact", max_new_tokens=2))
+    assert error.value.line == 2

@@ -20,7 +20,9 @@ What is measured
   (token-weighted). It measures how far tuning moved the model on text the base model itself writes.
 
 Outputs in `--out`: metrics.json, generations.jsonl (each input row with its fields kept, plus the
-greedy response, samples, extracted answers and correct flags), retention.jsonl and kl.jsonl when
+greedy response, samples, extracted answers and correct flags; these added fields -- generation,
+finish_reason, n_tokens, extracted_answer, correct, verify_method, samples, n_correct -- replace input
+columns of the same name), retention.jsonl and kl.jsonl when
 asked, and accuracy.png. A killed run rerun with the same command resumes: finished prompts are read
 back from the `.partial` files (keyed by example index), nothing is generated twice, and the final
 files appear only when everything is done.
@@ -190,37 +192,44 @@ def _evaluate_rows(model, tokenizer, examples: Sequence[Example], config: EvalCo
     done = store.done if store is not None else {}
     chunk = _chunk_size(config) if samples else config.batch_size
     rows: dict[int, dict] = {i: done[e.index] for i, e in enumerate(examples) if e.index in done}
-    bar = tqdm(total=len(examples), initial=len(rows), desc=desc, unit="prompt", dynamic_ncols=True)
-    for start in range(0, len(examples), chunk):
-        todo = [i for i in range(start, min(start + chunk, len(examples))) if i not in rows]
-        if not todo:
-            continue
-        prompts = [encode_prompt(tokenizer, examples[i].prompt, where) for i in todo]
-        new = {i: {**examples[i].record, "_index": examples[i].index} for i in todo}
-        if greedy:
-            for i, generation in zip(todo, generate(model, tokenizer, prompts, config.sampling(greedy=True))):
-                verdict = verifier.check(generation.text, examples[i].answer)
-                new[i].update(generation=generation.text, finish_reason=generation.finish_reason,
-                              n_tokens=generation.n_tokens, extracted_answer=verdict.extracted,
-                              correct=verdict.correct, verify_method=verdict.method)
-        if samples:
-            # The chunk's seed depends on its first example only, so a resumed run samples the same.
-            sampling = config.sampling(greedy=False, seed=config.seed * 1_000_003 + examples[start].index)
-            repeated = [p for p in prompts for _ in range(samples)]
-            outputs = generate(model, tokenizer, repeated, sampling)
-            for slot, i in enumerate(todo):
-                new[i]["samples"] = []
-                for generation in outputs[slot * samples:(slot + 1) * samples]:
+    context = getattr(model.config, "max_position_embeddings", None)
+    with tqdm(total=len(examples), initial=len(rows), desc=desc, unit="prompt", dynamic_ncols=True) as bar:
+        for start in range(0, len(examples), chunk):
+            # A chunk is decoded whole even when a kill left part of it on disk: the samples of an
+            # example depend on its chunk, and the rows already on disk are kept as they are.
+            todo = list(range(start, min(start + chunk, len(examples))))
+            fresh = [i for i in todo if i not in rows]
+            if not fresh:
+                continue
+            prompts = [encode_prompt(tokenizer, examples[i].prompt, where) for i in todo]
+            for i, prompt in zip(todo, prompts):
+                if context and len(prompt) >= context:
+                    raise UserError(f"prompt has {len(prompt)} tokens; the model's context is {context}", where=where,
+                                    line=examples[i].line, fix="shorten the prompt, or evaluate with --limit / without it.")
+            new = {i: {**examples[i].record, "_index": examples[i].index} for i in todo}
+            if greedy:
+                for i, generation in zip(todo, generate(model, tokenizer, prompts, config.sampling(greedy=True))):
                     verdict = verifier.check(generation.text, examples[i].answer)
-                    new[i]["samples"].append({"text": generation.text, "finish_reason": generation.finish_reason,
-                                              "n_tokens": generation.n_tokens, "extracted_answer": verdict.extracted,
-                                              "correct": verdict.correct, "verify_method": verdict.method})
-                new[i]["n_correct"] = sum(s["correct"] for s in new[i]["samples"])
-        if store is not None:
-            store.append_many([new[i] for i in todo])
-        rows.update(new)
-        bar.update(len(todo))
-    bar.close()
+                    new[i].update(generation=generation.text, finish_reason=generation.finish_reason,
+                                  n_tokens=generation.n_tokens, extracted_answer=verdict.extracted,
+                                  correct=verdict.correct, verify_method=verdict.method)
+            if samples:
+                # The chunk's seed depends on its first example only, so a resumed run samples the same.
+                sampling = config.sampling(greedy=False, seed=config.seed * 1_000_003 + examples[start].index)
+                repeated = [p for p in prompts for _ in range(samples)]
+                outputs = generate(model, tokenizer, repeated, sampling)
+                for slot, i in enumerate(todo):
+                    new[i]["samples"] = []
+                    for generation in outputs[slot * samples:(slot + 1) * samples]:
+                        verdict = verifier.check(generation.text, examples[i].answer)
+                        new[i]["samples"].append({"text": generation.text, "finish_reason": generation.finish_reason,
+                                                  "n_tokens": generation.n_tokens, "extracted_answer": verdict.extracted,
+                                                  "correct": verdict.correct, "verify_method": verdict.method})
+                    new[i]["n_correct"] = sum(s["correct"] for s in new[i]["samples"])
+            if store is not None:
+                store.append_many([new[i] for i in fresh])
+            rows.update({i: new[i] for i in fresh})
+            bar.update(len(fresh))
     return [rows[i] for i in range(len(examples))]
 
 
