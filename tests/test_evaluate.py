@@ -208,7 +208,7 @@ def test_eval_command_outputs(saved, tmp_path, monkeypatch):
 
 def test_killed_run_resumes_without_loss_or_duplicates(saved, tmp_path, monkeypatch):
     reference = tmp_path / "whole"
-    # batch_size 4 with 2 samples per prompt: chunks of 2 prompts (4 sampled sequences)
+    # batch_size 4: chunks of 4 prompts (greedy batch of 4, then 4 x 2 samples); 6 prompts = 2 chunks
     resumable = ("--samples", "2", "--plot", "false", "--batch_size", "4")
     assert run_eval(saved, reference, *resumable) == 0
     real = onsft.generation.generate
@@ -225,11 +225,11 @@ def test_killed_run_resumes_without_loss_or_duplicates(saved, tmp_path, monkeypa
     assert run_eval(saved, out, *resumable) == 130
     assert not (out / "generations.jsonl").exists() and not (out / "metrics.json").exists()
     partial = (out / "generations.jsonl.partial").read_text().splitlines()
-    assert len(partial) == 1 + 2  # fingerprint + the first chunk's two prompts
+    assert len(partial) == 1 + 4  # fingerprint + the first chunk's four prompts
     calls.clear()
     monkeypatch.setattr(onsft.generation, "generate", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
     assert run_eval(saved, out, *resumable) == 0
-    assert calls == [2, 4, 2, 4]  # only chunks 2 and 3 (greedy rows, then 2 samples x 2 prompts)
+    assert calls == [2, 4]  # only chunk 2 (2 greedy rows, then 2 samples x 2 prompts)
     assert (out / "generations.jsonl").read_text() == (reference / "generations.jsonl").read_text()
     # A kill in the middle of writing a chunk (one of its rows on disk, the next torn) loses nothing either.
     torn = tmp_path / "torn"
@@ -237,7 +237,7 @@ def test_killed_run_resumes_without_loss_or_duplicates(saved, tmp_path, monkeypa
     (torn / "generations.jsonl.partial").write_text("\n".join(partial[:2]) + "\n" + partial[2][:25])
     calls.clear()
     assert run_eval(saved, torn, *resumable) == 0
-    assert calls == [2, 4] * 3
+    assert calls == [4, 8, 2, 4]
     assert (torn / "generations.jsonl").read_text() == (reference / "generations.jsonl").read_text()
     # A different setting must not be merged into an unfinished run's partial output.
     monkeypatch.setattr(onsft.generation, "generate", dying)

@@ -173,11 +173,6 @@ def kl_per_position(base_logits: torch.Tensor, tuned_logits: torch.Tensor) -> to
 # ------------------------------------------------------------------------------------------ evaluation
 
 
-def _chunk_size(config: EvalConfig) -> int:
-    # Examples per generate call: about one batch of sequences when each prompt has many samples.
-    return max(1, config.batch_size // max(1, config.samples))
-
-
 def _evaluate_rows(model, tokenizer, examples: Sequence[Example], config: EvalConfig, verifier,
                    store: ResumableJsonl | None = None, greedy: bool | None = None, samples: int | None = None,
                    desc: str = "eval", where: str = "data") -> list[dict]:
@@ -190,7 +185,8 @@ def _evaluate_rows(model, tokenizer, examples: Sequence[Example], config: EvalCo
     greedy = config.greedy if greedy is None else greedy
     samples = config.samples if samples is None else samples
     done = store.done if store is not None else {}
-    chunk = _chunk_size(config) if samples else config.batch_size
+    # One chunk = one greedy batch of prompts; its samples (chunk x samples rows) run in full batches too.
+    chunk = config.batch_size
     rows: dict[int, dict] = {i: done[e.index] for i, e in enumerate(examples) if e.index in done}
     context = getattr(model.config, "max_position_embeddings", None)
     with tqdm(total=len(examples), initial=len(rows), desc=desc, unit="prompt", dynamic_ncols=True) as bar:
