@@ -4,7 +4,6 @@ resume after a kill, and user errors before any compute."""
 
 import itertools
 import json
-import math
 
 import pytest
 import torch
