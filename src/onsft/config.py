@@ -64,6 +64,15 @@ def _yaml_to_argv(path: Path, known: dict[str, dataclasses.Field]) -> list[str]:
     return argv
 
 
+def _parse(parser: _RaisingParser, argv: list[str]):
+    try:
+        return parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
+    except ValueError as error:
+        # Dataclass __post_init__ checks (e.g. TrainingArguments') raise ValueError: an option problem.
+        raise UserError(str(error).strip().splitlines()[0], where=parser.config_source,
+                        fix=f"see `{parser.prog} --help`.") from None
+
+
 def parse_command(argv: list[str] | None, *config_types: type, prog: str = "onsft") -> tuple[Any, ...]:
     """Parse `argv` into instances of `config_types` (YAML via `--config`, then flags)."""
     argv = list(argv or [])
@@ -82,9 +91,9 @@ def parse_command(argv: list[str] | None, *config_types: type, prog: str = "onsf
         parser.config_source = str(path)
         yaml_argv = _yaml_to_argv(path, known)
         # Validate the file's values on their own first, so a wrong type names the file, not the command line.
-        parser.parse_args_into_dataclasses(yaml_argv, return_remaining_strings=True)
+        _parse(parser, yaml_argv)
         parser.config_source = "command line"
-    *outputs, remaining = parser.parse_args_into_dataclasses(yaml_argv + argv, return_remaining_strings=True)
+    *outputs, remaining = _parse(parser, yaml_argv + argv)
     if remaining:
         flag = next((r for r in remaining if r.startswith("--")), remaining[0])
         close = [k for k in known if k.replace("_", "") == flag.lstrip("-").replace("_", "").replace("-", "")]

@@ -145,15 +145,36 @@ def _save_final(trainer, tokenizer, output_dir: Path, inputs: TrainInputs) -> No
         tokenizer.save_pretrained(tmp)
 
 
+def _method_of(argv: list[str]) -> str:
+    """The --method (flag, else the config file's, else sft): it decides which options exist at all."""
+    import argparse
+
+    import yaml
+
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--method", default=None)
+    pre.add_argument("--config", default=None)
+    known, _ = pre.parse_known_args(argv)
+    method = known.method
+    if method is None and known.config and Path(known.config).is_file():
+        try:
+            method = (yaml.safe_load(Path(known.config).read_text()) or {}).get("method")
+        except (yaml.YAMLError, AttributeError):
+            method = None  # parse_command reports the broken file properly
+    method = method or "sft"
+    if method not in METHODS:
+        raise UserError(f"unknown method `{method}`", where="command line", fix=f"use one of {', '.join(METHODS)}.")
+    return method
+
+
 def main(argv: list[str] | None = None) -> int:
-    inputs, loss_config, args = parse_command(argv, TrainInputs, LossConfig, TrainConfig, prog="onsft train")
-    if inputs.method not in METHODS:
-        raise UserError(f"unknown method `{inputs.method}`", where="command line", fix=f"use one of {', '.join(METHODS)}.")
-    if inputs.method in ("dpo", "simpo"):
+    argv = list(argv or [])
+    if _method_of(argv) in ("dpo", "simpo"):
         from onsft.preference import train_preference
 
         summary = train_preference(argv)
     else:
+        inputs, loss_config, args = parse_command(argv, TrainInputs, LossConfig, TrainConfig, prog="onsft train")
         summary = run_training(inputs, loss_config, args)
     print(json.dumps({k: summary[k] for k in ("global_step", "train_loss") if k in summary}))
     return 0
