@@ -124,7 +124,8 @@ def run_training(inputs: TrainInputs, loss_config: LossConfig, args: TrainConfig
         "global_step": trainer.state.global_step, "resumed_from": resume_from,
         "train_loss": result.training_loss, "wall_seconds_this_run": time.time() - started,
         "rows": stats["rows"], "dropped_overlong": stats["dropped"], "truncated_overlong": stats["truncated"],
-        "response_tokens_per_epoch": stats["response_tokens"], "skipped_nonfinite": trainer.skipped_nonfinite,
+        "response_tokens_per_epoch": stats["response_tokens"],
+        "tokens_seen": trainer.state.num_input_tokens_seen, "skipped_nonfinite": trainer.skipped_nonfinite,
         "loss_config": vars(loss_config), "settings": settings,
     }
     if trainer.is_world_process_zero():
