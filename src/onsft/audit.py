@@ -341,22 +341,44 @@ def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def load_model_and_tokenizer(name: str, dtype: torch.dtype | None = None, device=None):
+def _loaders():
     try:
         from onsft.models import load_model, load_tokenizer
     except ImportError:  # onsft.models not landed yet: plain transformers loading
-        load_model = load_tokenizer = None
-    if load_model is not None:
-        return load_model(name, dtype=dtype, device=device), load_tokenizer(name)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+        return _load_model_plain, _load_tokenizer_plain
+    return load_model, load_tokenizer
+
+
+def _plain_load_error(name: str, error: Exception) -> UserError:
+    return UserError(f"cannot load model ({type(error).__name__}: {str(error).splitlines()[0]})", where=name,
+                     fix="pass a local model folder or a Hub model name (check spelling and network).")
+
+
+def _load_tokenizer_plain(name: str):
+    from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
+        return AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as error:
+        raise _plain_load_error(name, error) from None
+
+
+def _load_model_plain(name: str, dtype=None, device=None):
+    from transformers import AutoModelForCausalLM
+
+    try:
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
     except (OSError, ValueError) as error:
-        raise UserError(f"cannot load model ({type(error).__name__}: {str(error).splitlines()[0]})", where=name,
-                        fix="pass a local model folder or a Hub model name (check spelling and network).") from None
-    return model.to(device).eval(), tokenizer
+        raise _plain_load_error(name, error) from None
+    return model.to(device).eval()
+
+
+def load_tokenizer(name: str):
+    return _loaders()[1](name)
+
+
+def load_model(name: str, dtype: torch.dtype | None = None, device=None):
+    return _loaders()[0](name, dtype=dtype, device=device)
 
 
 def sample_responses(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, seed: int
@@ -712,16 +734,16 @@ def main(argv: list[str] | None = None) -> int:
     # Everything a user can get wrong is checked before the output folder exists.
     examples = load_examples(config.data)
     compare_examples = load_examples(config.compare_data) if config.compare_data else examples
-    model, tokenizer = load_model_and_tokenizer(config.model, dtype, dist.device)
+    tokenizer = load_tokenizer(config.model)
     items, encoding = encode_items(tokenizer, examples, config.max_length, config.overlong, config.data)
     comparing = bool(config.compare_data or config.compare_model)
-    compare_model, compare_tokenizer, compare_items = model, tokenizer, None
-    if config.compare_model:
-        compare_model, compare_tokenizer = load_model_and_tokenizer(config.compare_model, dtype, dist.device)
-    if comparing:
-        compare_items, _ = encode_items(compare_tokenizer, compare_examples, config.max_length, config.overlong,
-                                        config.compare_data or config.data)
+    compare_tokenizer = load_tokenizer(config.compare_model) if config.compare_model else tokenizer
+    compare_items = encode_items(compare_tokenizer, compare_examples, config.max_length, config.overlong,
+                                 config.compare_data or config.data)[0] if comparing else None
     check_writable(out / "scores.jsonl")
+    # Models last: tokenizers already proved the names resolve, and no loading output precedes an error above.
+    model = load_model(config.model, dtype, dist.device)
+    compare_model = load_model(config.compare_model, dtype, dist.device) if config.compare_model else model
 
     fingerprint = {"command": "audit", "model": config.model, "data": _data_identity(config.data),
                    "tau": list(config.tau), "max_length": config.max_length, "overlong": config.overlong,
@@ -758,7 +780,7 @@ def main(argv: list[str] | None = None) -> int:
     if dist.main:
         summary = {
             "command": "audit", "model": config.model, "data": config.data, "tau": list(config.tau),
-            "threshold": config.threshold, "alpha": config.alpha, "encoding": encoding,
+            "threshold": config.threshold, "alpha": config.alpha, "encoding": encoding, "processes": dist.world,
             "compare_model": config.compare_model or None, "compare_data": config.compare_data or None,
             "sets": {s.name: {"label": s.label, **summarize(s.rows, config.tau, config.threshold, config.alpha)}
                      for s in sets},

@@ -242,7 +242,8 @@ def aggregate_responses(phi: torch.Tensor, var: torch.Tensor, lengths: Sequence[
         raise ValueError("every response needs at least one token")
     if int(lengths.sum()) != phi.numel():
         raise ValueError(f"lengths sum to {int(lengths.sum())} but there are {phi.numel()} tokens")
-    dtype = accumulation_dtype(phi.dtype)
+    # Sums over thousands of tokens: float64 keeps them exact to the tokens' own precision (O(N), cheap).
+    dtype = torch.float64
     phi, var = phi.to(dtype), var.to(dtype)
     segment = torch.repeat_interleave(torch.arange(len(lengths), device=phi.device), lengths)
 
