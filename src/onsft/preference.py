@@ -250,6 +250,8 @@ class PreferenceTrainConfig(DPOConfig):
     save_total_limit: int | None = field(default=2, metadata={"help": "Keep only the last N checkpoints."})
     bf16: bool | None = field(default=None, metadata={
         "help": "bf16 mixed precision; default: on where a GPU supports it, off on CPU-only machines."})
+    include_num_input_tokens_seen: str = field(
+        default="non_padding", metadata={"help": "Count tokens processed (no | all | non_padding)."})
 
     def __post_init__(self):
         # TRL turns an unset bf16 into True, which TrainingArguments then rejects on a CPU-only machine.
@@ -416,7 +418,8 @@ def train_preference(argv: list[str] | None) -> dict:
         "pairs": stats.get("rows", 0), "dropped_overlong": stats.get("dropped", 0),
         "truncated_overlong": stats.get("truncated", 0), "identical_pairs": stats.get("identical", 0),
         "beta": trainer_args.beta, "simpo_gamma": args.simpo_gamma if inputs.method == "simpo" else None,
-        "trainer": type(trainer).__name__, "torch": torch.__version__, "settings": settings,
+        "trainer": type(trainer).__name__,
+        "tokens_seen": trainer.state.num_input_tokens_seen, "torch": torch.__version__, "settings": settings,
     }
     if trainer.is_world_process_zero():
         _save_final(trainer, tokenizer, Path(args.output_dir), inputs)

@@ -38,7 +38,7 @@ class TrainConfig(SFTConfig):
     head_vocab_chunk: int = field(
         default=0, metadata={"help": "Vocabulary columns per tile of the fused LM head; 0 = automatic (TRL's "
                                      "32768 with Triton, 8192 on CPU)."})
-    include_num_input_tokens_seen: str | bool = field(
+    include_num_input_tokens_seen: str = field(
         default="non_padding", metadata={"help": "Count tokens processed (no | all | non_padding); shown in logs "
                                                  "and train_summary.json."})
     bf16: bool | None = field(
