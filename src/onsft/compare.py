@@ -67,6 +67,7 @@ class Experiment:
     kl_limit: int = field(default=64, metadata={"help": "Prompts used for KL drift."})
     curve_every: int = field(default=0, metadata={"help": "Also evaluate checkpoints every N steps (0 = off)."})
     curve_limit: int = field(default=100, metadata={"help": "Rows per test set at curve points."})
+    data_seed: int = field(default=0, metadata={"help": "Seed of built-in data (`organism:NAME` paths)."})
 
     def validate(self, where: str) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
@@ -80,6 +81,26 @@ class Experiment:
         bad = [m for m in self.method_train if m not in METHODS]
         if bad:
             raise UserError(f"method_train names unknown method `{bad[0]}`", where=where, fix="use method names.")
+
+
+DATA_KEYS = ("train_data", "in_domain", "ood", "retention", "kl_prompts")
+
+
+def resolve_builtin_data(exp: Experiment, out: Path) -> None:
+    """`organism:NAME` data paths name the organism's synthetic sets, written (seeded) under OUT/data."""
+    specs = {key: getattr(exp, key) for key in DATA_KEYS if str(getattr(exp, key) or "").startswith("organism:")}
+    if not specs:
+        return
+    from onsft.organism.tasks import write_demo_data
+
+    folder = out / "data" / f"organism-seed{exp.data_seed}"
+    paths = {name: str(path) for name, path in write_demo_data(folder, seed=exp.data_seed).items()}
+    for key, spec in specs.items():
+        name = spec.split(":", 1)[1]
+        if name not in paths:
+            raise UserError(f"unknown built-in data `{spec}`", where="experiment",
+                            fix=f"use organism:NAME with NAME among {', '.join(sorted(paths))}.")
+        setattr(exp, key, paths[name])
 
 
 def load_experiment(path: str, overrides: dict) -> Experiment:
@@ -103,7 +124,9 @@ def load_experiment(path: str, overrides: dict) -> Experiment:
                             f"{'mapping' if expected is dict else 'list'}.")
     raw.update({k: v for k, v in overrides.items() if v is not None})
     base = Path(path).resolve().parent
-    for key in ("train_data", "in_domain", "ood", "retention", "kl_prompts"):
+    for key in DATA_KEYS:
+        if str(raw.get(key) or "").startswith("organism:"):
+            continue
         # Data paths in an experiment file are relative to the file, like includes in most configs.
         if raw.get(key) and not Path(raw[key]).is_absolute() and not Path(raw[key]).exists():
             raw[key] = str(base / raw[key])
@@ -401,6 +424,7 @@ def run_compare(exp: Experiment) -> dict:
 
     check_writable(out / "results.json")
     resolve_model_path(exp.model)
+    resolve_builtin_data(exp, out)
     _check_data(exp)
     _check_options(exp, out)
     out.mkdir(parents=True, exist_ok=True)
