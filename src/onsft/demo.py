@@ -1,0 +1,158 @@
+"""`onsft demo`: the whole story on the embedded model organism, on a CPU, in minutes.
+
+    onsft demo --out runs/demo
+
+1. data    the organism's synthetic sets: a new skill ("Cycle X.") taught by teacher data in five
+           styles, from the organism's own to far off-policy; in-domain, OOD and retention tests.
+2. audit   DDT: how off-policy is the teacher data for the organism, style by style (mean phi, Z,
+           p-values), with the organism's own samples as the on-policy baseline (report.html).
+3. rewrite hinted decoding turns the teacher data into the organism's own distribution; verified.
+4. train   SFT, DFT, IDFT on the teacher data and IDFT on the rewrites, from the same start.
+5. eval    skill gained (in-domain, OOD), skill kept (retention accuracy, KL drift), table + plots.
+
+Steps 3-5 are `onsft compare` with the settings below; every step is cached and resumable, so a
+rerun of the same command only redoes what is missing. Results go to OUT/demo.md with the plots.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from onsft.config import parse_command
+from onsft.errors import UserError
+from onsft.records import write_json_atomic
+
+DEMO_METHODS = ["sft", "dft", "idft", "rewrite+idft"]
+
+
+@dataclass
+class DemoConfig:
+    out: str = field(default="runs/demo", metadata={"help": "Output folder."})
+    seed: int = field(default=0, metadata={"help": "Seed of the data, the rewrite and the training."})
+    methods: list[str] = field(default_factory=lambda: list(DEMO_METHODS),
+                               metadata={"help": "Methods to compare (see `onsft compare --help`)."})
+    steps: int = field(default=300, metadata={"help": "Training steps per method."})
+    learning_rate: float = field(default=2e-4, metadata={"help": "Learning rate (the organism study's 2e-4)."})
+    batch_size: int = field(default=32, metadata={"help": "Training batch size."})
+    n_train: int = field(default=500, metadata={"help": "Teacher rows (spread over five styles)."})
+    n_test: int = field(default=200, metadata={"help": "Rows of each test set."})
+    curve_every: int = field(default=50, metadata={"help": "Evaluate checkpoints every N steps (0 = off)."})
+    bf16: bool = field(default=True, metadata={"help": "bf16 autocast (about 2x faster on CPU for this model)."})
+
+
+def _experiment(config: DemoConfig, data: dict[str, Path]):
+    from onsft.compare import Experiment
+
+    return Experiment(
+        model="organism", train_data=str(data["new_skill_train"]), in_domain=str(data["new_skill_test"]),
+        ood=str(data["new_skill_ood"]), retention=str(data["retention_test"]), methods=config.methods,
+        seeds=[config.seed], out=str(Path(config.out) / "compare"), kl_limit=64,
+        curve_every=config.curve_every, curve_limit=100,
+        train={"max_steps": config.steps, "per_device_train_batch_size": config.batch_size,
+               "learning_rate": config.learning_rate, "lr_scheduler_type": "cosine", "warmup_steps": 20,
+               "max_length": 128, "bf16": config.bf16, "logging_steps": 10},
+        rewrite={"verifier": "exact", "own_samples": 4, "beta": 3.0, "max_new_tokens": 48, "seed": config.seed,
+                 "chunk_size": 100, "batch_size": 100, "hinted_batch_size": 100, "progress": False},
+        pairs={"verifier": "exact", "samples": 4, "max_new_tokens": 48, "seed": config.seed},
+        eval={"verifier": "exact", "max_new_tokens": 48, "batch_size": 100},
+    )
+
+
+def _audit(config: DemoConfig, data: dict[str, Path]) -> dict:
+    """DDT audit of each teacher style and of the organism's own samples; returns {set: summary}."""
+    from onsft import audit
+
+    folder = Path(config.out) / "audit"
+    summary_path = folder / "summary.json"
+    if not summary_path.exists():
+        audit.main(["--model", "organism", "--data", str(data["new_skill_train"]), "--out", str(folder),
+                    "--self_check", "100", "--self_check_max_new_tokens", "48", "--seed", str(config.seed),
+                    "--max_length", "128", "--progress", "false"])
+    summary = json.loads(summary_path.read_text())
+    by_style: dict[str, list[float]] = {}
+    for line in (folder / "scores.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        by_style.setdefault(row.get("style", "all"), []).append(row["mean_phi"])
+    summary["by_style"] = {style: sum(v) / len(v) for style, v in by_style.items()}
+    return summary
+
+
+def _markdown(config: DemoConfig, audit_summary: dict, results: dict, rewrite: dict | None, seconds: float) -> str:
+    from onsft.compare import table_markdown
+
+    lines = ["# onsft demo on the embedded organism", "",
+             f"Command: `onsft demo --out {config.out}` (seed {config.seed}, {config.steps} steps per method, "
+             f"batch {config.batch_size}, lr {config.learning_rate}); wall time {seconds / 60:.1f} min.", "",
+             "## 1. How off-policy is the teacher data? (DDT audit)", "",
+             "| teacher style | mean phi per response |", "|---|---|"]
+    for style, value in sorted(audit_summary.get("by_style", {}).items(), key=lambda kv: -kv[1]):
+        lines.append(f"| {style} | {value:.2f} |")
+    sets = audit_summary.get("sets", {})
+    if "scores" in sets:
+        data = sets["scores"]
+        lines += ["", f"All teacher data: mean phi {data['mean_phi_response_weighted']:.2f}, "
+                      f"{100 * data['fraction_ood']:.0f}% of responses below the -0.1 threshold, "
+                      f"{100 * data['fraction_rejected']:.0f}% rejected as on-policy at p < 0.05."]
+    if "self_check" in sets:
+        own = sets["self_check"]
+        lines += [f"The organism's own samples (the on-policy baseline): mean phi "
+                  f"{own['mean_phi_response_weighted']:.3f} ± {own['mean_phi_se']:.3f}, Z mean {own['z_mean']:.2f}, "
+                  f"Z std {own['z_std']:.2f} (calibrated: 0 and 1)."]
+    if rewrite:
+        phi = rewrite["mean_phi"]
+
+        def show(key):
+            return f"{phi[key]['mean_phi']:.2f} (n={phi[key]['n']})" if phi.get(key, {}).get("n") else "-"
+
+        lines += ["", "## 2. Hinted-decoding rewrite", "",
+                  f"Of {rewrite['rows']} teacher rows: {rewrite['own_correct']} kept as the organism's own verified "
+                  f"answer, {rewrite['rewritten']} rewritten by hinted decoding and verified, {rewrite['dropped']} "
+                  f"dropped.", "",
+                  "| responses | mean phi |", "|---|---|",
+                  f"| teacher references (all) | {show('references')} |",
+                  f"| references that were rewritten | {show('references_of_rewritten')} |",
+                  f"| hinted rewrites | {show('rewritten')} |", f"| own answers kept | {show('own')} |"]
+    lines += ["", "## 3. Skill gained vs skill kept", "", table_markdown(results["rows"]), "",
+              "![skill vs retention](compare/skill_vs_retention.png)", ""]
+    if "curves.png" in results.get("plots", []):
+        lines += ["![curves](compare/curves.png)", ""]
+    lines += ["![training](compare/training.png)", "", "Audit report: [audit/report.html](audit/report.html)", ""]
+    return "\n".join(lines)
+
+
+def run_demo(config: DemoConfig) -> dict:
+    from onsft.compare import run_compare
+    from onsft.models import resolve_model_path
+    from onsft.organism.tasks import write_demo_data
+    from onsft.records import check_writable
+
+    started = time.time()
+    out = Path(config.out)
+    check_writable(out / "demo.md")
+    resolve_model_path("organism")
+    data = write_demo_data(out / "data", seed=config.seed, n_train=config.n_train, n_test=config.n_test,
+                           n_ood=config.n_test, n_retention=config.n_test)
+    print("onsft demo: 1/3 auditing the teacher data (DDT)", flush=True)
+    audit_summary = _audit(config, data)
+    print("onsft demo: 2/3 rewriting, training and evaluating (onsft compare)", flush=True)
+    results = run_compare(_experiment(config, data))
+    rewrite_summary_path = out / "compare" / "data" / "rewrite" / "summary.json"
+    rewrite = json.loads(rewrite_summary_path.read_text()) if rewrite_summary_path.exists() else None
+    seconds = time.time() - started
+    text = _markdown(config, audit_summary, results, rewrite, seconds)
+    (out / "demo.md").write_text(text)
+    write_json_atomic(out / "demo.json", {"config": asdict(config), "audit": audit_summary, "rewrite": rewrite,
+                                          "rows": results["rows"], "seconds": seconds})
+    print(f"onsft demo: 3/3 done in {seconds / 60:.1f} min; see {out / 'demo.md'}", flush=True)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    (config,) = parse_command(argv, DemoConfig, prog="onsft demo")
+    if config.steps <= 0 or config.n_train <= 0 or config.n_test <= 0:
+        raise UserError("steps, n_train and n_test must be positive", where="command line", fix="pass positive values.")
+    run_demo(config)
+    return 0
