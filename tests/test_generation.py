@@ -8,8 +8,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from onsft.errors import UserError
-from onsft.generation import (RepetitionDetector, SamplingConfig, _chunks, example_generator, filter_logprobs,
-                              generate, has_repeated_window, sample_tokens)
+from onsft.generation import (GrowingCache, RepetitionDetector, RowBatch, SamplingConfig, _chunks, example_generator,
+                              filter_logprobs, generate, has_repeated_window, sample_tokens)
 from tiny import tiny_tokenizer
 
 TOKENIZER = tiny_tokenizer()
@@ -125,6 +125,31 @@ def test_prefill_chunks_respect_token_budget():
     chunks = _chunks(range(100, 107), lengths, token_budget=100)
     assert [list(c) for c in chunks] == [[100, 101], [102, 103], [104, 105, 106]]
     assert [list(c) for c in _chunks(range(3), [500, 1, 1], token_budget=10)] == [[0], [1, 2]]
+
+
+# --- rows and caches -------------------------------------------------------------------------
+
+def test_row_batch_cache_layouts_match_uncached_recompute():
+    """Shared-prefix prefill, chunked prefill, in-place cache growth, row dropping and trimming of
+    all-padding columns all give the log-probs of recomputing every row from scratch."""
+    model = varied_model(seed=5)
+    gen = torch.Generator().manual_seed(0)
+    shared = torch.randint(5, 100, (20,), generator=gen).tolist()
+    group_a = [shared + torch.randint(5, 100, (n,), generator=gen).tolist() for n in (1, 9, 30, 4)]
+    group_b = [torch.randint(5, 100, (n,), generator=gen).tolist() for n in (3, 12, 7)]
+    prompts = group_a + group_b
+    groups = [range(0, 4), range(4, 7)]
+    for budget in (4096, 40):
+        cached = RowBatch(model, prompts, prefill_groups=groups, prefill_token_budget=budget, cache_reserve=2)
+        assert isinstance(cached.cache, GrowingCache)
+        plain = RowBatch(model, prompts, use_cache=False)
+        assert torch.allclose(cached.logprobs, plain.logprobs, atol=1e-10)
+        # Drop rows (the long group first, so leading padding columns get trimmed), keep appending.
+        for keep in (None, [0, 1, 2, 3, 4, 5], None, [1, 3, 4, 5], [2, 3], None, [1]):
+            keep = None if keep is None else torch.tensor(keep)
+            tokens = torch.randint(5, 100, (cached.rows if keep is None else len(keep),), generator=gen)
+            assert torch.allclose(cached.advance(keep, tokens), plain.advance(keep, tokens), atol=1e-10)
+        assert cached.mask.shape[1] == plain.mask.shape[1] < 30  # the 50-token row's columns are gone
 
 
 # --- the decoding loop -----------------------------------------------------------------------

@@ -170,29 +170,42 @@ class RepetitionDetector:
 # ---------------------------------------------------------------------------------------------
 
 class RowBatch:
-    """Token rows decoded together: left-padded, sharing one forward pass per step and one KV cache.
+    """Token rows decoded together: padded, sharing one forward pass per step and one KV cache.
 
-    Positions come from the attention mask (a row's first real token is position 0), so left padding
+    Positions come from the attention mask (a row's first real token is position 0), so padding
     changes nothing a row computes. With `use_cache=False` every step recomputes all rows from scratch
     (the quadratic baseline); results must agree with the cached path.
+
+    Prefill works per group of rows (hinted rows, plain rows): a prefix that every prompt of a group
+    shares (a rewriting instruction, a chat template's system prompt) is computed once and copied to
+    the rows, and each chunk of rows is padded only to its own longest prompt. A row's layout is then
+    [left padding | shared prefix | padding | rest of prompt | generated tokens], all held by the mask.
     """
 
     def __init__(self, model, prompts: list[list[int]], *, use_cache: bool = True, pad_id: int = 0,
-                 prefill_groups: list[range] | None = None, prefill_token_budget: int = 16384):
+                 prefill_groups: list[range] | None = None, prefill_token_budget: int = 4096,
+                 min_shared_prefix: int = 16, cache_reserve: int = 256):
         self.model = model
         self.device = model.device
         self.use_cache = use_cache
         self.pad_id = pad_id
         lengths = torch.tensor([len(p) for p in prompts])
-        self.mask = _left_padded(prompts, 0, int(lengths.max()), lambda p: [1] * len(p)).to(self.device)
         self.next_position = lengths.to(self.device)
-        if not use_cache:
-            self.ids = _left_padded(prompts, pad_id, int(lengths.max()), list).to(self.device)
-            self.cache = None
-            self.logprobs = self._forward_all()
+        width = int(lengths.max())
+        if use_cache and GrowingCache.supports(model.config):
+            self.ids = None
+            self.logprobs = self._prefill(prompts, prefill_groups or [range(len(prompts))], prefill_token_budget,
+                                          min_shared_prefix, cache_reserve)
             return
-        self.ids = None
-        self.logprobs = self._prefill(prompts, prefill_groups or [range(len(prompts))], prefill_token_budget)
+        self.mask = _left_padded(prompts, 0, width, lambda p: [1] * len(p)).to(self.device)
+        ids = _left_padded(prompts, pad_id, width, list).to(self.device)
+        if use_cache:
+            # Cache layouts we do not manage (sliding windows, ...): one plain left-padded prefill.
+            self.ids, self.cache = None, DynamicCache(config=model.config)
+            self.logprobs = self._forward(ids, self.mask, self.cache)
+        else:
+            self.ids, self.cache = ids, None
+            self.logprobs = self._forward(ids, self.mask, None)
 
     @property
     def rows(self) -> int:
@@ -211,50 +224,52 @@ class RowBatch:
             self.logprobs = _logprobs(out.logits[:, -1])
         else:
             self.ids = torch.cat([self.ids, tokens], dim=1)
-            self.logprobs = self._forward_all()
+            self.logprobs = self._forward(self.ids, self.mask, None)
         self.next_position = self.next_position + 1
         return self.logprobs
 
     # -- internals ---------------------------------------------------------------------------
 
-    def _forward_all(self) -> torch.Tensor:
-        positions = (self.mask.cumsum(-1) - 1).clamp_min(0)
-        out = self.model(input_ids=self.ids, attention_mask=self.mask, position_ids=positions,
-                         use_cache=False, logits_to_keep=1)
+    def _forward(self, ids, mask, cache, skip: int = 0) -> torch.Tensor:
+        """Run `ids` (the columns of `mask` after the first `skip`, which `cache` already holds)."""
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)[:, skip:]
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                         use_cache=cache is not None, logits_to_keep=1)
         return _logprobs(out.logits[:, -1])
 
-    def _prefill(self, prompts, groups, token_budget) -> torch.Tensor:
-        """Prefill each group (e.g. hinted rows, plain rows) padded only to its own longest prompt, in
-        chunks of at most `token_budget` padded tokens, then join the caches left-padded with zeros.
-        A cache whose layers are not plain `DynamicLayer`s (sliding windows, ...) is prefilled whole."""
-        probe = DynamicCache(config=self.model.config)
-        mergeable = bool(probe.layers) and all(type(layer) is DynamicLayer for layer in probe.layers)
-        if not mergeable:
-            chunks = [range(len(prompts))]
-        else:
-            chunks = [c for g in groups for c in _chunks(g, [len(prompts[i]) for i in g], token_budget)]
-        total = self.mask.shape[1]
-        keys: list[list[torch.Tensor]] = []
-        values: list[list[torch.Tensor]] = []
+    def _prefill(self, prompts, groups, token_budget, min_shared_prefix, reserve) -> torch.Tensor:
+        config = self.model.config
+        plans = []  # (rows, shared prefix length, prefix cache, padded width)
+        for group in groups:
+            rows = [prompts[i] for i in group]
+            # Keep one token out of the prefix so every row's last position is computed with its chunk.
+            shared = min(_common_prefix_length(rows), min(map(len, rows)) - 1) if len(rows) > 1 else 0
+            prefix = None
+            if shared >= min_shared_prefix:
+                prefix = DynamicCache(config=config)
+                ids = torch.tensor([rows[0][:shared]], device=self.device)
+                self._forward(ids, torch.ones_like(ids), prefix)
+            else:
+                shared = 0
+            for chunk in _chunks(group, [len(prompts[i]) - shared for i in group], token_budget):
+                plans.append((chunk, shared, prefix, max(len(prompts[i]) for i in chunk)))
+        total = max(plan[3] for plan in plans)
+        self.mask = torch.zeros(len(prompts), total, dtype=torch.long, device=self.device)
+        self.cache = GrowingCache(config, reserve)
         logprobs = []
-        for chunk in chunks:
-            rows = [prompts[i] for i in chunk]
-            width = max(len(p) for p in rows) if mergeable else total
-            ids = _left_padded(rows, self.pad_id, width, list).to(self.device)
-            mask = _left_padded(rows, 0, width, lambda p: [1] * len(p)).to(self.device)
-            positions = (mask.cumsum(-1) - 1).clamp_min(0)
-            cache = DynamicCache(config=self.model.config)
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                             past_key_values=cache, use_cache=True, logits_to_keep=1)
-            logprobs.append(_logprobs(out.logits[:, -1]))
-            if not mergeable:
-                self.cache = cache
-                return logprobs[0]
-            keys.append([_pad_left(layer.keys, total) for layer in cache.layers])
-            values.append([_pad_left(layer.values, total) for layer in cache.layers])
-        self.cache = DynamicCache(config=self.model.config)
-        for i, layer in enumerate(self.cache.layers):
-            layer.update(torch.cat([k[i] for k in keys]), torch.cat([v[i] for v in values]))
+        for chunk, shared, prefix, width in plans:
+            rest = [prompts[i][shared:] for i in chunk]
+            ids = _left_padded(rest, self.pad_id, width - shared, list).to(self.device)
+            mask = _left_padded(rest, 0, width - shared, lambda p: [1] * len(p)).to(self.device)
+            mask = torch.cat([mask.new_ones(len(chunk), shared), mask], dim=1)
+            part = DynamicCache(config=config)
+            if prefix is not None:
+                for layer, source in zip(part.layers, prefix.layers):
+                    layer.update(source.keys.expand(len(chunk), -1, -1, -1),
+                                 source.values.expand(len(chunk), -1, -1, -1))
+            logprobs.append(self._forward(ids, mask, part, skip=shared))
+            self.mask[chunk.start:chunk.stop, total - width:] = mask
+            self.cache.place(part, chunk.start, chunk.stop, len(prompts), total)
         return torch.cat(logprobs)
 
     def _select(self, keep: torch.Tensor) -> None:
@@ -270,15 +285,97 @@ class RowBatch:
         start = int(used[0]) if used.numel() else 0
         if start == 0:
             return
-        if self.use_cache:
-            if not all(type(layer) is DynamicLayer for layer in self.cache.layers):
-                return
-            for layer in self.cache.layers:
-                layer.keys = layer.keys[:, :, start:]
-                layer.values = layer.values[:, :, start:]
-        else:
+        if not self.use_cache:
             self.ids = self.ids[:, start:]
+        elif isinstance(self.cache, GrowingCache):
+            self.cache.drop_left(start)
+        else:
+            return
         self.mask = self.mask[:, start:]
+
+
+class GrowingLayer(DynamicLayer):
+    """A `DynamicLayer` whose keys and values live in a buffer with spare room along the sequence.
+
+    `DynamicLayer` concatenates at every step, copying the whole cache each time; with long hinted
+    prompts that copy costs as much as the attention itself. Here a step writes one column in place
+    and the buffer grows by `reserve` columns when full. `keys`/`values` are views of the used part,
+    so everything that reads a `DynamicLayer` (mask sizes, sequence length) works unchanged.
+    """
+
+    def __init__(self, reserve: int = 256):
+        super().__init__()
+        self.reserve = reserve
+        self.key_buffer = self.value_buffer = None
+        self.length = 0
+
+    def allocate(self, like: torch.Tensor, rows: int, width: int) -> None:
+        shape = (rows, like.shape[1], width + self.reserve, like.shape[3])
+        self.key_buffer = like.new_zeros(shape)
+        self.value_buffer = like.new_zeros(shape)
+        self.dtype, self.device, self.is_initialized = like.dtype, like.device, True
+        self.length = width
+        self._refresh()
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        new = key_states.shape[-2]
+        if self.length + new > self.key_buffer.shape[-2]:
+            room = self.length + new + self.reserve
+            self.key_buffer = _widen(self.key_buffer, room)
+            self.value_buffer = _widen(self.value_buffer, room)
+        self.key_buffer[:, :, self.length:self.length + new] = key_states
+        self.value_buffer[:, :, self.length:self.length + new] = value_states
+        self.length += new
+        self._refresh()
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.key_buffer = self.key_buffer.index_select(0, indices)
+        self.value_buffer = self.value_buffer.index_select(0, indices)
+        self._refresh()
+
+    def drop_left(self, columns: int) -> None:
+        self.key_buffer = self.key_buffer[:, :, columns:]
+        self.value_buffer = self.value_buffer[:, :, columns:]
+        self.length -= columns
+        self._refresh()
+
+    def _refresh(self) -> None:
+        self.keys = self.key_buffer[:, :, :self.length]
+        self.values = self.value_buffer[:, :, :self.length]
+
+
+class GrowingCache(DynamicCache):
+    """A `DynamicCache` of `GrowingLayer`s, filled by placing separately prefilled chunks of rows."""
+
+    def __init__(self, config, reserve: int = 256):
+        super().__init__(config=config)
+        self.layers = [GrowingLayer(reserve) for _ in self.layers]
+
+    @staticmethod
+    def supports(config) -> bool:
+        layers = DynamicCache(config=config).layers
+        return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+
+    def place(self, part: DynamicCache, start: int, stop: int, rows: int, width: int) -> None:
+        """Copy `part` (rows start..stop-1, left-padded to its own width) right-aligned into rows
+        start..stop-1 of a `rows` x `width` cache."""
+        for layer, source in zip(self.layers, part.layers):
+            if layer.key_buffer is None:
+                layer.allocate(source.keys, rows, width)
+            columns = source.keys.shape[-2]
+            layer.key_buffer[start:stop, :, width - columns:width] = source.keys
+            layer.value_buffer[start:stop, :, width - columns:width] = source.values
+
+    def drop_left(self, columns: int) -> None:
+        for layer in self.layers:
+            layer.drop_left(columns)
+
+
+def _widen(buffer: torch.Tensor, width: int) -> torch.Tensor:
+    wider = buffer.new_zeros(buffer.shape[0], buffer.shape[1], width, buffer.shape[3])
+    wider[:, :, :buffer.shape[2]] = buffer
+    return wider
 
 
 def _logprobs(logits: torch.Tensor) -> torch.Tensor:
@@ -290,11 +387,15 @@ def _left_padded(rows, pad, width, content) -> torch.Tensor:
     return torch.tensor([[pad] * (width - len(r)) + content(r) for r in rows], dtype=torch.long)
 
 
-def _pad_left(states: torch.Tensor, width: int) -> torch.Tensor:
-    missing = width - states.shape[-2]
-    if missing == 0:
-        return states
-    return torch.nn.functional.pad(states, (0, 0, missing, 0))
+def _common_prefix_length(rows: list[list[int]]) -> int:
+    first = rows[0]
+    length = min(map(len, rows))
+    for row in rows[1:]:
+        n = 0
+        while n < length and row[n] == first[n]:
+            n += 1
+        length = n
+    return length
 
 
 def _chunks(indices: range, lengths: list[int], token_budget: int) -> list[range]:
