@@ -14,6 +14,7 @@ Every problem is reported as a `UserError` naming the file and line (1-based lin
 
 from __future__ import annotations
 
+import codecs
 import csv
 import json
 from collections.abc import Sequence
@@ -61,6 +62,9 @@ class Example:
 
 def _read_jsonl(path: Path) -> list[tuple[int, Any]]:
     raw = path.read_bytes()
+    # Editors on Windows start UTF-8 files with a byte-order mark; it is not part of the first row.
+    if raw.startswith(codecs.BOM_UTF8):
+        raw = raw[len(codecs.BOM_UTF8):]
     stripped = raw.lstrip()
     if path.suffix == ".json" and stripped.startswith(b"["):
         try:
@@ -90,7 +94,7 @@ def _read_jsonl(path: Path) -> list[tuple[int, Any]]:
 
 def _read_csv(path: Path) -> list[tuple[int, Any]]:
     try:
-        with open(path, newline="", encoding="utf-8") as handle:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
             reader = csv.DictReader(handle)
             rows = [(reader.line_num, dict(row)) for row in reader]
     except UnicodeDecodeError:
