@@ -71,6 +71,8 @@ def _read_jsonl(path: Path) -> list[tuple[int, Any]]:
             rows = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
             raise UserError(f"not valid JSON ({error})", where=str(path), fix="write a JSON array or JSON lines.") from None
+        except RecursionError:
+            raise UserError("JSON nested too deeply to read", where=str(path), fix="write flat rows.") from None
         return [(i + 1, row) for i, row in enumerate(rows)]
     rows = []
     for number, line in enumerate(raw.split(b"\n"), start=1):
@@ -83,6 +85,9 @@ def _read_jsonl(path: Path) -> list[tuple[int, Any]]:
                             fix="re-encode the file as UTF-8.") from None
         try:
             rows.append((number, json.loads(text)))
+        except RecursionError:
+            raise UserError("JSON nested too deeply to read", where=str(path), line=number,
+                            fix="each line must be one flat JSON object.") from None
         except json.JSONDecodeError as error:
             truncated = number == raw.count(b"\n") + (0 if raw.endswith(b"\n") else 1) and not raw.endswith(b"\n")
             hint = "the last line looks truncated; remove it or finish writing the file." if truncated else \
