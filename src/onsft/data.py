@@ -73,6 +73,8 @@ def _read_jsonl(path: Path) -> list[tuple[int, Any]]:
             raise UserError(f"not valid JSON ({error})", where=str(path), fix="write a JSON array or JSON lines.") from None
         except RecursionError:
             raise UserError("JSON nested too deeply to read", where=str(path), fix="write flat rows.") from None
+        for i, row in enumerate(rows):
+            _check_encodable(row, str(path), i + 1)
         return [(i + 1, row) for i, row in enumerate(rows)]
     rows = []
     for number, line in enumerate(raw.split(b"\n"), start=1):
@@ -94,7 +96,20 @@ def _read_jsonl(path: Path) -> list[tuple[int, Any]]:
                 "each line must be one complete JSON object."
             raise UserError(f"malformed JSON ({error.msg} at column {error.colno})", where=str(path),
                             line=number, fix=hint) from None
+        if "\\u" in text:
+            _check_encodable(rows[-1][1], str(path), number)
     return rows
+
+
+def _check_encodable(row: Any, where: str, line: int) -> None:
+    """JSON may escape half of a UTF-16 surrogate pair (`\\ud800`): valid JSON, but not text that a tokenizer
+    or a UTF-8 output file accepts, so it is refused here rather than deep inside a run."""
+    try:
+        json.dumps(row, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise UserError(f"text holds an unpaired surrogate escape ({error.object[error.start]!r}), which is not "
+                        "valid Unicode", where=where, line=line,
+                        fix="remove or replace that escape (often left by cutting text in the middle of an emoji).") from None
 
 
 def _read_csv(path: Path) -> list[tuple[int, Any]]:
