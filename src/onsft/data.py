@@ -265,6 +265,9 @@ def load_examples(source: str | Path, *, require_response: bool = True, require_
         key = example.record.get("id")
         if key is None:
             continue
+        if not isinstance(key, (str, int, float)):
+            raise UserError(f"`id` must be a string or a number, got {type(key).__name__}", where=where,
+                            line=example.line, fix="write `id` as a string or a number, or remove the column.")
         if key in seen:
             raise UserError(f"duplicate id {key!r} (first on line {seen[key]})", where=where, line=example.line,
                             fix="make `id` unique or remove the column.")
