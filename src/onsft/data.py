@@ -123,6 +123,11 @@ def _read_csv(path: Path) -> list[tuple[int, Any]]:
         raise UserError(f"malformed CSV ({error})", where=str(path), fix="check quoting in the file.") from None
     # Chat turns cannot live in a CSV cell except as JSON text.
     for line, row in rows:
+        # DictReader files surplus cells under the key None and fills missing ones with None.
+        if None in row or None in row.values():
+            more = None in row
+            raise UserError(f"row has {'more' if more else 'fewer'} cells than the header", where=str(path),
+                            line=line, fix="give every row one cell per header column (quote cells holding commas).")
         for key in ("messages", "prompt", "completion"):
             value = row.get(key)
             if isinstance(value, str) and value.lstrip().startswith("[{"):
