@@ -285,6 +285,8 @@ def load_examples(source: str | Path, *, require_response: bool = True, require_
 
 def _check_chat_template(tokenizer, where: str) -> None:
     if not getattr(tokenizer, "chat_template", None):
+        # The model folder is what needs fixing, not the data file the caller was reading.
+        where = getattr(tokenizer, "name_or_path", None) or where
         raise UserError("the model's tokenizer has no chat template", where=where,
                         fix="use an instruction model, or set `chat_template` in its tokenizer_config.json.")
 
