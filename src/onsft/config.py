@@ -28,7 +28,8 @@ class _RaisingParser(HfArgumentParser):
         raise UserError(message, where=self.config_source, fix=f"see `{self.prog} --help`.")
 
 
-def _yaml_to_argv(path: Path, known: dict[str, dataclasses.Field]) -> list[str]:
+def _yaml_to_argv(path: Path, known: dict[str, dataclasses.Field], multi: set[str] = frozenset()) -> list[str]:
+    """Flags for the file's values; `multi` names the keys that take several values (lists)."""
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
@@ -55,6 +56,10 @@ def _yaml_to_argv(path: Path, known: dict[str, dataclasses.Field]) -> list[str]:
         if isinstance(value, bool):
             argv += [flag, str(value).lower()]
         elif isinstance(value, (list, tuple)):
+            if key not in multi and len(value) != 1:
+                # Spread into flags, the extra values would be reported as unknown options of the command line.
+                raise UserError(f"config key `{key}` must be a single value, not a list", where=str(path),
+                                line=line, fix="write a plain value.")
             argv += [flag, *[str(v) for v in value]]
         elif isinstance(value, dict):
             raise UserError(f"config key `{key}` must be a single value, not a mapping", where=str(path),
@@ -89,7 +94,8 @@ def parse_command(argv: list[str] | None, *config_types: type, prog: str = "onsf
         if not path.exists():
             raise UserError("config file not found", where=str(path), fix="check the path given to --config.")
         parser.config_source = str(path)
-        yaml_argv = _yaml_to_argv(path, known)
+        multi = {action.dest for action in parser._actions if action.nargs in ("+", "*")}
+        yaml_argv = _yaml_to_argv(path, known, multi)
         # Validate the file's values on their own first, so a wrong type names the file, not the command line.
         _parse(parser, yaml_argv)
         parser.config_source = "command line"
