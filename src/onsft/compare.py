@@ -108,6 +108,8 @@ def load_experiment(path: str, overrides: dict) -> Experiment:
         raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
         raise UserError("experiment file not found", where=path, fix="check the path given to --config.") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"cannot read the experiment ({error})", where=path, fix="pass a readable UTF-8 YAML file.") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         raise UserError(f"invalid YAML ({getattr(error, 'problem', error)})", where=path,
