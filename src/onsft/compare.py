@@ -182,6 +182,25 @@ def _check_options(exp: Experiment, out: Path) -> None:
             from onsft.preference import PreferenceTrainConfig
 
             parse_command([a for a in argv], TrainInputs, PreferenceTrainConfig, prog="onsft compare (train)")
+    # The rewrite, the pairs and the evaluation run after hours of work: their options are checked now too.
+    from onsft.evaluate import EvalConfig
+    from onsft.preference import PairsConfig
+    from onsft.rewrite import RewriteConfig
+
+    sources = {METHODS[m][0] for m in exp.methods}
+    common = {"model": exp.model, "data": exp.train_data}
+    if "rewrite" in sources or ("pairs" in sources and exp.pairs.get("rewrites") is True):
+        parse_command(_flags({**common, "out": str(out / "check"), **exp.rewrite}), RewriteConfig,
+                      prog="onsft compare (rewrite)")[0].validate()
+    if "pairs" in sources:
+        options = {k: v for k, v in exp.pairs.items() if k != "rewrites"}
+        parse_command(_flags({**common, "out": str(out / "check.jsonl"), **options}), PairsConfig,
+                      prog="onsft compare (pairs)")[0].validate()
+    known = {f.name for f in fields(EvalConfig)}
+    unknown = [k for k in exp.eval if k not in known]
+    if unknown:
+        raise UserError(f"unknown eval option `{unknown[0]}`", where="experiment",
+                        fix=f"use EvalConfig fields: {', '.join(sorted(known))}.")
 
 
 def _check_data(exp: Experiment) -> None:
