@@ -6,11 +6,14 @@ because every writer in onsft writes under a temporary name and renames on succe
 
 from __future__ import annotations
 
+import errno
 import importlib
 import os
 import sys
 
 from onsft.errors import EXIT_USER_ERROR, UserError
+
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
 
 COMMANDS = {
     "train": ("onsft.train", "Fine-tune a causal LM with SFT (nll), DFT or IDFT, or DPO / SimPO."),
@@ -55,6 +58,15 @@ def main(argv: list[str] | None = None) -> int:
         return int(module.main(rest) or 0)
     except UserError as error:
         print(str(error), file=sys.stderr)
+        return EXIT_USER_ERROR
+    except OSError as error:
+        # A full disk or a read-only file system can strike any writer (plots, checkpoints, reports);
+        # the writers of records name their file themselves (onsft.records.output_error).
+        if error.errno not in DISK_ERRNOS:
+            raise
+        from onsft.records import output_error
+
+        print(str(output_error(error, error.filename or "output")), file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("onsft: interrupted; rerun the same command to resume.", file=sys.stderr)

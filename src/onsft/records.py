@@ -43,27 +43,44 @@ def _fsync(handle) -> None:
     os.fsync(handle.fileno())
 
 
+def output_error(error: OSError, path: str | os.PathLike) -> UserError:
+    """A failed write (full disk, quota, read-only file system) as a one-line error naming the file."""
+    return UserError(f"cannot write output ({error.strerror or error})", where=str(path),
+                     fix="free disk space or choose another output folder, then rerun the same command "
+                         "(finished work is kept and resumed).")
+
+
+def _write_atomic(path: str | os.PathLike, write) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "w", encoding="utf-8") as handle:
+            write(handle)
+            _fsync(handle)
+        os.replace(tmp, path)
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise output_error(error, path) from None
+
+
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     """Write JSON to a temporary file beside `path`, then rename: readers see the old file or the new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
+
+    def write(handle):
         json.dump(obj, handle, indent=2, default=_json_default)
         handle.write("\n")
-        _fsync(handle)
-    os.replace(tmp, path)
+
+    _write_atomic(path, write)
 
 
 def write_jsonl_atomic(path: str | os.PathLike, rows: list[dict]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
+    def write(handle):
         for row in rows:
             handle.write(json.dumps(row, ensure_ascii=False, default=_json_default) + "\n")
-        _fsync(handle)
-    os.replace(tmp, path)
+
+    _write_atomic(path, write)
 
 
 def _json_default(value: Any) -> Any:
@@ -94,12 +111,27 @@ class ResumableJsonl:
         self.fingerprint = fingerprint or {}
         self.done: dict[int, dict] = {}
         check_writable(self.path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise output_error(error, self.path.parent) from None
         self._load_existing()
-        self._handle = open(self.partial, "a", encoding="utf-8")
+        try:
+            self._handle = open(self.partial, "a", encoding="utf-8")
+        except OSError as error:
+            raise output_error(error, self.partial) from None
         if self._handle.tell() == 0:
-            self._handle.write(json.dumps({"_fingerprint": self.fingerprint}, default=_json_default) + "\n")
+            self._write(json.dumps({"_fingerprint": self.fingerprint}, default=_json_default) + "\n")
+
+    def _write(self, text: str) -> None:
+        try:
+            self._handle.write(text)
             _fsync(self._handle)
+        except OSError as error:
+            # Close now: a buffer left for the interpreter to flush at exit would print a second error.
+            with contextlib.suppress(OSError):
+                self._handle.close()
+            raise output_error(error, self.partial) from None
 
     def _load_existing(self) -> None:
         if not self.partial.exists():
@@ -128,16 +160,17 @@ class ResumableJsonl:
     def append(self, row: dict) -> None:
         if row["_index"] in self.done:
             return
-        self._handle.write(json.dumps(row, ensure_ascii=False, default=_json_default) + "\n")
-        _fsync(self._handle)
+        self._write(json.dumps(row, ensure_ascii=False, default=_json_default) + "\n")
         self.done[row["_index"]] = row
 
     def append_many(self, rows: list[dict]) -> None:
+        fresh = {}
         for row in rows:
             if row["_index"] not in self.done:
-                self._handle.write(json.dumps(row, ensure_ascii=False, default=_json_default) + "\n")
-                self.done[row["_index"]] = row
-        _fsync(self._handle)
+                fresh[row["_index"]] = row
+        self._write("".join(json.dumps(row, ensure_ascii=False, default=_json_default) + "\n"
+                            for row in fresh.values()))
+        self.done.update(fresh)
 
     def rows(self, order) -> list[dict]:
         return [self.done[i] for i in order if i in self.done]
