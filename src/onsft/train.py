@@ -10,6 +10,7 @@ Checkpoints go to `<output_dir>/checkpoint-N`; rerunning the same command resume
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,9 +63,27 @@ def _build_dataset(tokenizer, path: str, max_length: int, overlong: str):
 
 
 def _last_checkpoint(output_dir: str) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
+    """The newest complete checkpoint. transformers writes a checkpoint's files in place and its
+    trainer_state.json last, so a run killed (or out of disk) while saving leaves a folder without a
+    readable one; resuming from that folder would crash, and the previous checkpoint is still there."""
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-    return get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return None
+    steps = []
+    for path in folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+        suffix = path.name[len(PREFIX_CHECKPOINT_DIR) + 1:]
+        if suffix.isdigit() and path.is_dir():
+            steps.append((int(suffix), path))
+    for _, path in sorted(steps, reverse=True):
+        try:
+            json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            print(f"onsft: skipping incomplete checkpoint {path} (interrupted while saving)", file=sys.stderr)
+            continue
+        return str(path)
+    return None
 
 
 def _settings(inputs: TrainInputs, loss_config: LossConfig, args: TrainConfig) -> dict:
