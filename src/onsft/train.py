@@ -9,6 +9,7 @@ Checkpoints go to `<output_dir>/checkpoint-N`; rerunning the same command resume
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -137,7 +138,8 @@ def run_training(inputs: TrainInputs, loss_config: LossConfig, args: TrainConfig
                         fix="pass --lora_target_modules with module names of this model, or all-linear.") from None
     resume_from = _last_checkpoint(args.output_dir) if inputs.resume else None
     started = time.time()
-    result = trainer.train(resume_from_checkpoint=resume_from)
+    with write_failures_as_user_errors(args.output_dir):
+        result = trainer.train(resume_from_checkpoint=resume_from)
     summary = {
         "method": inputs.method, "loss": loss_config.loss, "model": inputs.model, "data": inputs.data,
         "global_step": trainer.state.global_step, "resumed_from": resume_from,
@@ -148,10 +150,31 @@ def run_training(inputs: TrainInputs, loss_config: LossConfig, args: TrainConfig
         "loss_config": vars(loss_config), "settings": settings,
     }
     if trainer.is_world_process_zero():
-        _save_final(trainer, tokenizer, Path(args.output_dir), inputs)
+        with write_failures_as_user_errors(args.output_dir):
+            _save_final(trainer, tokenizer, Path(args.output_dir), inputs)
         write_jsonl_atomic(Path(args.output_dir) / "metrics.jsonl", trainer.state.log_history)
         write_json_atomic(Path(args.output_dir) / "train_summary.json", summary)
     return summary
+
+
+@contextlib.contextmanager
+def write_failures_as_user_errors(output_dir: str):
+    try:
+        yield
+    except Exception as error:  # torch's RuntimeError, safetensors' SafetensorError
+        if not is_write_failure(error):
+            raise
+        raise UserError(f"writing a checkpoint or the model failed ({str(error).strip().splitlines()[0]})",
+                        where=output_dir, fix="free disk space, then rerun the same command: it resumes from the "
+                                              "last complete checkpoint.") from None
+
+
+def is_write_failure(error: BaseException) -> bool:
+    """torch.save and safetensors report a failed write (a full disk, mostly) as their own errors
+    (RuntimeError, SafetensorError), not as OSError."""
+    text = str(error)
+    return any(mark in text for mark in ("inline_container", "PytorchStreamWriter", "file write failed",
+                                         "No space left", "Disk quota"))
 
 
 def _save_final(trainer, tokenizer, output_dir: Path, inputs: TrainInputs) -> None:
