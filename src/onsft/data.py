@@ -323,6 +323,7 @@ class Encoded:
     labels: list[int]  # -100 on prompt tokens
     prompt_length: int
     truncated: bool = False
+    line: int | None = None  # the row's line in its file, for error messages
 
 
 def _fit(prompt_ids: list[int], response_ids: list[int], example: Example, max_length: int, overlong: str,
@@ -338,7 +339,8 @@ def _fit(prompt_ids: list[int], response_ids: list[int], example: Example, max_l
                             fix="raise --max_length, shorten the prompt, or use --overlong drop.")
         response_ids = response_ids[: max_length - len(prompt_ids)]
         truncated = True
-    return Encoded(prompt_ids + response_ids, [-100] * len(prompt_ids) + response_ids, len(prompt_ids), truncated)
+    return Encoded(prompt_ids + response_ids, [-100] * len(prompt_ids) + response_ids, len(prompt_ids), truncated,
+                   example.line)
 
 
 def encode_examples(tokenizer, examples: Sequence[Example], max_length: int, overlong: str = "reject",

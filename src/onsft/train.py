@@ -60,7 +60,20 @@ def _build_dataset(tokenizer, path: str, max_length: int, overlong: str):
     table = datasets.Dataset.from_dict({"input_ids": [e.input_ids for e in encoded],
                                         "labels": [e.labels for e in encoded]})
     stats["response_tokens"] = sum(sum(1 for t in e.labels if t != -100) for e in encoded)
+    stats["lengths"] = [(len(e.input_ids), e.line) for e in encoded]
     return table, stats
+
+
+def _check_context(model, stats: dict, where: str) -> None:
+    """Rows longer than the model's positions crash models with learned position embeddings (an IndexError
+    deep in the forward pass) and leave the trained range of rotary ones; --max_length alone does not catch
+    them when it is larger than the model's context."""
+    context = getattr(model.config, "max_position_embeddings", None)
+    over = [(n, line) for n, line in stats["lengths"] if context and n > context]
+    if over:
+        raise UserError(f"{len(over)} row(s) are longer than the model's context of {context} tokens (first: "
+                        f"{over[0][0]} tokens)", where=where, line=over[0][1],
+                        fix=f"pass --max_length {context} (or less), with --overlong truncate or drop if needed.")
 
 
 def _last_checkpoint(output_dir: str) -> str | None:
@@ -120,8 +133,12 @@ def run_training(inputs: TrainInputs, loss_config: LossConfig, args: TrainConfig
         return finished
     tokenizer = load_tokenizer(inputs.model)
     train_set, stats = _build_dataset(tokenizer, inputs.data, args.max_length, inputs.overlong)
-    eval_set = _build_dataset(tokenizer, inputs.eval_data, args.max_length, inputs.overlong)[0] if inputs.eval_data else None
+    eval_set, eval_stats = _build_dataset(tokenizer, inputs.eval_data, args.max_length, inputs.overlong) \
+        if inputs.eval_data else (None, None)
     model = load_model(inputs.model)
+    _check_context(model, stats, inputs.data)
+    if eval_stats is not None:
+        _check_context(model, eval_stats, inputs.eval_data)
     args.dataset_kwargs = {"skip_prepare_dataset": True}
     args.remove_unused_columns = False
     if eval_set is not None and args.eval_strategy == "no":
