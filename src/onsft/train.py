@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -125,6 +126,10 @@ def run_training(inputs: TrainInputs, loss_config: LossConfig, args: TrainConfig
         raise UserError(f"unknown --nonfinite `{args.nonfinite}`", where="command line", fix="use stop or skip.")
     if not inputs.data:
         raise UserError("no training data given", where="command line", fix="pass --data FILE.")
+    if not math.isfinite(args.learning_rate) or args.learning_rate < 0:
+        # torch's optimiser would refuse it only after the data and the model are loaded, with a traceback.
+        raise UserError(f"learning_rate must be a finite number >= 0, got {args.learning_rate}",
+                        where="command line", fix="pass e.g. --learning_rate 1e-5.")
     check_writable(Path(args.output_dir) / "train_summary.json")
     settings = _settings(inputs, loss_config, args)
     finished = _finished_run(Path(args.output_dir), settings)
