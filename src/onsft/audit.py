@@ -146,6 +146,19 @@ def encode_items(tokenizer, examples: Sequence[Example], max_length: int, overlo
     return items, stats
 
 
+def check_context(model, items: Sequence[Item], examples: Sequence[Example], where: str) -> None:
+    """Rows longer than the model's positions crash models with learned position embeddings (an IndexError
+    in the forward pass) and leave the trained range of rotary ones; --max_length alone does not catch them
+    when it is larger than the model's context."""
+    context = getattr(model.config, "max_position_embeddings", None)
+    over = [it for it in items if context and len(it.ids) > context]
+    if over:
+        line = next(e.line for e in examples if e.index == over[0].index)
+        raise UserError(f"{len(over)} row(s) are longer than the model's context of {context} tokens (first: "
+                        f"{len(over[0].ids)} tokens)", where=where, line=line,
+                        fix=f"pass --max_length {context} (or less), with --overlong truncate or drop if needed.")
+
+
 def length_batches(items: Sequence[Item], batch_size: int, max_batch_tokens: int) -> list[list[int]]:
     """Positions of `items` grouped longest first, each group within batch_size rows and max_batch_tokens
     padded tokens (a single over-budget row still gets its own group)."""
@@ -744,6 +757,9 @@ def main(argv: list[str] | None = None) -> int:
     # Models last: tokenizers already proved the names resolve, and no loading output precedes an error above.
     model = load_model(config.model, dtype, dist.device)
     compare_model = load_model(config.compare_model, dtype, dist.device) if config.compare_model else model
+    check_context(model, items, examples, config.data)
+    if comparing:
+        check_context(compare_model, compare_items, compare_examples, config.compare_data or config.data)
 
     fingerprint = {"command": "audit", "model": config.model, "data": _data_identity(config.data),
                    "tau": list(config.tau), "max_length": config.max_length, "overlong": config.overlong,
