@@ -524,8 +524,10 @@ def _finish_row(row: dict, item: Item, phi: torch.Tensor, config: AuditConfig, t
 
 
 def _score_set(name: str, items: list[Item], records: dict[int, dict], scorer: Scorer, tokenizer,
-               config: AuditConfig, dist: _Distributed, out: Path, fingerprint: dict) -> list[dict] | None:
-    """Score a dataset into out/<name>.jsonl: input fields kept, scores added. Rank 0 gets the rows."""
+               config: AuditConfig, dist: _Distributed, out: Path, fingerprint: dict,
+               lines: dict[int, int] | None = None, where: str = "data") -> list[dict] | None:
+    """Score a dataset into out/<name>.jsonl: input fields kept, scores added. Rank 0 gets the rows.
+    `lines` (index -> line in `where`) names the row whose scores are not finite."""
     store = _ShardStore(out, name, dist, fingerprint)
     shard = scorer.shard(items, dist.rank, dist.world)
     every = max(1, len(items) // config.plot_sample) if config.plot_sample else 0
@@ -536,6 +538,12 @@ def _score_set(name: str, items: list[Item], records: dict[int, dict], scorer: S
             for i, score, phi in zip(batch, scores, phis):
                 item = shard[i]
                 if item.index not in store.done:
+                    if not all(math.isfinite(v) for v in score.values() if isinstance(v, float)):
+                        # NaN compares false with every threshold: written out, the row would pass as in-distribution.
+                        raise UserError("the model gives non-finite scores (NaN or inf) for this row", where=where,
+                                        line=(lines or {}).get(item.index),
+                                        fix="check the model's weights (a diverged checkpoint?) or score in "
+                                            "float32 (--dtype float32); rows scored before it are kept.")
                     row = {"_index": item.index, **records[item.index], **score}
                     rows.append(_finish_row(row, item, phi, config, tokenizer, every))
                     bar.update(item.n_response)
@@ -769,7 +777,7 @@ def main(argv: list[str] | None = None) -> int:
     scorer = _scorer(model, tokenizer, config)
     sets: list[ScoreSet] = []
     rows = _score_set("scores", items, {i: e.record for i, e in by_index.items()}, scorer, tokenizer, config,
-                      dist, out, fingerprint)
+                      dist, out, fingerprint, {e.index: e.line for e in examples}, config.data)
     if dist.main:
         sets.append(ScoreSet("scores", f"data: {Path(config.data).name}", rows, _token_phi(rows),
                              _worst(scorer, tokenizer, items, rows, config.worst)))
@@ -786,7 +794,8 @@ def main(argv: list[str] | None = None) -> int:
                                "data": _data_identity(config.compare_data or config.data)}
         records = {e.index: e.record for e in compare_examples}
         other = _score_set("compare_scores", compare_items, records, compare_scorer, compare_tokenizer, config,
-                           dist, out, compare_fingerprint)
+                           dist, out, compare_fingerprint, {e.index: e.line for e in compare_examples},
+                           config.compare_data or config.data)
         if dist.main:
             label = "compare: " + " on ".join(x for x in (
                 Path(config.compare_model).name if config.compare_model else "",
