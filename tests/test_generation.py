@@ -88,6 +88,23 @@ def test_filter_logprobs_matches_naive_float64(temperature, top_k, top_p):
         assert ((~torch.isinf(got)).sum(-1) == 1).all()  # only the argmax survives a tiny nucleus
 
 
+@pytest.mark.parametrize("flat_rows", [0, 2])
+def test_nucleus_search_among_candidates_equals_full_sort(flat_rows):
+    """Peaked rows find their nucleus among the top candidates; a flat row (nucleus wider than the
+    candidates) makes the whole batch sort the full vocabulary. Both paths match the naive rule."""
+    torch.manual_seed(3)
+    logits = torch.randn(5, 2000) * 6
+    logits[:flat_rows] *= 0.01
+    got = filter_logprobs(logits, 1.0, 0, 0.9)
+    if flat_rows:
+        assert ((~torch.isinf(got[:flat_rows])).sum(-1) > 256).all()
+    for row in range(5):
+        want = naive_filter(logits[row], 1.0, 0, 0.9)
+        assert torch.equal(torch.isinf(got[row]), torch.isinf(want))
+        finite = ~torch.isinf(want)
+        assert torch.allclose(got[row][finite].double(), want[finite], atol=1e-5)
+
+
 def test_sample_tokens_greedy_is_argmax_and_seeded_draws_repeat():
     torch.manual_seed(2)
     scores = torch.randn(4, 30)

@@ -103,7 +103,9 @@ def naive_hinted(model, plain, hinted, cfg: HintedConfig, index: int):
             token = int(mixed.argmax())
         else:
             probs = filter_logprobs(mixed, cfg.temperature, cfg.top_k, cfg.top_p).exp()
-            token = int(torch.multinomial(probs, 1, generator=generator))
+            # Inverse CDF with one uniform per step from the example's stream, as documented.
+            u = float(torch.rand(1, generator=generator, dtype=probs.dtype))
+            token = int((probs.cumsum(0) <= u * probs.sum()).sum())
         tokens.append(token)
         lambdas.append(lam)
         if token == 1:

@@ -24,6 +24,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 from onsft.errors import UserError
 
 FINISH_REASONS = ("eos", "length", "repetition")
+NUCLEUS_CANDIDATES = 256  # top-p looks among this many most likely tokens before sorting everything
 
 
 @dataclass
@@ -101,15 +102,20 @@ def filter_logprobs(logprobs: torch.Tensor, temperature: float = 1.0, top_k: int
         # Renormalised so the nucleus below is measured within the top k, as transformers does.
         scores = torch.log_softmax(scores.masked_fill(scores < kth, float("-inf")), dim=-1)
     if top_p < 1.0:
-        ordered, order = torch.sort(scores, dim=-1, descending=True)
+        # The nucleus is usually a few tokens: look for it among the most likely candidates and sort
+        # the whole vocabulary only when some row's candidates hold less than top_p.
+        candidates = min(vocab, NUCLEUS_CANDIDATES)
+        ordered, order = torch.topk(scores, candidates, dim=-1)
+        if candidates < vocab and not bool((ordered.exp().sum(-1) >= top_p).all()):
+            ordered, order = torch.sort(scores, dim=-1, descending=True)
         probs = ordered.exp()
         mass_before = torch.cumsum(probs, dim=-1) - probs
         # Keep a token while the mass of strictly more likely tokens is below top_p: the smallest
         # prefix reaching top_p, and never less than the single most likely token.
-        drop_sorted = mass_before >= top_p
-        drop_sorted[..., 0] = False
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        scores = scores.masked_fill(drop, float("-inf"))
+        keep_sorted = mass_before < top_p
+        keep_sorted[..., 0] = True
+        keep = torch.zeros_like(scores, dtype=torch.bool).scatter(-1, order, keep_sorted)
+        scores = scores.masked_fill(~keep, float("-inf"))
     return torch.log_softmax(scores, dim=-1)
 
 
@@ -126,11 +132,16 @@ def example_generator(seed: int, index: int, device: torch.device | str = "cpu")
 def sample_tokens(logprobs: torch.Tensor, config: SamplingConfig,
                   generators: list[torch.Generator]) -> torch.Tensor:
     """One token per row of `logprobs` [N, V] (unnormalised is fine): argmax when temperature is 0,
-    else a draw from the filtered distribution with row i's own generator."""
+    else a draw from the filtered distribution by inverse CDF with one uniform from row i's own
+    generator (one batched search instead of N multinomial calls)."""
     if config.temperature == 0:
         return torch.argmax(logprobs, dim=-1)
     probs = filter_logprobs(logprobs, config.temperature, config.top_k, config.top_p).exp()
-    return torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)])
+    uniforms = torch.cat([torch.rand(1, generator=g, device=g.device, dtype=probs.dtype) for g in generators])
+    cdf = torch.cumsum(probs, dim=-1)
+    # The first token whose cumulative mass exceeds u * total: token v with probability p_v / total.
+    target = (uniforms.to(probs.device) * cdf[:, -1]).unsqueeze(-1)
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_max(probs.shape[-1] - 1)
 
 
 def has_repeated_window(tokens: list[int], window: int, count: int) -> bool:
