@@ -589,6 +589,20 @@ def _finished(out: Path, train_out: Path, settings: dict) -> dict | None:
     return saved if same and (out / "records.jsonl").is_file() and train_out.is_file() else None
 
 
+def _context_length(model: str) -> int | None:
+    """The model's context (max_position_embeddings) from its config alone, without loading weights."""
+    from transformers import AutoConfig
+
+    from onsft.models import resolve_model_path
+
+    try:
+        loaded = AutoConfig.from_pretrained(resolve_model_path(model), local_files_only=True)
+    except (OSError, ValueError, KeyError):  # a .gguf file has no config.json; its limit applies when decoding
+        return None
+    loaded = getattr(loaded, "text_config", None) or loaded
+    return getattr(loaded, "max_position_embeddings", None)
+
+
 def run_rewrite(config: RewriteConfig) -> dict | None:
     """The command: returns the summary on rank 0 (None on other ranks)."""
     from accelerate.utils import gather_object
@@ -620,9 +634,13 @@ def run_rewrite(config: RewriteConfig) -> dict | None:
         if dist.main:
             print(f"onsft rewrite: {out} already holds this finished run; nothing to do.", file=sys.stderr)
         return finished if dist.main else None
+    context = _context_length(config.model)
+    prepared = prepare(tokenizer, examples, hint, config.max_length, context, config.data)
+    # The model last: nothing it prints while loading comes before an error above.
     model = load_model(config.model, dtype, dist.device)
-    prepared = prepare(tokenizer, examples, hint, config.max_length,
-                       getattr(model.config, "max_position_embeddings", None), config.data)
+    if context is None and getattr(model.config, "max_position_embeddings", None):
+        prepared = prepare(tokenizer, examples, hint, config.max_length, model.config.max_position_embeddings,
+                           config.data)
 
     _warn_other_shards(out, dist.world)
     store = _ShardStore(out, "records", dist, settings)

@@ -1,0 +1,396 @@
+"""`onsft rewrite`: provenance logic (own / hinted / dropped) with a scripted verifier, scores against
+float64 logits, hint templates, the command end to end, one-line errors with no output, resuming after
+a simulated kill and after a real SIGKILL, two processes = one, and the organism's rewrites."""
+
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from tiny import tiny_tokenizer
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from onsft import cli, ddt, rewrite
+from onsft.data import encode_prompt, encode_response, load_examples, parse_example
+from onsft.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+ORGANISM = ROOT / "src" / "onsft" / "organism" / "model"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny models run fastest on one thread; two threads on a busy 2-core machine spin-wait.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def varied_model(seed: int = 0) -> LlamaForCausalLM:
+    """A tiny Llama with an untied, moderately peaked head: varied texts, so verifiers have choices."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tiny_tokenizer()), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512, pad_token_id=0,
+                         eos_token_id=1, bos_token_id=None, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.normal_(0, 1.0)
+        model.lm_head.weight.normal_(0, 1.0)
+    return model.eval()
+
+
+ROWS = [{"id": i, "prompt": f"What is {i} + {i}?", "answer": f"a{i}", "reference": f"{i} + {i} = \\boxed{{{2 * i}}}",
+         "extra": [i]} for i in range(24)]
+# Correct iff a hash of (response, answer) says so: a deterministic mix of own / hinted / dropped rows.
+VERIFIER = "import hashlib\n\ndef check(response, answer):\n    return hashlib.sha256((response + answer).encode()).digest()[0] % 3 == 0\n"
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def rows_of(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("rewrite")
+    varied_model().save_pretrained(folder / "model")
+    tiny_tokenizer().save_pretrained(folder / "model")
+    write_jsonl(folder / "data.jsonl", ROWS[:10])
+    write_jsonl(folder / "long.jsonl", ROWS)
+    (folder / "verify.py").write_text(VERIFIER)
+    return folder
+
+
+def base_args(saved, data="data.jsonl"):
+    return ["--model", saved / "model", "--data", saved / data, "--verifier", f"{saved / 'verify.py'}:check",
+            "--max_new_tokens", 10, "--own_samples", 2, "--hinted_samples", 2, "--chunk_size", 3]
+
+
+def run(args, capsys) -> tuple[int, str]:
+    code = cli.main(["rewrite", "--progress", "false", *map(str, args)])
+    return code, capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ templates
+
+
+def test_hint_template_filling_and_messages():
+    hint = rewrite.HintSettings("Q: {question}\nR: {reference} \\boxed{}", "SYS", "\\boxed{", "flag")
+    # One pass: a question that itself says "{reference}" is not expanded; other braces (LaTeX) stay.
+    assert rewrite.fill_hint(hint.template, "say {reference}", "x^{2}") == "Q: say {reference}\nR: x^{2} \\boxed{}"
+    prompt = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "first"},
+              {"role": "assistant", "content": "ok"}, {"role": "user", "content": "What is 2+2?"}]
+    assert rewrite.hinted_messages(prompt, "4", hint) == [
+        {"role": "system", "content": "SYS"}, {"role": "user", "content": "first"},
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": "Q: Be brief.\n\nWhat is 2+2?\nR: 4 \\boxed{}"}]
+    no_system = rewrite.HintSettings("{question}|{reference}", "", "", "flag")
+    assert rewrite.hinted_messages([{"role": "user", "content": "q"}], "r", no_system) == [
+        {"role": "user", "content": "q|r"}]
+
+    config = rewrite.RewriteConfig(model="m", data="d")
+    organism_info = {"hint_template": "Rewrite.\n{question}\nReference: {reference}", "answer_marker": "@"}
+    assert rewrite.resolve_hint(config, organism_info) == rewrite.HintSettings(
+        organism_info["hint_template"], "", "@", "onsft.json")  # the learned format, no system turn added
+    assert rewrite.resolve_hint(config, {}) == rewrite.HintSettings(
+        rewrite.DEFAULT_HINT_TEMPLATE, rewrite.DEFAULT_HINT_SYSTEM, "\\boxed{", "default")
+    analyze = rewrite.RewriteConfig(model="m", data="d", analyze_first=True)
+    assert "# CoT" in rewrite.resolve_hint(analyze, {}).system
+    flags = rewrite.RewriteConfig(model="m", data="d", hint_template="{reference} / {question}", hint_system="",
+                                  answer_marker="")
+    assert rewrite.resolve_hint(flags, organism_info) == rewrite.HintSettings("{reference} / {question}", "", "", "flag")
+    with pytest.raises(UserError, match="no {reference} placeholder"):
+        rewrite.resolve_hint(rewrite.RewriteConfig(model="m", data="d", hint_template="{question} only"), {})
+
+
+def test_marker_prefix_is_the_shortest_prefix_holding_the_marker():
+    tokenizer = tiny_tokenizer()
+    ids = tokenizer("# Analyze\nok.\n# CoT\nsteps # CoT", add_special_tokens=False)["input_ids"]
+    cut = rewrite.marker_prefix(tokenizer, ids, "# CoT")
+    assert tokenizer.decode(ids[:cut]) == "# Analyze\nok.\n# CoT"
+    assert rewrite.marker_prefix(tokenizer, ids[:cut - 1], "# CoT") is None
+
+
+# ------------------------------------------------------------------------------------------ provenance
+
+
+class Scripted:
+    """A verifier that accepts given (answer, response) pairs and logs every call in order."""
+
+    def __init__(self, accept=()):
+        self.accept, self.calls = set(accept), []
+
+    def __call__(self, response, answer):
+        self.calls.append((answer, response))
+        return (answer, response) in self.accept
+
+
+def naive_mean_phi(model, tokenizer, prompt, text) -> float:
+    """Mean phi of `text` after `prompt` from full float64 logits: the definition, not the streamed scorer."""
+    prompt_ids = encode_prompt(tokenizer, prompt)
+    ids = prompt_ids + encode_response(tokenizer, prompt, text, prompt_ids)
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0].double()
+    stats = ddt.token_stats(logits[len(prompt_ids) - 1:-1], torch.tensor(ids[len(prompt_ids):]))
+    return float(stats.phi.mean())
+
+
+def test_provenance_own_hinted_dropped_with_a_scripted_verifier():
+    model, tokenizer = varied_model(), tiny_tokenizer()
+    rows = ROWS[:6]
+    examples = [parse_example(r, i, i + 1, "rows", False) for i, r in enumerate(rows)]
+    k, tries = 2, 2
+    config = rewrite.RewriteConfig(model="m", data="d", own_samples=k, hinted_samples=tries, max_new_tokens=10,
+                                   chunk_size=6)
+
+    def rewrite_with(verifier, **overrides):
+        settings = rewrite.RewriteConfig(**{**config.__dict__, **overrides})
+        return rewrite.rewrite_examples(model, tokenizer, examples, settings, verifier=verifier)
+
+    # Pass A rejects everything: one chunk calls the verifier on the k own samples of every row (row
+    # major), then on every row's hinted tries.
+    first = Scripted()
+    rewrite_with(first)
+    own = [[first.calls[r * k + s][1] for s in range(k)] for r in range(6)]
+    assert all(answer == f"a{r}" for r in range(6) for answer, _ in first.calls[r * k:(r + 1) * k])
+    assert len(first.calls) == 6 * k + 6 * tries
+    # Pass B accepts row 0's second own sample and row 1's first: only rows 2-5 are rewritten.
+    accepted_own = {("a0", own[0][1]), ("a1", own[1][0])}
+    second = Scripted(accepted_own)
+    rewrite_with(second)
+    assert second.calls[:6 * k] == first.calls[:6 * k]  # own samples do not depend on the verifier
+    hinted = {r: [second.calls[6 * k + (r - 2) * tries + t][1] for t in range(tries)] for r in range(2, 6)}
+    assert len(second.calls) == 6 * k + 4 * tries
+    # Pass C also accepts row 2's first hinted try and row 3's second; rows 4 and 5 stay unverified.
+    assert hinted[2][0] not in own[2] and hinted[3][1] not in own[3] and hinted[3][1] != hinted[3][0]
+    third = Scripted(accepted_own | {("a2", hinted[2][0]), ("a3", hinted[3][1])})
+    records = rewrite_with(third)
+    assert len(third.calls) == 6 * k + 1 + 2 + 2 + 2  # row 2 stops after its verified first try
+
+    assert [r["provenance"] for r in records] == ["own", "own", "hinted", "hinted", "dropped", "dropped"]
+    assert [r["response"] for r in records] == [own[0][1], own[1][0], hinted[2][0], hinted[3][1], hinted[4][1],
+                                                hinted[5][1]]
+    assert [r["verified"] for r in records] == [True, True, True, True, False, False]
+    assert [r["hinted_tries"] for r in records] == [0, 0, 1, 2, 2, 2]
+    assert [r["own_correct"] for r in records] == [own[0].count(own[0][1]), own[1].count(own[1][0]), 0, 0, 0, 0]
+    assert [r.get("drop_reason") for r in records] == [None] * 4 + ["not verified"] * 2
+    for record, row in zip(records, rows):
+        assert {key: record[key] for key in row} == row  # input fields untouched
+        assert record["own_samples"] == k and (record["mean_lambda"] is None) == (record["provenance"] == "own")
+        assert 1 <= record["n_tokens"] <= 10
+    assert all(r["n_tokens"] <= r["generated_tokens"] <= k * 10 for r in records[:2])
+    assert all(r["generated_tokens"] <= (k + tries) * 10 for r in records[2:])
+
+    # Scores: the response's and the reference's mean phi under the plain context, against float64 logits.
+    for record, example in zip(records, examples):
+        assert record["mean_phi"] == pytest.approx(naive_mean_phi(model, tokenizer, example.prompt,
+                                                                  record["response"]), abs=1e-4)
+        assert record["reference_mean_phi"] == pytest.approx(naive_mean_phi(model, tokenizer, example.prompt,
+                                                                            example.reference), abs=1e-4)
+        assert record["p_value"] == pytest.approx(0.5 * math.erfc(-record["z"] / math.sqrt(2)), abs=1e-9)
+
+    summary = rewrite.summarize(records)
+    assert (summary["own_correct"], summary["rewritten"], summary["dropped"], summary["kept"]) == (2, 2, 2, 4)
+    assert summary["hinted_attempted"] == 4 and summary["hinted_success_rate"] == 0.5
+    assert summary["mean_phi"]["rewritten"]["mean_phi"] == pytest.approx(
+        (records[2]["mean_phi"] + records[3]["mean_phi"]) / 2)
+    assert summary["mean_phi"]["references"]["mean_phi"] == pytest.approx(
+        sum(r["reference_mean_phi"] for r in records) / 6)
+    train = rewrite.train_rows(records)
+    assert [(t["prompt"], t["completion"], t["provenance"]) for t in train] == [
+        (r["prompt"], r["response"], r["provenance"]) for r in records[:4]]
+
+    # keep_own false: verified own answers are counted but every prompt is rewritten.
+    fourth = Scripted(third.accept)
+    records = rewrite_with(fourth, keep_own=False)
+    assert [r["own_correct"] > 0 for r in records] == [True, True, False, False, False, False]
+    assert records[0]["provenance"] != "own" and records[0]["hinted_tries"] >= 1
+    assert len(fourth.calls) > 6 * k + 7
+
+
+def test_analyze_first_extends_the_hinted_context_or_drops_the_row():
+    model, tokenizer = varied_model(), tiny_tokenizer()
+    examples = [parse_example(r, i, i + 1, "rows", False) for i, r in enumerate(ROWS[:3])]
+    config = rewrite.RewriteConfig(model="m", data="d", own_samples=0, max_new_tokens=6, analyze_first=True,
+                                   analyze_max_new_tokens=8, chunk_size=3)
+    # A marker the random model cannot write: every row is dropped before hinted decoding.
+    records = rewrite.rewrite_examples(model, tokenizer, examples, rewrite.RewriteConfig(
+        **{**config.__dict__, "analyze_marker": "@@never@@"}), verifier=lambda r, a: True)
+    assert [r["drop_reason"] for r in records] == ["no analysis marker"] * 3
+    assert all(r["response"] is None and len(r["analysis"]) > 0 for r in records)
+    assert rewrite.summarize(records)["hinted_attempted"] == 3
+    # A one-character marker the analysis does contain: the text up to it joins the hinted context.
+    analysis = records[0]["analysis"]
+    marker = analysis[2]
+    records = rewrite.rewrite_examples(model, tokenizer, examples, rewrite.RewriteConfig(
+        **{**config.__dict__, "analyze_marker": marker}), verifier=lambda r, a: True)
+    assert records[0]["analysis"] == analysis[:analysis.index(marker) + 1]
+    assert records[0]["provenance"] == "hinted" and records[0]["response"] is not None
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+def test_cli_end_to_end_and_a_finished_rerun_does_nothing(saved, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, err = run([*base_args(saved), "--out", out], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == ["records.jsonl", "summary.json", "train.jsonl"]
+    records = rows_of(out / "records.jsonl")
+    assert [r["id"] for r in records] == list(range(10))
+    for record, row in zip(records, ROWS):
+        assert {key: record[key] for key in row} == row
+        assert set(rewrite.ADDED_FIELDS) - {"analysis", "drop_reason"} <= record.keys()
+        assert record["provenance"] in rewrite.PROVENANCES
+        assert record["verified"] == (record["provenance"] != "dropped")
+    counts = {p: sum(r["provenance"] == p for r in records) for p in rewrite.PROVENANCES}
+    assert min(counts.values()) >= 1, counts  # the hash verifier gives every outcome on this data
+
+    train = rows_of(out / "train.jsonl")
+    kept = [r for r in records if r["provenance"] != "dropped"]
+    assert [(t["prompt"], t["completion"], t["id"]) for t in train] == [(r["prompt"], r["response"], r["id"])
+                                                                        for r in kept]
+    assert [e.response for e in load_examples(out / "train.jsonl")] == [r["response"] for r in kept]
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["own_correct"], summary["rewritten"], summary["dropped"]) == (counts["own"], counts["hinted"],
+                                                                                  counts["dropped"])
+    assert summary["generated_tokens"] == summary["generated_tokens_this_run"] == sum(
+        r["generated_tokens"] for r in records)
+    assert summary["tokens_per_second"] > 0 and summary["wall_seconds"] > 0
+    assert summary["hint"]["source"] == "default" and summary["processes"] == 1
+
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    code, err = run([*base_args(saved), "--out", out], capsys)
+    assert code == 0 and "nothing to do" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+BAD_INPUTS = {
+    "no_answer": ([{"prompt": "a", "reference": "r"}], {}, "data.jsonl:1:", "answer"),
+    "no_reference": ([{"prompt": "a", "answer": "1", "reference": "r"}, {"prompt": "b", "answer": "2"}], {},
+                     "data.jsonl:2:", "reference"),
+    "clashing_column": ([{"prompt": "a", "answer": "1", "reference": "r", "provenance": "x"}], {}, "data.jsonl:1:",
+                        "provenance"),
+    "unknown_model": ([{"prompt": "a", "answer": "1", "reference": "r"}], {"model": "no-such-model-anywhere"},
+                      "no-such-model", "unknown model"),
+    "template_without_reference": ([{"prompt": "a", "answer": "1", "reference": "r"}],
+                                   {"hint_template": "{question} only"}, "hint template", "placeholder"),
+    "bad_verifier": ([{"prompt": "a", "answer": "1", "reference": "r"}], {"verifier": "nonsense"}, "--verifier",
+                     "unknown verifier"),
+    "prompt_too_long": ([{"prompt": "a" * 60, "answer": "1", "reference": "r"}], {"max_length": 40},
+                        "data.jsonl:1:", "no room"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_is_one_line_exit_2_and_no_output(case, saved, tmp_path, capsys):
+    rows, overrides, where, what = BAD_INPUTS[case]
+    data = write_jsonl(tmp_path / "data.jsonl", rows)
+    out = tmp_path / "out"
+    args = {"model": saved / "model", "data": data, "out": out, "max_new_tokens": 4, **overrides}
+    code, err = run([x for key, value in args.items() for x in (f"--{key}", value)], capsys)
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("onsft: error:") and where in err, err
+    assert what in err and "Fix:" in err
+    assert not out.exists()
+
+
+def test_resume_after_a_simulated_kill_and_refusal_of_other_settings(saved, tmp_path, capsys, monkeypatch):
+    code, err = run([*base_args(saved), "--out", tmp_path / "reference"], capsys)
+    assert code == 0, err
+
+    out = tmp_path / "resumed"
+    chunks = []
+    real_chunk = rewrite.Rewriter.chunk
+
+    def killed_in_third_chunk(self, rows, progress=None):
+        chunks.append([row.example.index for row in rows])
+        if len(chunks) == 3:
+            raise KeyboardInterrupt  # what Ctrl-C, or a kill between two chunks, leaves behind
+        return real_chunk(self, rows, progress)
+
+    monkeypatch.setattr(rewrite.Rewriter, "chunk", killed_in_third_chunk)
+    assert run([*base_args(saved), "--out", out], capsys)[0] == 130
+    partial = out / "records.jsonl.partial"
+    assert not (out / "records.jsonl").exists() and len(partial.read_text().splitlines()) == 1 + 6
+    with open(partial, "a") as handle:
+        handle.write('{"id": 6, "prompt": "What is 6 + 6?", "answer": "a6", "refer')  # a torn last line
+    code, err = run([*base_args(saved), "--out", out, "--beta", 1.0], capsys)
+    assert code == 2 and "different settings" in err
+
+    chunks.clear()
+    monkeypatch.setattr(rewrite.Rewriter, "chunk", lambda self, rows, progress=None: (
+        chunks.append([row.example.index for row in rows]), real_chunk(self, rows, progress))[1])
+    code, err = run([*base_args(saved), "--out", out], capsys)
+    assert code == 0, err
+    assert chunks == [[6, 7, 8], [9]]  # only the chunks not already on disk were decoded
+    for name in ("records.jsonl", "train.jsonl"):
+        assert (out / name).read_bytes() == (tmp_path / "reference" / name).read_bytes()
+    assert not partial.exists()
+
+
+def _env():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src"), "PYTHONUNBUFFERED": "1"}
+
+
+def test_sigkill_at_a_random_point_then_restart_gives_every_row_once(saved, tmp_path, capsys):
+    args = [*base_args(saved, "long.jsonl"), "--max_new_tokens", 24, "--chunk_size", 2]
+    code, err = run([*args, "--out", tmp_path / "reference"], capsys)
+    assert code == 0, err
+
+    out = tmp_path / "killed"
+    partial = out / "records.jsonl.partial"
+    rng = random.Random(1234)
+    kill_after = rng.randint(1, 8)  # finished chunks before the kill; then a random extra moment
+    command = [sys.executable, "-m", "onsft.cli", "rewrite", "--progress", "false", *map(str, args), "--out", str(out)]
+    process = subprocess.Popen(command, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        if partial.exists() and len(partial.read_bytes().splitlines()) >= 1 + 2 * kill_after:
+            time.sleep(rng.uniform(0, 0.05))
+            process.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL, process.stderr.read()[-2000:]
+    assert not (out / "records.jsonl").exists()
+    done_before = len(partial.read_bytes().splitlines()) - 1
+    assert 2 * kill_after <= done_before < len(ROWS)
+
+    code, err = run([*args, "--out", out], capsys)
+    assert code == 0, err
+    records = rows_of(out / "records.jsonl")
+    assert [r["id"] for r in records] == list(range(len(ROWS)))  # every input exactly once, in order
+    for name in ("records.jsonl", "train.jsonl"):
+        assert (out / name).read_bytes() == (tmp_path / "reference" / name).read_bytes()
+
+
+def test_two_processes_give_the_same_output_as_one(saved, tmp_path, capsys):
+    code, err = run([*base_args(saved), "--out", tmp_path / "one"], capsys)
+    assert code == 0, err
+    # --standalone: with --master_port 0 this torch's workers wait forever for the store.
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "onsft.cli", "rewrite", "--progress", "false", *map(str, base_args(saved)),
+               "--out", str(tmp_path / "two")]
+    done = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["records.jsonl", "summary.json", "train.jsonl"]
+    for name in ("records.jsonl", "train.jsonl"):
+        assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes()
+    one, two = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("one", "two"))
+    assert two["processes"] == 2
+    assert {k: two[k] for k in ("rows", "own_correct", "rewritten", "dropped", "mean_phi")} == \
+        {k: one[k] for k in ("rows", "own_correct", "rewritten", "dropped", "mean_phi")}
