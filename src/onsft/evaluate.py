@@ -404,6 +404,8 @@ def run_eval(config: EvalConfig) -> dict:
         print(f"onsft: {out} already holds this finished evaluation; nothing to do.", file=sys.stderr)
         return finished
     tokenizer = load_tokenizer(config.model)
+    # A tokenizer without a chat template fails here, before the model loads and any output file exists.
+    encode_prompt(tokenizer, examples[0].prompt, config.data)
     model = load_model(config.model)
     started = time.time()
     stores = [ResumableJsonl(out / "generations.jsonl", fingerprint={"part": "eval", **settings})]

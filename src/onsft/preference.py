@@ -195,6 +195,8 @@ def build_pairs(config: PairsConfig) -> dict:
         print(f"onsft: {out} already holds these pairs; nothing to do.", file=sys.stderr)
         return finished
     tokenizer = load_tokenizer(config.model)
+    # A tokenizer without a chat template fails here, before the model loads and any output file exists.
+    encode_prompt(tokenizer, examples[0].prompt, config.data)
     model = load_model(config.model)
     started = time.time()
     eval_config = config.eval_config()
