@@ -276,6 +276,10 @@ def test_cli_end_to_end_and_a_finished_rerun_does_nothing(saved, tmp_path, capsy
     code, err = run([*base_args(saved), "--out", out], capsys)
     assert code == 0 and "nothing to do" in err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # A training file asked for elsewhere is written from the finished records, nothing decoded again.
+    code, err = run([*base_args(saved), "--out", out, "--train_out", tmp_path / "elsewhere" / "kept.jsonl"], capsys)
+    assert code == 0 and "nothing to do" in err
+    assert (tmp_path / "elsewhere" / "kept.jsonl").read_bytes() == before["train.jsonl"]
 
 
 BAD_INPUTS = {
@@ -394,3 +398,60 @@ def test_two_processes_give_the_same_output_as_one(saved, tmp_path, capsys):
     assert two["processes"] == 2
     assert {k: two[k] for k in ("rows", "own_correct", "rewritten", "dropped", "mean_phi")} == \
         {k: one[k] for k in ("rows", "own_correct", "rewritten", "dropped", "mean_phi")}
+
+
+# ------------------------------------------------------------------------------------------- organism
+
+
+@pytest.fixture(scope="module")
+def organism():
+    if not (ORGANISM / "config.json").is_file():
+        pytest.skip("the organism checkpoint is not built (python -m onsft.organism.pretrain)")
+    from onsft.models import load_model, load_tokenizer
+
+    return load_model("organism"), load_tokenizer("organism"), rewrite.read_model_info("organism")
+
+
+def organism_rewrite(organism, rows, **overrides):
+    from onsft.organism import tasks
+
+    model, tokenizer, info = organism
+    examples = [parse_example(r, i, i + 1, "rows", False) for i, r in enumerate(rows)]
+    config = rewrite.RewriteConfig(**{"model": "organism", "data": "rows", "verifier": "exact", "max_new_tokens": 64,
+                                      "chunk_size": 64, **overrides})
+    records = rewrite.rewrite_examples(model, tokenizer, examples, config, info=info)
+    rewritten = [r for r in records if r["provenance"] == "hinted"]
+    assert all(tasks.is_correct(r["response"], r["answer"]) for r in rewritten)
+    return records, rewritten
+
+
+def test_organism_rewrites_foreign_references_of_old_skills_into_its_own_style(organism):
+    """Foreign-style references of skills the organism has (hinted contexts it was pretrained on):
+    the rewrites are correct, in the native style, and scored near phi = 0 where the references score
+    far below (measured: references -6.9, rewrites -0.14 / 0.04 / 0.08 at beta 0 / 1 / 3, 53-60% of
+    the 60 rows rewritten correctly)."""
+    from onsft.organism import tasks
+
+    rows = [{"prompt": r["question"], "answer": r["answer"], "reference": r["reference"], "task": r["task"]}
+            for r in tasks.hinted_old_test(60)]
+    records, rewritten = organism_rewrite(organism, rows, own_samples=0, beta=3.0)
+    assert rewrite.read_model_info("organism")["hint_template"] == tasks.HINT_TEMPLATE
+    assert len(rewritten) >= 20, rewrite.summarize(records)
+    assert sum(tasks.is_native_style(r["response"]) for r in rewritten) >= 0.9 * len(rewritten)
+    reference_phi = sum(r["reference_mean_phi"] for r in rewritten) / len(rewritten)
+    rewrite_phi = sum(r["mean_phi"] for r in rewritten) / len(rewritten)
+    assert reference_phi < -3 and abs(rewrite_phi) < 0.5, (reference_phi, rewrite_phi)
+
+
+def test_organism_rewrites_new_skill_teacher_data_closer_to_its_distribution(organism):
+    """The new skill's teacher data (five styles): rewritten responses verify and score closer to
+    phi = 0 than their references. Skipped while the checkpoint cannot rewrite the new skill at all."""
+    from onsft.organism import tasks
+
+    records, rewritten = organism_rewrite(organism, tasks.new_skill_train(n=8, seed=0), own_samples=2, beta=3.0)
+    if not rewritten:
+        pytest.skip(f"this organism checkpoint rewrote 0 of {len(records)} new-skill rows correctly "
+                    "(its hinted context does not carry the new skill's answers)")
+    reference_phi = sum(r["reference_mean_phi"] for r in rewritten) / len(rewritten)
+    rewrite_phi = sum(r["mean_phi"] for r in rewritten) / len(rewritten)
+    assert abs(rewrite_phi) < abs(reference_phi), (reference_phi, rewrite_phi)

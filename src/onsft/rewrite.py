@@ -580,13 +580,20 @@ def _settings(config: RewriteConfig, hint: HintSettings, data_identity: dict, dt
     return settings
 
 
-def _finished(out: Path, train_out: Path, settings: dict) -> dict | None:
+def _finished(out: Path, train_out: Path, settings: dict, main: bool) -> dict | None:
+    """The summary of a finished run with these settings (a rerun must not redo it). A training file
+    asked for under another name is written from the finished records."""
     try:
         saved = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    same = json.loads(json.dumps(settings, default=str)) == saved.get("settings")
-    return saved if same and (out / "records.jsonl").is_file() and train_out.is_file() else None
+    records = out / "records.jsonl"
+    if json.loads(json.dumps(settings, default=str)) != saved.get("settings") or not records.is_file():
+        return None
+    if main and not train_out.is_file():
+        rows = [json.loads(line) for line in records.read_text(encoding="utf-8").splitlines()]
+        write_jsonl_atomic(train_out, train_rows(rows))
+    return saved
 
 
 def _context_length(model: str) -> int | None:
@@ -629,10 +636,12 @@ def run_rewrite(config: RewriteConfig) -> dict | None:
     dist = _Distributed(config.device)
     dtype = _resolve_dtype(config.dtype, dist.device)
     settings = _settings(config, hint, _data_identity(config.data), dtype)
-    finished = _finished(out, train_out, settings)
+    finished = _finished(out, train_out, settings, dist.main)
     if finished is not None:
+        dist.barrier()
         if dist.main:
-            print(f"onsft rewrite: {out} already holds this finished run; nothing to do.", file=sys.stderr)
+            print(f"onsft rewrite: {out} already holds this finished run; nothing to do (training file: "
+                  f"{train_out}).", file=sys.stderr)
         return finished if dist.main else None
     context = _context_length(config.model)
     prepared = prepare(tokenizer, examples, hint, config.max_length, context, config.data)
@@ -690,8 +699,10 @@ def run_rewrite(config: RewriteConfig) -> dict | None:
 
 
 def _warn_other_shards(out: Path, world: int) -> None:
-    others = [p for p in out.glob("records*.jsonl.partial")
-              if p.name != ("records.jsonl.partial" if world == 1 else p.name) and f"-of-{world}." not in p.name]
+    def ours(name: str) -> bool:
+        return name == "records.jsonl.partial" if world == 1 else f"-of-{world}." in name
+
+    others = [p for p in sorted(out.glob("records*.jsonl.partial")) if not ours(p.name)]
     if others:
         print(f"onsft rewrite: {out} holds unfinished shards of a run with another number of processes "
               f"({others[0].name}); they are not resumed by this run (rerun with that many processes, or delete "
