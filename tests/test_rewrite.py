@@ -50,7 +50,8 @@ def varied_model(seed: int = 0) -> LlamaForCausalLM:
 ROWS = [{"id": i, "prompt": f"What is {i} + {i}?", "answer": f"a{i}", "reference": f"{i} + {i} = \\boxed{{{2 * i}}}",
          "extra": [i]} for i in range(24)]
 # Correct iff a hash of (response, answer) says so: a deterministic mix of own / hinted / dropped rows.
-VERIFIER = "import hashlib\n\ndef check(response, answer):\n    return hashlib.sha256((response + answer).encode()).digest()[0] % 3 == 0\n"
+VERIFIER = ("import hashlib\n\ndef check(response, answer):\n"
+            "    return hashlib.sha256((response + answer).encode()).digest()[0] % 3 == 0\n")
 
 
 def write_jsonl(path: Path, rows) -> Path:
@@ -110,7 +111,8 @@ def test_hint_template_filling_and_messages():
     assert "# CoT" in rewrite.resolve_hint(analyze, {}).system
     flags = rewrite.RewriteConfig(model="m", data="d", hint_template="{reference} / {question}", hint_system="",
                                   answer_marker="")
-    assert rewrite.resolve_hint(flags, organism_info) == rewrite.HintSettings("{reference} / {question}", "", "", "flag")
+    assert rewrite.resolve_hint(flags, organism_info) == rewrite.HintSettings("{reference} / {question}", "", "",
+                                                                              "flag")
     with pytest.raises(UserError, match="no {reference} placeholder"):
         rewrite.resolve_hint(rewrite.RewriteConfig(model="m", data="d", hint_template="{question} only"), {})
 

@@ -67,7 +67,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 
 from onsft.config import parse_command
 from onsft.data import Example, Messages, encode_prompt, encode_response, load_examples
@@ -115,7 +114,8 @@ class RewriteConfig:
                                                                   "distribution itself)."})
     own_top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling of the own samples (1 = off)."})
     keep_own: bool = field(default=True, metadata={"help": "Keep a verified own answer as it is (provenance own) "
-                                                           "instead of rewriting that prompt."})
+                                                           "instead of rewriting that prompt (false: rewrite every "
+                                                           "prompt; own samples are only counted)."})
     hinted_samples: int = field(default=1, metadata={"help": "Hinted-decoding tries per prompt the model fails, "
                                                              "decoded together; the first verified try is kept."})
     beta: float = field(default=3.0, metadata={"help": "Entropy scale of lambda (plain context's weight); 0 = "
@@ -305,7 +305,8 @@ def prepare(tokenizer, examples: Sequence[Example], hint: HintSettings, max_leng
         example, plain, hinted = too_long[0]
         raise UserError(f"{len(too_long)} row(s) leave no room for a response (first: plain prompt {plain}, hinted "
                         f"prompt {hinted} tokens; max_length {max_length}, model context {context})", where=where,
-                        line=example.line, fix="shorten those prompts/references, raise --max_length, or drop the rows.")
+                        line=example.line,
+                        fix="shorten those prompts/references, raise --max_length, or drop the rows.")
     return rows
 
 
@@ -338,7 +339,8 @@ class Rewriter:
         states = [{"own_correct": 0, "generated_tokens": 0, "own": None} for _ in rows]
         if k:
             prompts = [row.plain_ids for row in rows for _ in range(k)]
-            samples = generate(self.model, self.tokenizer, prompts, config.own_config(stream_seed(config.seed, "own", start)))
+            sampling = config.own_config(stream_seed(config.seed, "own", start))
+            samples = generate(self.model, self.tokenizer, prompts, sampling)
             for slot, sample in enumerate(samples):
                 state, row = states[slot // k], rows[slot // k]
                 verdict = self.verifier.check(sample.text, row.example.answer)
@@ -350,6 +352,7 @@ class Rewriter:
         if progress is not None:
             progress(len(rows) - len(rewrite))
         hinted_ids = {j: rows[j].hinted_ids for j in rewrite}
+        pending = len(rewrite)
         if config.analyze_first and rewrite:
             rewrite = self._analyze(rows, rewrite, states, hinted_ids)
         if rewrite:
@@ -367,8 +370,8 @@ class Rewriter:
                         # The first verified try wins; without one the last try is shown (dropped).
                         chosen = (output, verdict, t + 1)
                 states[j]["hinted"] = chosen
-        if progress is not None and rewrite:
-            progress(len(rewrite))
+        if progress is not None and pending:
+            progress(pending)
         records = [self._record(row, state) for row, state in zip(rows, states)]
         self.generated += sum(state["generated_tokens"] for state in states)
         self._score(rows, records)
