@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -116,7 +117,11 @@ def test_two_processes_follow_the_single_process_loss_trajectory(tmp_path, tiny_
         return [row["loss"] for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
                 if "loss" in row]
 
+    with socket.socket() as probe:  # a free port: parallel test workers must not share accelerate's 29500
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     one = run(tmp_path / "one", [sys.executable], 8)
-    two = run(tmp_path / "two", [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)], 4)
+    two = run(tmp_path / "two", [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+                                 "--main_process_port", str(port)], 4)
     assert len(one) == len(two) == 3 and one[0] != one[-1]
     assert one == pytest.approx(two, rel=1e-4)
