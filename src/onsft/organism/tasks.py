@@ -6,7 +6,7 @@ Old skills (the organism learns them in pretraining, always answered in one nati
     copy     "Copy abcd."                     -> "Let's copy. abcd -> abcd. \\boxed{abcd}"
     count    "Count the characters in abcd."  -> "Let's count. abcd -> 4. \\boxed{4}"
 Opaque verbs: made-up verbs ("Dovek abcd.") whose answer is a random string that only a reference
-can reveal; native form "Let's transform. abcd -> bdda. \\boxed{bdda}". Pretraining on them with the
+can reveal; native form "Let's transform. abcd -> qzsk. \\boxed{qzsk}". Pretraining on them with the
 hint template teaches the hinted context to carry a reference's answer into the native style, and
 without the hint teaches the plain context to box the answer it stated.
 
@@ -42,10 +42,11 @@ NEW_TASK = "cycle"
 NEW_VERB = "Cycle"
 LOWER = string.ascii_lowercase
 MIXED = string.ascii_lowercase + string.ascii_uppercase + string.digits
-OLD_LENGTHS = (3, 8)  # string lengths of old skills and opaque verbs in pretraining (inclusive)
+OLD_LENGTHS = (3, 7)  # string lengths of old skills and opaque verbs in pretraining (inclusive)
 NEW_LENGTHS = (3, 6)  # the new skill's training and in-domain test lengths
-OOD_LENGTHS = (7, 8)  # seen in pretraining for other skills, never for the new one
+OOD_LENGTHS = (7, 7)  # seen in pretraining for other skills, never for the new one
 HELD_OUT_PERCENT = 10
+MIXED_SHARE = 0.4  # share of old-skill strings drawn from MIXED rather than LOWER
 
 # Teacher styles of the new skill, from the organism's own form to far off-policy. Each is
 # (name, template); fields: {x} input, {y} answer, {h} first character, {t} the rest.
@@ -109,12 +110,15 @@ def _rng(seed: int, name: str) -> random.Random:
 
 
 def _string(rng: random.Random, lengths: tuple[int, int], alphabet: str) -> str:
-    return "".join(rng.choice(alphabet) for _ in range(rng.randint(*lengths)))
+    # Distinct characters: a small model copies by finding the current character in the source and
+    # taking its neighbour, which is ambiguous when characters repeat. With repeats allowed, copy and
+    # reverse of 3-8 characters were only ~25% right after 800 pretraining steps.
+    return "".join(rng.sample(alphabet, rng.randint(*lengths)))
 
 
 def _old_string(rng: random.Random) -> str:
     # Mostly lowercase, some mixed case and digits: the OOD test of the new skill uses that mix.
-    return _string(rng, OLD_LENGTHS, LOWER if rng.random() < 0.6 else MIXED)
+    return _string(rng, OLD_LENGTHS, LOWER if rng.random() >= MIXED_SHARE else MIXED)
 
 
 def make_question(task: str, rng: random.Random) -> tuple[str, str, str]:
@@ -148,9 +152,14 @@ def opaque_verb(rng: random.Random) -> str:
 
 
 def make_opaque(rng: random.Random) -> tuple[str, str, str]:
-    """An opaque-verb question: (prompt, native solution, answer); the answer is random characters of the input."""
+    """An opaque-verb question: (prompt, native solution, answer); the answer is random characters of the
+    input's alphabet, as long as the input."""
     verb, s = opaque_verb(rng), _old_string(rng)
-    y = "".join(rng.choice(s) for _ in s)
+    # Not drawn from the input's own characters: answers that were random picks of the input taught
+    # "after ' -> ' attend to the input's characters in any order", which competed with the exact copy
+    # that copy and reverse need (their echo before ' -> ' was right, the part after it was not).
+    alphabet = LOWER if all(c in LOWER for c in s) else MIXED
+    y = "".join(rng.choice(alphabet) for _ in s)
     return f"{verb} {s}.", f"Let's transform. {s} -> {y}. \\boxed{{{y}}}", y
 
 
@@ -286,8 +295,9 @@ def new_skill_test(n: int = 200, seed: int = 0) -> list[dict]:
 
 
 def new_skill_ood(n: int = 200, seed: int = 0) -> list[dict]:
-    """Harder test: half longer strings (7-8 letters), half mixed case and digits (3-6). Both kinds of
-    input appear in pretraining for the old skills, never for the new one. Column `shift` says which."""
+    """Harder test: half longer strings (7 letters), half mixed case and digits (3-6 characters). Both
+    kinds of input appear in pretraining for the old skills, never for the new one (lengths never seen
+    at all scored 0% after any fine-tuning in the feasibility study). Column `shift` says which."""
     rng = _rng(seed, "new_ood")
     longer = _unique(rng, n // 2, _cycle_row(OOD_LENGTHS, LOWER), held_out=True)
     symbols = _unique(rng, n - n // 2, _cycle_row(NEW_LENGTHS, MIXED, require_mixed=True), held_out=True)
