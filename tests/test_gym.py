@@ -180,3 +180,24 @@ def test_cli_organism_writes_the_demo_data(tmp_path):
     for name, path in expected.items():
         assert (tmp_path / "a" / path.name).read_text() == path.read_text(), name
     assert main(["data", "nothing"]) == 2
+
+
+def test_study_data_and_rewrite_pipeline_rows():
+    from onsft.study import StudyConfig, make_data, rewrite_training_rows
+
+    config = StudyConfig(n_train=6, n_test=5, n_retention=4)
+    data = make_data(config)
+    assert [len(data[k]) for k in ("train", "test_task", "test_simple", "retention")] == [12, 5, 5, 4]
+    assert all(r["reference"] == r["completion"] for r in data["train"])
+    train_prompts = {r["prompt"] for r in data["train"]}
+    assert not train_prompts & {r["prompt"] for k in ("test_task", "test_simple") for r in data[k]}
+    assert data == make_data(config)
+    rows = data["train"][:3]
+    own = [{"correct": True, "text": "mine"}, {"correct": False, "text": "x"}, {"correct": False, "text": "y"}]
+    records = [{"provenance": "hinted", "verified": True, "response": "r0"},
+               {"provenance": "hinted", "verified": True, "response": "r1"},
+               {"provenance": "dropped", "verified": False, "response": "r2"}]
+    kept = rewrite_training_rows(rows, own, records)
+    # own-correct first, then a verified rewrite, and nothing for a row with neither
+    assert [(k["completion"], k["provenance"]) for k in kept] == [("mine", "own"), ("r1", "hinted")]
+    assert [k["id"] for k in kept] == [rows[0]["id"], rows[1]["id"]]
