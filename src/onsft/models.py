@@ -207,6 +207,7 @@ def load_model(name_or_path: str | os.PathLike, dtype=None, device=None):
     """A causal LM in eval mode. `dtype`: None (the checkpoint's own, float32 for the organism and GGUF),
     a torch dtype or one of 'auto', 'float32', 'bfloat16', 'float16'. `device`: None keeps it on the CPU."""
     import torch
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     if isinstance(dtype, str):
@@ -219,7 +220,8 @@ def load_model(name_or_path: str | os.PathLike, dtype=None, device=None):
         # dtype=None must not be passed on: transformers then keeps the weights' stored dtype.
         extra = {} if dtype is None else {"dtype": dtype}
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, local_files_only=True, **extra)
-    except (OSError, ValueError, KeyError, ImportError, TypeError) as error:
+    except (OSError, ValueError, KeyError, ImportError, TypeError, SafetensorError) as error:
+        # SafetensorError: a weights file cut short (an interrupted download or copy).
         raise _load_error(error, path, "model") from None
     if device is not None:
         if str(device).startswith("cuda") and not torch.cuda.is_available():
