@@ -180,3 +180,25 @@ def test_aggregate_rejects_bad_lengths():
         ddt.aggregate_responses(torch.zeros(3), torch.zeros(3), [3, 0])
     with pytest.raises(ValueError):
         ddt.aggregate_responses(torch.zeros(3), torch.zeros(3), [2])
+
+
+def _check_fused(h, w, b, y):
+    for tau in (1.0, 0.6):
+        eager = ddt.token_stats_from_hidden(h, w, y, b, tau, vocab_chunk=128, row_chunk=32)
+        fused = ddt.token_stats_from_hidden(h, w, y, b, tau, vocab_chunk=128, row_chunk=32, fused=True)
+        for key in ("logp", "entropy", "var"):
+            assert torch.allclose(getattr(fused, key), getattr(eager, key), atol=1e-5), key
+        assert_matches(fused, {k: v for k, v in naive(h @ w.T + b, y, tau).items() if k != "second_moment"}, 1e-5)
+
+
+def test_fused_tile_formula_matches_eager_and_naive(monkeypatch):
+    # The one-expression tile update that torch.compile fuses, run uncompiled: its math, quickly.
+    monkeypatch.setattr(ddt, "_compiled_or_none", lambda: ddt._fused_update)
+    _check_fused(*head(n=70, hidden=32, vocab=900, dtype=torch.float32))
+
+
+@pytest.mark.slow
+def test_fused_compiled_tiles_match_eager_and_naive():
+    # The torch.compile'd kernel itself (audit --compile true); compiling takes 10-40 s on 2 busy cores.
+    _check_fused(*head(n=70, hidden=32, vocab=900, dtype=torch.float32))
+    assert not ddt._compile_failed

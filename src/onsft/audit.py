@@ -70,6 +70,9 @@ class AuditConfig(DataConfig):
     plot_sample: int = field(default=2000, metadata={"help": "Rows whose per-token phi feed the token plots."})
     vocab_chunk: int = field(default=0, metadata={"help": "Vocabulary tile of the streamed LM head (0 = auto)."})
     row_chunk: int = field(default=0, metadata={"help": "Token rows per LM-head tile (0 = auto)."})
+    compile: str = field(default="auto", metadata={
+        "help": "Fuse the LM-head tile arithmetic with torch.compile: true, false, or auto (when scoring at least "
+                "200k response tokens, where the one-off compile of 10-60 s pays for itself)."})
     progress: bool = field(default=True, metadata={"help": "Show a progress bar."})
 
     def validate(self) -> None:
@@ -86,6 +89,7 @@ class AuditConfig(DataConfig):
             (self.keep in ("", "in", "out"), "keep", "must be in, out or empty", "use --keep in or --keep out."),
             (self.keep_by in ("phi", "pvalue"), "keep_by", "must be phi or pvalue", "use --keep_by phi|pvalue."),
             (self.dtype in ("auto", *DTYPES), "dtype", "is unknown", f"use auto, {', '.join(DTYPES)}."),
+            (self.compile in ("auto", "true", "false"), "compile", "must be auto, true or false", "e.g. --compile false."),
             (self.worst >= 0 and self.plot_sample >= 0 and self.vocab_chunk >= 0 and self.row_chunk >= 0,
              "worst/plot_sample/vocab_chunk/row_chunk", "must be >= 0", "pass non-negative numbers."),
         ]
@@ -241,7 +245,7 @@ def _response_positions(items: Sequence[Item], width: int) -> tuple[list[int], l
 
 @torch.inference_mode()
 def score_batch(model, head: LMHead | None, items: Sequence[Item], taus: Sequence[float], pad_id: int = 0,
-                vocab_chunk: int = 0, row_chunk: int = 0) -> list[ddt.TokenStats]:
+                vocab_chunk: int = 0, row_chunk: int = 0, fused: bool = False) -> list[ddt.TokenStats]:
     """TokenStats of every response token of `items` (concatenated in item order), one per tau.
     Right padding with an attention mask, so padding never changes a real position's hidden state."""
     device = head.weight.device if head is not None else next(model.parameters()).device
@@ -257,7 +261,7 @@ def score_batch(model, head: LMHead | None, items: Sequence[Item], taus: Sequenc
     picked = hidden.reshape(-1, hidden.shape[-1])[positions]
     return ddt.token_stats_from_hidden(picked, head.weight, targets, head.bias, list(taus),
                                        vocab_chunk=vocab_chunk or None, row_chunk=row_chunk or None,
-                                       logit_scale=head.logit_scale, softcap=head.softcap)
+                                       logit_scale=head.logit_scale, softcap=head.softcap, fused=fused)
 
 
 def tau_suffix(tau: float, primary: bool) -> str:
@@ -290,6 +294,7 @@ class Scorer:
     max_batch_tokens: int = 8192
     vocab_chunk: int = 0
     row_chunk: int = 0
+    fused: bool = False
     head: LMHead | None = None
 
     def __post_init__(self):
@@ -304,7 +309,8 @@ class Scorer:
         return [items[i] for i in order[rank::world]]
 
     def score(self, items: Sequence[Item]) -> tuple[list[dict], list[torch.Tensor]]:
-        stats = score_batch(self.model, self.head, items, self.taus, self.pad_id, self.vocab_chunk, self.row_chunk)
+        stats = score_batch(self.model, self.head, items, self.taus, self.pad_id, self.vocab_chunk, self.row_chunk,
+                            self.fused)
         return _rows_from_stats(items, stats, self.taus, self.threshold)
 
     def iter_scored(self, items: Sequence[Item], skip: set[int] = frozenset()
@@ -319,9 +325,13 @@ class Scorer:
             yield batch, rows, phis
 
 
-def _scorer(model, tokenizer, config: AuditConfig) -> Scorer:
+FUSE_FROM_TOKENS = 200_000
+
+
+def _scorer(model, tokenizer, config: AuditConfig, tokens: int = 0) -> Scorer:
+    fused = config.compile == "true" or (config.compile == "auto" and tokens >= FUSE_FROM_TOKENS)
     return Scorer(model, list(config.tau), config.threshold, _pad_id(tokenizer), config.batch_size,
-                  config.max_batch_tokens, config.vocab_chunk, config.row_chunk)
+                  config.max_batch_tokens, config.vocab_chunk, config.row_chunk, fused)
 
 
 def _pad_id(tokenizer) -> int:
@@ -335,7 +345,7 @@ def score_examples(model, tokenizer, examples: Sequence[Example], config: AuditC
     """Score rows in memory (no files): one dict per kept row, in input order, with `index` and the scores
     of every tau in `config.tau`."""
     items, _ = encode_items(tokenizer, examples, config.max_length, config.overlong, config.data or "data")
-    scorer = _scorer(model, tokenizer, config)
+    scorer = _scorer(model, tokenizer, config, sum(it.n_response for it in items))
     out: dict[int, dict] = {}
     for batch, rows, _ in scorer.iter_scored(items):
         for i, row in zip(batch, rows):
@@ -593,7 +603,7 @@ def _worst(scorer: Scorer, tokenizer, items: list[Item], rows: list[dict], k: in
     for row in sorted(rows, key=lambda r: r["mean_phi"])[:k]:
         item = by_index[row["_index"]]
         stats = score_batch(scorer.model, scorer.head, [item], scorer.taus[:1], scorer.pad_id,
-                            scorer.vocab_chunk, scorer.row_chunk)[0]
+                            scorer.vocab_chunk, scorer.row_chunk, scorer.fused)[0]
         details.append({
             "index": item.index, "mean_phi": row["mean_phi"], "z": row["z"], "p_value": row["p_value"],
             "prompt": tokenizer.decode(item.ids[: item.prompt_length]),
@@ -725,8 +735,12 @@ def _write_report(out: Path, config: AuditConfig, summary: dict, sets: list[Scor
         body = []
         for w in s.worst:
             titles = [f"phi={p:.3f} log p={lp:.3f} H={h:.3f}" for p, lp, h in zip(w["phi"], w["logp"], w["entropy"])]
+            lowest = sorted(range(len(w["phi"])), key=lambda t: w["phi"][t])[:5]
+            listed = ", ".join(f"<code>{html_escape(repr(w['tokens'][t]))}</code> at {t} ({w['phi'][t]:.2f})"
+                               for t in lowest)
             body.append(f"<p><b>row {w['index']}</b>: mean phi {w['mean_phi']:.3f}, Z {w['z']:.2f}, "
-                        f"p {w['p_value']:.2g}</p><div class='prompt'>{html_escape(w['prompt'][-400:])}</div>"
+                        f"p {w['p_value']:.2g}. Most off-policy tokens: {listed}</p>"
+                        f"<div class='prompt'>{html_escape(w['prompt'][-400:])}</div>"
                         + report.token_spans(w["tokens"], w["phi"], titles))
         sections.append((f"Most off-policy responses: {s.label}", "".join(body)))
     files = ["scores.jsonl", "summary.json"] + [f"{s.name}.jsonl" for s in sets if s.name != "scores"]
@@ -774,7 +788,7 @@ def main(argv: list[str] | None = None) -> int:
                    "dtype": str(dtype), "threshold": config.threshold, "per_token": config.per_token,
                    "plot_sample": config.plot_sample}
     by_index = {e.index: e for e in examples}
-    scorer = _scorer(model, tokenizer, config)
+    scorer = _scorer(model, tokenizer, config, sum(it.n_response for it in items) // dist.world)
     sets: list[ScoreSet] = []
     rows = _score_set("scores", items, {i: e.record for i, e in by_index.items()}, scorer, tokenizer, config,
                       dist, out, fingerprint, {e.index: e.line for e in examples}, config.data)
@@ -789,7 +803,8 @@ def main(argv: list[str] | None = None) -> int:
         if compare_model is not model:
             del scorer, model
             gc.collect()
-        compare_scorer = _scorer(compare_model, compare_tokenizer, config)
+        compare_scorer = _scorer(compare_model, compare_tokenizer, config,
+                                 sum(it.n_response for it in compare_items) // dist.world)
         compare_fingerprint = {**fingerprint, "model": config.compare_model or config.model,
                                "data": _data_identity(config.compare_data or config.data)}
         records = {e.index: e.record for e in compare_examples}
