@@ -37,7 +37,8 @@ class DemoConfig:
     steps: int = field(default=300, metadata={"help": "Training steps per method."})
     learning_rate: float = field(default=2e-4, metadata={"help": "Learning rate (the organism study's 2e-4)."})
     batch_size: int = field(default=32, metadata={"help": "Training batch size."})
-    n_train: int = field(default=500, metadata={"help": "Teacher rows (spread over five styles)."})
+    n_train: int = field(default=100, metadata={"help": "New-skill prompts; each is written in all five teacher "
+                                                        "styles, so the teacher data has 5x this many rows."})
     n_test: int = field(default=200, metadata={"help": "Rows of each test set."})
     curve_every: int = field(default=50, metadata={"help": "Evaluate checkpoints every N steps (0 = off)."})
     bf16: bool = field(default=True, metadata={"help": "bf16 autocast (about 2x faster on CPU for this model)."})
