@@ -8,8 +8,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from onsft.errors import UserError
-from onsft.generation import (GrowingCache, RepetitionDetector, RowBatch, SamplingConfig, _chunks, example_generator,
-                              filter_logprobs, generate, has_repeated_window, sample_tokens)
+from onsft.generation import (SPAN_ATTENTION, GrowingCache, RepetitionDetector, RowBatch, SamplingConfig, _chunks,
+                              example_generator, filter_logprobs, generate, has_repeated_window, row_spans,
+                              sample_tokens, span_attention)
 from tiny import tiny_tokenizer
 
 TOKENIZER = tiny_tokenizer()
@@ -146,10 +147,39 @@ def test_prefill_chunks_respect_token_budget():
 
 # --- rows and caches -------------------------------------------------------------------------
 
-def test_row_batch_cache_layouts_match_uncached_recompute():
-    """Shared-prefix prefill, chunked prefill, in-place cache growth, row dropping and trimming of
-    all-padding columns all give the log-probs of recomputing every row from scratch."""
+def test_row_spans_minimise_columns_read():
+    rng = random.Random(0)
+    for _ in range(200):
+        width = rng.randint(1, 50)
+        first = [rng.randrange(width) for _ in range(rng.randint(1, 12))]
+        spans = row_spans(first, width, min_saving=0.0)
+        assert spans[0][0] == 0 and spans[-1][1] == len(first)
+        assert all(column == min(first[a:b]) for a, b, column in spans)
+        cost = sum((b - a) * (width - column) for a, b, column in spans)
+        brute = min([len(first) * (width - min(first))] + [
+            s * (width - min(first[:s])) + (len(first) - s) * (width - min(first[s:])) for s in range(1, len(first))])
+        assert cost == brute
+    # Hinted rows from column 0, plain rows from column 700 of 800: two spans.
+    assert row_spans([0] * 4 + [700] * 4, 800) == [(0, 4, 0), (4, 8, 700)]
+    assert row_spans([0, 1, 0, 2], 800) == [(0, 4, 0)]  # a split would save < 10%
+
+
+@pytest.mark.parametrize("spans", [False, True])
+def test_row_batch_cache_layouts_match_uncached_recompute(spans):
+    """Shared-prefix prefill, chunked prefill, in-place cache growth, row dropping, trimming of
+    all-padding columns and attention per row span all give the log-probs of recomputing every row
+    from scratch."""
     model = varied_model(seed=5)
+    if spans:
+        with span_attention(model) as switched:
+            assert switched and model.config._attn_implementation == SPAN_ATTENTION
+            check_row_batch_layouts(model)
+        assert model.config._attn_implementation == "sdpa"
+    else:
+        check_row_batch_layouts(model)
+
+
+def check_row_batch_layouts(model):
     gen = torch.Generator().manual_seed(0)
     shared = torch.randint(5, 100, (20,), generator=gen).tolist()
     group_a = [shared + torch.randint(5, 100, (n,), generator=gen).tolist() for n in (1, 9, 30, 4)]
@@ -161,6 +191,8 @@ def test_row_batch_cache_layouts_match_uncached_recompute():
         assert isinstance(cached.cache, GrowingCache)
         plain = RowBatch(model, prompts, use_cache=False)
         assert torch.allclose(cached.logprobs, plain.logprobs, atol=1e-10)
+        first = (cached.mask != 0).int().argmax(1).tolist()
+        assert len(row_spans(first, cached.mask.shape[1])) == 2  # the short group attends on its own
         # Drop rows (the long group first, so leading padding columns get trimmed), keep appending.
         for keep in (None, [0, 1, 2, 3, 4, 5], None, [1, 3, 4, 5], [2, 3], None, [1]):
             keep = None if keep is None else torch.tensor(keep)
@@ -221,6 +253,23 @@ def test_repetition_loop_stops_at_first_qualifying_token():
         free = hf_greedy(model, prompt, 60)
         first = next(i for i in range(len(free)) if has_repeated_window(free[:i + 1], 4, 3))
         assert gen.token_ids == free[:first + 1]
+
+
+def test_stop_strings_end_rows_where_the_text_first_contains_them():
+    model = varied_model()
+    config = SamplingConfig(max_new_tokens=40, repetition_count=0)
+    free = generate(model, TOKENIZER, PROMPTS, config)
+    stop = free[0].text[5:7]  # two characters of the first continuation, wherever they first occur
+    got = generate(model, TOKENIZER, PROMPTS, SamplingConfig(**{**config.__dict__, "stop_strings": ["@@@", stop]}))
+    for full, cut in zip(free, got):
+        ends = [i + 1 for i in range(full.n_tokens) if stop in TOKENIZER.decode(full.token_ids[:i + 1])]
+        if ends and (full.finish_reason != "eos" or ends[0] < full.n_tokens):
+            assert cut.finish_reason == "stop" and cut.token_ids == full.token_ids[:ends[0]]
+        else:
+            assert cut.token_ids == full.token_ids and cut.finish_reason == full.finish_reason
+    assert got[0].finish_reason == "stop" and got[0].n_tokens <= 7
+    with pytest.raises(UserError, match="stop_strings"):
+        generate(model, TOKENIZER, PROMPTS, SamplingConfig(stop_strings=[""]))
 
 
 def test_min_new_tokens_suppresses_eos():

@@ -10,20 +10,31 @@ they stop costing compute. Plain `generate` is this loop with no hinted rows.
 
 Sampling is deterministic for a seed and independent of batching: each example draws from its own
 `torch.Generator`, seeded from (seed, the example's index in the input list).
+
+What keeps a step cheap (a decoding step mostly reads weights and the KV cache): a prefix shared by
+a group's prompts is prefilled once; the cache grows in place instead of being concatenated every
+step; rows that finish or hand over leave the batch, and columns that are padding for every row are
+cut; with `sdpa` models, attention runs per span of rows (hinted, plain) from the span's first used
+column, so short plain rows do not read the hinted rows' long padding.
 """
 
 from __future__ import annotations
 
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
+from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
 
 from onsft.errors import UserError
 
-FINISH_REASONS = ("eos", "length", "repetition")
+FINISH_REASONS = ("eos", "stop", "length", "repetition")
 NUCLEUS_CANDIDATES = 256  # top-p looks among this many most likely tokens before sorting everything
 
 
@@ -45,6 +56,9 @@ class SamplingConfig:
                                       "`repetition_count` times (a degenerate loop)."})
     repetition_count: int = field(default=5, metadata={"help": "Occurrences of one window that stop a row "
                                                                "(0 = never stop for repetition)."})
+    stop_strings: list[str] = field(
+        default_factory=list, metadata={"help": "A row stops (finish_reason 'stop') once its text contains one of "
+                                                "these; the tokens that complete it are kept."})
     batch_size: int = field(default=16, metadata={"help": "Examples decoded together."})
     use_cache: bool = field(
         default=True, metadata={"help": "Decode with a KV cache. False recomputes the whole sequence every step "
@@ -66,6 +80,8 @@ class SamplingConfig:
             problems.append(("repetition_window/count", "window must be >= 1 and count >= 0"))
         if self.batch_size < 1:
             problems.append(("batch_size", "must be at least 1"))
+        if any(not stop for stop in self.stop_strings):
+            problems.append(("stop_strings", "must not contain an empty string"))
         if problems:
             name, why = problems[0]
             raise UserError(f"`{name}` {why}", where="config", fix=f"set a valid `{name}`.")
@@ -73,8 +89,9 @@ class SamplingConfig:
 
 @dataclass
 class Generation:
-    """One decoded continuation. `token_ids` include the final EOS when `finish_reason` is 'eos'
-    (as `model.generate` returns it); `text` is decoded without special tokens."""
+    """One decoded continuation. `finish_reason` is one of FINISH_REASONS. `token_ids` include the
+    final EOS when it is 'eos' (as `model.generate` returns it) and the tokens completing the stop
+    string when it is 'stop'; `text` is decoded without special tokens."""
 
     token_ids: list[int]
     text: str
@@ -180,6 +197,81 @@ class RepetitionDetector:
 # Rows of token contexts in one batch with one KV cache
 # ---------------------------------------------------------------------------------------------
 
+# ---------------------------------------------------------------------------------------------
+# Attention over row spans: skip the columns that are padding for a whole span of rows
+# ---------------------------------------------------------------------------------------------
+
+SPAN_ATTENTION = "onsft_row_spans"
+_ROW_SPANS: ContextVar[list[tuple[int, int, int]] | None] = ContextVar("onsft_row_spans", default=None)
+
+
+def _row_span_attention(module, query, key, value, attention_mask, **kwargs):
+    """`sdpa` attention, run per span (start, stop, first column) of rows at a decoding step.
+
+    Hinted rows hold long prompts, plain rows short ones; in one rectangular cache the plain rows'
+    left padding is most of their columns, and attention reads it all (the cost of a decoding step on
+    a CPU is mostly reading the KV cache). Attending per span from the span's first used column
+    reads only what the span uses. Outside a decoding step (prefill, spans unset) it is `sdpa`.
+    """
+    spans = _ROW_SPANS.get()
+    if not spans or query.shape[2] != 1 or len(spans) == 1 and spans[0][2] == 0:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    outputs = []
+    for start, stop, column in spans:
+        mask = None if attention_mask is None else attention_mask[start:stop, ..., column:]
+        out, _ = sdpa_attention_forward(module, query[start:stop], key[start:stop, :, column:],
+                                        value[start:stop, :, column:], mask, **kwargs)
+        outputs.append(out)
+    return torch.cat(outputs), None
+
+
+AttentionInterface.register(SPAN_ATTENTION, _row_span_attention)
+AttentionMaskInterface.register(SPAN_ATTENTION, sdpa_mask)
+
+
+@contextmanager
+def span_attention(model) -> Iterator[bool]:
+    """Switch a model that uses `sdpa` to the row-span attention for the duration (yields whether it
+    did); any other attention implementation is left alone."""
+    before = getattr(model.config, "_attn_implementation", None)
+    switched = False
+    if before == "sdpa":
+        try:
+            model.set_attn_implementation(SPAN_ATTENTION)
+            switched = model.config._attn_implementation == SPAN_ATTENTION
+        except (ValueError, KeyError, ImportError, AttributeError):
+            switched = False
+    try:
+        yield switched
+    finally:
+        if switched:
+            model.set_attn_implementation(before)
+
+
+def row_spans(first_columns: list[int], width: int, min_saving: float = 0.1) -> list[tuple[int, int, int]]:
+    """Split rows into at most two contiguous spans (start, stop, first used column) so that attention
+    reads the fewest columns; one span unless the split saves `min_saving` of the columns read."""
+    rows = len(first_columns)
+    prefix_min, suffix_min = [], [0] * rows
+    low = width
+    for column in first_columns:
+        low = min(low, column)
+        prefix_min.append(low)
+    low = width
+    for i in range(rows - 1, -1, -1):
+        low = min(low, first_columns[i])
+        suffix_min[i] = low
+    whole = rows * (width - prefix_min[-1])
+    best, split = whole, 0
+    for s in range(1, rows):
+        cost = s * (width - prefix_min[s - 1]) + (rows - s) * (width - suffix_min[s])
+        if cost < best:
+            best, split = cost, s
+    if split == 0 or best > (1 - min_saving) * whole:
+        return [(0, rows, prefix_min[-1])]
+    return [(0, split, prefix_min[split - 1]), (split, rows, suffix_min[split])]
+
+
 class RowBatch:
     """Token rows decoded together: padded, sharing one forward pass per step and one KV cache.
 
@@ -229,9 +321,14 @@ class RowBatch:
         tokens = tokens.to(self.device).view(-1, 1)
         self.mask = torch.cat([self.mask, self.mask.new_ones(self.rows, 1)], dim=1)
         if self.use_cache:
-            out = self.model(input_ids=tokens, attention_mask=self.mask,
-                             position_ids=self.next_position.view(-1, 1), past_key_values=self.cache,
-                             use_cache=True, logits_to_keep=1)
+            first = (self.mask != 0).to(torch.int8).argmax(dim=1).tolist()
+            token = _ROW_SPANS.set(row_spans(first, self.mask.shape[1]))
+            try:
+                out = self.model(input_ids=tokens, attention_mask=self.mask,
+                                 position_ids=self.next_position.view(-1, 1), past_key_values=self.cache,
+                                 use_cache=True, logits_to_keep=1)
+            finally:
+                _ROW_SPANS.reset(token)
             self.logprobs = _logprobs(out.logits[:, -1])
         else:
             self.ids = torch.cat([self.ids, tokens], dim=1)
@@ -464,6 +561,8 @@ def decode_examples(model, tokenizer, plain_ids: list[list[int]], hinted_ids: li
     Without `hinted_ids` each example has its plain row only: ordinary decoding.
     """
     config.validate()
+    if hinted_ids is not None and mixer is None:
+        raise ValueError("decoding with hinted contexts needs a mixer (see onsft.hinted.make_mixer)")
     if hinted_ids is not None and len(hinted_ids) != len(plain_ids):
         raise UserError(f"{len(hinted_ids)} hinted prompts for {len(plain_ids)} plain prompts",
                         where="hinted decoding", fix="pass one hinted prompt per plain prompt.")
@@ -482,7 +581,7 @@ def decode_examples(model, tokenizer, plain_ids: list[list[int]], hinted_ids: li
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), span_attention(model):
             for start in range(0, len(order), config.batch_size):
                 batch = order[start:start + config.batch_size]
                 done = _decode_batch(model, tokenizer, batch, plain_ids, hinted_ids, config, mixer,
@@ -517,7 +616,8 @@ def _decode_batch(model, tokenizer, batch, plain_ids, hinted_ids, config, mixer,
     hinted_row = list(range(n)) if hinted else [-1] * n
     plain_row = [j + n for j in range(n)] if hinted else list(range(n))
     active = list(range(n))
-    marker_tail = len(answer_marker) + 32  # tokens decoded to look for the marker: >= 1 char each, margin
+    # Tokens decoded to look for the marker and stop strings: each token is >= 1 character, plus margin.
+    text_tail = max([len(answer_marker), *map(len, config.stop_strings)]) + 32
     for step in range(config.max_new_tokens):
         h_rows = torch.tensor([hinted_row[j] for j in active], device=device)
         p_rows = torch.tensor([plain_row[j] for j in active], device=device)
@@ -544,9 +644,15 @@ def _decode_batch(model, tokenizer, batch, plain_ids, hinted_ids, config, mixer,
             token, trace = tokens[slot], traces[j]
             trace.token_ids.append(token)
             trace.lambdas.append(lam_list[slot])
+            watch_marker = hinted_row[j] >= 0 and bool(answer_marker)
+            # Strings are looked for in the decoded tail only: they first appear ending at this token.
+            tail = (tokenizer.decode(trace.token_ids[-text_tail:], skip_special_tokens=False)
+                    if watch_marker or config.stop_strings else "")
             reason = None
             if token in stop_set:
                 reason = "eos"
+            elif any(stop in tail for stop in config.stop_strings):
+                reason = "stop"
             elif len(trace.token_ids) >= config.max_new_tokens or (limit and room[j] + len(trace.token_ids) >= limit):
                 reason = "length"
             elif detectors[j].push(token):
@@ -555,8 +661,7 @@ def _decode_batch(model, tokenizer, batch, plain_ids, hinted_ids, config, mixer,
                 trace.finish_reason = reason
                 continue
             still.append(j)
-            if hinted_row[j] >= 0 and answer_marker:
-                tail = tokenizer.decode(trace.token_ids[-marker_tail:], skip_special_tokens=False)
+            if watch_marker:
                 if answer_marker in tail:
                     trace.handover_step = step + 1  # the first step decoded by the plain context alone
                     hinted_row[j] = -1
@@ -577,8 +682,9 @@ def _decode_batch(model, tokenizer, batch, plain_ids, hinted_ids, config, mixer,
 
 def generate(model, tokenizer, prompt_ids: list[list[int]], config: SamplingConfig | None = None,
              progress: Callable[[int], None] | None = None) -> list[Generation]:
-    """Sample one continuation per prompt (token ids), batched, left-padded, stopping per row at EOS,
-    `max_new_tokens` or a repetition loop. Greedy results do not depend on `batch_size`."""
+    """Sample one continuation per prompt (token ids), batched, stopping per row at EOS, a stop string,
+    `max_new_tokens` or a repetition loop. Results do not depend on `batch_size` (nor, for greedy
+    decoding, on the order of the prompts)."""
     config = config or SamplingConfig()
     traces = decode_examples(model, tokenizer, prompt_ids, None, config, progress=progress)
     return [Generation(token_ids=t.token_ids, text=tokenizer.decode(t.token_ids, skip_special_tokens=True),
