@@ -196,7 +196,7 @@ def is_write_failure(error: BaseException) -> bool:
     (RuntimeError, SafetensorError), not as OSError."""
     text = str(error)
     return any(mark in text for mark in ("inline_container", "PytorchStreamWriter", "file write failed",
-                                         "No space left", "Disk quota"))
+                                         "No space left", "Disk quota", "File too large", "Read-only file system"))
 
 
 def _save_final(trainer, tokenizer, output_dir: Path, inputs: TrainInputs) -> None:
