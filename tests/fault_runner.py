@@ -106,6 +106,7 @@ class Runner:
                 code = 1
             finally:
                 resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+                self.fsize_limit = None  # the simulated full disk lasts for one case
                 gc.collect()  # "Exception ignored in ..." from half-closed files belongs to this case
                 sys.stdout.flush()
                 sys.stderr.flush()
