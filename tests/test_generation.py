@@ -115,10 +115,10 @@ def test_sample_tokens_greedy_is_argmax_and_seeded_draws_repeat():
     assert torch.equal(draws[0], draws[1])
     # Empirical frequencies of one row follow its distribution (30k draws, 4 sigma).
     gen = example_generator(0, 0)
-    counts = torch.bincount(torch.cat([sample_tokens(scores[:1].expand(1000, -1), config, [gen] * 1000)
-                                       for _ in range(30)]), minlength=30).double() / 30000
+    counts = torch.bincount(sample_tokens(scores[:1].expand(10000, -1), config, [gen] * 10000),
+                            minlength=30).double() / 10000
     probs = torch.softmax(scores[0].double(), -1)
-    assert (counts - probs).abs().max() < 4 * math.sqrt(0.25 / 30000)
+    assert (counts - probs).abs().max() < 4 * math.sqrt(0.25 / 10000)
 
 
 def test_repetition_detector_matches_naive_rule_at_every_prefix():
@@ -221,9 +221,9 @@ def test_greedy_reproduces_hf_generate_token_for_token():
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
 def test_batched_equals_one_at_a_time_and_uncached(temperature):
     model = varied_model(seed=3)
-    base = SamplingConfig(max_new_tokens=30, temperature=temperature, top_p=0.9, seed=11, repetition_count=0)
+    base = SamplingConfig(max_new_tokens=20, temperature=temperature, top_p=0.9, seed=11, repetition_count=0)
     whole = generate(model, TOKENIZER, PROMPTS, base)
-    for variant in (dict(batch_size=1), dict(batch_size=2), dict(use_cache=False)):
+    for variant in (dict(batch_size=1), dict(use_cache=False)):
         other = generate(model, TOKENIZER, PROMPTS, SamplingConfig(**{**base.__dict__, **variant}))
         assert [g.token_ids for g in other] == [g.token_ids for g in whole], variant
     if temperature == 0:
