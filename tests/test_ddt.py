@@ -111,6 +111,17 @@ def test_several_taus_share_tiles_and_equal_separate_calls():
         assert torch.equal(stats.phi, alone.phi) and torch.equal(stats.var, alone.var)
 
 
+def test_worker_threads_give_bitwise_the_same_stats_and_restore_the_thread_count():
+    h, w, b, y = head(n=100, dtype=torch.float32)
+    w.requires_grad_(True)  # a model's head weight, called outside no_grad: worker threads must not record
+    alone = ddt.token_stats_from_hidden(h, w, y, b, [1.0, 0.7], vocab_chunk=64, row_chunk=16, workers=1)
+    threads = torch.get_num_threads()
+    pooled = ddt.token_stats_from_hidden(h, w, y, b, [1.0, 0.7], vocab_chunk=64, row_chunk=16, workers=3)
+    assert torch.get_num_threads() == threads
+    for a, p in zip(alone, pooled):
+        assert torch.equal(a.logp, p.logp) and torch.equal(a.entropy, p.entropy) and torch.equal(a.var, p.var)
+
+
 def test_running_max_rescaling_is_exact_when_the_max_moves_late():
     # Ascending logits put a new maximum in every tile: every rescaling step is exercised, and a large
     # offset would overflow exp() without the running maximum.

@@ -90,6 +90,8 @@ class AuditConfig(DataConfig):
             (self.keep_by in ("phi", "pvalue"), "keep_by", "must be phi or pvalue", "use --keep_by phi|pvalue."),
             (self.dtype in ("auto", *DTYPES), "dtype", "is unknown", f"use auto, {', '.join(DTYPES)}."),
             (self.compile in ("auto", "true", "false"), "compile", "must be auto, true or false", "e.g. --compile false."),
+            (self.device in ("auto", "cpu") or self.device.startswith("cuda"), "device", "is unknown",
+             "use auto, cpu, cuda or cuda:N."),
             (self.worst >= 0 and self.plot_sample >= 0 and self.vocab_chunk >= 0 and self.row_chunk >= 0,
              "worst/plot_sample/vocab_chunk/row_chunk", "must be >= 0", "pass non-negative numbers."),
         ]
@@ -454,8 +456,9 @@ class _Distributed:
         self.state = PartialState(cpu=cpu)
         self.rank, self.world = self.state.process_index, self.state.num_processes
         self.main = self.state.is_main_process
-        self.device = torch.device("cpu") if device == "cpu" else (
-            torch.device(device) if device not in ("auto",) else self.state.device)
+        # One process per accelerator under a launcher: PartialState knows which one is this process's.
+        self.device = torch.device(device) if device == "cpu" or (device != "auto" and self.world == 1) \
+            else self.state.device
 
     def barrier(self) -> None:
         if self.world > 1:
@@ -829,6 +832,10 @@ def main(argv: list[str] | None = None) -> int:
             kept = _keep(rows, config)
             write_jsonl_atomic(out / "kept.jsonl", [_public(r) for r in kept])
             summary["kept"] = {"keep": config.keep, "by": config.keep_by, "rows": len(kept), "of": len(rows)}
+        produced = {s.name for s in sets} | ({"kept"} if config.keep else set())
+        for optional in ("self_check", "compare_scores", "kept"):
+            if optional not in produced:  # an earlier run's file would contradict this run's report
+                (out / f"{optional}.jsonl").unlink(missing_ok=True)
         _write_report(out, config, summary, sets)
         from onsft.records import write_json_atomic
 
