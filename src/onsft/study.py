@@ -73,7 +73,7 @@ class StudyConfig:
     rewrite_temperature: float = field(default=0.3, metadata={"help": "Hinted decoding temperature."})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank (0 = full fine-tuning)."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
-    max_steps: int = field(default=32, metadata={"help": "Optimiser steps per training run."})
+    max_steps: int = field(default=24, metadata={"help": "Optimiser steps per training run."})
     batch_size: int = field(default=4, metadata={"help": "Rows per optimiser step."})
     learning_rate: float = field(default=3e-4, metadata={"help": "Peak learning rate (cosine, 10% warm-up)."})
     max_length: int = field(default=512, metadata={"help": "Most tokens of prompt + response in training/scoring."})
