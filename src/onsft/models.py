@@ -223,6 +223,14 @@ def load_model(name_or_path: str | os.PathLike, dtype=None, device=None):
     except (OSError, ValueError, KeyError, ImportError, TypeError, SafetensorError) as error:
         # SafetensorError: a weights file cut short (an interrupted download or copy).
         raise _load_error(error, path, "model") from None
+    if gguf is not None:
+        # transformers dequantises GGUF weights to ordinary tensors but keeps a GGUF "quantizer" on the model,
+        # which makes Trainer refuse to fine-tune it and save_pretrained refuse to save it. The weights are
+        # plain float tensors, so the marker is dropped: the model then trains and saves like any other.
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
     if device is not None:
         if str(device).startswith("cuda") and not torch.cuda.is_available():
             raise UserError(f"device '{device}' requested but no CUDA GPU is available", fix="use --device cpu.")
