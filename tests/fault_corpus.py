@@ -336,6 +336,8 @@ def build(root: Path, full_disk: str, read_only: str) -> tuple[list[Case], dict[
           allow=["run/**"])
     audit("nonfinite_scores", "the same NaN model, audited", nan_rows, "non-finite scores", model=models["nan"],
           where="tilde.jsonl", line=2, early=False, allow=["audit/scores.jsonl.partial"])
+    evaluate("nonfinite_generation", "the same NaN model, evaluated (decoding from NaN logits)", nan_rows,
+             "non-finite", model=models["nan"], early=False, allow=["eval/generations.jsonl.partial"])
     # --- compare experiments
     compare("experiment_unknown_key", "experiment with a misspelt key (seed)", {"seed": [0]},
             "unknown experiment key `seed`")

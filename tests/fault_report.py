@@ -69,7 +69,7 @@ def render(report: dict) -> str:
                 f"{len(cases)} cases ({len(bad)} that must fail, {len(cases) - len(bad)} odd-but-valid inputs or "
                 f"reruns that must succeed); bad inputs per command: "
                 + ", ".join(f"{name} {counts[name]}" for name in COMMANDS) + f". {passed} of {len(cases)} behave "
-                "as promised. Run in one process by tests/fault_runner.py (`onsft.cli.main` per case, fds 1 and 2 "
+                f"as promised; known gaps (listed at the end): {len(report.get('gaps') or {})}. Run in one process by tests/fault_runner.py (`onsft.cli.main` per case, fds 1 and 2 "
                 f"captured), {inputs['seconds']} s for all.", "",
                 "Full disk and read-only output: " + (
                     "a 1 MB tmpfs filled up before the case (writes fail with ENOSPC) and a read-only tmpfs, "
@@ -87,7 +87,7 @@ def render(report: dict) -> str:
         for c in cases:
             left = ", ".join(c["created"][:2]) + (f" (+{len(c['created']) - 2})" if len(c["created"]) > 2 else "")
             verdict = "not judged" if not c.get("judged") else "yes" if not c["problems"] else \
-                "NO: " + "; ".join(c["problems"])
+                ("NO (known gap): " if c["name"] in (report.get("gaps") or {}) else "NO: ") + "; ".join(c["problems"])
             out.append(f"| {c['name']} | {c['command']} | {_cell(c['input'])} | {c['code']} | "
                        f"{_cell(_message(c, root))} | {_cell(left) or '-'} | {_cell(verdict)} |")
         out.append("")
@@ -130,8 +130,9 @@ def render(report: dict) -> str:
         loss16 = ", ".join(f"{v:.4f}" for v in bf16["loss_bf16"])
         out += [f"bf16 against fp32 on the {bf16['subject']}, {bf16['rows']} teacher rows:", "",
                 f"- audit mean phi per response: largest gap {bf16['max_abs_mean_phi_gap']:.4f} nats/token "
-                f"(tolerance 0.06); dataset mean {bf16['mean_phi_fp32']:.4f} (fp32) vs {bf16['mean_phi_bf16']:.4f} "
-                "(bf16) (tolerance 0.02). The bf16 run holds the weights in bf16; phi is accumulated in float32.",
+                f"(tolerance 0.15); dataset mean {bf16['mean_phi_fp32']:.4f} (fp32) vs {bf16['mean_phi_bf16']:.4f} "
+                "(bf16) (tolerance 0.02). In the bf16 run the model and the LM-head matmul run in bf16; softmax "
+                "statistics are float32 and per-response sums float64, as in fp32 runs.",
                 f"- training loss (nll, 6 steps, lr 1e-3, bf16 autocast on CPU vs fp32): fp32 {loss32}; bf16 "
                 f"{loss16}; largest relative gap {bf16['max_rel_loss_gap']:.2%} (tolerance 2% at step 1, 10% over "
                 "the run).", ""]

