@@ -19,7 +19,7 @@ def write_jsonl(path, rows):
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("compare")
-    tiny_model().save_pretrained(root / "model")
+    tiny_model(tied=False).save_pretrained(root / "model")
     tiny_tokenizer().save_pretrained(root / "model")
     teacher = [{"prompt": f"Copy {w}.", "completion": f"It is {w}. \\boxed{{{w}}}", "answer": w,
                 "reference": f"It is {w}. \\boxed{{{w}}}"} for w in WORDS]

@@ -35,15 +35,17 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def tiny_model(vocab_size: int | None = None, seed: int = 0, hidden: int = 32, layers: int = 2,
-               dtype=torch.float32) -> LlamaForCausalLM:
+               dtype=torch.float32, tied: bool = True) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     vocab_size = vocab_size or len(tiny_tokenizer())
     config = LlamaConfig(
         vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
-        pad_token_id=0, eos_token_id=1, bos_token_id=None, tie_word_embeddings=True,
+        pad_token_id=0, eos_token_id=1, bos_token_id=None, tie_word_embeddings=tied,
     )
     model = LlamaForCausalLM(config).to(dtype)
+    # A tied head makes a random model repeat its last input token (often a special one, so its text is
+    # empty); `tied=False` gives varied text, which tests of sampling-based pipelines need.
     # Random init at std 0.02 gives nearly uniform next-token distributions; scale the head up so
     # tests see peaked, varied distributions like a trained model's.
     with torch.no_grad():

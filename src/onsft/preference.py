@@ -136,7 +136,8 @@ def make_pairs(row: dict, example: Example, candidates: list[tuple[str, str]], v
             seen.add(sample["text"])
             wrong.append(sample)
     if not wrong:
-        return [], "all_samples_correct"
+        # Empty wrong samples (e.g. only special tokens) make no useful rejected response.
+        return [], "all_samples_correct" if all(s["correct"] for s in samples) else "wrong_samples_empty"
     chosen = list(dict.fromkeys(s["text"] for s in samples if s["correct"]))
     source = "own_sample"
     if not chosen:
