@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import tiny_model, tiny_tokenizer
+from tiny import tiny_tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from onsft import audit, cli, ddt

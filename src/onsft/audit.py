@@ -17,13 +17,13 @@ Under `accelerate launch` (or torchrun) each process scores its own shard and ra
 
 from __future__ import annotations
 
-import math
 import gc
 import hashlib
 import json
+import math
 import random
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
