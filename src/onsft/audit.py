@@ -366,44 +366,16 @@ def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def _loaders():
-    try:
-        from onsft.models import load_model, load_tokenizer
-    except ImportError:  # onsft.models not landed yet: plain transformers loading
-        return _load_model_plain, _load_tokenizer_plain
-    return load_model, load_tokenizer
-
-
-def _plain_load_error(name: str, error: Exception) -> UserError:
-    return UserError(f"cannot load model ({type(error).__name__}: {str(error).splitlines()[0]})", where=name,
-                     fix="pass a local model folder or a Hub model name (check spelling and network).")
-
-
-def _load_tokenizer_plain(name: str):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(name)
-    except (OSError, ValueError) as error:
-        raise _plain_load_error(name, error) from None
-
-
-def _load_model_plain(name: str, dtype=None, device=None):
-    from transformers import AutoModelForCausalLM
-
-    try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
-    except (OSError, ValueError) as error:
-        raise _plain_load_error(name, error) from None
-    return model.to(device).eval()
-
-
 def load_tokenizer(name: str):
-    return _loaders()[1](name)
+    from onsft import models
+
+    return models.load_tokenizer(name)
 
 
 def load_model(name: str, dtype: torch.dtype | None = None, device=None):
-    return _loaders()[0](name, dtype=dtype, device=device)
+    from onsft import models
+
+    return models.load_model(name, dtype=dtype, device=device)
 
 
 def sample_responses(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, seed: int
