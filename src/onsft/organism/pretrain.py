@@ -1,6 +1,6 @@
 """Pretrain the model organism from scratch, seeded, on CPU in a few minutes; then measure it.
 
-    python -m onsft.organism.pretrain --out src/onsft/organism/model [--seed 0 --steps 900]
+    python -m onsft.organism.pretrain --out src/onsft/organism/model [--seed 0 --steps 1200]
 
 The run is a fixed number of steps (not a time budget) so the same seed gives the same data and the
 same updates; bit-identical weights additionally need the same torch build and thread count.
@@ -39,7 +39,7 @@ from onsft.organism.tokenizer import build_tokenizer
 class PretrainConfig:
     out: str = field(default="src/onsft/organism/model", metadata={"help": "output model folder (replaced atomically)"})
     seed: int = field(default=0, metadata={"help": "seed of the data stream and the initialisation"})
-    steps: int = field(default=900, metadata={"help": "optimiser steps"})
+    steps: int = field(default=1200, metadata={"help": "optimiser steps"})
     batch_size: int = field(default=64, metadata={"help": "sequences per step"})
     lr: float = field(default=2e-3, metadata={"help": "peak learning rate (AdamW)"})
     warmup_steps: int = field(default=100, metadata={"help": "linear warm-up steps, then cosine decay to a tenth of the peak"})
@@ -54,6 +54,11 @@ class PretrainConfig:
     threads: int = field(default=1, metadata={"help": "torch CPU threads (0: torch's default)"})
     log_every: int = field(default=50, metadata={"help": "steps between progress lines"})
     eval_size: int = field(default=400, metadata={"help": "held-out prompts per measurement"})
+    measure_only: bool = field(default=False, metadata={"help": "skip training: re-measure the checkpoint in --out "
+                                                                "and update its onsft.json"})
+
+
+RUN_KEYS = ("wall_seconds", "cpu_seconds", "tokens", "tokens_per_second")
 
 
 # ---------------------------------------------------------------- model and batches
@@ -211,7 +216,10 @@ def measure(model, tokenizer: PreTrainedTokenizerBase, n: int = 400, seed: int =
     rows = tasks.hinted_old_test(n, seed)
     responses = greedy_generate(model, tokenizer, [r["prompt"] for r in rows])
     metrics["hinted_correct_native"] = accuracy_by_task(rows, responses, native=True)
-    metrics["hinted_echoes_reference"] = round(sum(r["reference"] in x for r, x in zip(rows, responses)) / len(rows), 4)
+    old = [(r, x) for r, x in zip(rows, responses) if r["task"] in tasks.OLD_TASKS]
+    metrics["hinted_correct_native"]["old_skills"] = accuracy_by_task(*zip(*old), native=True)["all"]
+    # Style alone (right or wrong answer): does the foreign wording of the reference leak into the output?
+    metrics["hinted_native_style"] = round(sum(map(tasks.is_native_style, responses)) / len(rows), 4)
     rows = tasks.new_skill_test(n // 2, seed) + tasks.new_skill_ood(n // 2, seed)
     responses = greedy_generate(model, tokenizer, [r["prompt"] for r in rows])
     for r in rows:
@@ -271,13 +279,24 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USER_ERROR
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    tokenizer = build_tokenizer()
-    model, run = train(cfg, tokenizer, log=lambda line: print(line, file=sys.stderr, flush=True))
-    params = sum(p.numel() for p in model.parameters())
-    info = organism_info(cfg, params)
     out = Path(cfg.out)
-    save(model, tokenizer, out, info)
-    # Measure the weights as shipped (rounded to bf16, loaded back as fp32), not the in-memory ones.
+    if cfg.measure_only:
+        # Re-measure a saved checkpoint (e.g. after the task definitions gained a teacher style),
+        # keeping the pretraining settings and training figures already recorded.
+        try:
+            info = json.loads((out / "onsft.json").read_text())
+        except (OSError, ValueError) as error:
+            print(UserError(f"no readable onsft.json ({error})", where=str(out),
+                            fix="pretrain first, or point --out at a pretrained organism."), file=sys.stderr)
+            return EXIT_USER_ERROR
+        run = {k: v for k, v in info.get("measured", {}).items() if k in RUN_KEYS}
+        info.update({k: v for k, v in organism_info(cfg, info.get("parameters", 0)).items() if k != "pretraining"})
+    else:
+        tokenizer = build_tokenizer()
+        model, run = train(cfg, tokenizer, log=lambda line: print(line, file=sys.stderr, flush=True))
+        info = organism_info(cfg, sum(p.numel() for p in model.parameters()))
+        save(model, tokenizer, out, info)
+    # Measure the checkpoint as shipped (loaded back from disk), not the in-memory model.
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     start = time.perf_counter()
@@ -288,7 +307,6 @@ def main(argv: list[str] | None = None) -> int:
     write_json_atomic(out / "onsft.json", info)
     print(json.dumps(info["measured"], indent=2))
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -5,6 +5,7 @@ Old skills (the organism learns them in pretraining, always answered in one nati
     reverse  "Reverse abcd."                  -> "Let's reverse. abcd -> dcba. \\boxed{dcba}"
     copy     "Copy abcd."                     -> "Let's copy. abcd -> abcd. \\boxed{abcd}"
     count    "Count the characters in abcd."  -> "Let's count. abcd -> 4. \\boxed{4}"
+Strings have 3-7 distinct characters, lowercase or (40%) mixed with capitals and digits.
 Opaque verbs: made-up verbs ("Dovek abcd.") whose answer is a random string that only a reference
 can reveal; native form "Let's transform. abcd -> qzsk. \\boxed{qzsk}". Pretraining on them with the
 hint template teaches the hinted context to carry a reference's answer into the native style, and
@@ -13,7 +14,7 @@ without the hint teaches the plain context to box the answer it stated.
 New skill (unknown to the organism): "Cycle abcd." -> "bcda" (rotate left by one). Old verbs are
 single template tokens, opaque verbs are character-level pseudo-words drawn without "Cycle", so the
 new verb shares no token with a verb the organism knows. Its training data comes in several teacher
-styles, from the organism's own form ("native") to very foreign ("verbose"), so a study can show
+styles, from the organism's own form ("native") to very foreign ("solution"), so a study can show
 where IDFT helps and where data is too off-policy to learn from.
 
 Held-out rule: a prompt is held out when a hash of its text says so (`is_held_out`). Pretraining and
@@ -48,15 +49,16 @@ OOD_LENGTHS = (7, 7)  # seen in pretraining for other skills, never for the new 
 HELD_OUT_PERCENT = 10
 MIXED_SHARE = 0.4  # share of old-skill strings drawn from MIXED rather than LOWER
 
-# Teacher styles of the new skill, from the organism's own form to far off-policy. Each is
-# (name, template); fields: {x} input, {y} answer, {h} first character, {t} the rest.
+# Teacher styles of the new skill, from the organism's own form to far off-policy (mean phi per token
+# under the organism: see onsft.json, "new_skill_teacher_mean_phi"). Each is (name, template); fields:
+# {x} input, {y} answer, {h} first character, {t} the rest.
 TEACHER_STYLES: tuple[tuple[str, str], ...] = (
-    ("native", "Let's transform. {x} -> {y}. \\boxed{{{y}}}"),
-    ("terse", "{x} -> {y}. \\boxed{{{y}}}"),
-    ("explained", "Let's transform. Move the first character to the end: {x} -> {y}. \\boxed{{{y}}}"),
-    ("solution", "Solution: the rotation of {x} is {y}, hence \\boxed{{{y}}}"),
+    ("native", "Let's transform. {x} -> {y}. \\boxed{{{y}}}"),  # exactly the organism's own form
+    ("mild", "Let's transform. {x} -> {y}. \\boxed{{{y}}}."),  # one stray period where it would stop
+    ("terse", "{x} -> {y}. \\boxed{{{y}}}"),  # no opener: the first tokens surprise it
     ("verbose", "Take {x}, remove its first character {h} and append it after {t}. "
                 "The result is {y}. Final answer: \\boxed{{{y}}}"),
+    ("solution", "Solution: the rotation of {x} is {y}, hence \\boxed{{{y}}}"),  # the notes' far style
 )
 STYLE_NAMES = tuple(name for name, _ in TEACHER_STYLES)
 
@@ -193,6 +195,9 @@ def _explanations(task: str, x: str, y: str) -> list[str]:
     return [f"applying the rule to {x} gives {y}", f"the result of the operation is {y}", f"{x} maps to {y}"]
 
 
+# The last three make the hinted context read references shaped like the organism's own answers and
+# long ones; without them, a checkpoint read "X -> Y" and multi-sentence references of the new skill
+# wrongly (0-1% correct from the hinted context) while "Solution: ..." ones were 80% correct.
 _WRAPPERS = (
     "Solution: {e}, hence \\boxed{{{y}}}",
     "{E}. The answer is \\boxed{{{y}}}.",
@@ -200,14 +205,18 @@ _WRAPPERS = (
     "We get {y}. So \\boxed{{{y}}}",
     "The result is \\boxed{{{y}}}",
     "{E}. The answer is {y}.",
+    "{x} -> {y}. \\boxed{{{y}}}",
+    "{native}",
+    "First look at {x}. Then {e}. Final answer: \\boxed{{{y}}}",
 )
 
 
-def foreign_reference(task: str, x: str, y: str, rng: random.Random) -> str:
+def foreign_reference(task: str, x: str, y: str, native: str, rng: random.Random) -> str:
+    """A reference solution in a teacher's wording for operand `x`, answer `y` (`native`: the organism's own)."""
     e = rng.choice(_explanations(task, x, y))
     # Capitalise a sentence start only when it is a word of ours, never an operand (case matters).
     E = e if e.startswith((x, y)) else e[0].upper() + e[1:]
-    return rng.choice(_WRAPPERS).format(e=e, E=E, y=y)
+    return rng.choice(_WRAPPERS).format(e=e, E=E, y=y, x=x, native=native)
 
 
 def _question_input(prompt: str) -> str:
@@ -243,7 +252,7 @@ def pretraining_example(rng: random.Random) -> tuple[str, str, str]:
         if not is_held_out(prompt):
             break
     if kind.endswith("hinted"):
-        prompt = hinted_prompt(prompt, foreign_reference(task, _question_input(prompt), answer, rng))
+        prompt = hinted_prompt(prompt, foreign_reference(task, _question_input(prompt), answer, solution, rng))
     return prompt, solution, kind
 
 
@@ -328,11 +337,12 @@ def hinted_old_test(n: int = 200, seed: int = 0) -> list[dict]:
 
     def draw(r: random.Random) -> dict:
         task = r.choice(tasks)
-        question, _, answer = make_question(task, r) if task != "opaque" else make_opaque(r)
-        return {"prompt": question, "answer": answer, "task": task}
+        question, native, answer = make_question(task, r) if task != "opaque" else make_opaque(r)
+        return {"prompt": question, "answer": answer, "task": task, "native": native}
     rows = _unique(rng, n, draw, held_out=True)
     for row in rows:
-        reference = foreign_reference(row["task"], _question_input(row["prompt"]), row["answer"], rng)
+        native = row.pop("native")
+        reference = foreign_reference(row["task"], _question_input(row["prompt"]), row["answer"], native, rng)
         row.update(question=row["prompt"], reference=reference, prompt=hinted_prompt(row["prompt"], reference))
     return rows
 
