@@ -10,6 +10,12 @@ loads bf16 parameters whenever a caller passes `dtype=None`, and fine-tuning at 
 weights (updates that small vanish when rounded to bf16). Reported numbers are measured on the
 saved checkpoint, loaded back.
 
+Measured for the shipped checkpoint (seed 0, 1200 steps, batch 64, one thread, 3.1M tokens): 611 CPU
+seconds, 687 s wall on the shared 2-core machine (4.5k tokens/s); held-out greedy accuracy on the old
+skills 97%, hinted context alone 91% correct and native on old skills, new skill 0%. Copy and reverse
+are learned last: at 800 steps they were still at ~60%. Two runs with the same settings on this machine
+gave bit-identical weights.
+
 The output folder holds config.json, model.safetensors, generation_config.json, the tokenizer (with
 its chat template) and onsft.json: the hint template and answer marker the rewrite command must use,
 the pretraining settings, and the measured accuracies.
