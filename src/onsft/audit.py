@@ -32,7 +32,7 @@ import torch
 
 from onsft import ddt
 from onsft.config import parse_command
-from onsft.data import DataConfig, Example, encode_prompt, encode_response, load_examples
+from onsft.data import DataConfig, Example, encode_examples, load_examples
 from onsft.errors import UserError
 from onsft.records import ResumableJsonl, check_writable, write_jsonl_atomic
 
@@ -119,37 +119,9 @@ class Item:
 
 def encode_items(tokenizer, examples: Sequence[Example], max_length: int, overlong: str = "reject",
                  where: str = "data") -> tuple[list[Item], dict[str, int]]:
-    """Tokenise rows with the chat template, keeping each row's index (over-long policy as `onsft.data`)."""
-    if overlong not in ("reject", "truncate", "drop"):
-        raise UserError(f"unknown --overlong value `{overlong}`", where="command line", fix="use reject, truncate or drop.")
-    items, stats, too_long = [], {"rows": len(examples), "dropped": 0, "truncated": 0}, []
-    for example in examples:
-        prompt = encode_prompt(tokenizer, example.prompt, where)
-        response = encode_response(tokenizer, example.prompt, example.response or "", prompt)
-        total = len(prompt) + len(response)
-        truncated = False
-        if total > max_length:
-            if overlong == "reject":
-                too_long.append((example.line, total))
-                continue
-            if overlong == "drop":
-                stats["dropped"] += 1
-                continue
-            if len(prompt) >= max_length:
-                raise UserError(f"prompt alone has {len(prompt)} tokens, so the whole response is past "
-                                f"max_length={max_length}", where=where, line=example.line,
-                                fix="raise --max_length, shorten the prompt, or use --overlong drop.")
-            response, truncated = response[: max_length - len(prompt)], True
-            stats["truncated"] += 1
-        items.append(Item(example.index, prompt + response, len(prompt), truncated))
-    if too_long:
-        line, n = too_long[0]
-        raise UserError(f"{len(too_long)} of {len(examples)} rows are longer than max_length={max_length} "
-                        f"(first: {n} tokens)", where=where, line=line,
-                        fix="raise --max_length, or pass --overlong truncate (cut responses) or drop (skip rows).")
-    if not items:
-        raise UserError("no rows left after dropping over-long rows", where=where, fix="raise --max_length.")
-    return items, stats
+    """Tokenise rows with the chat template, keeping each row's index (over-long policy of `onsft.data`)."""
+    encoded, stats = encode_examples(tokenizer, examples, max_length, overlong, where)
+    return [Item(e.index, e.input_ids, e.prompt_length, e.truncated) for e in encoded], stats
 
 
 def check_context(model, items: Sequence[Item], examples: Sequence[Example], where: str) -> None:
@@ -332,11 +304,11 @@ FUSE_FROM_TOKENS = 200_000
 
 def _scorer(model, tokenizer, config: AuditConfig, tokens: int = 0) -> Scorer:
     fused = config.compile == "true" or (config.compile == "auto" and tokens >= FUSE_FROM_TOKENS)
-    return Scorer(model, list(config.tau), config.threshold, _pad_id(tokenizer), config.batch_size,
+    return Scorer(model, list(config.tau), config.threshold, pad_token_id(tokenizer), config.batch_size,
                   config.max_batch_tokens, config.vocab_chunk, config.row_chunk, fused)
 
 
-def _pad_id(tokenizer) -> int:
+def pad_token_id(tokenizer) -> int:
     for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
         if candidate is not None:
             return int(candidate)
@@ -358,7 +330,7 @@ def score_examples(model, tokenizer, examples: Sequence[Example], config: AuditC
 # ------------------------------------------------------------------------------- models and sampling
 
 
-def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name != "auto":
         return DTYPES[name]
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
@@ -392,7 +364,7 @@ def sample_responses(model, tokenizer, prompts: list[list[int]], max_new_tokens:
 # --------------------------------------------------------------------------------------- running sets
 
 
-def _data_identity(path: str) -> dict:
+def data_identity(path: str) -> dict:
     """What makes a dataset 'the same' for resuming: its bytes (files) or names and sizes (folders)."""
     p = Path(path)
     digest = hashlib.sha256()
@@ -418,7 +390,7 @@ class ScoreSet:
     worst: list[dict] = field(default_factory=list)
 
 
-class _Distributed:
+class Distributed:
     """This process's place among `accelerate launch` / torchrun processes (one process: rank 0 of 1)."""
 
     def __init__(self, device: str):
@@ -458,7 +430,7 @@ def _read_partial(path: Path) -> list[dict]:
     return [json.loads(line) for line in lines[1:]]
 
 
-class _ShardStore:
+class ShardStore:
     """This process's resumable rows of one output file, and rank 0's merge into out/<name>.jsonl.
 
     One process writes out/<name>.jsonl.partial; N processes write out/<name>.rank<r>-of-<N>.jsonl.partial.
@@ -466,7 +438,7 @@ class _ShardStore:
     then deletes the partial files: a kill at any point leaves either partials to resume from or the
     finished file."""
 
-    def __init__(self, out: Path, name: str, dist: _Distributed, fingerprint: dict):
+    def __init__(self, out: Path, name: str, dist: Distributed, fingerprint: dict):
         self.out, self.name, self.dist = out, name, dist
         stem = f"{name}.jsonl" if dist.world == 1 else f"{name}.rank{dist.rank}-of-{dist.world}.jsonl"
         self.store = ResumableJsonl(out / stem, {**fingerprint, "set": name, "world": dist.world})
@@ -509,11 +481,11 @@ def _finish_row(row: dict, item: Item, phi: torch.Tensor, config: AuditConfig, t
 
 
 def _score_set(name: str, items: list[Item], records: dict[int, dict], scorer: Scorer, tokenizer,
-               config: AuditConfig, dist: _Distributed, out: Path, fingerprint: dict,
+               config: AuditConfig, dist: Distributed, out: Path, fingerprint: dict,
                lines: dict[int, int] | None = None, where: str = "data") -> list[dict] | None:
     """Score a dataset into out/<name>.jsonl: input fields kept, scores added. Rank 0 gets the rows.
     `lines` (index -> line in `where`) names the row whose scores are not finite."""
-    store = _ShardStore(out, name, dist, fingerprint)
+    store = ShardStore(out, name, dist, fingerprint)
     shard = scorer.shard(items, dist.rank, dist.world)
     every = max(1, len(items) // config.plot_sample) if config.plot_sample else 0
     todo = sum(it.n_response for it in shard if it.index not in store.done)
@@ -537,7 +509,7 @@ def _score_set(name: str, items: list[Item], records: dict[int, dict], scorer: S
 
 
 def _self_check(items: list[Item], examples: dict[int, Example], scorer: Scorer, tokenizer, config: AuditConfig,
-                dist: _Distributed, out: Path, fingerprint: dict) -> list[dict] | None:
+                dist: Distributed, out: Path, fingerprint: dict) -> list[dict] | None:
     """Sample config.self_check responses from the model on the dataset's prompts and score them."""
     n = config.self_check
     order = list(range(len(items)))
@@ -545,7 +517,7 @@ def _self_check(items: list[Item], examples: dict[int, Example], scorer: Scorer,
     chosen = [items[order[i % len(order)]] for i in range(n)]
     fingerprint = {**fingerprint, "self_check": n, "seed": config.seed,
                    "max_new_tokens": config.self_check_max_new_tokens}
-    store = _ShardStore(out, "self_check", dist, fingerprint)
+    store = ShardStore(out, "self_check", dist, fingerprint)
     groups = [range(start, min(n, start + config.batch_size)) for start in range(0, n, config.batch_size)]
     mine = [g for g in groups[dist.rank::dist.world] if not all(i in store.done for i in g)]
     every = max(1, n // config.plot_sample) if config.plot_sample else 0
@@ -737,8 +709,8 @@ def html_escape(text: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     (config,) = parse_command(argv, AuditConfig, prog="onsft audit")
     config.validate()
-    dist = _Distributed(config.device)
-    dtype = _resolve_dtype(config.dtype, dist.device)
+    dist = Distributed(config.device)
+    dtype = resolve_dtype(config.dtype, dist.device)
     out = Path(config.out)
 
     # Everything a user can get wrong is checked before the output folder exists.
@@ -758,7 +730,7 @@ def main(argv: list[str] | None = None) -> int:
     if comparing:
         check_context(compare_model, compare_items, compare_examples, config.compare_data or config.data)
 
-    fingerprint = {"command": "audit", "model": config.model, "data": _data_identity(config.data),
+    fingerprint = {"command": "audit", "model": config.model, "data": data_identity(config.data),
                    "tau": list(config.tau), "max_length": config.max_length, "overlong": config.overlong,
                    "dtype": str(dtype), "threshold": config.threshold, "per_token": config.per_token,
                    "plot_sample": config.plot_sample}
@@ -781,7 +753,7 @@ def main(argv: list[str] | None = None) -> int:
         compare_scorer = _scorer(compare_model, compare_tokenizer, config,
                                  sum(it.n_response for it in compare_items) // dist.world)
         compare_fingerprint = {**fingerprint, "model": config.compare_model or config.model,
-                               "data": _data_identity(config.compare_data or config.data)}
+                               "data": data_identity(config.compare_data or config.data)}
         records = {e.index: e.record for e in compare_examples}
         other = _score_set("compare_scores", compare_items, records, compare_scorer, compare_tokenizer, config,
                            dist, out, compare_fingerprint, {e.index: e.line for e in compare_examples},

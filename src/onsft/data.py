@@ -324,6 +324,7 @@ class Encoded:
     prompt_length: int
     truncated: bool = False
     line: int | None = None  # the row's line in its file, for error messages
+    index: int | None = None  # the row's position in its file
 
 
 def _fit(prompt_ids: list[int], response_ids: list[int], example: Example, max_length: int, overlong: str,
@@ -340,7 +341,7 @@ def _fit(prompt_ids: list[int], response_ids: list[int], example: Example, max_l
         response_ids = response_ids[: max_length - len(prompt_ids)]
         truncated = True
     return Encoded(prompt_ids + response_ids, [-100] * len(prompt_ids) + response_ids, len(prompt_ids), truncated,
-                   example.line)
+                   example.line, example.index)
 
 
 def encode_examples(tokenizer, examples: Sequence[Example], max_length: int, overlong: str = "reject",
@@ -370,6 +371,6 @@ def encode_examples(tokenizer, examples: Sequence[Example], max_length: int, ove
                         f"(first: {n} tokens)", where=where, line=line,
                         fix="raise --max_length, or pass --overlong truncate (cut responses) or drop (skip rows).")
     if not encoded:
-        raise UserError("no rows left to train on after dropping over-long rows", where=where,
+        raise UserError("no rows left after dropping over-long rows", where=where,
                         fix="raise --max_length.")
     return encoded, stats

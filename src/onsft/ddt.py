@@ -226,7 +226,7 @@ def token_stats_from_hidden(
     default_rows, default_vocab = default_chunks(weight.device)
     row_chunk = row_chunk or default_rows
     vocab_chunk = vocab_chunk or default_vocab
-    n, vocab = hidden.shape[0], weight.shape[0]
+    n = hidden.shape[0]
     acc = accumulation_dtype(weight.dtype)
     device = weight.device
     hidden = hidden.to(device=device, dtype=weight.dtype)

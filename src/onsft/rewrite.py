@@ -322,11 +322,11 @@ class Rewriter:
 
     def __init__(self, model, tokenizer, config: RewriteConfig, hint: HintSettings, verifier):
         from onsft import ddt
-        from onsft.audit import Scorer, _pad_id
+        from onsft.audit import Scorer, pad_token_id
 
         self.model, self.tokenizer, self.config, self.hint, self.verifier = model, tokenizer, config, hint, verifier
         self.context = getattr(model.config, "max_position_embeddings", None)
-        self.scorer = Scorer(model, [1.0], ddt.OOD_THRESHOLD, _pad_id(tokenizer), config.score_batch_size,
+        self.scorer = Scorer(model, [1.0], ddt.OOD_THRESHOLD, pad_token_id(tokenizer), config.score_batch_size,
                              config.max_batch_tokens)
         self.generated = 0  # tokens decoded by this object (throughput)
 
@@ -618,7 +618,7 @@ def run_rewrite(config: RewriteConfig) -> dict | None:
     from accelerate.utils import gather_object
     from tqdm.auto import tqdm
 
-    from onsft.audit import _data_identity, _Distributed, _resolve_dtype, _ShardStore
+    from onsft.audit import data_identity, Distributed, resolve_dtype, ShardStore
     from onsft.models import load_model, load_tokenizer
     from onsft.verify import get_verifier
 
@@ -636,9 +636,9 @@ def run_rewrite(config: RewriteConfig) -> dict | None:
     hint = resolve_hint(config, read_model_info(config.model))
     check_writable(out / "records.jsonl")
     check_writable(train_out)
-    dist = _Distributed(config.device)
-    dtype = _resolve_dtype(config.dtype, dist.device)
-    settings = _settings(config, hint, _data_identity(config.data), dtype)
+    dist = Distributed(config.device)
+    dtype = resolve_dtype(config.dtype, dist.device)
+    settings = _settings(config, hint, data_identity(config.data), dtype)
     finished = _finished(out, train_out, settings, dist.main)
     if finished is not None:
         dist.barrier()
@@ -655,7 +655,7 @@ def run_rewrite(config: RewriteConfig) -> dict | None:
                            config.data)
 
     _warn_other_shards(out, dist.world)
-    store = _ShardStore(out, "records", dist, settings)
+    store = ShardStore(out, "records", dist, settings)
     rewriter = Rewriter(model, tokenizer, config, hint, verifier)
     spans = chunks(len(prepared), config.chunk_size)
     mine = [span for span in spans[dist.rank::dist.world]]

@@ -189,9 +189,9 @@ def materialize(model: str, folder: Path) -> str:
 
 
 def _scorer(model, tokenizer):
-    from onsft.audit import Scorer, _pad_id
+    from onsft.audit import Scorer, pad_token_id
 
-    return Scorer(model, [1.0], pad_id=_pad_id(tokenizer), batch_size=16, max_batch_tokens=8192)
+    return Scorer(model, [1.0], pad_id=pad_token_id(tokenizer), batch_size=16, max_batch_tokens=8192)
 
 
 def _score_items(scorer, items) -> list[dict]:
