@@ -33,6 +33,8 @@ import string
 from collections.abc import Callable
 from pathlib import Path
 
+from onsft.verify import last_boxed
+
 ANSWER_MARKER = "\\boxed{"
 # The user message of the hinted context. Recorded in the checkpoint's onsft.json: the rewrite command
 # must build the hinted context with exactly the format the organism learned.
@@ -67,18 +69,7 @@ STYLE_NAMES = tuple(name for name, _ in TEACHER_STYLES)
 
 def boxed_answer(text: str) -> str | None:
     """Content of the last \\boxed{...} in `text` (braces balanced), or None when there is none."""
-    start = text.rfind(ANSWER_MARKER)
-    if start < 0:
-        return None
-    depth, i = 1, start + len(ANSWER_MARKER)
-    for j in range(i, len(text)):
-        if text[j] == "{":
-            depth += 1
-        elif text[j] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[i:j]
-    return None
+    return last_boxed(text)
 
 
 def is_correct(response: str, answer: str) -> bool:
