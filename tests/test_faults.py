@@ -40,11 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 REPORT: dict = {}
 # Cases still failing for a reason outside this suite's files: (case, why). The test requires that they
 # still fail, so whoever fixes one is told to move it back among the normal cases.
-KNOWN_GAPS = {
-    "nonfinite_generation": "onsft.generation decodes from NaN logits without complaint (greedy takes the argmax "
-                            "of a NaN row), so eval, pairs and rewrite finish with exit 0 on garbage; the check "
-                            "belongs in onsft/generation.py, which another engineer is rewriting",
-}
+KNOWN_GAPS: dict[str, str] = {}
 # One case per command, also run as a real subprocess.
 SUBPROCESS_SAMPLE = ("truncated_last_line", "invalid_utf8", "lone_surrogate", "duplicate_ids", "id_wrong_type",
                      "experiment_eval_typo")

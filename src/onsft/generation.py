@@ -487,6 +487,11 @@ def _widen(buffer: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def _logprobs(logits: torch.Tensor) -> torch.Tensor:
+    # NaN or +inf logits (broken weights, fp16 overflow) would be decoded silently as garbage (argmax of a
+    # NaN row is arbitrary) and then verified and written as if real; stop instead. -inf is a masked token.
+    if torch.isnan(logits).any() or torch.isposinf(logits).any():
+        raise UserError("the model produced non-finite logits (NaN or +inf) while decoding", where="model",
+                        fix="check the model's weights, or load it in float32 (--dtype float32).")
     # At least float32 for the mixture and the entropy; a float64 model keeps float64.
     return torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
 
