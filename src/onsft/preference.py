@@ -257,11 +257,9 @@ class PreferenceTrainConfig(DPOConfig):
         default="non_padding", metadata={"help": "Count tokens processed (no | all | non_padding)."})
 
     def __post_init__(self):
-        # TRL turns an unset bf16 into True, which TrainingArguments then rejects on a CPU-only machine.
-        if self.bf16 is None:
-            import torch
+        from onsft.trainer import resolve_precision
 
-            self.bf16 = not self.fp16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        resolve_precision(self)
         super().__post_init__()
 
 

@@ -18,6 +18,18 @@ from onsft.errors import UserError
 from onsft.losses import LossConfig, idft_loss, schedule_lambda, weighting_stats
 
 
+def resolve_precision(args) -> None:
+    """Before TrainingArguments validates: bf16 unset -> on only where a GPU supports it (TRL turns it on
+    by default, which transformers rejects on a CPU-only machine); bf16 asked for on a machine without an
+    accelerator -> CPU autocast, which transformers allows only with use_cpu."""
+    has_accelerator = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available()) \
+        or torch.backends.mps.is_available()
+    if args.bf16 is None and not args.fp16:
+        args.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported() and not args.use_cpu)
+    if args.bf16 and not has_accelerator:
+        args.use_cpu = True
+
+
 @dataclass
 class TrainConfig(SFTConfig):
     """TRL's SFTConfig (every TrainingArguments field works: --learning_rate, --max_steps, ...) with
@@ -51,13 +63,7 @@ class TrainConfig(SFTConfig):
                           "(counted in the summary)."})
 
     def __post_init__(self):
-        has_accelerator = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available()) \
-            or torch.backends.mps.is_available()
-        if self.bf16 is None and not self.fp16:
-            # TRL turns bf16 on by default, which transformers rejects on a CPU-only machine.
-            self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported() and not self.use_cpu)
-        if self.bf16 and not has_accelerator:
-            self.use_cpu = True  # bf16 autocast on CPU: transformers asks for use_cpu to allow it
+        resolve_precision(self)
         super().__post_init__()
 
 
