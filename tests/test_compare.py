@@ -50,7 +50,7 @@ def test_compare_runs_the_grid_writes_table_and_caches_cells(setup):
     out = root / "grid"
     results = json.loads((out / "results.json").read_text())
     assert [(c["method"], c["seed"]) for c in results["cells"]] == [
-        ("sft", 0), ("idft", 0), ("dpo", 0), ("sft", 1), ("idft", 1), ("dpo", 1)]
+        ("sft", 0), ("sft", 1), ("idft", 0), ("idft", 1), ("dpo", 0), ("dpo", 1)]
     for cell in results["cells"]:
         for key in ("in_domain", "retention"):
             assert 0.0 <= cell[key] <= 1.0

@@ -162,7 +162,8 @@ def train_argv(exp: Experiment, method: str, seed: int, data: str, output_dir: P
     options.update(exp.train)
     options.update(exp.method_train.get(method, {}))
     if exp.curve_every:
-        options.update(save_steps=exp.curve_every, save_total_limit=None)
+        # Every checkpoint is a curve point, so none may be rotated away (a None would be dropped as a flag).
+        options.update(save_steps=exp.curve_every, save_total_limit=10**6)
     return _flags(options)
 
 
@@ -459,8 +460,10 @@ def run_compare(exp: Experiment) -> dict:
         base = {**evaluator.full(evaluator.base), "settings": base_settings}
         write_json_atomic(base_path, base)
     cells = []
-    for seed in exp.seeds:
-        for method in exp.methods:
+    # Method-major: an interrupted grid has every seed of its first methods (a mean and a spread), rather
+    # than one seed of everything.
+    for method in exp.methods:
+        for seed in exp.seeds:
             source = METHODS[method][0]
             print(f"onsft compare: {method} seed {seed}", flush=True)
             cell = run_cell(exp, method, seed, paths[source], out / "cells" / f"{method}-s{seed}", evaluator)

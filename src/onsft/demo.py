@@ -40,7 +40,8 @@ class DemoConfig:
     n_train: int = field(default=100, metadata={"help": "New-skill prompts; each is written in all five teacher "
                                                         "styles, so the teacher data has 5x this many rows."})
     n_test: int = field(default=200, metadata={"help": "Rows of each test set."})
-    curve_every: int = field(default=50, metadata={"help": "Evaluate checkpoints every N steps (0 = off)."})
+    curve_every: int = field(default=100, metadata={"help": "Evaluate checkpoints every N steps (0 = off)."})
+    curve_limit: int = field(default=50, metadata={"help": "Rows per test set at each curve point."})
     bf16: bool = field(default=True, metadata={"help": "bf16 autocast (about 2x faster on CPU for this model)."})
 
 
@@ -51,7 +52,7 @@ def _experiment(config: DemoConfig, data: dict[str, Path]):
         model="organism", train_data=str(data["new_skill_train"]), in_domain=str(data["new_skill_test"]),
         ood=str(data["new_skill_ood"]), retention=str(data["retention_test"]), methods=config.methods,
         seeds=[config.seed], out=str(Path(config.out) / "compare"), kl_limit=64,
-        curve_every=config.curve_every, curve_limit=100,
+        curve_every=config.curve_every, curve_limit=config.curve_limit,
         train={"max_steps": config.steps, "per_device_train_batch_size": config.batch_size,
                "learning_rate": config.learning_rate, "lr_scheduler_type": "cosine", "warmup_steps": 20,
                "max_length": 128, "bf16": config.bf16, "logging_steps": 10},
