@@ -11,38 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import tiny_tokenizer
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny import tiny_tokenizer, untied_model
 
 from onsft import audit, cli, ddt
 from onsft.data import load_examples
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; with two threads on a busy 2-core machine, OpenMP's
-    spin-waiting makes them 10-20x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def calibrated_model(seed: int, head_std: float = 0.5) -> LlamaForCausalLM:
-    """A tiny Llama with an untied, moderately peaked head: varied distributions that differ per seed.
-    (Tied embeddings scaled up make every seed predict 'repeat the last character', so two seeds'
-    texts would look alike.)"""
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tiny_tokenizer()), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512, pad_token_id=0,
-                         eos_token_id=1, bos_token_id=None, tie_word_embeddings=False)
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():
-        model.model.embed_tokens.weight.normal_(0, 1.0)
-        model.lm_head.weight.normal_(0, head_std)
-    return model.eval()
 
 
 def write_jsonl(path: Path, rows) -> Path:
@@ -67,7 +41,7 @@ def saved(tmp_path_factory):
     folder = tmp_path_factory.mktemp("audit")
     tokenizer = tiny_tokenizer()
     for seed in (0, 1):
-        model = calibrated_model(seed)
+        model = untied_model(seed, head_std=0.5)
         model.save_pretrained(folder / f"model{seed}")
         tokenizer.save_pretrained(folder / f"model{seed}")
     write_jsonl(folder / "data.jsonl", ROWS)
@@ -84,7 +58,7 @@ def run(args, capsys) -> tuple[int, str]:
 
 
 def test_scores_do_not_depend_on_padding_batching_or_head_path():
-    tokenizer, model = tiny_tokenizer(), calibrated_model(0)
+    tokenizer, model = tiny_tokenizer(), untied_model(0, head_std=0.5)
     examples = [audit.Example(index=i, line=i + 1, record=r, prompt=[{"role": "user", "content": r["prompt"]}],
                               response=r["completion"]) for i, r in enumerate(ROWS[:9])]
     items, _ = audit.encode_items(tokenizer, examples, max_length=200)
@@ -119,7 +93,7 @@ def test_scores_do_not_depend_on_padding_batching_or_head_path():
 
 def test_own_samples_are_calibrated_and_another_models_text_is_not():
     tokenizer = tiny_tokenizer()
-    own, other = calibrated_model(0), calibrated_model(1)
+    own, other = untied_model(0, head_std=0.5), untied_model(1, head_std=0.5)
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": f"question {i}"}], add_generation_prompt=True,
                                              tokenize=True)["input_ids"] for i in range(20)]
     prompts = [prompts[i % 20] for i in range(200)]

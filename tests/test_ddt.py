@@ -8,15 +8,6 @@ import torch
 from onsft import ddt
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Small tensors: one thread avoids OpenMP spin-waiting on a busy 2-core machine (10x slower there).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def naive(logits: torch.Tensor, targets: torch.Tensor, tau: float = 1.0) -> dict[str, torch.Tensor]:
     """Straight from the definitions, in float64, one row at a time."""
     out = {k: [] for k in ("logp", "entropy", "second_moment", "phi", "var")}

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import tiny_tokenizer
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny import tiny_tokenizer, untied_model
 
 from onsft import cli, ddt, rewrite
 from onsft.data import encode_prompt, encode_response, load_examples, parse_example
@@ -23,28 +22,6 @@ from onsft.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 ORGANISM = ROOT / "src" / "onsft" / "organism" / "model"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models run fastest on one thread; two threads on a busy 2-core machine spin-wait.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def varied_model(seed: int = 0) -> LlamaForCausalLM:
-    """A tiny Llama with an untied, moderately peaked head: varied texts, so verifiers have choices."""
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tiny_tokenizer()), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512, pad_token_id=0,
-                         eos_token_id=1, bos_token_id=None, tie_word_embeddings=False)
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():
-        model.model.embed_tokens.weight.normal_(0, 1.0)
-        model.lm_head.weight.normal_(0, 1.0)
-    return model.eval()
 
 
 ROWS = [{"id": i, "prompt": f"What is {i} + {i}?", "answer": f"a{i}", "reference": f"{i} + {i} = \\boxed{{{2 * i}}}",
@@ -66,7 +43,7 @@ def rows_of(path: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     folder = tmp_path_factory.mktemp("rewrite")
-    varied_model().save_pretrained(folder / "model")
+    untied_model().save_pretrained(folder / "model")
     tiny_tokenizer().save_pretrained(folder / "model")
     write_jsonl(folder / "data.jsonl", ROWS[:10])
     write_jsonl(folder / "long.jsonl", ROWS)
@@ -150,7 +127,7 @@ def naive_mean_phi(model, tokenizer, prompt, text) -> float:
 
 
 def test_provenance_own_hinted_dropped_with_a_scripted_verifier():
-    model, tokenizer = varied_model(), tiny_tokenizer()
+    model, tokenizer = untied_model(), tiny_tokenizer()
     rows = ROWS[:6]
     examples = [parse_example(r, i, i + 1, "rows", False) for i, r in enumerate(rows)]
     k, tries = 2, 2
@@ -223,7 +200,7 @@ def test_provenance_own_hinted_dropped_with_a_scripted_verifier():
 
 
 def test_analyze_first_extends_the_hinted_context_or_drops_the_row():
-    model, tokenizer = varied_model(), tiny_tokenizer()
+    model, tokenizer = untied_model(), tiny_tokenizer()
     examples = [parse_example(r, i, i + 1, "rows", False) for i, r in enumerate(ROWS[:3])]
     config = rewrite.RewriteConfig(model="m", data="d", own_samples=0, max_new_tokens=6, analyze_first=True,
                                    analyze_max_new_tokens=8, chunk_size=3)
