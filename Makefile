@@ -3,7 +3,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test lint bench clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml scripts/setup.sh
@@ -15,6 +15,11 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -n 2 --durations=15 tests
+
+# Style never drifts: CI runs this before the tests (`ruff format` rewrites, `--check` only reports).
+lint: setup
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
 
 bench: setup
 	$(PY) benchmarks/train_step.py

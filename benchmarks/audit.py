@@ -42,9 +42,16 @@ VARIANTS = ("forward", "audit", "audit_fused", "audit_all", "naive_ddt")
 
 def build(args):
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=4 * args.hidden,
-                         num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=4,
-                         max_position_embeddings=max(2048, args.seq_len), tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=4 * args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=max(2048, args.seq_len),
+        tie_word_embeddings=False,
+    )
     model = LlamaForCausalLM(config).eval()
     generator = torch.Generator().manual_seed(1)
     batches = []
@@ -85,8 +92,9 @@ def runner(name: str, model, args):
         picked = logits.reshape(-1, logits.shape[-1])[torch.tensor(positions)]
         return ddt.token_stats(picked, torch.tensor(targets))
 
-    return {"forward": forward, "audit": scored, "audit_fused": fused, "audit_all": every_position,
-            "naive_ddt": naive}[name]
+    return {"forward": forward, "audit": scored, "audit_fused": fused, "audit_all": every_position, "naive_ddt": naive}[
+        name
+    ]
 
 
 def one_pass(run, batches) -> tuple[float, float]:
@@ -174,37 +182,57 @@ def main(argv=None) -> int:
     memory = {}
     for name in VARIANTS:
         child = [sys.executable, __file__, "--memory_of", name] + [
-            f"--{k}={v}" for k, v in vars(args).items() if k not in ("memory_of", "out", "rounds")]
+            f"--{k}={v}" for k, v in vars(args).items() if k not in ("memory_of", "out", "rounds")
+        ]
         done = subprocess.run(child, capture_output=True, text=True, check=True)
         memory[name] = json.loads(done.stdout.strip().splitlines()[-1])
 
     base_time, base_memory = median["forward"], memory["forward"]["peak_delta_mb"]
     result = {
         "model": {"vocab": args.vocab, "hidden": args.hidden, "layers": args.layers},
-        "batches": {"count": args.batches, "batch_size": args.batch_size, "padded_tokens": tokens,
-                    "real_tokens": real, "response_tokens": response},
-        "tiles": {"row_chunk": args.row_chunk or ddt.default_chunks("cpu")[0],
-                  "vocab_chunk": args.vocab_chunk or ddt.default_chunks("cpu")[1]},
-        "threads": torch.get_num_threads(), "rounds": args.rounds,
+        "batches": {
+            "count": args.batches,
+            "batch_size": args.batch_size,
+            "padded_tokens": tokens,
+            "real_tokens": real,
+            "response_tokens": response,
+        },
+        "tiles": {
+            "row_chunk": args.row_chunk or ddt.default_chunks("cpu")[0],
+            "vocab_chunk": args.vocab_chunk or ddt.default_chunks("cpu")[1],
+        },
+        "threads": torch.get_num_threads(),
+        "rounds": args.rounds,
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
         "variants": {
-            name: {"seconds_median": median[name], "seconds_all": seconds[name], "warm_up_seconds": warm[name],
-                   "tokens_per_s": tokens / median[name], "throughput_ratio_vs_forward": base_time / median[name],
-                   "cpu_seconds_median": cpu_median[name],
-                   "cpu_throughput_ratio_vs_forward": cpu_median["forward"] / cpu_median[name],
-                   "peak_delta_mb": memory[name]["peak_delta_mb"],
-                   "memory_ratio_vs_forward": memory[name]["peak_delta_mb"] / base_memory,
-                   "memory_method": memory[name]["method"]}
+            name: {
+                "seconds_median": median[name],
+                "seconds_all": seconds[name],
+                "warm_up_seconds": warm[name],
+                "tokens_per_s": tokens / median[name],
+                "throughput_ratio_vs_forward": base_time / median[name],
+                "cpu_seconds_median": cpu_median[name],
+                "cpu_throughput_ratio_vs_forward": cpu_median["forward"] / cpu_median[name],
+                "peak_delta_mb": memory[name]["peak_delta_mb"],
+                "memory_ratio_vs_forward": memory[name]["peak_delta_mb"] / base_memory,
+                "memory_method": memory[name]["method"],
+            }
             for name in VARIANTS
         },
     }
-    print(f"{tokens} padded tokens per pass ({response} response tokens), vocab {args.vocab}, "
-          f"{torch.get_num_threads()} threads, median of {args.rounds}")
-    print(f"{'variant':<12} {'s/pass':>8} {'tok/s':>9} {'speed vs fwd':>13} {'cpu-time speed':>15} "
-          f"{'peak MB':>9} {'mem vs fwd':>11}")
+    print(
+        f"{tokens} padded tokens per pass ({response} response tokens), vocab {args.vocab}, "
+        f"{torch.get_num_threads()} threads, median of {args.rounds}"
+    )
+    print(
+        f"{'variant':<12} {'s/pass':>8} {'tok/s':>9} {'speed vs fwd':>13} {'cpu-time speed':>15} "
+        f"{'peak MB':>9} {'mem vs fwd':>11}"
+    )
     for name, v in result["variants"].items():
-        print(f"{name:<12} {v['seconds_median']:8.3f} {v['tokens_per_s']:9.0f} {v['throughput_ratio_vs_forward']:12.2f}x "
-              f"{v['cpu_throughput_ratio_vs_forward']:14.2f}x {v['peak_delta_mb']:9.1f} {v['memory_ratio_vs_forward']:10.2f}x")
+        print(
+            f"{name:<12} {v['seconds_median']:8.3f} {v['tokens_per_s']:9.0f} {v['throughput_ratio_vs_forward']:12.2f}x "
+            f"{v['cpu_throughput_ratio_vs_forward']:14.2f}x {v['peak_delta_mb']:9.1f} {v['memory_ratio_vs_forward']:10.2f}x"
+        )
     print(f"one-off warm-up of audit_fused (torch.compile): {warm['audit_fused']:.1f} s")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -75,10 +75,18 @@ def build_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
 def build_model(args) -> LlamaForCausalLM:
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-        max_position_embeddings=4096, pad_token_id=0, eos_token_id=1, bos_token_id=None,
-        tie_word_embeddings=False)
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        max_position_embeddings=4096,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=None,
+        tie_word_embeddings=False,
+    )
     model = LlamaForCausalLM(config).eval()
     # At the init scale (std 0.02) next-token distributions are nearly uniform; a trained model's are
     # peaked (a few nats). Scaling the head gives that (mean entropy ~2.2 nats at 10x), so lambda
@@ -107,6 +115,7 @@ def make_prompts(args, n: int, seed: int = 0):
 # (c) the reference algorithm, one example at a time, no KV cache, two copies of the model
 # ---------------------------------------------------------------------------------------------
 
+
 def reference_nucleus(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
     """The reference's NucleusProcessor: top-p on the raw scores, then softmax(scores / temperature)."""
     sorted_logits, sorted_indices = torch.sort(logits, descending=True)
@@ -122,16 +131,28 @@ def reference_nucleus(logits: torch.Tensor, temperature: float, top_p: float) ->
 def repeated(tokens: list[int], k: int = 30, m: int = 5) -> bool:
     counts: dict[tuple[int, ...], int] = defaultdict(int)
     for i in range(len(tokens) - k):
-        counts[tuple(tokens[i:i + k])] += 1
-        if counts[tuple(tokens[i:i + k])] >= m:
+        counts[tuple(tokens[i : i + k])] += 1
+        if counts[tuple(tokens[i : i + k])] >= m:
             return True
     return False
 
 
 @torch.no_grad()
-def reference_hinted(hinted_model, plain_model, tokenizer, hinted: list[int], plain: list[int], steps: int,
-                     beta: float, temperature: float, top_p: float, marker: str, eos: int,
-                     prefix: list[int] | None = None, repetition_count: int = 5) -> list[int]:
+def reference_hinted(
+    hinted_model,
+    plain_model,
+    tokenizer,
+    hinted: list[int],
+    plain: list[int],
+    steps: int,
+    beta: float,
+    temperature: float,
+    top_p: float,
+    marker: str,
+    eos: int,
+    prefix: list[int] | None = None,
+    repetition_count: int = 5,
+) -> list[int]:
     """`steps` tokens of the reference loop after an optional already-generated `prefix`."""
     generated = list(prefix or [])
     text = tokenizer.decode(generated)
@@ -157,10 +178,11 @@ def reference_hinted(hinted_model, plain_model, tokenizer, hinted: list[int], pl
         token = int(torch.multinomial(reference_nucleus(mixed, temperature, top_p), 1))
         generated.append(token)
         text += tokenizer.decode([token])
-    return generated[len(prefix or []):]
+    return generated[len(prefix or []) :]
 
 
 # ---------------------------------------------------------------------------------------------
+
 
 def timed(fn):
     """(CPU seconds of this process, wall seconds, result)."""
@@ -183,13 +205,21 @@ def main(argv=None) -> dict:
     parser.add_argument("--question-len", type=int, nargs=2, default=[48, 160])
     parser.add_argument("--reference-len", type=int, nargs=2, default=[128, 384])
     parser.add_argument("--instruction-len", type=int, default=384, help="shared rewriting instruction")
-    parser.add_argument("--repeats", type=int, default=2, help="(a) and (b) are timed this many times "
-                                                               "(interleaved); the best time counts.")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=2,
+        help="(a) and (b) are timed this many times (interleaved); the best time counts.",
+    )
     parser.add_argument("--ref-examples", type=int, default=2, help="examples timed for baseline (c)")
     parser.add_argument("--ref-segment", type=int, default=16, help="tokens per timed segment of (c)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (0 = torch's default). One thread and CPU time make the ratios "
-                             "robust to other processes on a shared machine; wall times are reported too.")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (0 = torch's default). One thread and CPU time make the ratios "
+        "robust to other processes on a shared machine; wall times are reported too.",
+    )
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "hinted.json"))
     args = parser.parse_args(argv)
     if args.threads:
@@ -199,23 +229,38 @@ def main(argv=None) -> dict:
     model = build_model(args)
     plain, hinted = make_prompts(args, args.batch)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: {n_params / 1e6:.1f}M params, hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}; "
-          f"batch {args.batch}, {args.new_tokens} new tokens, torch threads {torch.get_num_threads()}")
-    print(f"prompt tokens: plain mean {sum(map(len, plain)) / len(plain):.0f}, "
-          f"hinted mean {sum(map(len, hinted)) / len(hinted):.0f}")
+    print(
+        f"model: {n_params / 1e6:.1f}M params, hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}; "
+        f"batch {args.batch}, {args.new_tokens} new tokens, torch threads {torch.get_num_threads()}"
+    )
+    print(
+        f"prompt tokens: plain mean {sum(map(len, plain)) / len(plain):.0f}, "
+        f"hinted mean {sum(map(len, hinted)) / len(hinted):.0f}"
+    )
 
     # Reference demo settings: beta 3, temperature 0.3, top-p 0.95, the "\boxed{" marker. A random
     # model falls into loops that a trained one would not; the repetition detector still runs (its
     # per-step cost is part of the measurement) but with a count no loop reaches, so no row stops early.
-    hd_config = HintedConfig(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, batch_size=args.batch,
-                             seed=0, repetition_count=10**9)
+    hd_config = HintedConfig(
+        max_new_tokens=args.new_tokens,
+        min_new_tokens=args.new_tokens,
+        batch_size=args.batch,
+        seed=0,
+        repetition_count=10**9,
+    )
 
     def run_hinted():
         return hinted_decode(model, tokenizer, plain, hinted, hd_config)
 
     def run_ours_plain():
-        config = SamplingConfig(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                                temperature=0.3, top_p=0.95, batch_size=args.batch, repetition_count=10**9)
+        config = SamplingConfig(
+            max_new_tokens=args.new_tokens,
+            min_new_tokens=args.new_tokens,
+            temperature=0.3,
+            top_p=0.95,
+            batch_size=args.batch,
+            repetition_count=10**9,
+        )
         return generate(model, tokenizer, plain, config)
 
     def run_hf():
@@ -223,8 +268,17 @@ def main(argv=None) -> dict:
         ids = torch.tensor([[0] * (width - len(p)) + p for p in plain])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in plain])
         with torch.inference_mode():
-            out = model.generate(ids, attention_mask=mask, do_sample=True, temperature=0.3, top_p=0.95, top_k=None,
-                                 max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, pad_token_id=0)
+            out = model.generate(
+                ids,
+                attention_mask=mask,
+                do_sample=True,
+                temperature=0.3,
+                top_p=0.95,
+                top_k=None,
+                max_new_tokens=args.new_tokens,
+                min_new_tokens=args.new_tokens,
+                pad_token_id=0,
+            )
         return out[:, width:]
 
     # Warm-up: first calls pay for lazy initialisation (kernels, allocator).
@@ -261,11 +315,16 @@ def main(argv=None) -> dict:
     kwargs = dict(beta=3.0, temperature=0.3, top_p=0.95, marker="\\boxed{", eos=1, repetition_count=10**9)
     for i in range(args.ref_examples):
         prefix = [rng.randrange(5, args.vocab) for _ in range(args.new_tokens - seg)]
-        record("reference_early", lambda: reference_hinted(hinted_copy, plain_copy, tokenizer, hinted[i], plain[i],
-                                                           seg, **kwargs))
-        record("reference_late", lambda: reference_hinted(hinted_copy, plain_copy, tokenizer, hinted[i], plain[i],
-                                                          seg, prefix=prefix, **kwargs))
-    del hinted_copy, plain_copy
+        record(
+            "reference_early",
+            lambda i=i: reference_hinted(hinted_copy, plain_copy, tokenizer, hinted[i], plain[i], seg, **kwargs),
+        )
+        record(
+            "reference_late",
+            lambda i=i, prefix=prefix: reference_hinted(
+                hinted_copy, plain_copy, tokenizer, hinted[i], plain[i], seg, prefix=prefix, **kwargs
+            ),
+        )
 
     def rate(name, tokens, best=True, which=clock):
         values = times[name][which]
@@ -276,15 +335,17 @@ def main(argv=None) -> dict:
     for which, out in ((clock, rates), ("wall", wall_rates)):
         early = rate("reference_early", ref_tokens, best=False, which=which)
         late = rate("reference_late", ref_tokens, best=False, which=which)
-        out.update({
-            "hinted_tokens_per_s": rate("hinted", generated, which=which),
-            "hf_generate_plain_tokens_per_s": rate("hf_generate", generated, which=which),
-            "ours_generate_plain_tokens_per_s": rate("ours_generate", generated, which=which),
-            # Mean per-token time of the first and last segments = the mean over all new tokens.
-            "reference_tokens_per_s": 2 / (1 / early + 1 / late),
-            "reference_early_segment_tokens_per_s": early,
-            "reference_late_segment_tokens_per_s": late,
-        })
+        out.update(
+            {
+                "hinted_tokens_per_s": rate("hinted", generated, which=which),
+                "hf_generate_plain_tokens_per_s": rate("hf_generate", generated, which=which),
+                "ours_generate_plain_tokens_per_s": rate("ours_generate", generated, which=which),
+                # Mean per-token time of the first and last segments = the mean over all new tokens.
+                "reference_tokens_per_s": 2 / (1 / early + 1 / late),
+                "reference_early_segment_tokens_per_s": early,
+                "reference_late_segment_tokens_per_s": late,
+            }
+        )
     ratios = {
         "hinted_vs_hf_generate": rates["hinted_tokens_per_s"] / rates["hf_generate_plain_tokens_per_s"],
         "hinted_vs_reference": rates["hinted_tokens_per_s"] / rates["reference_tokens_per_s"],
@@ -296,25 +357,41 @@ def main(argv=None) -> dict:
         print(f"{name:40s} {value:10.1f}   [{wall_rates[name]:.1f}]")
     for name, value in ratios.items():
         print(f"{name:40s} {value:10.2f}x")
-    targets = {"hinted_vs_hf_generate >= 0.5": ratios["hinted_vs_hf_generate"] >= 0.5,
-               "hinted_vs_reference >= 20": ratios["hinted_vs_reference"] >= 20}
+    targets = {
+        "hinted_vs_hf_generate >= 0.5": ratios["hinted_vs_hf_generate"] >= 0.5,
+        "hinted_vs_reference >= 20": ratios["hinted_vs_reference"] >= 20,
+    }
     for name, ok in targets.items():
         print(f"target {name}: {'met' if ok else 'MISSED'}")
     report = {
         "benchmark": "hinted decoding throughput (generated tokens/s)",
-        "settings": {**vars(args), "params_millions": round(n_params / 1e6, 2),
-                     "plain_prompt_mean": sum(map(len, plain)) / len(plain),
-                     "hinted_prompt_mean": sum(map(len, hinted)) / len(hinted),
-                     "hinted_config": {k: v for k, v in hd_config.__dict__.items()}},
-        "clock": clock, "times_s": dict(times), "rates": rates, "wall_rates": wall_rates, "ratios": ratios,
+        "settings": {
+            **vars(args),
+            "params_millions": round(n_params / 1e6, 2),
+            "plain_prompt_mean": sum(map(len, plain)) / len(plain),
+            "hinted_prompt_mean": sum(map(len, hinted)) / len(hinted),
+            "hinted_config": {k: v for k, v in hd_config.__dict__.items()},
+        },
+        "clock": clock,
+        "times_s": dict(times),
+        "rates": rates,
+        "wall_rates": wall_rates,
+        "ratios": ratios,
         "targets_met": targets,
-        "hinted_stats": {"handovers": sum(r.handed_over for r in results),
-                         "mean_lambda": sum(r.mean_lambda for r in results) / len(results),
-                         "finish_reasons": sorted({r.finish_reason for r in results})},
-        "environment": {"torch": torch.__version__, "transformers": transformers.__version__,
-                        "python": sys.version.split()[0], "machine": platform.machine(),
-                        "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                        "load_average": os.getloadavg()},
+        "hinted_stats": {
+            "handovers": sum(r.handed_over for r in results),
+            "mean_lambda": sum(r.mean_lambda for r in results) / len(results),
+            "finish_reasons": sorted({r.finish_reason for r in results}),
+        },
+        "environment": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "python": sys.version.split()[0],
+            "machine": platform.machine(),
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "load_average": os.getloadavg(),
+        },
     }
     write_json_atomic(args.out, report)
     print(f"wrote {args.out}")

@@ -33,9 +33,16 @@ def build(args):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=4 * args.hidden,
-                         num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=4,
-                         max_position_embeddings=args.seq, tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=4 * args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=args.seq,
+        tie_word_embeddings=True,
+    )
     model = LlamaForCausalLM(config)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq))
     labels = ids.clone()
@@ -53,8 +60,16 @@ def make_step(variant: str, model, args, workdir: str):
 
     tokenizer = tiny_tokenizer()
     dummy = datasets.Dataset.from_dict({"input_ids": [[1, 2, 3]], "labels": [[-100, 2, 3]]})
-    common = dict(output_dir=workdir, bf16=False, use_cpu=True, report_to="none", per_device_train_batch_size=1,
-                  dataset_kwargs={"skip_prepare_dataset": True}, remove_unused_columns=False, max_steps=1)
+    common = dict(
+        output_dir=workdir,
+        bf16=False,
+        use_cpu=True,
+        report_to="none",
+        per_device_train_batch_size=1,
+        dataset_kwargs={"skip_prepare_dataset": True},
+        remove_unused_columns=False,
+        max_steps=1,
+    )
     if variant == "naive_fp32":
         from onsft.losses import LossConfig, idft_loss
 
@@ -68,24 +83,35 @@ def make_step(variant: str, model, args, workdir: str):
             logp = logp_all.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
             entropy = -(logp_all.exp() * logp_all).sum(-1)
             idft_loss(logp, entropy, mask, config).backward()
+
         return step
     if variant == "trl_nll":
         from trl import SFTConfig, SFTTrainer
 
-        trainer = SFTTrainer(model=model, args=SFTConfig(loss_type="nll", gradient_checkpointing=False, **common),
-                             train_dataset=dummy, processing_class=tokenizer)
+        trainer = SFTTrainer(
+            model=model,
+            args=SFTConfig(loss_type="nll", gradient_checkpointing=False, **common),
+            train_dataset=dummy,
+            processing_class=tokenizer,
+        )
     else:
         from onsft.losses import LossConfig
         from onsft.trainer import OnPolicySFTTrainer, TrainConfig
 
         tiles = {"idft": {}, "idft_trl_tiles": {"head_token_chunk": 4096, "head_vocab_chunk": 32768}}[variant]
-        trainer = OnPolicySFTTrainer(model=model, args=TrainConfig(**common, **tiles), train_dataset=dummy,
-                                     processing_class=tokenizer, loss_config=LossConfig(loss="idft"))
+        trainer = OnPolicySFTTrainer(
+            model=model,
+            args=TrainConfig(**common, **tiles),
+            train_dataset=dummy,
+            processing_class=tokenizer,
+            loss_config=LossConfig(loss="idft"),
+        )
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = 1  # set by train(); we call training_step directly
 
     def step(batch):
         trainer.training_step(trainer.model, dict(batch))
+
     return step
 
 
@@ -106,8 +132,12 @@ def worker(variant: str, args) -> dict:
             step(batch)
             times.append(time.perf_counter() - start)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"variant": variant, "step_seconds": statistics.median(times[1:]), "all_seconds": times,
-            "peak_step_bytes": max(0, peak - before)}
+    return {
+        "variant": variant,
+        "step_seconds": statistics.median(times[1:]),
+        "all_seconds": times,
+        "peak_step_bytes": max(0, peak - before),
+    }
 
 
 def main() -> None:
@@ -129,8 +159,9 @@ def main() -> None:
     results = {}
     passthrough = [a for a in sys.argv[1:] if not a.startswith("--out") and a != args.out]
     for variant in args.variants.split(","):
-        out = subprocess.run([sys.executable, __file__, *passthrough, "--worker", variant], capture_output=True,
-                             text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, __file__, *passthrough, "--worker", variant], capture_output=True, text=True, check=True
+        )
         results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
         r = results[variant]
         print(f"{variant:>16}: {r['step_seconds']:.3f} s/step, step memory {r['peak_step_bytes'] / 2**20:.0f} MiB")
@@ -140,20 +171,40 @@ def main() -> None:
         ratios["idft_over_trl_time"] = ours["step_seconds"] / base["step_seconds"]
         ratios["idft_over_trl_memory"] = ours["peak_step_bytes"] / max(1, base["peak_step_bytes"])
     if "naive_fp32" in results and "idft" in results:
-        ratios["naive_over_idft_memory"] = results["naive_fp32"]["peak_step_bytes"] / max(1, results["idft"]["peak_step_bytes"])
+        ratios["naive_over_idft_memory"] = results["naive_fp32"]["peak_step_bytes"] / max(
+            1, results["idft"]["peak_step_bytes"]
+        )
         ratios["naive_over_idft_time"] = results["naive_fp32"]["step_seconds"] / results["idft"]["step_seconds"]
-    targets = {"idft_over_trl_time": ("<=", 1.05), "idft_over_trl_memory": ("<=", 1.02),
-               "naive_over_idft_memory": (">=", 3.0)}
+    targets = {
+        "idft_over_trl_time": ("<=", 1.05),
+        "idft_over_trl_memory": ("<=", 1.02),
+        "naive_over_idft_memory": (">=", 3.0),
+    }
     verdict = {}
     for key, value in ratios.items():
         if key in targets:
             op, bound = targets[key]
             verdict[key] = value <= bound if op == "<=" else value >= bound
-        print(f"{key}: {value:.3f}" + (f"  (target {targets[key][0]} {targets[key][1]}: "
-                                      f"{'met' if verdict[key] else 'NOT met'})" if key in targets else ""))
+        print(
+            f"{key}: {value:.3f}"
+            + (
+                f"  (target {targets[key][0]} {targets[key][1]}: {'met' if verdict[key] else 'NOT met'})"
+                if key in targets
+                else ""
+            )
+        )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"settings": {k: v for k, v in vars(args).items() if k != "worker"},
-                                          "results": results, "ratios": ratios, "targets_met": verdict}, indent=2))
+    Path(args.out).write_text(
+        json.dumps(
+            {
+                "settings": {k: v for k, v in vars(args).items() if k != "worker"},
+                "results": results,
+                "ratios": ratios,
+                "targets_met": verdict,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

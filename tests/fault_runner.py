@@ -124,8 +124,16 @@ class Runner:
             target = Path(case["fingerprint"])
             target = target if target.is_absolute() else watch / target
             digest = hashlib.sha256(target.read_bytes()).hexdigest() if target.is_file() else None
-        return {"name": case["name"], "code": code, "stderr": stderr, "stdout": stdout[-2000:], "created": created,
-                "seconds": round(seconds, 2), "sha256": digest, "mechanism": self.mechanism}
+        return {
+            "name": case["name"],
+            "code": code,
+            "stderr": stderr,
+            "stdout": stdout[-2000:],
+            "created": created,
+            "seconds": round(seconds, 2),
+            "sha256": digest,
+            "mechanism": self.mechanism,
+        }
 
 
 def main(plan_path: str, results_path: str) -> None:

@@ -1,6 +1,6 @@
 """Write docs/reliability.md: run tests/test_faults.py with the report switched on.
 
-    python tests/fault_table.py [--out docs/reliability.md]
+python tests/fault_table.py [--out docs/reliability.md]
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ def main() -> int:
     args = parser.parse_args()
     out = Path(args.out).resolve()
     env = {**os.environ, "ONSFT_RELIABILITY_DOC": str(out)}
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", str(ROOT / "tests" / "test_faults.py")], env=env,
-                          cwd=ROOT)
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", str(ROOT / "tests" / "test_faults.py")], env=env, cwd=ROOT
+    )
     print(f"wrote {out}" if out.is_file() else "no report written", file=sys.stderr)
     return done.returncode
 

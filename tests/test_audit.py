@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import tiny_tokenizer, untied_model
 
 from onsft import audit, cli, ddt
 from onsft.data import load_examples
+from tiny import tiny_tokenizer, untied_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,8 +31,17 @@ def rows_of(path: Path) -> list[dict]:
 ROWS = [
     {"id": i, "prompt": f"What is {i} plus {i + 2}?", "completion": f"It is {2 * i + 2}." * (1 + i % 3), "extra": [i]}
     for i in range(9)
-] + [{"id": 9, "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."},
-                             {"role": "assistant", "content": "Blue, like the sky at noon."}], "extra": None}]
+] + [
+    {
+        "id": 9,
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Name a colour."},
+            {"role": "assistant", "content": "Blue, like the sky at noon."},
+        ],
+        "extra": None,
+    }
+]
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +68,12 @@ def run(args, capsys) -> tuple[int, str]:
 
 def test_scores_do_not_depend_on_padding_batching_or_head_path():
     tokenizer, model = tiny_tokenizer(), untied_model(0, head_std=0.5)
-    examples = [audit.Example(index=i, line=i + 1, record=r, prompt=[{"role": "user", "content": r["prompt"]}],
-                              response=r["completion"]) for i, r in enumerate(ROWS[:9])]
+    examples = [
+        audit.Example(
+            index=i, line=i + 1, record=r, prompt=[{"role": "user", "content": r["prompt"]}], response=r["completion"]
+        )
+        for i, r in enumerate(ROWS[:9])
+    ]
     items, _ = audit.encode_items(tokenizer, examples, max_length=200)
     assert len({len(it.ids) for it in items}) > 3  # varied lengths, so batches really pad
     alone = audit.Scorer(model, [1.0, 0.7], batch_size=1)
@@ -86,7 +99,7 @@ def test_scores_do_not_depend_on_padding_batching_or_head_path():
     item = items[4]
     with torch.no_grad():
         logits = model(torch.tensor([item.ids])).logits[0].double()
-    expected = ddt.token_stats(logits[item.prompt_length - 1:-1], torch.tensor(item.ids[item.prompt_length:]))
+    expected = ddt.token_stats(logits[item.prompt_length - 1 : -1], torch.tensor(item.ids[item.prompt_length :]))
     assert torch.allclose(results[1][item.index][1].double(), expected.phi, atol=1e-5)
     assert results[1][item.index][0]["n_tokens"] == len(item.ids) - item.prompt_length
 
@@ -94,8 +107,12 @@ def test_scores_do_not_depend_on_padding_batching_or_head_path():
 def test_own_samples_are_calibrated_and_another_models_text_is_not():
     tokenizer = tiny_tokenizer()
     own, other = untied_model(0, head_std=0.5), untied_model(1, head_std=0.5)
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": f"question {i}"}], add_generation_prompt=True,
-                                             tokenize=True)["input_ids"] for i in range(20)]
+    prompts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": f"question {i}"}], add_generation_prompt=True, tokenize=True
+        )["input_ids"]
+        for i in range(20)
+    ]
     prompts = [prompts[i % 20] for i in range(200)]
     scorer = audit.Scorer(own, [1.0], batch_size=64, max_batch_tokens=100_000)
 
@@ -130,14 +147,50 @@ def test_own_samples_are_calibrated_and_another_models_text_is_not():
 
 def test_cli_end_to_end(saved, tmp_path, capsys):
     out = tmp_path / "out"
-    code, err = run(["--model", saved / "model0", "--data", saved / "data.jsonl", "--out", out, "--tau", "1.0", "0.7",
-                     "--self_check", 6, "--self_check_max_new_tokens", 8, "--keep", "out", "--keep_by", "pvalue",
-                     "--alpha", "0.01", "--per_token", "--compare_data", saved / "other.jsonl",
-                     "--compare_model", saved / "model1", "--worst", 3], capsys)
+    code, err = run(
+        [
+            "--model",
+            saved / "model0",
+            "--data",
+            saved / "data.jsonl",
+            "--out",
+            out,
+            "--tau",
+            "1.0",
+            "0.7",
+            "--self_check",
+            6,
+            "--self_check_max_new_tokens",
+            8,
+            "--keep",
+            "out",
+            "--keep_by",
+            "pvalue",
+            "--alpha",
+            "0.01",
+            "--per_token",
+            "--compare_data",
+            saved / "other.jsonl",
+            "--compare_model",
+            saved / "model1",
+            "--worst",
+            3,
+        ],
+        capsys,
+    )
     assert code == 0, err
-    for name in ("scores.jsonl", "self_check.jsonl", "compare_scores.jsonl", "kept.jsonl", "summary.json",
-                 "report.html", "plots/mean_phi.png", "plots/token_phi.png", "plots/phi_by_position.png",
-                 "plots/z_calibration.png"):
+    for name in (
+        "scores.jsonl",
+        "self_check.jsonl",
+        "compare_scores.jsonl",
+        "kept.jsonl",
+        "summary.json",
+        "report.html",
+        "plots/mean_phi.png",
+        "plots/token_phi.png",
+        "plots/phi_by_position.png",
+        "plots/z_calibration.png",
+    ):
         assert (out / name).stat().st_size > 0, name
     assert not list(out.glob("*.partial"))
 
@@ -167,7 +220,8 @@ def test_cli_end_to_end(saved, tmp_path, capsys):
     main = summary["sets"]["scores"]
     assert main["n_responses"] == 10 and main["n_tokens"] == sum(r["n_tokens"] for r in scores)
     assert main["mean_phi_token_weighted"] == pytest.approx(
-        sum(r["sum_phi"] for r in scores) / main["n_tokens"], abs=1e-9)
+        sum(r["sum_phi"] for r in scores) / main["n_tokens"], abs=1e-9
+    )
     assert main["fraction_ood"] == pytest.approx(sum(r["ood"] for r in scores) / 10)
     assert main["z_std"] == pytest.approx(statistics.pstdev([r["z"] for r in scores]), abs=1e-9)
     assert summary["kept"] == {"keep": "out", "by": "pvalue", "rows": len(kept), "of": 10}
@@ -182,8 +236,11 @@ BAD_INPUTS = {
     "missing_column": ([{"question": "a", "completion": "b"}], {}, "data.jsonl:1:"),
     "empty_response": ([{"prompt": "a", "completion": "b"}, {"prompt": "a", "completion": "  "}], {}, "data.jsonl:2:"),
     "unknown_model": ([{"prompt": "a", "completion": "b"}], {"model": "no-such-model-anywhere"}, "no-such-model"),
-    "overlong_row": ([{"prompt": "a", "completion": "b"}, {"prompt": "a", "completion": "b" * 80}], {"max_length": 40},
-                     "data.jsonl:2:"),
+    "overlong_row": (
+        [{"prompt": "a", "completion": "b"}, {"prompt": "a", "completion": "b" * 80}],
+        {"max_length": 40},
+        "data.jsonl:2:",
+    ),
 }
 
 
@@ -226,7 +283,9 @@ def test_resume_after_kill_gives_the_same_output(saved, tmp_path, capsys, monkey
     assert code == 2 and "different settings" in err
 
     calls.clear()
-    monkeypatch.setattr(audit.Scorer, "score", lambda self, items: (calls.append(len(items)), real_score(self, items))[1])
+    monkeypatch.setattr(
+        audit.Scorer, "score", lambda self, items: (calls.append(len(items)), real_score(self, items))[1]
+    )
     code, err = run([*args, "--out", out], capsys)
     assert code == 0, err
     assert sum(calls) == 10 - 4  # only the rows not already done were scored
@@ -235,13 +294,40 @@ def test_resume_after_kill_gives_the_same_output(saved, tmp_path, capsys, monkey
 
 
 def test_two_processes_give_the_same_scores_as_one(saved, tmp_path, capsys):
-    args = ["--model", saved / "model0", "--data", saved / "data.jsonl", "--batch_size", 3, "--self_check", 7,
-            "--self_check_max_new_tokens", 10, "--tau", "1.0", "0.8"]
+    args = [
+        "--model",
+        saved / "model0",
+        "--data",
+        saved / "data.jsonl",
+        "--batch_size",
+        3,
+        "--self_check",
+        7,
+        "--self_check_max_new_tokens",
+        10,
+        "--tau",
+        "1.0",
+        "0.8",
+    ]
     code, err = run([*args, "--out", tmp_path / "one"], capsys)
     assert code == 0, err
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "onsft.cli", "audit", "--progress", "false", *map(str, args), "--out", str(tmp_path / "two")]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "onsft.cli",
+        "audit",
+        "--progress",
+        "false",
+        *map(str, args),
+        "--out",
+        str(tmp_path / "two"),
+    ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     assert not list((tmp_path / "two").glob("*.partial"))

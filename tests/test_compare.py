@@ -21,19 +21,37 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("compare")
     tiny_model(tied=False).save_pretrained(root / "model")
     tiny_tokenizer().save_pretrained(root / "model")
-    teacher = [{"prompt": f"Copy {w}.", "completion": f"It is {w}. \\boxed{{{w}}}", "answer": w,
-                "reference": f"It is {w}. \\boxed{{{w}}}"} for w in WORDS]
+    teacher = [
+        {
+            "prompt": f"Copy {w}.",
+            "completion": f"It is {w}. \\boxed{{{w}}}",
+            "answer": w,
+            "reference": f"It is {w}. \\boxed{{{w}}}",
+        }
+        for w in WORDS
+    ]
     tests = [{"prompt": f"Copy {w}.", "answer": w} for w in WORDS[:4]]
     experiment = {
-        "model": str(root / "model"), "train_data": write_jsonl(root / "train.jsonl", teacher),
-        "in_domain": write_jsonl(root / "test.jsonl", tests), "retention": write_jsonl(root / "keep.jsonl", tests),
-        "methods": ["sft", "idft", "dpo"], "seeds": [0, 1], "kl_limit": 4,
-        "train": {"max_steps": 2, "per_device_train_batch_size": 4, "learning_rate": 0.01, "use_cpu": True,
-                  "logging_steps": 1, "max_length": 64},
+        "model": str(root / "model"),
+        "train_data": write_jsonl(root / "train.jsonl", teacher),
+        "in_domain": write_jsonl(root / "test.jsonl", tests),
+        "retention": write_jsonl(root / "keep.jsonl", tests),
+        "methods": ["sft", "idft", "dpo"],
+        "seeds": [0, 1],
+        "kl_limit": 4,
+        "train": {
+            "max_steps": 2,
+            "per_device_train_batch_size": 4,
+            "learning_rate": 0.01,
+            "use_cpu": True,
+            "logging_steps": 1,
+            "max_length": 64,
+        },
         "method_train": {"dpo": {"learning_rate": 0.001}},
         "pairs": {"samples": 2, "max_new_tokens": 6, "verifier": "exact"},
         "eval": {"max_new_tokens": 6, "verifier": "exact", "batch_size": 8},
-        "curve_every": 1, "curve_limit": 2,
+        "curve_every": 1,
+        "curve_limit": 2,
     }
     return root, experiment
 
@@ -50,7 +68,13 @@ def test_compare_runs_the_grid_writes_table_and_caches_cells(setup):
     out = root / "grid"
     results = json.loads((out / "results.json").read_text())
     assert [(c["method"], c["seed"]) for c in results["cells"]] == [
-        ("sft", 0), ("sft", 1), ("idft", 0), ("idft", 1), ("dpo", 0), ("dpo", 1)]
+        ("sft", 0),
+        ("sft", 1),
+        ("idft", 0),
+        ("idft", 1),
+        ("dpo", 0),
+        ("dpo", 1),
+    ]
     for cell in results["cells"]:
         for key in ("in_domain", "retention"):
             assert 0.0 <= cell[key] <= 1.0
@@ -73,12 +97,15 @@ def test_compare_runs_the_grid_writes_table_and_caches_cells(setup):
     assert stamps == {p: p.stat().st_mtime for p in out.glob("cells/*/eval.json")}
 
 
-@pytest.mark.parametrize("change,expected", [
-    ({"methods": ["sft", "ppo"]}, "unknown method `ppo`"),
-    ({"train": {"learning_rat": 0.1}}, "unknown option `--learning_rat`"),
-    ({"bogus_key": 1}, "unknown experiment key"),
-    ({"methods": ["rewrite+idft"], "train_data": None}, "required"),
-])
+@pytest.mark.parametrize(
+    "change,expected",
+    [
+        ({"methods": ["sft", "ppo"]}, "unknown method `ppo`"),
+        ({"train": {"learning_rat": 0.1}}, "unknown option `--learning_rat`"),
+        ({"bogus_key": 1}, "unknown experiment key"),
+        ({"methods": ["rewrite+idft"], "train_data": None}, "required"),
+    ],
+)
 def test_bad_settings_fail_before_any_training(setup, capsys, change, expected):
     root, experiment = setup
     broken = {k: v for k, v in {**experiment, **change}.items() if v is not None}

@@ -150,7 +150,7 @@ def test_aggregate_responses_matches_hand_computation():
     scores = ddt.aggregate_responses(phi, var, lengths, threshold=-0.1)
     start = 0
     for k, n in enumerate(lengths):
-        p, v = phi[start:start + n], var[start:start + n]
+        p, v = phi[start : start + n], var[start : start + n]
         z = p.sum() / v.sum().sqrt()
         assert scores["n_tokens"][k] == n
         assert torch.isclose(scores["sum_phi"][k], p.sum())

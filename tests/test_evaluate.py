@@ -26,9 +26,19 @@ def talker(seed: int = 0, dtype=torch.float64) -> LlamaForCausalLM:
     last input token (here a chat special, which decodes to nothing); an untied head gives varied
     characters. Chat specials other than EOS get zero logits, so they are (almost) never the argmax."""
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(TOKENIZER), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256, pad_token_id=0,
-                         eos_token_id=1, bos_token_id=None, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=len(TOKENIZER),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=None,
+        tie_word_embeddings=False,
+    )
     model = LlamaForCausalLM(config).to(dtype).eval()
     with torch.no_grad():
         model.lm_head.weight.mul_(10.0)
@@ -52,8 +62,10 @@ def greedy_texts(model, max_new_tokens: int) -> list[str]:
 
 
 def examples_with(answers: list[str]) -> list[Example]:
-    return [Example(i, i + 1, {"prompt": p, "task": f"t{i % 2}", "extra": i}, [{"role": "user", "content": p}],
-                    answer=a) for i, (p, a) in enumerate(zip(PROMPTS, answers))]
+    return [
+        Example(i, i + 1, {"prompt": p, "task": f"t{i % 2}", "extra": i}, [{"role": "user", "content": p}], answer=a)
+        for i, (p, a) in enumerate(zip(PROMPTS, answers))
+    ]
 
 
 def write_jsonl(path, rows):
@@ -87,8 +99,12 @@ def sample(correct: bool) -> dict:
 
 
 def row(correct: bool, samples: list[bool], task: str | None = None) -> dict:
-    out = {"correct": correct, "finish_reason": "eos", "verify_method": "exact",
-           "samples": [sample(s) for s in samples]}
+    out = {
+        "correct": correct,
+        "finish_reason": "eos",
+        "verify_method": "exact",
+        "samples": [sample(s) for s in samples],
+    }
     if task is not None:
         out["task"] = task
     return out
@@ -100,8 +116,14 @@ def test_aggregate_always_right_always_wrong_and_mixed():
     assert right["pass_at_k"] == {"1": 1.0, "2": 1.0, "4": 1.0}
     wrong = aggregate([row(False, [False] * 4) for _ in range(3)], ks=[1, 2, 4])
     assert wrong["accuracy"] == 0.0 and wrong["pass_at_k"] == {"1": 0.0, "2": 0.0, "4": 0.0}
-    mixed = aggregate([row(True, [True, False, False, False], "a"), row(False, [False] * 4, "a"),
-                       row(True, [True, True, True, False], "b")], ks=[1, 2])
+    mixed = aggregate(
+        [
+            row(True, [True, False, False, False], "a"),
+            row(False, [False] * 4, "a"),
+            row(True, [True, True, True, False], "b"),
+        ],
+        ks=[1, 2],
+    )
     assert mixed["accuracy"] == pytest.approx(2 / 3)
     assert mixed["sampled_accuracy"] == pytest.approx((0.25 + 0 + 0.75) / 3)
     # pass@2 with n=4: c=1 -> 1 - C(3,2)/C(4,2) = 1/2; c=0 -> 0; c=3 -> 1
@@ -134,8 +156,12 @@ def test_evaluate_model_answers_equal_own_greedy_outputs_give_accuracy_one():
     assert result["by_task"]["t0"]["accuracy"] == 1.0 and result["by_task"]["t1"]["n"] == 3
     record = result["records"][2]
     assert record["extra"] == 2 and record["generation"] == texts[2] and len(record["samples"]) == 4
-    wrong = evaluate_model(model, TOKENIZER, examples_with(["not this"] * len(PROMPTS)),
-                           EvalConfig(verifier="exact", max_new_tokens=8, batch_size=4))
+    wrong = evaluate_model(
+        model,
+        TOKENIZER,
+        examples_with(["not this"] * len(PROMPTS)),
+        EvalConfig(verifier="exact", max_new_tokens=8, batch_size=4),
+    )
     assert wrong["accuracy"] == 0.0 and "pass_at_k" not in wrong
 
 
@@ -155,8 +181,16 @@ def test_kl_drift_is_zero_for_the_same_model_and_matches_naive_for_another():
     base, other = talker(0), talker(1)
     prompts = [encode(p) for p in PROMPTS]
     assert abs(kl_drift(base, base, TOKENIZER, prompts, max_new_tokens=10, batch_size=4)) < 1e-6
-    mean, per_prompt = kl_drift(base, other, TOKENIZER, prompts, max_new_tokens=10, batch_size=4,
-                                max_logits=3 * 11 * len(TOKENIZER), return_per_prompt=True)  # forces small batches
+    mean, per_prompt = kl_drift(
+        base,
+        other,
+        TOKENIZER,
+        prompts,
+        max_new_tokens=10,
+        batch_size=4,
+        max_logits=3 * 11 * len(TOKENIZER),
+        return_per_prompt=True,
+    )  # forces small batches
     naive = [naive_kl(base, other, p, 10) for p in prompts]
     for (s, n), (s_ref, n_ref) in zip(per_prompt, naive):
         assert n == n_ref and s == pytest.approx(s_ref, rel=1e-6)
@@ -174,21 +208,50 @@ def saved(tmp_path_factory):
     from onsft.models import load_model
 
     texts = greedy_texts(load_model(path), max_new_tokens=6)
-    data = write_jsonl(root / "data.jsonl", [{"id": f"q{i}", "prompt": p, "answer": a, "task": f"t{i % 2}",
-                                              "note": "kept"} for i, (p, a) in enumerate(zip(PROMPTS, texts))])
+    data = write_jsonl(
+        root / "data.jsonl",
+        [
+            {"id": f"q{i}", "prompt": p, "answer": a, "task": f"t{i % 2}", "note": "kept"}
+            for i, (p, a) in enumerate(zip(PROMPTS, texts))
+        ],
+    )
     retention = write_jsonl(root / "old.jsonl", [{"prompt": p, "answer": "zzz"} for p in PROMPTS[:3]])
     return {"root": root, "model": path, "data": data, "retention": retention}
 
 
 def run_eval(saved, out, *extra):
-    return cli.main(["eval", "--model", saved["model"], "--data", saved["data"], "--out", str(out), "--verifier",
-                     "exact", "--max_new_tokens", "6", "--batch_size", "2", *extra])
+    return cli.main(
+        [
+            "eval",
+            "--model",
+            saved["model"],
+            "--data",
+            saved["data"],
+            "--out",
+            str(out),
+            "--verifier",
+            "exact",
+            "--max_new_tokens",
+            "6",
+            "--batch_size",
+            "2",
+            *extra,
+        ]
+    )
 
 
 def test_eval_command_outputs(saved, tmp_path, monkeypatch):
     out = tmp_path / "eval"
-    options = ("--samples", "2", "--retention_data", saved["retention"], "--base_model", saved["model"],
-               "--kl_max_new_tokens", "5")
+    options = (
+        "--samples",
+        "2",
+        "--retention_data",
+        saved["retention"],
+        "--base_model",
+        saved["model"],
+        "--kl_max_new_tokens",
+        "5",
+    )
     assert run_eval(saved, out, *options) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["accuracy"] == 1.0 and metrics["n"] == len(PROMPTS)
@@ -262,8 +325,14 @@ def test_user_errors_stop_before_any_compute(saved, tmp_path, capsys, monkeypatc
 
 
 def test_a_prompt_longer_than_the_context_names_its_line(saved, tmp_path):
-    data = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "Hi?", "answer": "x"}, {"prompt": "y" * 300, "answer": "x"}])
+    data = write_jsonl(
+        tmp_path / "long.jsonl", [{"prompt": "Hi?", "answer": "x"}, {"prompt": "y" * 300, "answer": "x"}]
+    )
     with pytest.raises(UserError, match="context is 256") as error:
-        evaluate_model(talker(), TOKENIZER, load_examples(data, require_response=False),
-                       EvalConfig(verifier="exact", max_new_tokens=2))
+        evaluate_model(
+            talker(),
+            TOKENIZER,
+            load_examples(data, require_response=False),
+            EvalConfig(verifier="exact", max_new_tokens=2),
+        )
     assert error.value.line == 2

@@ -42,8 +42,14 @@ REPORT: dict = {}
 # still fail, so whoever fixes one is told to move it back among the normal cases.
 KNOWN_GAPS: dict[str, str] = {}
 # One case per command, also run as a real subprocess.
-SUBPROCESS_SAMPLE = ("truncated_last_line", "invalid_utf8", "lone_surrogate", "duplicate_ids", "id_wrong_type",
-                     "experiment_eval_typo")
+SUBPROCESS_SAMPLE = (
+    "truncated_last_line",
+    "invalid_utf8",
+    "lone_surrogate",
+    "duplicate_ids",
+    "id_wrong_type",
+    "experiment_eval_typo",
+)
 
 
 def env() -> dict:
@@ -67,8 +73,9 @@ def namespaces_work() -> bool:
     if os.environ.get("ONSFT_FAULTS_NO_NAMESPACE") == "1":
         return False
     try:
-        done = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "true"], capture_output=True,
-                              timeout=20)
+        done = subprocess.run(
+            ["unshare", "--user", "--map-root-user", "--mount", "true"], capture_output=True, timeout=20
+        )
     except (OSError, subprocess.TimeoutExpired):
         return False
     return done.returncode == 0
@@ -123,28 +130,43 @@ def corpus(tmp_path_factory):
     full_disk.mkdir()
     cases, models = fault_corpus.build(root, str(full_disk), str(read_only))
     plan = root / "plan.json"
-    plan.write_text(json.dumps({"full_disk": str(full_disk), "read_only": str(read_only),
-                                "cases": [c.to_json() for c in cases]}))
+    plan.write_text(
+        json.dumps({"full_disk": str(full_disk), "read_only": str(read_only), "cases": [c.to_json() for c in cases]})
+    )
     results_path = root / "results.json"
     runner = [sys.executable, str(ROOT / "tests" / "fault_runner.py"), str(plan), str(results_path)]
     if namespace:
         runner = ["unshare", "--user", "--map-root-user", "--mount", *runner]
     started = time.time()
-    process = subprocess.Popen(runner, env={**env(), "ONSFT_FAULTS_NAMESPACE": "1" if namespace else "0"},
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        runner,
+        env={**env(), "ONSFT_FAULTS_NAMESPACE": "1" if namespace else "0"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     # While the runner works, the sample runs as real processes (2 processes on 2 cores).
     by_name = {c.name: c for c in cases}
     sample = {}
     for name in SUBPROCESS_SAMPLE:
-        done = subprocess.run([sys.executable, "-m", "onsft.cli", *by_name[name].argv], env=env(),
-                              capture_output=True, text=True, timeout=300)
+        done = subprocess.run(
+            [sys.executable, "-m", "onsft.cli", *by_name[name].argv],
+            env=env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         sample[name] = {"code": done.returncode, "stderr": done.stderr}
     output, _ = process.communicate(timeout=900)
     assert process.returncode == 0, output[-3000:]
     ran = json.loads(results_path.read_text())
     results = {r["name"]: r for r in ran["results"]}
-    REPORT["inputs"] = {"mechanism": ran["mechanism"], "seconds": round(time.time() - started, 1), "root": str(root),
-                        "cases": [{**c.to_json(), **results[c.name]} for c in cases]}
+    REPORT["inputs"] = {
+        "mechanism": ran["mechanism"],
+        "seconds": round(time.time() - started, 1),
+        "root": str(root),
+        "cases": [{**c.to_json(), **results[c.name]} for c in cases],
+    }
     REPORT["gaps"] = KNOWN_GAPS
     return cases, results, sample, ran["mechanism"]
 
@@ -153,8 +175,9 @@ def corpus(tmp_path_factory):
 def test_corpus_covers_every_command_with_enough_bad_inputs(corpus):
     cases, *_ = corpus
     bad = [c for c in cases if c.code == 2]
-    per_command = {name: sum(c.command == name for c in bad) for name in
-                   ("train", "audit", "rewrite", "eval", "pairs", "compare")}
+    per_command = {
+        name: sum(c.command == name for c in bad) for name in ("train", "audit", "rewrite", "eval", "pairs", "compare")
+    }
     assert len(bad) >= 25 and min(per_command.values()) >= 5, per_command
 
 
@@ -189,8 +212,9 @@ def test_real_processes_print_the_same_line(corpus):
     for name, done in sample.items():
         assert done["code"] == 2 and "Traceback" not in done["stderr"], (name, done["stderr"][-2000:])
         assert error_lines(done["stderr"]) == error_lines(results[name]["stderr"]), name
-    REPORT["subprocess"] = [{"name": name, "code": done["code"], "line": error_lines(done["stderr"])[-1]}
-                            for name, done in sample.items()]
+    REPORT["subprocess"] = [
+        {"name": name, "code": done["code"], "line": error_lines(done["stderr"])[-1]} for name, done in sample.items()
+    ]
 
 
 # -------------------------------------------------------------------------------------------- kills
@@ -205,15 +229,19 @@ def partial_rows(path: Path) -> int:
 
 
 def checkpoints(folder: Path, complete: bool) -> int:
-    steps = [int(p.name.split("-")[1]) for p in folder.glob("checkpoint-*")
-             if not complete or (p / "trainer_state.json").is_file()]
+    steps = [
+        int(p.name.split("-")[1])
+        for p in folder.glob("checkpoint-*")
+        if not complete or (p / "trainer_state.json").is_file()
+    ]
     return max(steps, default=0)
 
 
 def run_killed(argv: list[str], progress, target: int, delay: float, timeout: float = 300) -> dict:
     """Start `onsft argv`; SIGKILL it `delay` seconds after progress() reaches `target`."""
-    process = subprocess.Popen([sys.executable, "-m", "onsft.cli", *argv], env=env(), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "onsft.cli", *argv], env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     deadline = time.time() + timeout
     reached = None
     while process.poll() is None and time.time() < deadline:
@@ -245,8 +273,9 @@ class Job:
             return f"checkpoint-{present} torn (no trainer_state.json), checkpoint-{complete} complete"
         partials = list(out.glob("*.partial"))
         finals = sorted(p.name for p in out.glob("*.jsonl"))
-        return f"{sum(partial_rows(p) for p in partials)} records in .partial" + (f"; final {', '.join(finals)}"
-                                                                                  if finals else "")
+        return f"{sum(partial_rows(p) for p in partials)} records in .partial" + (
+            f"; final {', '.join(finals)}" if finals else ""
+        )
 
     def chain(self, out: Path, seed: int) -> list[dict]:
         rng = random.Random(seed)
@@ -255,8 +284,9 @@ class Job:
             kill = run_killed(self.argv(out), lambda: self.progress(out), target, rng.uniform(0, max_delay))
             kill["left"] = self.left(out)
             kills.append(kill)
-        done = subprocess.run([sys.executable, "-m", "onsft.cli", *self.argv(out)], env=env(), capture_output=True,
-                              text=True, timeout=300)
+        done = subprocess.run(
+            [sys.executable, "-m", "onsft.cli", *self.argv(out)], env=env(), capture_output=True, text=True, timeout=300
+        )
         assert done.returncode == 0, done.stderr[-3000:]
         return kills
 
@@ -273,27 +303,117 @@ def kill_runs(tmp_path_factory):
     short.write_text(fault_corpus.jsonl(rows[:16]))
     common = ["--model", model]
     jobs = [
-        Job("audit", lambda out: ["audit", *common, "--data", str(data), "--out", str(out), "--batch_size", "1",
-                                  "--progress", "false", "--worst", "2"],
-            40, lambda out: partial_rows(out / "scores.jsonl.partial") + 100 * (out / "scores.jsonl").exists(),
+        Job(
+            "audit",
+            lambda out: [
+                "audit",
+                *common,
+                "--data",
+                str(data),
+                "--out",
+                str(out),
+                "--batch_size",
+                "1",
+                "--progress",
+                "false",
+                "--worst",
+                "2",
+            ],
+            40,
+            lambda out: partial_rows(out / "scores.jsonl.partial") + 100 * (out / "scores.jsonl").exists(),
             ["scores.jsonl", "kept.jsonl"],
             # first mid-scoring, then anywhere up to the report (100 = scores.jsonl final, writing the report)
-            lambda rng: [(rng.randint(1, 20), 0.01), (rng.choice([rng.randint(21, 39), 100]), 0.05)]),
-        Job("eval", lambda out: ["eval", *common, "--data", str(short), "--out", str(out), "--batch_size", "2",
-                                 "--samples", "2", "--max_new_tokens", "12", "--verifier", "exact", "--plot", "false"],
-            16, lambda out: partial_rows(out / "generations.jsonl.partial"), ["generations.jsonl"],
-            lambda rng: [(rng.randint(1, 7), 0.02), (rng.randint(9, 15), 0.02)]),
-        Job("rewrite", lambda out: ["rewrite", *common, "--data", str(short), "--out", str(out), "--chunk_size", "2",
-                                    "--own_samples", "2", "--max_new_tokens", "12", "--verifier", "exact",
-                                    "--hint_template", "Q: {question} R: {reference}", "--hint_system", "",
-                                    "--progress", "false"],
-            16, lambda out: partial_rows(out / "records.jsonl.partial"), ["records.jsonl", "train.jsonl"],
-            lambda rng: [(rng.randint(1, 7), 0.02), (rng.randint(9, 15), 0.02)]),
-        Job("train", lambda out: ["train", *common, "--data", str(short), "--output_dir", str(out), "--max_steps", "12",
-                                  "--save_steps", "2", "--per_device_train_batch_size", "2", "--learning_rate", "1e-2",
-                                  "--max_length", "64", "--use_cpu", "true", "--disable_tqdm", "true",
-                                  "--report_to", "none", "--seed", "3", "--logging_steps", "1"],
-            12, None, ["model/model.safetensors"], None),
+            lambda rng: [(rng.randint(1, 20), 0.01), (rng.choice([rng.randint(21, 39), 100]), 0.05)],
+        ),
+        Job(
+            "eval",
+            lambda out: [
+                "eval",
+                *common,
+                "--data",
+                str(short),
+                "--out",
+                str(out),
+                "--batch_size",
+                "2",
+                "--samples",
+                "2",
+                "--max_new_tokens",
+                "12",
+                "--verifier",
+                "exact",
+                "--plot",
+                "false",
+            ],
+            16,
+            lambda out: partial_rows(out / "generations.jsonl.partial"),
+            ["generations.jsonl"],
+            lambda rng: [(rng.randint(1, 7), 0.02), (rng.randint(9, 15), 0.02)],
+        ),
+        Job(
+            "rewrite",
+            lambda out: [
+                "rewrite",
+                *common,
+                "--data",
+                str(short),
+                "--out",
+                str(out),
+                "--chunk_size",
+                "2",
+                "--own_samples",
+                "2",
+                "--max_new_tokens",
+                "12",
+                "--verifier",
+                "exact",
+                "--hint_template",
+                "Q: {question} R: {reference}",
+                "--hint_system",
+                "",
+                "--progress",
+                "false",
+            ],
+            16,
+            lambda out: partial_rows(out / "records.jsonl.partial"),
+            ["records.jsonl", "train.jsonl"],
+            lambda rng: [(rng.randint(1, 7), 0.02), (rng.randint(9, 15), 0.02)],
+        ),
+        Job(
+            "train",
+            lambda out: [
+                "train",
+                *common,
+                "--data",
+                str(short),
+                "--output_dir",
+                str(out),
+                "--max_steps",
+                "12",
+                "--save_steps",
+                "2",
+                "--per_device_train_batch_size",
+                "2",
+                "--learning_rate",
+                "1e-2",
+                "--max_length",
+                "64",
+                "--use_cpu",
+                "true",
+                "--disable_tqdm",
+                "true",
+                "--report_to",
+                "none",
+                "--seed",
+                "3",
+                "--logging_steps",
+                "1",
+            ],
+            12,
+            None,
+            ["model/model.safetensors"],
+            None,
+        ),
     ]
     train = jobs[3]
     # Kill 1 the moment a checkpoint folder appears (mid-save: a torn checkpoint), kill 2 at a random moment
@@ -302,8 +422,7 @@ def kill_runs(tmp_path_factory):
     train.targets = lambda rng: [(2 * rng.randint(1, 3), 0.0), (2 * rng.randint(4, 5), 0.1)]
     # References in this process while the killed chains run in a thread pool (2 processes at a time).
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        chains = {job.name: pool.submit(job.chain, root / f"{job.name}-killed", seed=len(job.name))
-                  for job in jobs}
+        chains = {job.name: pool.submit(job.chain, root / f"{job.name}-killed", seed=len(job.name)) for job in jobs}
         for job in jobs:
             assert cli.main(job.argv(root / f"{job.name}-reference")) == 0
         kills = {name: future.result() for name, future in chains.items()}
@@ -349,9 +468,33 @@ def test_nonfinite_loss_is_skipped_and_counted(tmp_path):
     data = tmp_path / "data.jsonl"
     data.write_text(fault_corpus.jsonl(rows))
     out = tmp_path / "run"
-    argv = ["train", "--model", model, "--data", str(data), "--output_dir", str(out), "--max_steps", "12",
-            "--per_device_train_batch_size", "1", "--learning_rate", "1e-2", "--max_length", "64", "--use_cpu", "true",
-            "--disable_tqdm", "true", "--report_to", "none", "--logging_steps", "1", "--nonfinite", "skip"]
+    argv = [
+        "train",
+        "--model",
+        model,
+        "--data",
+        str(data),
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        "12",
+        "--per_device_train_batch_size",
+        "1",
+        "--learning_rate",
+        "1e-2",
+        "--max_length",
+        "64",
+        "--use_cpu",
+        "true",
+        "--disable_tqdm",
+        "true",
+        "--report_to",
+        "none",
+        "--logging_steps",
+        "1",
+        "--nonfinite",
+        "skip",
+    ]
     assert cli.main(argv) == 0
     summary = json.loads((out / "train_summary.json").read_text())
     # 12 steps of one row = 2 epochs of 6 rows: each of the 2 NaN rows is met twice, every time skipped.
@@ -368,8 +511,13 @@ def test_nonfinite_loss_is_skipped_and_counted(tmp_path):
             assert not finite[tilde].any() and finite[torch.arange(len(tensor)) != tilde].all()
         else:
             assert finite.all(), name  # nothing else caught the NaN
-    REPORT["nonfinite"] = {"rows": 6, "nan_rows": 2, "steps": 12, "skipped_nonfinite": summary["skipped_nonfinite"],
-                           "losses_finite": True}
+    REPORT["nonfinite"] = {
+        "rows": 6,
+        "nan_rows": 2,
+        "steps": 12,
+        "skipped_nonfinite": summary["skipped_nonfinite"],
+        "losses_finite": True,
+    }
 
 
 def organism_available() -> bool:
@@ -410,15 +558,52 @@ def test_bf16_agrees_with_fp32(tmp_path):
     losses = {}
     for bf16 in ("false", "true"):
         out = tmp_path / f"bf16-{bf16}"
-        argv = ["train", "--model", model_name, "--data", str(data), "--output_dir", str(out), "--loss", "nll",
-                "--max_steps", "6", "--save_steps", "100", "--per_device_train_batch_size", "4", "--learning_rate",
-                "1e-3", "--max_length", "512", "--use_cpu", "true", "--disable_tqdm", "true", "--report_to", "none",
-                "--logging_steps", "1", "--seed", "0", "--bf16", bf16]
+        argv = [
+            "train",
+            "--model",
+            model_name,
+            "--data",
+            str(data),
+            "--output_dir",
+            str(out),
+            "--loss",
+            "nll",
+            "--max_steps",
+            "6",
+            "--save_steps",
+            "100",
+            "--per_device_train_batch_size",
+            "4",
+            "--learning_rate",
+            "1e-3",
+            "--max_length",
+            "512",
+            "--use_cpu",
+            "true",
+            "--disable_tqdm",
+            "true",
+            "--report_to",
+            "none",
+            "--logging_steps",
+            "1",
+            "--seed",
+            "0",
+            "--bf16",
+            bf16,
+        ]
         assert cli.main(argv) == 0
-        losses[bf16] = [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
-                        if "loss" in r]
+        losses[bf16] = [
+            r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r
+        ]
     relative = [abs(a - b) / abs(a) for a, b in zip(losses["false"], losses["true"])]
     assert len(relative) == 6 and relative[0] < 0.02 and max(relative) < 0.1, relative
-    REPORT["bf16"] = {"subject": subject, "rows": len(rows), "max_abs_mean_phi_gap": max(gaps),
-                      "mean_phi_fp32": mean32, "mean_phi_bf16": mean16, "loss_fp32": losses["false"],
-                      "loss_bf16": losses["true"], "max_rel_loss_gap": max(relative)}
+    REPORT["bf16"] = {
+        "subject": subject,
+        "rows": len(rows),
+        "max_abs_mean_phi_gap": max(gaps),
+        "mean_phi_fp32": mean32,
+        "mean_phi_bf16": mean16,
+        "loss_fp32": losses["false"],
+        "loss_bf16": losses["true"],
+        "max_rel_loss_gap": max(relative),
+    }

@@ -8,9 +8,21 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from onsft.errors import UserError
-from onsft.generation import (SPAN_ATTENTION, GrowingCache, RepetitionDetector, RowBatch, SamplingConfig, _chunks,
-                              example_generator, filter_logprobs, generate, has_repeated_window, row_spans,
-                              sample_tokens, span_attention)
+from onsft.generation import (
+    SPAN_ATTENTION,
+    GrowingCache,
+    RepetitionDetector,
+    RowBatch,
+    SamplingConfig,
+    _chunks,
+    example_generator,
+    filter_logprobs,
+    generate,
+    has_repeated_window,
+    row_spans,
+    sample_tokens,
+    span_attention,
+)
 from tiny import tiny_tokenizer
 
 TOKENIZER = tiny_tokenizer()
@@ -23,9 +35,18 @@ def varied_model(seed: int = 0, hidden: int = 32, head_scale: float = 20.0, dtyp
     batched, padded and uncached paths."""
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=len(TOKENIZER), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0,
-        eos_token_id=1, bos_token_id=None, tie_word_embeddings=False)
+        vocab_size=len(TOKENIZER),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=None,
+        tie_word_embeddings=False,
+    )
     model = LlamaForCausalLM(config).to(dtype).eval()
     with torch.no_grad():
         model.lm_head.weight.mul_(head_scale)
@@ -33,8 +54,9 @@ def varied_model(seed: int = 0, hidden: int = 32, head_scale: float = 20.0, dtyp
 
 
 def encode(text: str) -> list[int]:
-    return TOKENIZER.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                         tokenize=True)["input_ids"]
+    return TOKENIZER.apply_chat_template(
+        [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
+    )["input_ids"]
 
 
 PROMPTS = [encode(t) for t in ("hello there", "x", "what is 2+2? tell me", "abc def ghi jkl mno pqr", "q?")]
@@ -42,12 +64,14 @@ PROMPTS = [encode(t) for t in ("hello there", "x", "what is 2+2? tell me", "abc 
 
 def hf_greedy(model, prompt, max_new_tokens):
     ids = torch.tensor([prompt])
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
-                         pad_token_id=0)
-    return out[0, len(prompt):].tolist()
+    out = model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0
+    )
+    return out[0, len(prompt) :].tolist()
 
 
 # --- pure functions --------------------------------------------------------------------------
+
 
 def naive_filter(logits, temperature, top_k, top_p):
     """float64, one row at a time, by the textbook definition."""
@@ -73,8 +97,9 @@ def naive_filter(logits, temperature, top_k, top_p):
     return torch.log_softmax(out, -1)
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.3, 0, 0.95), (0.7, 5, 1.0),
-                                                     (1.5, 7, 0.6), (1.0, 0, 0.01)])
+@pytest.mark.parametrize(
+    "temperature,top_k,top_p", [(1.0, 0, 1.0), (0.3, 0, 0.95), (0.7, 5, 1.0), (1.5, 7, 0.6), (1.0, 0, 0.01)]
+)
 def test_filter_logprobs_matches_naive_float64(temperature, top_k, top_p):
     torch.manual_seed(1)
     logits = torch.randn(6, 40) * 3
@@ -115,21 +140,23 @@ def test_sample_tokens_greedy_is_argmax_and_seeded_draws_repeat():
     assert torch.equal(draws[0], draws[1])
     # Empirical frequencies of one row follow its distribution (30k draws, 4 sigma).
     gen = example_generator(0, 0)
-    counts = torch.bincount(sample_tokens(scores[:1].expand(10000, -1), config, [gen] * 10000),
-                            minlength=30).double() / 10000
+    counts = (
+        torch.bincount(sample_tokens(scores[:1].expand(10000, -1), config, [gen] * 10000), minlength=30).double()
+        / 10000
+    )
     probs = torch.softmax(scores[0].double(), -1)
     assert (counts - probs).abs().max() < 4 * math.sqrt(0.25 / 10000)
 
 
 def test_repetition_detector_matches_naive_rule_at_every_prefix():
     rng = random.Random(0)
-    for trial in range(40):
+    for _trial in range(40):
         window, count = rng.randint(1, 4), rng.randint(2, 4)
         tokens = [rng.randint(0, 2) for _ in range(60)]
         detector = RepetitionDetector(window, count)
         for i, token in enumerate(tokens):
             fired = detector.push(token)
-            assert fired == has_repeated_window(tokens[:i + 1], window, count)
+            assert fired == has_repeated_window(tokens[: i + 1], window, count)
             if fired:
                 break
     # The reference setting: one 30-token window 5 times; a period-1 loop qualifies at 34 tokens.
@@ -147,6 +174,7 @@ def test_prefill_chunks_respect_token_budget():
 
 # --- rows and caches -------------------------------------------------------------------------
 
+
 def test_row_spans_minimise_columns_read():
     rng = random.Random(0)
     for _ in range(200):
@@ -156,8 +184,10 @@ def test_row_spans_minimise_columns_read():
         assert spans[0][0] == 0 and spans[-1][1] == len(first)
         assert all(column == min(first[a:b]) for a, b, column in spans)
         cost = sum((b - a) * (width - column) for a, b, column in spans)
-        brute = min([len(first) * (width - min(first))] + [
-            s * (width - min(first[:s])) + (len(first) - s) * (width - min(first[s:])) for s in range(1, len(first))])
+        brute = min(
+            [len(first) * (width - min(first))]
+            + [s * (width - min(first[:s])) + (len(first) - s) * (width - min(first[s:])) for s in range(1, len(first))]
+        )
         assert cost == brute
     # Hinted rows from column 0, plain rows from column 700 of 800: two spans.
     assert row_spans([0] * 4 + [700] * 4, 800) == [(0, 4, 0), (4, 8, 700)]
@@ -202,6 +232,7 @@ def check_row_batch_layouts(model):
 
 
 # --- the decoding loop -----------------------------------------------------------------------
+
 
 def test_greedy_reproduces_hf_generate_token_for_token():
     model = varied_model()
@@ -251,8 +282,8 @@ def test_repetition_loop_stops_at_first_qualifying_token():
     assert {g.finish_reason for g in gens} == {"repetition"}
     for prompt, gen in zip(PROMPTS, gens):
         free = hf_greedy(model, prompt, 60)
-        first = next(i for i in range(len(free)) if has_repeated_window(free[:i + 1], 4, 3))
-        assert gen.token_ids == free[:first + 1]
+        first = next(i for i in range(len(free)) if has_repeated_window(free[: i + 1], 4, 3))
+        assert gen.token_ids == free[: first + 1]
 
 
 def test_stop_strings_end_rows_where_the_text_first_contains_them():
@@ -262,9 +293,9 @@ def test_stop_strings_end_rows_where_the_text_first_contains_them():
     stop = free[0].text[5:7]  # two characters of the first continuation, wherever they first occur
     got = generate(model, TOKENIZER, PROMPTS, SamplingConfig(**{**config.__dict__, "stop_strings": ["@@@", stop]}))
     for full, cut in zip(free, got):
-        ends = [i + 1 for i in range(full.n_tokens) if stop in TOKENIZER.decode(full.token_ids[:i + 1])]
+        ends = [i + 1 for i in range(full.n_tokens) if stop in TOKENIZER.decode(full.token_ids[: i + 1])]
         if ends and (full.finish_reason != "eos" or ends[0] < full.n_tokens):
-            assert cut.finish_reason == "stop" and cut.token_ids == full.token_ids[:ends[0]]
+            assert cut.finish_reason == "stop" and cut.token_ids == full.token_ids[: ends[0]]
         else:
             assert cut.token_ids == full.token_ids and cut.finish_reason == full.finish_reason
     assert got[0].finish_reason == "stop" and got[0].n_tokens <= 7
@@ -277,19 +308,21 @@ def test_min_new_tokens_suppresses_eos():
     plain = generate(model, TOKENIZER, PROMPTS, SamplingConfig(max_new_tokens=40, repetition_count=0))
     stopped = [i for i, g in enumerate(plain) if g.finish_reason == "eos"]
     assert stopped
-    floor = generate(model, TOKENIZER, PROMPTS, SamplingConfig(max_new_tokens=40, min_new_tokens=40,
-                                                               repetition_count=0))
+    floor = generate(
+        model, TOKENIZER, PROMPTS, SamplingConfig(max_new_tokens=40, min_new_tokens=40, repetition_count=0)
+    )
     for i in stopped:
         assert floor[i].n_tokens == 40 and floor[i].finish_reason == "length"
         assert 1 not in floor[i].token_ids
         # Up to the suppressed EOS the two runs agree.
-        assert floor[i].token_ids[:plain[i].n_tokens - 1] == plain[i].token_ids[:-1]
+        assert floor[i].token_ids[: plain[i].n_tokens - 1] == plain[i].token_ids[:-1]
 
 
 def test_context_limit_and_bad_prompts():
     model = varied_model()
-    gens = generate(model, TOKENIZER, [[5] * 250], SamplingConfig(max_new_tokens=40, min_new_tokens=40,
-                                                                  repetition_count=0))
+    gens = generate(
+        model, TOKENIZER, [[5] * 250], SamplingConfig(max_new_tokens=40, min_new_tokens=40, repetition_count=0)
+    )
     assert gens[0].n_tokens == 6 and gens[0].finish_reason == "length"  # 250 + 6 = the 256-token context
     with pytest.raises(UserError, match="prompt 1 is empty"):
         generate(model, TOKENIZER, [[5], []])

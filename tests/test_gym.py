@@ -71,8 +71,9 @@ def test_tasks_without_a_worked_solution_have_no_reference():
         assert row["answer"] and row["task"] == "basic_arithmetic"
 
 
-@pytest.mark.parametrize("task, options", [("gsm_symbolic", {}), ("chain_sum", SIMPLE),
-                                           ("basic_arithmetic", {"max_digits": 2})])
+@pytest.mark.parametrize(
+    "task, options", [("gsm_symbolic", {}), ("chain_sum", SIMPLE), ("basic_arithmetic", {"max_digits": 2})]
+)
 def test_task_scorer_and_math_verify_agree_on_gold_and_wrong_answers(task, options):
     score = get_verifier(f"onsft.gym:score_{task}")
     for row in gym.gym_rows(task, 25, seed=5, options=options):
@@ -137,8 +138,13 @@ def test_bad_settings_are_user_errors():
 
 
 def test_parse_options_reads_yaml_scalars():
-    assert parse_options(["a=3", "b=0.5", "c=true", "d=word", "e=[1, 2]"]) == \
-        {"a": 3, "b": 0.5, "c": True, "d": "word", "e": [1, 2]}
+    assert parse_options(["a=3", "b=0.5", "c=true", "d=word", "e=[1, 2]"]) == {
+        "a": 3,
+        "b": 0.5,
+        "c": True,
+        "d": "word",
+        "e": [1, 2],
+    }
     with pytest.raises(UserError):
         parse_options(["novalue"])
 
@@ -152,17 +158,36 @@ def test_cli_gym_export_loads_as_training_data(tmp_path, capsys):
     assert [e.response for e in examples] == [r["reference"] for r in rows]
     assert examples[0].prompt == [{"role": "user", "content": rows[0]["prompt"]}]
     chain = tmp_path / "chain.jsonl"
-    assert main(["data", "gym", "--task", "chain_sum", "--size", "4", "--options", "max_terms=3", "max_digits=2",
-                 "--out", str(chain)]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "gym",
+                "--task",
+                "chain_sum",
+                "--size",
+                "4",
+                "--options",
+                "max_terms=3",
+                "max_digits=2",
+                "--out",
+                str(chain),
+            ]
+        )
+        == 0
+    )
     assert [json.loads(x) for x in chain.read_text().splitlines()] == gym.gym_rows("chain_sum", 4, options=SIMPLE)
     assert "6 rows of gsm_symbolic (6 with a reference)" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--task", "nope", "--size", "2"], "unknown reasoning-gym task"),
-    (["--task", "chain_sum", "--options", "max_termz=1"], "no option"),
-    (["--task", "chain_sum", "--sise", "3"], "unknown option"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--task", "nope", "--size", "2"], "unknown reasoning-gym task"),
+        (["--task", "chain_sum", "--options", "max_termz=1"], "no option"),
+        (["--task", "chain_sum", "--sise", "3"], "unknown option"),
+    ],
+)
 def test_cli_gym_bad_input_exits_2_without_output(tmp_path, capsys, args, message):
     out = tmp_path / "x.jsonl"
     assert main(["data", "gym", *args, "--out", str(out)]) == 2
@@ -194,9 +219,11 @@ def test_study_data_and_rewrite_pipeline_rows():
     assert data == make_data(config)
     rows = data["train"][:3]
     own = [{"correct": True, "text": "mine"}, {"correct": False, "text": "x"}, {"correct": False, "text": "y"}]
-    records = [{"provenance": "hinted", "verified": True, "response": "r0"},
-               {"provenance": "hinted", "verified": True, "response": "r1"},
-               {"provenance": "dropped", "verified": False, "response": "r2"}]
+    records = [
+        {"provenance": "hinted", "verified": True, "response": "r0"},
+        {"provenance": "hinted", "verified": True, "response": "r1"},
+        {"provenance": "dropped", "verified": False, "response": "r2"},
+    ]
     kept = rewrite_training_rows(rows, own, records)
     # own-correct first, then a verified rewrite, and nothing for a row with neither
     assert [(k["completion"], k["provenance"]) for k in kept] == [("mine", "own"), ("r1", "hinted")]

@@ -14,10 +14,17 @@ from test_generation import TOKENIZER, encode, hf_greedy, varied_model
 QUESTIONS = ["what is 2+2?", "x", "name a colour", "sum 1 to 10 please, step by step"]
 REFERENCES = ["4", "the answer is y because of z", "red", "(1+10)*10/2 = 55"]
 PLAIN = [encode(q) for q in QUESTIONS]
-HINTED = [TOKENIZER.apply_chat_template(
-    [{"role": "system", "content": "Rewrite the reference in your own words."},
-     {"role": "user", "content": f"{q}\nReference: {r}"}], add_generation_prompt=True, tokenize=True)["input_ids"]
-    for q, r in zip(QUESTIONS, REFERENCES)]
+HINTED = [
+    TOKENIZER.apply_chat_template(
+        [
+            {"role": "system", "content": "Rewrite the reference in your own words."},
+            {"role": "user", "content": f"{q}\nReference: {r}"},
+        ],
+        add_generation_prompt=True,
+        tokenize=True,
+    )["input_ids"]
+    for q, r in zip(QUESTIONS, REFERENCES)
+]
 
 
 def config(**overrides) -> HintedConfig:
@@ -26,6 +33,7 @@ def config(**overrides) -> HintedConfig:
 
 
 # --- pure functions --------------------------------------------------------------------------
+
 
 def naive_lambda(logits, beta, mode="linear", center=0.5, low=0.3, high=0.7):
     p = torch.softmax(logits.double(), -1)
@@ -84,6 +92,7 @@ def test_mix_logprobs_is_the_geometric_mixture():
 
 
 # --- naive reference implementation ------------------------------------------------------------
+
 
 @torch.no_grad()
 def naive_hinted(model, plain, hinted, cfg: HintedConfig, index: int):
@@ -147,8 +156,9 @@ def test_lambda_one_reproduces_generate_on_plain_context():
     assert [r.token_ids for r in got] == plain
     assert all(r.mean_lambda == 1.0 and r.hinted_led_steps == 0 for r in got)
     # And it is the hinted context that changes the text when it leads.
-    assert [r.token_ids for r in hinted_decode(model, TOKENIZER, PLAIN, HINTED, config(beta=0.0))] != \
-        [p[:30] for p in plain]
+    assert [r.token_ids for r in hinted_decode(model, TOKENIZER, PLAIN, HINTED, config(beta=0.0))] != [
+        p[:30] for p in plain
+    ]
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.9])
@@ -169,8 +179,9 @@ def test_seeded_sampling_is_reproducible():
     cfg = config(temperature=1.0, top_p=1.0)
     first = [r.token_ids for r in hinted_decode(model, TOKENIZER, PLAIN, HINTED, cfg)]
     assert first == [r.token_ids for r in hinted_decode(model, TOKENIZER, PLAIN, HINTED, cfg)]
-    assert first != [r.token_ids for r in hinted_decode(model, TOKENIZER, PLAIN, HINTED, config(temperature=1.0,
-                                                                                                   seed=4))]
+    assert first != [
+        r.token_ids for r in hinted_decode(model, TOKENIZER, PLAIN, HINTED, config(temperature=1.0, seed=4))
+    ]
 
 
 def test_answer_marker_hands_over_to_plain_context():
@@ -178,8 +189,8 @@ def test_answer_marker_hands_over_to_plain_context():
     free = [r.token_ids for r in hinted_decode(model, TOKENIZER, PLAIN, HINTED, config(beta=0.0))]
     # Build a marker from example 3's hinted-only text ("SHOXk..."): its tokens 1-2, "HO".
     target, cut = 3, 3
-    marker = TOKENIZER.decode(free[target][cut - 2:cut])
-    assert marker not in TOKENIZER.decode(free[target][:cut - 1])
+    marker = TOKENIZER.decode(free[target][cut - 2 : cut])
+    assert marker not in TOKENIZER.decode(free[target][: cut - 1])
     others = [i for i in range(len(PLAIN)) if i != target]
     assert all(marker not in TOKENIZER.decode(free[i]) for i in others)
 
@@ -205,8 +216,8 @@ def test_repetition_loop_stops_hinted_rows():
     assert any(r.finish_reason == "repetition" for r in got)
     for stopped, full in zip(got, free):
         if stopped.finish_reason == "repetition":
-            first = next(i for i in range(full.n_tokens) if has_repeated_window(full.token_ids[:i + 1], 4, 3))
-            assert stopped.token_ids == full.token_ids[:first + 1]
+            first = next(i for i in range(full.n_tokens) if has_repeated_window(full.token_ids[: i + 1], 4, 3))
+            assert stopped.token_ids == full.token_ids[: first + 1]
         else:
             assert stopped.token_ids == full.token_ids
 

@@ -5,8 +5,15 @@ import math
 import pytest
 import torch
 
-from onsft.losses import (LossConfig, centered_log_likelihood, idft_gamma, idft_loss, schedule_lambda, token_gamma,
-                          weighting_stats)
+from onsft.losses import (
+    LossConfig,
+    centered_log_likelihood,
+    idft_gamma,
+    idft_loss,
+    schedule_lambda,
+    token_gamma,
+    weighting_stats,
+)
 
 torch.manual_seed(0)
 
@@ -131,8 +138,7 @@ def test_micro_batches_equal_one_batch(batch):
 
 def test_no_trainable_token_is_a_finite_zero():
     logp = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
-    loss = idft_loss(logp, torch.rand(2, 4, dtype=torch.float64), torch.zeros(2, 4, dtype=torch.bool),
-                     LossConfig())
+    loss = idft_loss(logp, torch.rand(2, 4, dtype=torch.float64), torch.zeros(2, 4, dtype=torch.bool), LossConfig())
     assert loss.item() == 0.0 and torch.isfinite(loss)
     loss.backward()
     assert torch.all(logp.grad == 0)

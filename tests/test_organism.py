@@ -28,12 +28,14 @@ def organism():
 
 # ---------------------------------------------------------------- tokenizer
 
+
 def test_vocabulary_layout(tokenizer):
     assert len(tokenizer) == len(SPECIALS) + len(CHARACTERS) + len(PIECES) == 134
     assert tokenizer.pad_token_id == 0 and tokenizer.eos_token == "<eos>"
     for digit in string.digits:
-        assert tokenizer(f"12{digit}34", add_special_tokens=False)["input_ids"] == \
-            [tokenizer.convert_tokens_to_ids(c) for c in f"12{digit}34"]
+        assert tokenizer(f"12{digit}34", add_special_tokens=False)["input_ids"] == [
+            tokenizer.convert_tokens_to_ids(c) for c in f"12{digit}34"
+        ]
     for piece in PIECES:
         assert len(tokenizer(piece, add_special_tokens=False)["input_ids"]) == 1, piece
 
@@ -70,8 +72,10 @@ def test_chat_template(organism, tokenizer):
         ids = tok.apply_chat_template(messages, add_generation_prompt=True)["input_ids"]
         assert tok.convert_ids_to_tokens(ids) == ["<user>", "Copy ", "a", "b", ".", "<assistant>"]
         full = messages + [{"role": "assistant", "content": "Let's copy. ab -> ab. \\boxed{ab}"}]
-        assert tok.apply_chat_template(full, tokenize=False) == \
-            "<user>Copy ab.<assistant>Let's copy. ab -> ab. \\boxed{ab}<eos>"
+        assert (
+            tok.apply_chat_template(full, tokenize=False)
+            == "<user>Copy ab.<assistant>Let's copy. ab -> ab. \\boxed{ab}<eos>"
+        )
         system = [{"role": "system", "content": "S"}] + messages
         assert tok.apply_chat_template(system, tokenize=False) == "<system>S<user>Copy ab."
         # {% generation %} marks the assistant's tokens, <eos> included, for assistant-only losses.
@@ -93,6 +97,7 @@ def test_pretraining_encoding_matches_chat_template(tokenizer):
 
 
 # ---------------------------------------------------------------- tasks
+
 
 def test_answer_checks():
     assert tasks.boxed_answer("x \\boxed{a{b}c} y \\boxed{42}") == "42"
@@ -117,7 +122,7 @@ def test_old_skill_answers_are_right():
         operand = row["prompt"][:-1].split(" ")[-1]
         expected = {"reverse": operand[::-1], "copy": operand, "count": str(len(operand))}.get(row["task"])
         if row["task"] == "compare":
-            a, b = row["prompt"][len("Compare "):-1].split(" and ")
+            a, b = row["prompt"][len("Compare ") : -1].split(" and ")
             expected = str(max(int(a), int(b)))
         assert row["answer"] == expected
 
@@ -132,7 +137,9 @@ def test_tasks_are_deterministic_per_seed(tmp_path):
     for name in a:
         assert a[name].read_bytes() == b[name].read_bytes()
     rng_a, rng_b = random.Random(9), random.Random(9)
-    assert [tasks.pretraining_example(rng_a) for _ in range(50)] == [tasks.pretraining_example(rng_b) for _ in range(50)]
+    assert [tasks.pretraining_example(rng_a) for _ in range(50)] == [
+        tasks.pretraining_example(rng_b) for _ in range(50)
+    ]
 
 
 def test_columns_and_splits(tmp_path):
@@ -141,7 +148,7 @@ def test_columns_and_splits(tmp_path):
     assert {r["style"] for r in train} == set(tasks.STYLE_NAMES)
     for r in train:
         assert set(r) == {"prompt", "completion", "answer", "reference", "style", "task"}
-        s = r["prompt"][len("Cycle "):-1]
+        s = r["prompt"][len("Cycle ") : -1]
         assert r["prompt"] == f"Cycle {s}." and r["answer"] == s[1:] + s[0] != s
         assert r["completion"] == r["reference"] and tasks.is_correct(r["completion"], r["answer"])
         assert 3 <= len(s) <= 6 and not tasks.is_held_out(r["prompt"])
@@ -176,6 +183,7 @@ def test_pretraining_never_sees_held_out_or_new_verb():
 
 
 # ---------------------------------------------------------------- the shipped checkpoint
+
 
 def test_shipped_checkpoint_files():
     info = json.loads((MODEL_DIR / "onsft.json").read_text())

@@ -60,17 +60,41 @@ def test_standard_format_renders_the_chat_template():
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("pairs")
-    rows = [{"id": f"q{i}", "prompt": p, "completion": f"ok {i}", "answer": f"ok {i}", "task": f"t{i % 2}"}
-            for i, p in enumerate(PROMPTS)]
-    (root / "checks.py").write_text("def even(response, answer):\n    return len(response) % 2 == 0\n"
-                                    "def always(response, answer):\n    return True\n")
-    return {"root": root, "model": save_talker(root / "model"), "data": write_jsonl(root / "data.jsonl", rows),
-            "checks": str(root / "checks.py")}
+    rows = [
+        {"id": f"q{i}", "prompt": p, "completion": f"ok {i}", "answer": f"ok {i}", "task": f"t{i % 2}"}
+        for i, p in enumerate(PROMPTS)
+    ]
+    (root / "checks.py").write_text(
+        "def even(response, answer):\n    return len(response) % 2 == 0\n"
+        "def always(response, answer):\n    return True\n"
+    )
+    return {
+        "root": root,
+        "model": save_talker(root / "model"),
+        "data": write_jsonl(root / "data.jsonl", rows),
+        "checks": str(root / "checks.py"),
+    }
 
 
 def run_pairs(setup, out, *extra):
-    return cli.main(["pairs", "--model", setup["model"], "--data", setup["data"], "--out", str(out), "--samples", "4",
-                     "--max_new_tokens", "9", "--batch_size", "8", *extra])
+    return cli.main(
+        [
+            "pairs",
+            "--model",
+            setup["model"],
+            "--data",
+            setup["data"],
+            "--out",
+            str(out),
+            "--samples",
+            "4",
+            "--max_new_tokens",
+            "9",
+            "--batch_size",
+            "8",
+            *extra,
+        ]
+    )
 
 
 def read_jsonl(path):
@@ -101,10 +125,14 @@ def test_pairs_from_own_samples_are_valid(setup):
 
 
 def test_rewrites_then_references_are_chosen_when_no_own_sample_is_right(setup):
-    rewrites = write_jsonl(setup["root"] / "rewrites.jsonl", [
-        {"id": "q0", "prompt": PROMPTS[0], "completion": "ok 0"},          # verifies: used
-        {"id": "q1", "prompt": PROMPTS[1], "completion": "wrong"},         # fails: reference instead
-        {"prompt": PROMPTS[2], "completion": "ok 2"}])                     # matched by prompt text
+    rewrites = write_jsonl(
+        setup["root"] / "rewrites.jsonl",
+        [
+            {"id": "q0", "prompt": PROMPTS[0], "completion": "ok 0"},  # verifies: used
+            {"id": "q1", "prompt": PROMPTS[1], "completion": "wrong"},  # fails: reference instead
+            {"prompt": PROMPTS[2], "completion": "ok 2"},
+        ],
+    )  # matched by prompt text
     out = setup["root"] / "fallback.jsonl"
     assert run_pairs(setup, out, "--verifier", "exact", "--rewrites", rewrites) == 0
     pairs = {p["id"]: p for p in read_jsonl(out)}
@@ -125,19 +153,32 @@ def test_bad_pairs_files(tmp_path):
     empty.write_text("")
     with pytest.raises(UserError, match="no pairs"):
         load_pairs(str(empty), TOKENIZER, 128)
-    missing = write_jsonl(tmp_path / "missing.jsonl", [{"prompt": "a", "chosen": "b", "rejected": "c"},
-                                                        {"prompt": "a", "chosen": "b"}])
+    missing = write_jsonl(
+        tmp_path / "missing.jsonl", [{"prompt": "a", "chosen": "b", "rejected": "c"}, {"prompt": "a", "chosen": "b"}]
+    )
     with pytest.raises(UserError, match="rejected") as error:
         load_pairs(missing, TOKENIZER, 128)
     assert error.value.line == 2
-    mixed = write_jsonl(tmp_path / "mixed.jsonl", [{"prompt": "a", "chosen": "b", "rejected": "c"},
-                                                    {"prompt": "a", "chosen": [{"role": "assistant", "content": "b"}],
-                                                     "rejected": "c"}])
+    mixed = write_jsonl(
+        tmp_path / "mixed.jsonl",
+        [
+            {"prompt": "a", "chosen": "b", "rejected": "c"},
+            {"prompt": "a", "chosen": [{"role": "assistant", "content": "b"}], "rejected": "c"},
+        ],
+    )
     with pytest.raises(UserError, match="mix"):
         load_pairs(mixed, TOKENIZER, 128)
-    long = write_jsonl(tmp_path / "long.jsonl", [{"prompt": [{"role": "user", "content": "q"}],
-                                                  "chosen": [{"role": "assistant", "content": "x" * 50}],
-                                                  "rejected": [{"role": "assistant", "content": "y"}]}] * 2)
+    long = write_jsonl(
+        tmp_path / "long.jsonl",
+        [
+            {
+                "prompt": [{"role": "user", "content": "q"}],
+                "chosen": [{"role": "assistant", "content": "x" * 50}],
+                "rejected": [{"role": "assistant", "content": "y"}],
+            }
+        ]
+        * 2,
+    )
     with pytest.raises(UserError, match="2 of 2 pairs are longer"):
         load_pairs(long, TOKENIZER, 20)
     with pytest.raises(UserError, match="no pairs left"):
@@ -149,16 +190,42 @@ def test_bad_pairs_files(tmp_path):
 
 
 def one_pair_file(tmp_path):
-    pair = {"prompt": [{"role": "user", "content": "Copy abc."}],
-            "chosen": [{"role": "assistant", "content": "abc"}],
-            "rejected": [{"role": "assistant", "content": "a totally wrong answer"}]}
+    pair = {
+        "prompt": [{"role": "user", "content": "Copy abc."}],
+        "chosen": [{"role": "assistant", "content": "abc"}],
+        "rejected": [{"role": "assistant", "content": "a totally wrong answer"}],
+    }
     return write_jsonl(tmp_path / "pair.jsonl", [pair]), pair
 
 
 def train_args(model, data, out, *extra):
-    return ["--model", model, "--data", data, "--output_dir", str(out), "--max_steps", "2",
-            "--per_device_train_batch_size", "1", "--learning_rate", "0.01", "--bf16", "false", "--use_cpu", "true",
-            "--save_steps", "1", "--logging_steps", "1", "--max_length", "128", "--disable_tqdm", "true", *extra]
+    return [
+        "--model",
+        model,
+        "--data",
+        data,
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        "2",
+        "--per_device_train_batch_size",
+        "1",
+        "--learning_rate",
+        "0.01",
+        "--bf16",
+        "false",
+        "--use_cpu",
+        "true",
+        "--save_steps",
+        "1",
+        "--logging_steps",
+        "1",
+        "--max_length",
+        "128",
+        "--disable_tqdm",
+        "true",
+        *extra,
+    ]
 
 
 def weights(path):
@@ -201,7 +268,7 @@ def naive_simpo_loss(model_path, pair, beta, gamma):
         with torch.no_grad():
             logp = torch.log_softmax(model(ids).logits[0, :-1].double(), -1)
         targets = ids[0, 1:]
-        token_logp = logp[torch.arange(len(targets)), targets][len(prompt_ids) - 1:]
+        token_logp = logp[torch.arange(len(targets)), targets][len(prompt_ids) - 1 :]
         means.append(token_logp.mean().item())
     return -torch.nn.functional.logsigmoid(torch.tensor(beta * (means[0] - means[1]) - gamma)).item()
 
@@ -209,8 +276,9 @@ def naive_simpo_loss(model_path, pair, beta, gamma):
 def test_simpo_is_reference_free_length_normalised_and_changes_the_model(setup, tmp_path):
     data, pair = one_pair_file(tmp_path)
     out = tmp_path / "simpo"
-    summary = train_preference(["--method", "simpo", *train_args(setup["model"], data, out), "--beta", "2.5",
-                                "--simpo_gamma", "0.3"])
+    summary = train_preference(
+        ["--method", "simpo", *train_args(setup["model"], data, out), "--beta", "2.5", "--simpo_gamma", "0.3"]
+    )
     assert summary["trainer"] == "CPOTrainer" and summary["global_step"] == 2
     assert summary["beta"] == 2.5 and summary["simpo_gamma"] == 0.3
     assert first_loss(out) == pytest.approx(naive_simpo_loss(setup["model"], pair, 2.5, 0.3), rel=1e-5)
@@ -226,8 +294,9 @@ def test_bad_training_input_stops_before_training(setup, tmp_path, capsys):
     assert "no pairs" in capsys.readouterr().err and not (out / "model").exists()
     data, _ = one_pair_file(tmp_path)
     with pytest.raises(UserError, match="precompute_ref_log_probs"):
-        train_preference(["--method", "simpo", *train_args(setup["model"], data, out),
-                          "--precompute_ref_log_probs", "true"])
+        train_preference(
+            ["--method", "simpo", *train_args(setup["model"], data, out), "--precompute_ref_log_probs", "true"]
+        )
     with pytest.raises(UserError, match="not a preference method"):
         train_preference(["--method", "sft", *train_args(setup["model"], data, out)])
     assert not (out / "model").exists() and not list(out.glob("checkpoint-*"))

@@ -14,21 +14,31 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import tiny_tokenizer, untied_model
 
 from onsft import cli, ddt, rewrite
 from onsft.data import encode_prompt, encode_response, load_examples, parse_example
 from onsft.errors import UserError
+from tiny import tiny_tokenizer, untied_model
 
 ROOT = Path(__file__).resolve().parents[1]
 ORGANISM = ROOT / "src" / "onsft" / "organism" / "model"
 
 
-ROWS = [{"id": i, "prompt": f"What is {i} + {i}?", "answer": f"a{i}", "reference": f"{i} + {i} = \\boxed{{{2 * i}}}",
-         "extra": [i]} for i in range(24)]
+ROWS = [
+    {
+        "id": i,
+        "prompt": f"What is {i} + {i}?",
+        "answer": f"a{i}",
+        "reference": f"{i} + {i} = \\boxed{{{2 * i}}}",
+        "extra": [i],
+    }
+    for i in range(24)
+]
 # Correct iff a hash of (response, answer) says so: a deterministic mix of own / hinted / dropped rows.
-VERIFIER = ("import hashlib\n\ndef check(response, answer):\n"
-            "    return hashlib.sha256((response + answer).encode()).digest()[0] % 3 == 0\n")
+VERIFIER = (
+    "import hashlib\n\ndef check(response, answer):\n"
+    "    return hashlib.sha256((response + answer).encode()).digest()[0] % 3 == 0\n"
+)
 
 
 def write_jsonl(path: Path, rows) -> Path:
@@ -52,8 +62,22 @@ def saved(tmp_path_factory):
 
 
 def base_args(saved, data="data.jsonl"):
-    return ["--model", saved / "model", "--data", saved / data, "--verifier", f"{saved / 'verify.py'}:check",
-            "--max_new_tokens", 10, "--own_samples", 2, "--hinted_samples", 2, "--chunk_size", 3]
+    return [
+        "--model",
+        saved / "model",
+        "--data",
+        saved / data,
+        "--verifier",
+        f"{saved / 'verify.py'}:check",
+        "--max_new_tokens",
+        10,
+        "--own_samples",
+        2,
+        "--hinted_samples",
+        2,
+        "--chunk_size",
+        3,
+    ]
 
 
 def run(args, capsys) -> tuple[int, str]:
@@ -68,28 +92,39 @@ def test_hint_template_filling_and_messages():
     hint = rewrite.HintSettings("Q: {question}\nR: {reference} \\boxed{}", "SYS", "\\boxed{", "flag")
     # One pass: a question that itself says "{reference}" is not expanded; other braces (LaTeX) stay.
     assert rewrite.fill_hint(hint.template, "say {reference}", "x^{2}") == "Q: say {reference}\nR: x^{2} \\boxed{}"
-    prompt = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "first"},
-              {"role": "assistant", "content": "ok"}, {"role": "user", "content": "What is 2+2?"}]
-    assert rewrite.hinted_messages(prompt, "4", hint) == [
-        {"role": "system", "content": "SYS"}, {"role": "user", "content": "first"},
+    prompt = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "first"},
         {"role": "assistant", "content": "ok"},
-        {"role": "user", "content": "Q: Be brief.\n\nWhat is 2+2?\nR: 4 \\boxed{}"}]
+        {"role": "user", "content": "What is 2+2?"},
+    ]
+    assert rewrite.hinted_messages(prompt, "4", hint) == [
+        {"role": "system", "content": "SYS"},
+        {"role": "user", "content": "first"},
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": "Q: Be brief.\n\nWhat is 2+2?\nR: 4 \\boxed{}"},
+    ]
     no_system = rewrite.HintSettings("{question}|{reference}", "", "", "flag")
     assert rewrite.hinted_messages([{"role": "user", "content": "q"}], "r", no_system) == [
-        {"role": "user", "content": "q|r"}]
+        {"role": "user", "content": "q|r"}
+    ]
 
     config = rewrite.RewriteConfig(model="m", data="d")
     organism_info = {"hint_template": "Rewrite.\n{question}\nReference: {reference}", "answer_marker": "@"}
     assert rewrite.resolve_hint(config, organism_info) == rewrite.HintSettings(
-        organism_info["hint_template"], "", "@", "onsft.json")  # the learned format, no system turn added
+        organism_info["hint_template"], "", "@", "onsft.json"
+    )  # the learned format, no system turn added
     assert rewrite.resolve_hint(config, {}) == rewrite.HintSettings(
-        rewrite.DEFAULT_HINT_TEMPLATE, rewrite.DEFAULT_HINT_SYSTEM, "\\boxed{", "default")
+        rewrite.DEFAULT_HINT_TEMPLATE, rewrite.DEFAULT_HINT_SYSTEM, "\\boxed{", "default"
+    )
     analyze = rewrite.RewriteConfig(model="m", data="d", analyze_first=True)
     assert "# CoT" in rewrite.resolve_hint(analyze, {}).system
-    flags = rewrite.RewriteConfig(model="m", data="d", hint_template="{reference} / {question}", hint_system="",
-                                  answer_marker="")
-    assert rewrite.resolve_hint(flags, organism_info) == rewrite.HintSettings("{reference} / {question}", "", "",
-                                                                              "flag")
+    flags = rewrite.RewriteConfig(
+        model="m", data="d", hint_template="{reference} / {question}", hint_system="", answer_marker=""
+    )
+    assert rewrite.resolve_hint(flags, organism_info) == rewrite.HintSettings(
+        "{reference} / {question}", "", "", "flag"
+    )
     with pytest.raises(UserError, match="no {reference} placeholder"):
         rewrite.resolve_hint(rewrite.RewriteConfig(model="m", data="d", hint_template="{question} only"), {})
 
@@ -99,7 +134,7 @@ def test_marker_prefix_is_the_shortest_prefix_holding_the_marker():
     ids = tokenizer("# Analyze\nok.\n# CoT\nsteps # CoT", add_special_tokens=False)["input_ids"]
     cut = rewrite.marker_prefix(tokenizer, ids, "# CoT")
     assert tokenizer.decode(ids[:cut]) == "# Analyze\nok.\n# CoT"
-    assert rewrite.marker_prefix(tokenizer, ids[:cut - 1], "# CoT") is None
+    assert rewrite.marker_prefix(tokenizer, ids[: cut - 1], "# CoT") is None
 
 
 # ------------------------------------------------------------------------------------------ provenance
@@ -122,7 +157,7 @@ def naive_mean_phi(model, tokenizer, prompt, text) -> float:
     ids = prompt_ids + encode_response(tokenizer, prompt, text, prompt_ids)
     with torch.no_grad():
         logits = model(torch.tensor([ids])).logits[0].double()
-    stats = ddt.token_stats(logits[len(prompt_ids) - 1:-1], torch.tensor(ids[len(prompt_ids):]))
+    stats = ddt.token_stats(logits[len(prompt_ids) - 1 : -1], torch.tensor(ids[len(prompt_ids) :]))
     return float(stats.phi.mean())
 
 
@@ -131,8 +166,9 @@ def test_provenance_own_hinted_dropped_with_a_scripted_verifier():
     rows = ROWS[:6]
     examples = [parse_example(r, i, i + 1, "rows", False) for i, r in enumerate(rows)]
     k, tries = 2, 2
-    config = rewrite.RewriteConfig(model="m", data="d", own_samples=k, hinted_samples=tries, max_new_tokens=10,
-                                   chunk_size=6)
+    config = rewrite.RewriteConfig(
+        model="m", data="d", own_samples=k, hinted_samples=tries, max_new_tokens=10, chunk_size=6
+    )
 
     def rewrite_with(verifier, **overrides):
         settings = rewrite.RewriteConfig(**{**config.__dict__, **overrides})
@@ -143,13 +179,13 @@ def test_provenance_own_hinted_dropped_with_a_scripted_verifier():
     first = Scripted()
     rewrite_with(first)
     own = [[first.calls[r * k + s][1] for s in range(k)] for r in range(6)]
-    assert all(answer == f"a{r}" for r in range(6) for answer, _ in first.calls[r * k:(r + 1) * k])
+    assert all(answer == f"a{r}" for r in range(6) for answer, _ in first.calls[r * k : (r + 1) * k])
     assert len(first.calls) == 6 * k + 6 * tries
     # Pass B accepts row 0's second own sample and row 1's first: only rows 2-5 are rewritten.
     accepted_own = {("a0", own[0][1]), ("a1", own[1][0])}
     second = Scripted(accepted_own)
     rewrite_with(second)
-    assert second.calls[:6 * k] == first.calls[:6 * k]  # own samples do not depend on the verifier
+    assert second.calls[: 6 * k] == first.calls[: 6 * k]  # own samples do not depend on the verifier
     hinted = {r: [second.calls[6 * k + (r - 2) * tries + t][1] for t in range(tries)] for r in range(2, 6)}
     assert len(second.calls) == 6 * k + 4 * tries
     # Pass C also accepts row 2's first hinted try and row 3's second; rows 4 and 5 stay unverified.
@@ -159,8 +195,14 @@ def test_provenance_own_hinted_dropped_with_a_scripted_verifier():
     assert len(third.calls) == 6 * k + 1 + 2 + 2 + 2  # row 2 stops after its verified first try
 
     assert [r["provenance"] for r in records] == ["own", "own", "hinted", "hinted", "dropped", "dropped"]
-    assert [r["response"] for r in records] == [own[0][1], own[1][0], hinted[2][0], hinted[3][1], hinted[4][1],
-                                                hinted[5][1]]
+    assert [r["response"] for r in records] == [
+        own[0][1],
+        own[1][0],
+        hinted[2][0],
+        hinted[3][1],
+        hinted[4][1],
+        hinted[5][1],
+    ]
     assert [r["verified"] for r in records] == [True, True, True, True, False, False]
     assert [r["hinted_tries"] for r in records] == [0, 0, 1, 2, 2, 2]
     assert [r["own_correct"] for r in records] == [own[0].count(own[0][1]), own[1].count(own[1][0]), 0, 0, 0, 0]
@@ -174,22 +216,27 @@ def test_provenance_own_hinted_dropped_with_a_scripted_verifier():
 
     # Scores: the response's and the reference's mean phi under the plain context, against float64 logits.
     for record, example in zip(records, examples):
-        assert record["mean_phi"] == pytest.approx(naive_mean_phi(model, tokenizer, example.prompt,
-                                                                  record["response"]), abs=1e-4)
-        assert record["reference_mean_phi"] == pytest.approx(naive_mean_phi(model, tokenizer, example.prompt,
-                                                                            example.reference), abs=1e-4)
+        assert record["mean_phi"] == pytest.approx(
+            naive_mean_phi(model, tokenizer, example.prompt, record["response"]), abs=1e-4
+        )
+        assert record["reference_mean_phi"] == pytest.approx(
+            naive_mean_phi(model, tokenizer, example.prompt, example.reference), abs=1e-4
+        )
         assert record["p_value"] == pytest.approx(0.5 * math.erfc(-record["z"] / math.sqrt(2)), abs=1e-9)
 
     summary = rewrite.summarize(records)
     assert (summary["own_correct"], summary["rewritten"], summary["dropped"], summary["kept"]) == (2, 2, 2, 4)
     assert summary["hinted_attempted"] == 4 and summary["hinted_success_rate"] == 0.5
     assert summary["mean_phi"]["rewritten"]["mean_phi"] == pytest.approx(
-        (records[2]["mean_phi"] + records[3]["mean_phi"]) / 2)
+        (records[2]["mean_phi"] + records[3]["mean_phi"]) / 2
+    )
     assert summary["mean_phi"]["references"]["mean_phi"] == pytest.approx(
-        sum(r["reference_mean_phi"] for r in records) / 6)
+        sum(r["reference_mean_phi"] for r in records) / 6
+    )
     train = rewrite.train_rows(records)
     assert [(t["prompt"], t["completion"], t["provenance"]) for t in train] == [
-        (r["prompt"], r["response"], r["provenance"]) for r in records[:4]]
+        (r["prompt"], r["response"], r["provenance"]) for r in records[:4]
+    ]
 
     # keep_own false: verified own answers are counted but every prompt is rewritten.
     fourth = Scripted(third.accept)
@@ -202,20 +249,31 @@ def test_provenance_own_hinted_dropped_with_a_scripted_verifier():
 def test_analyze_first_extends_the_hinted_context_or_drops_the_row():
     model, tokenizer = untied_model(), tiny_tokenizer()
     examples = [parse_example(r, i, i + 1, "rows", False) for i, r in enumerate(ROWS[:3])]
-    config = rewrite.RewriteConfig(model="m", data="d", own_samples=0, max_new_tokens=6, analyze_first=True,
-                                   analyze_max_new_tokens=8, chunk_size=3)
+    config = rewrite.RewriteConfig(
+        model="m", data="d", own_samples=0, max_new_tokens=6, analyze_first=True, analyze_max_new_tokens=8, chunk_size=3
+    )
     # A marker the random model cannot write: every row is dropped before hinted decoding.
-    records = rewrite.rewrite_examples(model, tokenizer, examples, rewrite.RewriteConfig(
-        **{**config.__dict__, "analyze_marker": "@@never@@"}), verifier=lambda r, a: True)
+    records = rewrite.rewrite_examples(
+        model,
+        tokenizer,
+        examples,
+        rewrite.RewriteConfig(**{**config.__dict__, "analyze_marker": "@@never@@"}),
+        verifier=lambda r, a: True,
+    )
     assert [r["drop_reason"] for r in records] == ["no analysis marker"] * 3
     assert all(r["response"] is None and len(r["analysis"]) > 0 for r in records)
     assert rewrite.summarize(records)["hinted_attempted"] == 3
     # A one-character marker the analysis does contain: the text up to it joins the hinted context.
     analysis = records[0]["analysis"]
     marker = analysis[2]
-    records = rewrite.rewrite_examples(model, tokenizer, examples, rewrite.RewriteConfig(
-        **{**config.__dict__, "analyze_marker": marker}), verifier=lambda r, a: True)
-    assert records[0]["analysis"] == analysis[:analysis.index(marker) + 1]
+    records = rewrite.rewrite_examples(
+        model,
+        tokenizer,
+        examples,
+        rewrite.RewriteConfig(**{**config.__dict__, "analyze_marker": marker}),
+        verifier=lambda r, a: True,
+    )
+    assert records[0]["analysis"] == analysis[: analysis.index(marker) + 1]
     assert records[0]["provenance"] == "hinted" and records[0]["response"] is not None
 
 
@@ -239,15 +297,22 @@ def test_cli_end_to_end_and_a_finished_rerun_does_nothing(saved, tmp_path, capsy
 
     train = rows_of(out / "train.jsonl")
     kept = [r for r in records if r["provenance"] != "dropped"]
-    assert [(t["prompt"], t["completion"], t["id"]) for t in train] == [(r["prompt"], r["response"], r["id"])
-                                                                        for r in kept]
+    assert [(t["prompt"], t["completion"], t["id"]) for t in train] == [
+        (r["prompt"], r["response"], r["id"]) for r in kept
+    ]
     assert [e.response for e in load_examples(out / "train.jsonl")] == [r["response"] for r in kept]
 
     summary = json.loads((out / "summary.json").read_text())
-    assert (summary["own_correct"], summary["rewritten"], summary["dropped"]) == (counts["own"], counts["hinted"],
-                                                                                  counts["dropped"])
-    assert summary["generated_tokens"] == summary["generated_tokens_this_run"] == sum(
-        r["generated_tokens"] for r in records)
+    assert (summary["own_correct"], summary["rewritten"], summary["dropped"]) == (
+        counts["own"],
+        counts["hinted"],
+        counts["dropped"],
+    )
+    assert (
+        summary["generated_tokens"]
+        == summary["generated_tokens_this_run"]
+        == sum(r["generated_tokens"] for r in records)
+    )
     assert summary["tokens_per_second"] > 0 and summary["wall_seconds"] > 0
     assert summary["hint"]["source"] == "default" and summary["processes"] == 1
 
@@ -263,18 +328,42 @@ def test_cli_end_to_end_and_a_finished_rerun_does_nothing(saved, tmp_path, capsy
 
 BAD_INPUTS = {
     "no_answer": ([{"prompt": "a", "reference": "r"}], {}, "data.jsonl:1:", "answer"),
-    "no_reference": ([{"prompt": "a", "answer": "1", "reference": "r"}, {"prompt": "b", "answer": "2"}], {},
-                     "data.jsonl:2:", "reference"),
-    "clashing_column": ([{"prompt": "a", "answer": "1", "reference": "r", "provenance": "x"}], {}, "data.jsonl:1:",
-                        "provenance"),
-    "unknown_model": ([{"prompt": "a", "answer": "1", "reference": "r"}], {"model": "no-such-model-anywhere"},
-                      "no-such-model", "unknown model"),
-    "template_without_reference": ([{"prompt": "a", "answer": "1", "reference": "r"}],
-                                   {"hint_template": "{question} only"}, "hint template", "placeholder"),
-    "bad_verifier": ([{"prompt": "a", "answer": "1", "reference": "r"}], {"verifier": "nonsense"}, "--verifier",
-                     "unknown verifier"),
-    "prompt_too_long": ([{"prompt": "a" * 60, "answer": "1", "reference": "r"}], {"max_length": 40},
-                        "data.jsonl:1:", "no room"),
+    "no_reference": (
+        [{"prompt": "a", "answer": "1", "reference": "r"}, {"prompt": "b", "answer": "2"}],
+        {},
+        "data.jsonl:2:",
+        "reference",
+    ),
+    "clashing_column": (
+        [{"prompt": "a", "answer": "1", "reference": "r", "provenance": "x"}],
+        {},
+        "data.jsonl:1:",
+        "provenance",
+    ),
+    "unknown_model": (
+        [{"prompt": "a", "answer": "1", "reference": "r"}],
+        {"model": "no-such-model-anywhere"},
+        "no-such-model",
+        "unknown model",
+    ),
+    "template_without_reference": (
+        [{"prompt": "a", "answer": "1", "reference": "r"}],
+        {"hint_template": "{question} only"},
+        "hint template",
+        "placeholder",
+    ),
+    "bad_verifier": (
+        [{"prompt": "a", "answer": "1", "reference": "r"}],
+        {"verifier": "nonsense"},
+        "--verifier",
+        "unknown verifier",
+    ),
+    "prompt_too_long": (
+        [{"prompt": "a" * 60, "answer": "1", "reference": "r"}],
+        {"max_length": 40},
+        "data.jsonl:1:",
+        "no room",
+    ),
 }
 
 
@@ -315,8 +404,14 @@ def test_resume_after_a_simulated_kill_and_refusal_of_other_settings(saved, tmp_
     assert code == 2 and "different settings" in err
 
     chunks.clear()
-    monkeypatch.setattr(rewrite.Rewriter, "chunk", lambda self, rows, progress=None: (
-        chunks.append([row.example.index for row in rows]), real_chunk(self, rows, progress))[1])
+    monkeypatch.setattr(
+        rewrite.Rewriter,
+        "chunk",
+        lambda self, rows, progress=None: (
+            chunks.append([row.example.index for row in rows]),
+            real_chunk(self, rows, progress),
+        )[1],
+    )
     code, err = run([*base_args(saved), "--out", out], capsys)
     assert code == 0, err
     assert chunks == [[6, 7, 8], [9]]  # only the chunks not already on disk were decoded
@@ -365,9 +460,22 @@ def test_two_processes_give_the_same_output_as_one(saved, tmp_path, capsys):
     code, err = run([*base_args(saved), "--out", tmp_path / "one"], capsys)
     assert code == 0, err
     # --standalone: with --master_port 0 this torch's workers wait forever for the store.
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "onsft.cli", "rewrite", "--progress", "false", *map(str, base_args(saved)),
-               "--out", str(tmp_path / "two")]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "onsft.cli",
+        "rewrite",
+        "--progress",
+        "false",
+        *map(str, base_args(saved)),
+        "--out",
+        str(tmp_path / "two"),
+    ]
     done = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["records.jsonl", "summary.json", "train.jsonl"]
@@ -375,8 +483,9 @@ def test_two_processes_give_the_same_output_as_one(saved, tmp_path, capsys):
         assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes()
     one, two = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("one", "two"))
     assert two["processes"] == 2
-    assert {k: two[k] for k in ("rows", "own_correct", "rewritten", "dropped", "mean_phi")} == \
-        {k: one[k] for k in ("rows", "own_correct", "rewritten", "dropped", "mean_phi")}
+    assert {k: two[k] for k in ("rows", "own_correct", "rewritten", "dropped", "mean_phi")} == {
+        k: one[k] for k in ("rows", "own_correct", "rewritten", "dropped", "mean_phi")
+    }
 
 
 # ------------------------------------------------------------------------------------------- organism
@@ -396,8 +505,16 @@ def organism_rewrite(organism, rows, **overrides):
 
     model, tokenizer, info = organism
     examples = [parse_example(r, i, i + 1, "rows", False) for i, r in enumerate(rows)]
-    config = rewrite.RewriteConfig(**{"model": "organism", "data": "rows", "verifier": "exact", "max_new_tokens": 64,
-                                      "chunk_size": 64, **overrides})
+    config = rewrite.RewriteConfig(
+        **{
+            "model": "organism",
+            "data": "rows",
+            "verifier": "exact",
+            "max_new_tokens": 64,
+            "chunk_size": 64,
+            **overrides,
+        }
+    )
     records = rewrite.rewrite_examples(model, tokenizer, examples, config, info=info)
     rewritten = [r for r in records if r["provenance"] == "hinted"]
     assert all(tasks.is_correct(r["response"], r["answer"]) for r in rewritten)
@@ -411,8 +528,10 @@ def test_organism_rewrites_foreign_references_of_old_skills_into_its_own_style(o
     the 60 rows rewritten correctly)."""
     from onsft.organism import tasks
 
-    rows = [{"prompt": r["question"], "answer": r["answer"], "reference": r["reference"], "task": r["task"]}
-            for r in tasks.hinted_old_test(60)]
+    rows = [
+        {"prompt": r["question"], "answer": r["answer"], "reference": r["reference"], "task": r["task"]}
+        for r in tasks.hinted_old_test(60)
+    ]
     records, rewritten = organism_rewrite(organism, rows, own_samples=0, beta=3.0)
     assert rewrite.read_model_info("organism")["hint_template"] == tasks.HINT_TEMPLATE
     assert len(rewritten) >= 20, rewrite.summarize(records)
@@ -429,8 +548,10 @@ def test_organism_rewrites_new_skill_teacher_data_closer_to_its_distribution(org
 
     records, rewritten = organism_rewrite(organism, tasks.new_skill_train(n=8, seed=0), own_samples=2, beta=3.0)
     if not rewritten:
-        pytest.skip(f"this organism checkpoint rewrote 0 of {len(records)} new-skill rows correctly "
-                    "(its hinted context does not carry the new skill's answers)")
+        pytest.skip(
+            f"this organism checkpoint rewrote 0 of {len(records)} new-skill rows correctly "
+            "(its hinted context does not carry the new skill's answers)"
+        )
     reference_phi = sum(r["reference_mean_phi"] for r in rewritten) / len(rewritten)
     rewrite_phi = sum(r["mean_phi"] for r in rewritten) / len(rewritten)
     assert abs(rewrite_phi) < abs(reference_phi), (reference_phi, rewrite_phi)

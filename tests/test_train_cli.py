@@ -14,8 +14,10 @@ from transformers import AutoModelForCausalLM
 from onsft.cli import main
 from tiny import tiny_model, tiny_tokenizer
 
-ROWS = [{"prompt": f"Copy {w}.", "completion": f"{w} \\boxed{{{w}}}"} for w in
-        ["ab", "cde", "fg", "hij", "kl", "mno", "pq", "rst"]]
+ROWS = [
+    {"prompt": f"Copy {w}.", "completion": f"{w} \\boxed{{{w}}}"}
+    for w in ["ab", "cde", "fg", "hij", "kl", "mno", "pq", "rst"]
+]
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +34,34 @@ def write_jsonl(path, rows):
 
 
 def train_args(model, data, out, *extra):
-    return ["train", "--model", str(model), "--data", str(data), "--output_dir", str(out), "--max_steps", "3",
-            "--per_device_train_batch_size", "4", "--learning_rate", "1e-2", "--bf16", "false", "--use_cpu", "true",
-            "--logging_steps", "1", "--save_steps", "2", "--disable_tqdm", "true", "--max_length", "64", *extra]
+    return [
+        "train",
+        "--model",
+        str(model),
+        "--data",
+        str(data),
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        "3",
+        "--per_device_train_batch_size",
+        "4",
+        "--learning_rate",
+        "1e-2",
+        "--bf16",
+        "false",
+        "--use_cpu",
+        "true",
+        "--logging_steps",
+        "1",
+        "--save_steps",
+        "2",
+        "--disable_tqdm",
+        "true",
+        "--max_length",
+        "64",
+        *extra,
+    ]
 
 
 def test_train_writes_a_loadable_model_and_metrics(tmp_path, tiny_dir):
@@ -86,11 +113,14 @@ def test_bad_input_exits_2_with_one_line_and_no_output(tmp_path, tiny_dir, capsy
     assert not out.exists()
 
 
-@pytest.mark.parametrize("args,expected", [
-    (["--model", "no/such-model-anywhere"], "no/such-model-anywhere"),
-    (["--loss", "focal"], "unknown loss"),
-    (["--learning_rat", "1"], "unknown option"),
-])
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (["--model", "no/such-model-anywhere"], "no/such-model-anywhere"),
+        (["--loss", "focal"], "unknown loss"),
+        (["--learning_rat", "1"], "unknown option"),
+    ],
+)
 def test_bad_options_exit_2(tmp_path, tiny_dir, capsys, args, expected):
     data = write_jsonl(tmp_path / "d.jsonl", ROWS)
     out = tmp_path / "run"
@@ -109,19 +139,33 @@ def test_two_processes_follow_the_single_process_loss_trajectory(tmp_path, tiny_
         # Full-batch steps (every row, of different lengths, in every step): 1 and 2 processes shard rows
         # differently, so only then do both see the same global batch; what is tested is the token
         # normalisation across processes and the gradient averaging, not the sampler.
-        args = train_args(tiny_dir, data, out, "--per_device_train_batch_size", str(per_device), "--max_steps", "3",
-                          "--loss", "idft")
-        done = subprocess.run([*launcher, "-m", "onsft.cli", *args], env=env, capture_output=True, text=True,
-                              timeout=300)
+        args = train_args(
+            tiny_dir, data, out, "--per_device_train_batch_size", str(per_device), "--max_steps", "3", "--loss", "idft"
+        )
+        done = subprocess.run(
+            [*launcher, "-m", "onsft.cli", *args], env=env, capture_output=True, text=True, timeout=300
+        )
         assert done.returncode == 0, done.stderr[-3000:]
-        return [row["loss"] for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
-                if "loss" in row]
+        return [
+            row["loss"] for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in row
+        ]
 
     with socket.socket() as probe:  # a free port: parallel test workers must not share accelerate's 29500
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     one = run(tmp_path / "one", [sys.executable], 8)
-    two = run(tmp_path / "two", [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
-                                 "--main_process_port", str(port)], 4)
+    two = run(
+        tmp_path / "two",
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(config),
+            "--main_process_port",
+            str(port),
+        ],
+        4,
+    )
     assert len(one) == len(two) == 3 and one[0] != one[-1]
     assert one == pytest.approx(two, rel=1e-4)

@@ -10,33 +10,58 @@ from transformers import TrainerCallback
 from onsft.data import Example, encode_examples
 from onsft.losses import LossConfig
 from onsft.trainer import OnPolicySFTTrainer, TrainConfig
-from tiny import tiny_model, tiny_tokenizer
 from test_losses import naive_loss
+from tiny import tiny_model, tiny_tokenizer
 
-TEXTS = [("Add 2 and 3.", "2+3=5. \\boxed{5}"), ("Copy abc.", "abc \\boxed{abc}"), ("Hi?", "Hello there!"),
-         ("Reverse xyz.", "zyx, so \\boxed{zyx}"), ("Sum 1 2 3", "6"), ("Name a colour.", "Blue is a colour."),
-         ("Count to 3.", "1 2 3 \\boxed{3}"), ("Say yes.", "yes")]
+TEXTS = [
+    ("Add 2 and 3.", "2+3=5. \\boxed{5}"),
+    ("Copy abc.", "abc \\boxed{abc}"),
+    ("Hi?", "Hello there!"),
+    ("Reverse xyz.", "zyx, so \\boxed{zyx}"),
+    ("Sum 1 2 3", "6"),
+    ("Name a colour.", "Blue is a colour."),
+    ("Count to 3.", "1 2 3 \\boxed{3}"),
+    ("Say yes.", "yes"),
+]
 
 
 def make_dataset(tokenizer, n=8):
     examples = [Example(i, i + 1, {}, [{"role": "user", "content": p}], r) for i, (p, r) in enumerate(TEXTS[:n])]
     encoded, _ = encode_examples(tokenizer, examples, max_length=128)
-    return datasets.Dataset.from_dict({"input_ids": [e.input_ids for e in encoded],
-                                       "labels": [e.labels for e in encoded]})
+    return datasets.Dataset.from_dict(
+        {"input_ids": [e.input_ids for e in encoded], "labels": [e.labels for e in encoded]}
+    )
 
 
 def make_trainer(tmp_path, loss="idft", dtype=torch.float32, callbacks=None, **overrides):
     tokenizer = tiny_tokenizer()
     model = tiny_model(dtype=dtype)
-    options = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=4, learning_rate=1e-2,
-                   bf16=False, use_cpu=True, seed=0, save_steps=2, logging_steps=1, lr_scheduler_type="linear",
-                   warmup_steps=0, dataset_kwargs={"skip_prepare_dataset": True}, remove_unused_columns=False,
-                   dataloader_num_workers=0, disable_tqdm=True)
+    options = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        max_steps=4,
+        learning_rate=1e-2,
+        bf16=False,
+        use_cpu=True,
+        seed=0,
+        save_steps=2,
+        logging_steps=1,
+        lr_scheduler_type="linear",
+        warmup_steps=0,
+        dataset_kwargs={"skip_prepare_dataset": True},
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
     options.update(overrides)
-    trainer = OnPolicySFTTrainer(model=model, args=TrainConfig(**options), train_dataset=make_dataset(tokenizer),
-                                 processing_class=tokenizer, loss_config=LossConfig(loss=loss, schedule_start=0.25,
-                                                                                    schedule_end=0.75),
-                                 callbacks=callbacks)
+    trainer = OnPolicySFTTrainer(
+        model=model,
+        args=TrainConfig(**options),
+        train_dataset=make_dataset(tokenizer),
+        processing_class=tokenizer,
+        loss_config=LossConfig(loss=loss, schedule_start=0.25, schedule_end=0.75),
+        callbacks=callbacks,
+    )
     return trainer
 
 

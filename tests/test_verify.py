@@ -12,30 +12,36 @@ from onsft.verify import extract_final_answer, get_verifier, last_boxed, normali
 MATH = get_verifier("math", timeout_seconds=1)
 
 
-@pytest.mark.parametrize("response, gold", [
-    ("so \\boxed{1/2}", "0.5"),
-    ("\\boxed{\\frac12}", "0.5"),
-    ("\\boxed{0.5}", "\\frac{1}{2}"),
-    ("\\boxed{50\\%}", "0.5"),          # math-verify reads a percent as /100: documented as equal
-    ("\\boxed{10.0}", "10"),
-    ("\\boxed{1+x}", "x+1"),
-    ("\\boxed{\\{2,1\\}}", "\\{1,2\\}"),
-    ("first \\boxed{3}, then \\boxed{\\dfrac{3}{4}}", "0.75"),  # the last box counts
-])
+@pytest.mark.parametrize(
+    "response, gold",
+    [
+        ("so \\boxed{1/2}", "0.5"),
+        ("\\boxed{\\frac12}", "0.5"),
+        ("\\boxed{0.5}", "\\frac{1}{2}"),
+        ("\\boxed{50\\%}", "0.5"),  # math-verify reads a percent as /100: documented as equal
+        ("\\boxed{10.0}", "10"),
+        ("\\boxed{1+x}", "x+1"),
+        ("\\boxed{\\{2,1\\}}", "\\{1,2\\}"),
+        ("first \\boxed{3}, then \\boxed{\\dfrac{3}{4}}", "0.75"),  # the last box counts
+    ],
+)
 def test_math_equivalences(response, gold):
     verdict = MATH.check(response, gold)
     assert verdict.correct and verdict.method == "math-verify"
 
 
-@pytest.mark.parametrize("response, gold, method", [
-    ("\\boxed{0.6}", "0.5", "math-verify"),
-    ("\\boxed{3}, not \\boxed{1/2}", "3", "math-verify"),
-    ("\\boxed{BCDA}", "bcda", "word-fallback"),
-    # math-verify reads letters as a product of symbols (abc == cba); words are compared as strings
-    ("\\boxed{cba}", "abc", "word-fallback"),
-    ("I do not know", "5", "no-answer"),
-    ("\\boxed{5", "5", "no-answer"),  # an unclosed box (truncated response) is no answer
-])
+@pytest.mark.parametrize(
+    "response, gold, method",
+    [
+        ("\\boxed{0.6}", "0.5", "math-verify"),
+        ("\\boxed{3}, not \\boxed{1/2}", "3", "math-verify"),
+        ("\\boxed{BCDA}", "bcda", "word-fallback"),
+        # math-verify reads letters as a product of symbols (abc == cba); words are compared as strings
+        ("\\boxed{cba}", "abc", "word-fallback"),
+        ("I do not know", "5", "no-answer"),
+        ("\\boxed{5", "5", "no-answer"),  # an unclosed box (truncated response) is no answer
+    ],
+)
 def test_math_rejections(response, gold, method):
     verdict = MATH.check(response, gold)
     assert not verdict.correct and verdict.method == method
@@ -82,10 +88,18 @@ def test_extraction():
     assert extract_final_answer("nothing here") is None
 
 
-@pytest.mark.parametrize("raw, normal", [
-    ("  42 ", "42"), ("$42$", "42"), ("$ 42 $.", "42"), ("\\text{yes}", "yes"), ("\\mathrm{ Paris }", "Paris"),
-    ("a   b\n c", "a b c"), ("aBc", "aBc"),
-])
+@pytest.mark.parametrize(
+    "raw, normal",
+    [
+        ("  42 ", "42"),
+        ("$42$", "42"),
+        ("$ 42 $.", "42"),
+        ("\\text{yes}", "yes"),
+        ("\\mathrm{ Paris }", "Paris"),
+        ("a   b\n c", "a b c"),
+        ("aBc", "aBc"),
+    ],
+)
 def test_normalize_answer(raw, normal):
     assert normalize_answer(raw) == normal
 
@@ -93,17 +107,19 @@ def test_normalize_answer(raw, normal):
 def test_exact_verifier():
     exact = get_verifier("exact")
     assert exact("Let's cycle. abcd -> bcda. \\boxed{bcda}", "bcda")
-    assert not exact("\\boxed{BCDA}", "bcda")              # case-sensitive
+    assert not exact("\\boxed{BCDA}", "bcda")  # case-sensitive
     assert exact("The answer is $42$.", "42")
     assert exact("#### 7", " 7 ")
-    assert exact("bcda", "bcda")                           # no marker: the whole response is the answer
-    assert not exact("\\boxed{0.5}", "1/2")                # exact is not math
+    assert exact("bcda", "bcda")  # no marker: the whole response is the answer
+    assert not exact("\\boxed{0.5}", "1/2")  # exact is not math
     assert not exact("anything", "")
 
 
 def test_user_function_from_a_file_and_a_module(tmp_path, monkeypatch):
-    source = "def check(response, answer):\n    return response.strip().endswith(answer)\n" \
-             "def score(response, answer):\n    return 0.7 if answer in response else 0.2\n"
+    source = (
+        "def check(response, answer):\n    return response.strip().endswith(answer)\n"
+        "def score(response, answer):\n    return 0.7 if answer in response else 0.2\n"
+    )
     path = tmp_path / "grade.py"
     path.write_text(source)
     by_file = get_verifier(f"{path}:check")
@@ -125,8 +141,18 @@ def test_user_function_errors_are_user_errors(tmp_path):
         get_verifier(f"{path}:boom")("r", "a")
 
 
-@pytest.mark.parametrize("spec", ["nope", "", "missing_file.py:check", "os:no_such_function",
-                                  "no_such_module_xyz:check", "grade.py:not an identifier", ":check"])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "nope",
+        "",
+        "missing_file.py:check",
+        "os:no_such_function",
+        "no_such_module_xyz:check",
+        "grade.py:not an identifier",
+        ":check",
+    ],
+)
 def test_bad_specs_are_user_errors(spec):
     with pytest.raises(UserError):
         get_verifier(spec)

@@ -34,14 +34,28 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return tok
 
 
-def tiny_model(vocab_size: int | None = None, seed: int = 0, hidden: int = 32, layers: int = 2,
-               dtype=torch.float32, tied: bool = True) -> LlamaForCausalLM:
+def tiny_model(
+    vocab_size: int | None = None,
+    seed: int = 0,
+    hidden: int = 32,
+    layers: int = 2,
+    dtype=torch.float32,
+    tied: bool = True,
+) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     vocab_size = vocab_size or len(tiny_tokenizer())
     config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
-        pad_token_id=0, eos_token_id=1, bos_token_id=None, tie_word_embeddings=tied,
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=None,
+        tie_word_embeddings=tied,
     )
     model = LlamaForCausalLM(config).to(dtype)
     # A tied head makes a random model repeat its last input token (often a special one, so its text is
@@ -58,9 +72,19 @@ def untied_model(seed: int = 0, head_std: float = 1.0) -> LlamaForCausalLM:
     """A tiny Llama with an untied, moderately peaked head: varied distributions and texts that differ per
     seed (a tied, scaled-up head makes every seed predict 'repeat the last character')."""
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tiny_tokenizer()), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512, pad_token_id=0,
-                         eos_token_id=1, bos_token_id=None, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=len(tiny_tokenizer()),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=None,
+        tie_word_embeddings=False,
+    )
     model = LlamaForCausalLM(config)
     with torch.no_grad():
         model.model.embed_tokens.weight.normal_(0, 1.0)

@@ -45,34 +45,49 @@ class AuditConfig(DataConfig):
 
     model: str = field(default="", metadata={"help": "Model to audit against: Hub name, local folder or alias."})
     out: str = field(default="", metadata={"help": "Output folder (scores.jsonl, summary.json, report.html, ...)."})
-    tau: list[float] = field(default_factory=lambda: [1.0], metadata={
-        "help": "Temperature(s) of p_tau = softmax(logits / tau). The first is primary (ood, keep, summary); "
-                "others add `<field>_tau<t>` columns."})
+    tau: list[float] = field(
+        default_factory=lambda: [1.0],
+        metadata={
+            "help": "Temperature(s) of p_tau = softmax(logits / tau). The first is primary (ood, keep, summary); "
+            "others add `<field>_tau<t>` columns."
+        },
+    )
     threshold: float = field(default=ddt.OOD_THRESHOLD, metadata={"help": "A response is OOD when mean phi < this."})
     alpha: float = field(default=0.05, metadata={"help": "Reject 'on-policy' when the p-value < alpha."})
     batch_size: int = field(default=16, metadata={"help": "Most rows per forward pass."})
     max_batch_tokens: int = field(default=8192, metadata={"help": "Most padded tokens (rows x longest) per pass."})
-    self_check: int = field(default=0, metadata={
-        "help": "Sample this many responses from the model itself (temperature 1, full vocabulary) on the "
-                "dataset's prompts and score them: the on-policy baseline and Z calibration."})
+    self_check: int = field(
+        default=0,
+        metadata={
+            "help": "Sample this many responses from the model itself (temperature 1, full vocabulary) on the "
+            "dataset's prompts and score them: the on-policy baseline and Z calibration."
+        },
+    )
     self_check_max_new_tokens: int = field(default=256, metadata={"help": "Token limit of self-check samples."})
     seed: int = field(default=0, metadata={"help": "Seed of the self-check prompt choice and sampling."})
     keep: str = field(default="", metadata={"help": "Write kept.jsonl with the rows `in` or `out` of distribution."})
     keep_by: str = field(default="phi", metadata={"help": "`phi`: mean phi >= threshold is in; `pvalue`: p >= alpha."})
     per_token: bool = field(default=False, metadata={"help": "Add per-token `token_phi` and `tokens` to every row."})
     compare_data: str = field(default="", metadata={"help": "Second dataset scored into the same report."})
-    compare_model: str = field(default="", metadata={
-        "help": "Second model scored into the same report (on --compare_data if given, else on --data)."})
-    dtype: str = field(default="auto", metadata={"help": "auto (float32 on CPU, bfloat16 on GPU), float32, "
-                                                         "bfloat16 or float16."})
+    compare_model: str = field(
+        default="",
+        metadata={"help": "Second model scored into the same report (on --compare_data if given, else on --data)."},
+    )
+    dtype: str = field(
+        default="auto", metadata={"help": "auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16 or float16."}
+    )
     device: str = field(default="auto", metadata={"help": "auto (the process's accelerator, else CPU), cpu, cuda."})
     worst: int = field(default=8, metadata={"help": "Worst responses shown token by token in the report."})
     plot_sample: int = field(default=2000, metadata={"help": "Rows whose per-token phi feed the token plots."})
     vocab_chunk: int = field(default=0, metadata={"help": "Vocabulary tile of the streamed LM head (0 = auto)."})
     row_chunk: int = field(default=0, metadata={"help": "Token rows per LM-head tile (0 = auto)."})
-    compile: str = field(default="auto", metadata={
-        "help": "Fuse the LM-head tile arithmetic with torch.compile: true, false, or auto (when scoring at least "
-                "200k response tokens, where the one-off compile of 10-60 s pays for itself)."})
+    compile: str = field(
+        default="auto",
+        metadata={
+            "help": "Fuse the LM-head tile arithmetic with torch.compile: true, false, or auto (when scoring at least "
+            "200k response tokens, where the one-off compile of 10-60 s pays for itself)."
+        },
+    )
     progress: bool = field(default=True, metadata={"help": "Show a progress bar."})
 
     def validate(self) -> None:
@@ -82,18 +97,39 @@ class AuditConfig(DataConfig):
             (bool(self.out), "out", "is required", "pass --out FOLDER."),
             (bool(self.tau) and all(t > 0 for t in self.tau), "tau", "must be > 0", "pass positive temperatures."),
             (0 < self.alpha < 1, "alpha", "must be in (0, 1)", "e.g. --alpha 0.05."),
-            (self.batch_size >= 1 and self.max_batch_tokens >= 1, "batch_size/max_batch_tokens", "must be >= 1",
-             "pass positive sizes."),
-            (self.self_check >= 0 and self.self_check_max_new_tokens >= 1, "self_check", "must be >= 0 (and its "
-             "max_new_tokens >= 1)", "pass a sample count."),
+            (
+                self.batch_size >= 1 and self.max_batch_tokens >= 1,
+                "batch_size/max_batch_tokens",
+                "must be >= 1",
+                "pass positive sizes.",
+            ),
+            (
+                self.self_check >= 0 and self.self_check_max_new_tokens >= 1,
+                "self_check",
+                "must be >= 0 (and its max_new_tokens >= 1)",
+                "pass a sample count.",
+            ),
             (self.keep in ("", "in", "out"), "keep", "must be in, out or empty", "use --keep in or --keep out."),
             (self.keep_by in ("phi", "pvalue"), "keep_by", "must be phi or pvalue", "use --keep_by phi|pvalue."),
             (self.dtype in ("auto", *DTYPES), "dtype", "is unknown", f"use auto, {', '.join(DTYPES)}."),
-            (self.compile in ("auto", "true", "false"), "compile", "must be auto, true or false", "e.g. --compile false."),
-            (self.device in ("auto", "cpu") or self.device.startswith("cuda"), "device", "is unknown",
-             "use auto, cpu, cuda or cuda:N."),
-            (self.worst >= 0 and self.plot_sample >= 0 and self.vocab_chunk >= 0 and self.row_chunk >= 0,
-             "worst/plot_sample/vocab_chunk/row_chunk", "must be >= 0", "pass non-negative numbers."),
+            (
+                self.compile in ("auto", "true", "false"),
+                "compile",
+                "must be auto, true or false",
+                "e.g. --compile false.",
+            ),
+            (
+                self.device in ("auto", "cpu") or self.device.startswith("cuda"),
+                "device",
+                "is unknown",
+                "use auto, cpu, cuda or cuda:N.",
+            ),
+            (
+                self.worst >= 0 and self.plot_sample >= 0 and self.vocab_chunk >= 0 and self.row_chunk >= 0,
+                "worst/plot_sample/vocab_chunk/row_chunk",
+                "must be >= 0",
+                "pass non-negative numbers.",
+            ),
         ]
         for ok, name, why, fix in checks:
             if not ok:
@@ -117,8 +153,9 @@ class Item:
         return len(self.ids) - self.prompt_length
 
 
-def encode_items(tokenizer, examples: Sequence[Example], max_length: int, overlong: str = "reject",
-                 where: str = "data") -> tuple[list[Item], dict[str, int]]:
+def encode_items(
+    tokenizer, examples: Sequence[Example], max_length: int, overlong: str = "reject", where: str = "data"
+) -> tuple[list[Item], dict[str, int]]:
     """Tokenise rows with the chat template, keeping each row's index (over-long policy of `onsft.data`)."""
     encoded, stats = encode_examples(tokenizer, examples, max_length, overlong, where)
     return [Item(e.index, e.input_ids, e.prompt_length, e.truncated) for e in encoded], stats
@@ -132,9 +169,13 @@ def check_context(model, items: Sequence[Item], examples: Sequence[Example], whe
     over = [it for it in items if context and len(it.ids) > context]
     if over:
         line = next(e.line for e in examples if e.index == over[0].index)
-        raise UserError(f"{len(over)} row(s) are longer than the model's context of {context} tokens (first: "
-                        f"{len(over[0].ids)} tokens)", where=where, line=line,
-                        fix=f"pass --max_length {context} (or less), with --overlong truncate or drop if needed.")
+        raise UserError(
+            f"{len(over)} row(s) are longer than the model's context of {context} tokens (first: "
+            f"{len(over[0].ids)} tokens)",
+            where=where,
+            line=line,
+            fix=f"pass --max_length {context} (or less), with --overlong truncate or drop if needed.",
+        )
 
 
 def length_batches(items: Sequence[Item], batch_size: int, max_batch_tokens: int) -> list[list[int]]:
@@ -191,8 +232,11 @@ def find_head(model) -> LMHead | None:
         got = ddt.transform_logits(raw.float(), split.logit_scale, split.softcap)
     tolerance = (1e-4 if head.weight.dtype == torch.float32 else 3e-2) * (1 + expected.abs().max().item())
     if not torch.allclose(got, expected, rtol=0, atol=tolerance):
-        print("onsft audit: the model's LM head is not a plain linear layer on the backbone; scoring from "
-              "full logits (correct, but memory grows with batch x length x vocabulary).", file=sys.stderr)
+        print(
+            "onsft audit: the model's LM head is not a plain linear layer on the backbone; scoring from "
+            "full logits (correct, but memory grows with batch x length x vocabulary).",
+            file=sys.stderr,
+        )
         return None
     return split
 
@@ -213,13 +257,21 @@ def _response_positions(items: Sequence[Item], width: int) -> tuple[list[int], l
     for row, it in enumerate(items):
         start = row * width
         positions += range(start + it.prompt_length - 1, start + len(it.ids) - 1)
-        targets += it.ids[it.prompt_length:]
+        targets += it.ids[it.prompt_length :]
     return positions, targets
 
 
 @torch.inference_mode()
-def score_batch(model, head: LMHead | None, items: Sequence[Item], taus: Sequence[float], pad_id: int = 0,
-                vocab_chunk: int = 0, row_chunk: int = 0, fused: bool = False) -> list[ddt.TokenStats]:
+def score_batch(
+    model,
+    head: LMHead | None,
+    items: Sequence[Item],
+    taus: Sequence[float],
+    pad_id: int = 0,
+    vocab_chunk: int = 0,
+    row_chunk: int = 0,
+    fused: bool = False,
+) -> list[ddt.TokenStats]:
     """TokenStats of every response token of `items` (concatenated in item order), one per tau.
     Right padding with an attention mask, so padding never changes a real position's hidden state."""
     device = head.weight.device if head is not None else next(model.parameters()).device
@@ -233,17 +285,27 @@ def score_batch(model, head: LMHead | None, items: Sequence[Item], taus: Sequenc
         return [ddt.token_stats(picked, targets, tau) for tau in taus]
     hidden = head.backbone(input_ids=ids, attention_mask=mask, use_cache=False)[0]
     picked = hidden.reshape(-1, hidden.shape[-1])[positions]
-    return ddt.token_stats_from_hidden(picked, head.weight, targets, head.bias, list(taus),
-                                       vocab_chunk=vocab_chunk or None, row_chunk=row_chunk or None,
-                                       logit_scale=head.logit_scale, softcap=head.softcap, fused=fused)
+    return ddt.token_stats_from_hidden(
+        picked,
+        head.weight,
+        targets,
+        head.bias,
+        list(taus),
+        vocab_chunk=vocab_chunk or None,
+        row_chunk=row_chunk or None,
+        logit_scale=head.logit_scale,
+        softcap=head.softcap,
+        fused=fused,
+    )
 
 
 def tau_suffix(tau: float, primary: bool) -> str:
     return "" if primary else f"_tau{tau:g}"
 
 
-def _rows_from_stats(items: Sequence[Item], stats: Sequence[ddt.TokenStats], taus: Sequence[float],
-                     threshold: float) -> tuple[list[dict], list[torch.Tensor]]:
+def _rows_from_stats(
+    items: Sequence[Item], stats: Sequence[ddt.TokenStats], taus: Sequence[float], threshold: float
+) -> tuple[list[dict], list[torch.Tensor]]:
     """Score dicts per item (every tau) and the primary tau's per-token phi per item."""
     lengths = [it.n_response for it in items]
     rows = [{} for _ in items]
@@ -283,12 +345,14 @@ class Scorer:
         return [items[i] for i in order[rank::world]]
 
     def score(self, items: Sequence[Item]) -> tuple[list[dict], list[torch.Tensor]]:
-        stats = score_batch(self.model, self.head, items, self.taus, self.pad_id, self.vocab_chunk, self.row_chunk,
-                            self.fused)
+        stats = score_batch(
+            self.model, self.head, items, self.taus, self.pad_id, self.vocab_chunk, self.row_chunk, self.fused
+        )
         return _rows_from_stats(items, stats, self.taus, self.threshold)
 
-    def iter_scored(self, items: Sequence[Item], skip: set[int] = frozenset()
-                    ) -> Iterator[tuple[list[int], list[dict], list[torch.Tensor]]]:
+    def iter_scored(
+        self, items: Sequence[Item], skip: set[int] = frozenset()
+    ) -> Iterator[tuple[list[int], list[dict], list[torch.Tensor]]]:
         """(positions in `items`, score dicts, per-token phi) per batch; batches whose items' indices are all
         in `skip` are passed over. Batches are fixed by the full item list, so a resumed run scores every
         item in exactly the batch an uninterrupted run would (bitwise the same numbers)."""
@@ -304,8 +368,17 @@ FUSE_FROM_TOKENS = 200_000
 
 def _scorer(model, tokenizer, config: AuditConfig, tokens: int = 0) -> Scorer:
     fused = config.compile == "true" or (config.compile == "auto" and tokens >= FUSE_FROM_TOKENS)
-    return Scorer(model, list(config.tau), config.threshold, pad_token_id(tokenizer), config.batch_size,
-                  config.max_batch_tokens, config.vocab_chunk, config.row_chunk, fused)
+    return Scorer(
+        model,
+        list(config.tau),
+        config.threshold,
+        pad_token_id(tokenizer),
+        config.batch_size,
+        config.max_batch_tokens,
+        config.vocab_chunk,
+        config.row_chunk,
+        fused,
+    )
 
 
 def pad_token_id(tokenizer) -> int:
@@ -350,14 +423,22 @@ def load_model(name: str, dtype: torch.dtype | None = None, device=None):
     return models.load_model(name, dtype=dtype, device=device)
 
 
-def sample_responses(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, seed: int
-                     ) -> list[tuple[list[int], str, str]]:
+def sample_responses(
+    model, tokenizer, prompts: list[list[int]], max_new_tokens: int, seed: int
+) -> list[tuple[list[int], str, str]]:
     """The model's own samples at temperature 1 over the full vocabulary: (token ids, text, finish reason).
     Sample i depends only on (seed, i)."""
     from onsft.generation import SamplingConfig, generate
 
-    config = SamplingConfig(max_new_tokens=max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, seed=seed,
-                            repetition_count=0, batch_size=max(1, len(prompts)))
+    config = SamplingConfig(
+        max_new_tokens=max_new_tokens,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        seed=seed,
+        repetition_count=0,
+        batch_size=max(1, len(prompts)),
+    )
     return [(g.token_ids, g.text, g.finish_reason) for g in generate(model, tokenizer, prompts, config)]
 
 
@@ -401,8 +482,9 @@ class Distributed:
         self.rank, self.world = self.state.process_index, self.state.num_processes
         self.main = self.state.is_main_process
         # One process per accelerator under a launcher: PartialState knows which one is this process's.
-        self.device = torch.device(device) if device == "cpu" or (device != "auto" and self.world == 1) \
-            else self.state.device
+        self.device = (
+            torch.device(device) if device == "cpu" or (device != "auto" and self.world == 1) else self.state.device
+        )
 
     def barrier(self) -> None:
         if self.world > 1:
@@ -412,8 +494,15 @@ class Distributed:
 def _progress(total: int, desc: str, enabled: bool, unit: str = "tok"):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit=unit, unit_scale=unit == "tok", dynamic_ncols=True,
-                disable=not enabled, file=sys.stderr)
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit=unit,
+        unit_scale=unit == "tok",
+        dynamic_ncols=True,
+        disable=not enabled,
+        file=sys.stderr,
+    )
 
 
 PRIVATE = ("_index", "_token_phi")
@@ -456,8 +545,9 @@ class ShardStore:
         merged = None
         if self.dist.main:
             by_index = dict(self.store.done)
-            others = [self.out / f"{self.name}.rank{r}-of-{self.dist.world}.jsonl.partial"
-                      for r in range(1, self.dist.world)]
+            others = [
+                self.out / f"{self.name}.rank{r}-of-{self.dist.world}.jsonl.partial" for r in range(1, self.dist.world)
+            ]
             for part in others:
                 by_index.update((row["_index"], row) for row in _read_partial(part))
             merged = [by_index[i] for i in sorted(by_index)]
@@ -474,15 +564,25 @@ def _finish_row(row: dict, item: Item, phi: torch.Tensor, config: AuditConfig, t
     rounded = [round(v, 4) for v in phi.tolist()]
     if config.per_token:
         row["token_phi"] = rounded
-        row["tokens"] = tokenizer.batch_decode([[t] for t in item.ids[item.prompt_length:]])
+        row["tokens"] = tokenizer.batch_decode([[t] for t in item.ids[item.prompt_length :]])
     elif sample_every and item.index % sample_every == 0:
         row["_token_phi"] = rounded  # feeds the token plots; dropped from the written file
     return row
 
 
-def _score_set(name: str, items: list[Item], records: dict[int, dict], scorer: Scorer, tokenizer,
-               config: AuditConfig, dist: Distributed, out: Path, fingerprint: dict,
-               lines: dict[int, int] | None = None, where: str = "data") -> list[dict] | None:
+def _score_set(
+    name: str,
+    items: list[Item],
+    records: dict[int, dict],
+    scorer: Scorer,
+    tokenizer,
+    config: AuditConfig,
+    dist: Distributed,
+    out: Path,
+    fingerprint: dict,
+    lines: dict[int, int] | None = None,
+    where: str = "data",
+) -> list[dict] | None:
     """Score a dataset into out/<name>.jsonl: input fields kept, scores added. Rank 0 gets the rows.
     `lines` (index -> line in `where`) names the row whose scores are not finite."""
     store = ShardStore(out, name, dist, fingerprint)
@@ -497,10 +597,13 @@ def _score_set(name: str, items: list[Item], records: dict[int, dict], scorer: S
                 if item.index not in store.done:
                     if not all(math.isfinite(v) for v in score.values() if isinstance(v, float)):
                         # NaN compares false with every threshold: written out, the row would pass as in-distribution.
-                        raise UserError("the model gives non-finite scores (NaN or inf) for this row", where=where,
-                                        line=(lines or {}).get(item.index),
-                                        fix="check the model's weights (a diverged checkpoint?) or score in "
-                                            "float32 (--dtype float32); rows scored before it are kept.")
+                        raise UserError(
+                            "the model gives non-finite scores (NaN or inf) for this row",
+                            where=where,
+                            line=(lines or {}).get(item.index),
+                            fix="check the model's weights (a diverged checkpoint?) or score in "
+                            "float32 (--dtype float32); rows scored before it are kept.",
+                        )
                     row = {"_index": item.index, **records[item.index], **score}
                     rows.append(_finish_row(row, item, phi, config, tokenizer, every))
                     bar.update(item.n_response)
@@ -508,35 +611,61 @@ def _score_set(name: str, items: list[Item], records: dict[int, dict], scorer: S
     return store.merge()
 
 
-def _self_check(items: list[Item], examples: dict[int, Example], scorer: Scorer, tokenizer, config: AuditConfig,
-                dist: Distributed, out: Path, fingerprint: dict) -> list[dict] | None:
+def _self_check(
+    items: list[Item],
+    examples: dict[int, Example],
+    scorer: Scorer,
+    tokenizer,
+    config: AuditConfig,
+    dist: Distributed,
+    out: Path,
+    fingerprint: dict,
+) -> list[dict] | None:
     """Sample config.self_check responses from the model on the dataset's prompts and score them."""
     n = config.self_check
     order = list(range(len(items)))
     random.Random(config.seed).shuffle(order)
     chosen = [items[order[i % len(order)]] for i in range(n)]
-    fingerprint = {**fingerprint, "self_check": n, "seed": config.seed,
-                   "max_new_tokens": config.self_check_max_new_tokens}
+    fingerprint = {
+        **fingerprint,
+        "self_check": n,
+        "seed": config.seed,
+        "max_new_tokens": config.self_check_max_new_tokens,
+    }
     store = ShardStore(out, "self_check", dist, fingerprint)
     groups = [range(start, min(n, start + config.batch_size)) for start in range(0, n, config.batch_size)]
-    mine = [g for g in groups[dist.rank::dist.world] if not all(i in store.done for i in g)]
+    mine = [g for g in groups[dist.rank :: dist.world] if not all(i in store.done for i in g)]
     every = max(1, n // config.plot_sample) if config.plot_sample else 0
-    with _progress(sum(len(g) for g in mine), "audit self-check", config.progress and dist.state.is_local_main_process,
-                   unit="sample") as bar:
+    with _progress(
+        sum(len(g) for g in mine),
+        "audit self-check",
+        config.progress and dist.state.is_local_main_process,
+        unit="sample",
+    ) as bar:
         for group in mine:
             prompts = [chosen[i].ids[: chosen[i].prompt_length] for i in group]
             # Seeded by the group's first sample: sample i is the same however the run is resumed or sharded.
-            samples = sample_responses(scorer.model, tokenizer, prompts, config.self_check_max_new_tokens,
-                                       seed=config.seed * 1_000_003 + group.start)
+            samples = sample_responses(
+                scorer.model,
+                tokenizer,
+                prompts,
+                config.self_check_max_new_tokens,
+                seed=config.seed * 1_000_003 + group.start,
+            )
             sampled = [Item(i, p + ids, len(p)) for i, p, (ids, _, _) in zip(group, prompts, samples)]
             rows = {}
             for batch, scores, phis in scorer.iter_scored(sampled):
                 for j, score, phi in zip(batch, scores, phis):
                     item, source = sampled[j], chosen[sampled[j].index]
                     _, text, finish = samples[j]
-                    row = {"_index": item.index, "prompt_index": source.index,
-                           "prompt": examples[source.index].prompt, "completion": text, "finish_reason": finish,
-                           **score}
+                    row = {
+                        "_index": item.index,
+                        "prompt_index": source.index,
+                        "prompt": examples[source.index].prompt,
+                        "completion": text,
+                        "finish_reason": finish,
+                        **score,
+                    }
                     rows[j] = _finish_row(row, item, phi, config, tokenizer, every)
             store.add([rows[j] for j in range(len(sampled))])
             bar.update(len(group))
@@ -549,14 +678,29 @@ def _worst(scorer: Scorer, tokenizer, items: list[Item], rows: list[dict], k: in
     details = []
     for row in sorted(rows, key=lambda r: r["mean_phi"])[:k]:
         item = by_index[row["_index"]]
-        stats = score_batch(scorer.model, scorer.head, [item], scorer.taus[:1], scorer.pad_id,
-                            scorer.vocab_chunk, scorer.row_chunk, scorer.fused)[0]
-        details.append({
-            "index": item.index, "mean_phi": row["mean_phi"], "z": row["z"], "p_value": row["p_value"],
-            "prompt": tokenizer.decode(item.ids[: item.prompt_length]),
-            "tokens": tokenizer.batch_decode([[t] for t in item.ids[item.prompt_length:]]),
-            "phi": stats.phi.tolist(), "logp": stats.logp.tolist(), "entropy": stats.entropy.tolist(),
-        })
+        stats = score_batch(
+            scorer.model,
+            scorer.head,
+            [item],
+            scorer.taus[:1],
+            scorer.pad_id,
+            scorer.vocab_chunk,
+            scorer.row_chunk,
+            scorer.fused,
+        )[0]
+        details.append(
+            {
+                "index": item.index,
+                "mean_phi": row["mean_phi"],
+                "z": row["z"],
+                "p_value": row["p_value"],
+                "prompt": tokenizer.decode(item.ids[: item.prompt_length]),
+                "tokens": tokenizer.batch_decode([[t] for t in item.ids[item.prompt_length :]]),
+                "phi": stats.phi.tolist(),
+                "logp": stats.logp.tolist(),
+                "entropy": stats.entropy.tolist(),
+            }
+        )
     return details
 
 
@@ -594,8 +738,10 @@ def _summarize_tau(rows: Sequence[dict], suffix: str, threshold: float, alpha: f
     total = sum(n_tokens)
     ordered_phi, ordered_z = sorted(mean_phi), sorted(z)
     normal = NormalDist()
-    ks = max(max(abs((i + 1) / len(ordered_z) - normal.cdf(v)), abs(i / len(ordered_z) - normal.cdf(v)))
-             for i, v in enumerate(ordered_z))
+    ks = max(
+        max(abs((i + 1) / len(ordered_z) - normal.cdf(v)), abs(i / len(ordered_z) - normal.cdf(v)))
+        for i, v in enumerate(ordered_z)
+    )
     summary = {
         "n_responses": len(rows),
         "n_tokens": total,
@@ -618,8 +764,11 @@ def _summarize_tau(rows: Sequence[dict], suffix: str, threshold: float, alpha: f
 
 
 def _keep(rows: list[dict], config: AuditConfig) -> list[dict]:
-    inside = (lambda r: r["mean_phi"] >= config.threshold) if config.keep_by == "phi" else \
-        (lambda r: r["p_value"] >= config.alpha)
+    inside = (
+        (lambda r: r["mean_phi"] >= config.threshold)
+        if config.keep_by == "phi"
+        else (lambda r: r["p_value"] >= config.alpha)
+    )
     return [r for r in rows if inside(r) == (config.keep == "in")]
 
 
@@ -627,11 +776,17 @@ def _keep(rows: list[dict], config: AuditConfig) -> list[dict]:
 
 
 SUMMARY_ROWS = (
-    ("responses", "n_responses"), ("response tokens", "n_tokens"),
-    ("mean phi (token-weighted)", "mean_phi_token_weighted"), ("mean phi (per response)", "mean_phi_response_weighted"),
-    ("  standard error", "mean_phi_se"), ("fraction OOD (mean phi < threshold)", "fraction_ood"),
-    ("fraction rejected (p < alpha)", "fraction_rejected"), ("Z mean", "z_mean"), ("Z std (1 if calibrated)", "z_std"),
-    ("Z KS distance to N(0,1)", "z_ks_distance"), ("pooled Z of the whole set", "z_pooled"),
+    ("responses", "n_responses"),
+    ("response tokens", "n_tokens"),
+    ("mean phi (token-weighted)", "mean_phi_token_weighted"),
+    ("mean phi (per response)", "mean_phi_response_weighted"),
+    ("  standard error", "mean_phi_se"),
+    ("fraction OOD (mean phi < threshold)", "fraction_ood"),
+    ("fraction rejected (p < alpha)", "fraction_rejected"),
+    ("Z mean", "z_mean"),
+    ("Z std (1 if calibrated)", "z_std"),
+    ("Z KS distance to N(0,1)", "z_ks_distance"),
+    ("pooled Z of the whole set", "z_pooled"),
     ("share of tokens phi > -1", "share_phi_gt_-1_token_weighted"),
     ("share of tokens phi > -3", "share_phi_gt_-3_token_weighted"),
     ("share of tokens phi > -5", "share_phi_gt_-5_token_weighted"),
@@ -643,8 +798,10 @@ def _write_report(out: Path, config: AuditConfig, summary: dict, sets: list[Scor
 
     labels = [s.label for s in sets]
     table_rows = [[name] + [summary["sets"][s.name].get(key) for s in sets] for name, key in SUMMARY_ROWS]
-    table_rows += [[f"mean phi quantile {q:g}"] + [summary["sets"][s.name]["mean_phi_quantiles"][f"{q:g}"] for s in sets]
-                   for q in QUANTILES]
+    table_rows += [
+        [f"mean phi quantile {q:g}"] + [summary["sets"][s.name]["mean_phi_quantiles"][f"{q:g}"] for s in sets]
+        for q in QUANTILES
+    ]
     figures = {
         "mean_phi": report.phi_histogram({s.label: [r["mean_phi"] for r in s.rows] for s in sets}, config.threshold),
         "token_phi": report.token_phi_distribution({s.label: [v for seq in s.token_phi for v in seq] for s in sets}),
@@ -656,25 +813,35 @@ def _write_report(out: Path, config: AuditConfig, summary: dict, sets: list[Scor
         pngs[key] = report.figure_png(fig)
         report.save_png(pngs[key], out / "plots" / f"{key}.png")
     main = summary["sets"]["scores"]
-    intro = (f"Model <b>{html_escape(config.model)}</b>, data <b>{html_escape(config.data)}</b>, tau "
-             f"{', '.join(f'{t:g}' for t in config.tau)}. phi = log p(token) + entropy: about 0 for text the model "
-             f"would write itself, negative for text it would not. Z = sum phi / sqrt(sum Var) is ~N(0,1) for the "
-             f"model's own samples, so p = P(N(0,1) &le; Z) is a test with false-alarm rate alpha = {config.alpha:g}. "
-             f"Here {main['fraction_ood']:.1%} of responses have mean phi &lt; {config.threshold:g} and "
-             f"{main['fraction_rejected']:.1%} are rejected at alpha.")
+    intro = (
+        f"Model <b>{html_escape(config.model)}</b>, data <b>{html_escape(config.data)}</b>, tau "
+        f"{', '.join(f'{t:g}' for t in config.tau)}. phi = log p(token) + entropy: about 0 for text the model "
+        f"would write itself, negative for text it would not. Z = sum phi / sqrt(sum Var) is ~N(0,1) for the "
+        f"model's own samples, so p = P(N(0,1) &le; Z) is a test with false-alarm rate alpha = {config.alpha:g}. "
+        f"Here {main['fraction_ood']:.1%} of responses have mean phi &lt; {config.threshold:g} and "
+        f"{main['fraction_rejected']:.1%} are rejected at alpha."
+    )
     if "self_check" in summary["sets"]:
         own = summary["sets"]["self_check"]
-        intro += (f" The model's own samples score mean phi {own['mean_phi_token_weighted']:.3f} with Z std "
-                  f"{own['z_std']:.2f} (calibrated: 0 and 1).")
+        intro += (
+            f" The model's own samples score mean phi {own['mean_phi_token_weighted']:.3f} with Z std "
+            f"{own['z_std']:.2f} (calibrated: 0 and 1)."
+        )
     sections = [
         ("Summary", report.table_html(["", *labels], table_rows)),
         ("Mean phi per response", report.image_html(pngs["mean_phi"], "mean phi histogram")),
-        ("Per-token phi", report.image_html(pngs["token_phi"], "token phi distribution")
-         + "<p class='note'>From a sample of responses (--plot_sample).</p>"),
+        (
+            "Per-token phi",
+            report.image_html(pngs["token_phi"], "token phi distribution")
+            + "<p class='note'>From a sample of responses (--plot_sample).</p>",
+        ),
         ("Phi by position", report.image_html(pngs["phi_by_position"], "phi by position")),
-        ("Calibration of Z", report.image_html(pngs["z_calibration"], "Z calibration")
-         + "<p class='note'>On the model's own samples (self-check) Z should follow N(0,1); user data far to the "
-           "left of it is off-policy.</p>"),
+        (
+            "Calibration of Z",
+            report.image_html(pngs["z_calibration"], "Z calibration")
+            + "<p class='note'>On the model's own samples (self-check) Z should follow N(0,1); user data far to the "
+            "left of it is off-policy.</p>",
+        ),
     ]
     for s in sets:
         if not s.worst:
@@ -683,12 +850,15 @@ def _write_report(out: Path, config: AuditConfig, summary: dict, sets: list[Scor
         for w in s.worst:
             titles = [f"phi={p:.3f} log p={lp:.3f} H={h:.3f}" for p, lp, h in zip(w["phi"], w["logp"], w["entropy"])]
             lowest = sorted(range(len(w["phi"])), key=lambda t: w["phi"][t])[:5]
-            listed = ", ".join(f"<code>{html_escape(repr(w['tokens'][t]))}</code> at {t} ({w['phi'][t]:.2f})"
-                               for t in lowest)
-            body.append(f"<p><b>row {w['index']}</b>: mean phi {w['mean_phi']:.3f}, Z {w['z']:.2f}, "
-                        f"p {w['p_value']:.2g}. Most off-policy tokens: {listed}</p>"
-                        f"<div class='prompt'>{html_escape(w['prompt'][-400:])}</div>"
-                        + report.token_spans(w["tokens"], w["phi"], titles))
+            listed = ", ".join(
+                f"<code>{html_escape(repr(w['tokens'][t]))}</code> at {t} ({w['phi'][t]:.2f})" for t in lowest
+            )
+            body.append(
+                f"<p><b>row {w['index']}</b>: mean phi {w['mean_phi']:.3f}, Z {w['z']:.2f}, "
+                f"p {w['p_value']:.2g}. Most off-policy tokens: {listed}</p>"
+                f"<div class='prompt'>{html_escape(w['prompt'][-400:])}</div>"
+                + report.token_spans(w["tokens"], w["phi"], titles)
+            )
         sections.append((f"Most off-policy responses: {s.label}", "".join(body)))
     files = ["scores.jsonl", "summary.json"] + [f"{s.name}.jsonl" for s in sets if s.name != "scores"]
     if config.keep:
@@ -720,8 +890,13 @@ def main(argv: list[str] | None = None) -> int:
     items, encoding = encode_items(tokenizer, examples, config.max_length, config.overlong, config.data)
     comparing = bool(config.compare_data or config.compare_model)
     compare_tokenizer = load_tokenizer(config.compare_model) if config.compare_model else tokenizer
-    compare_items = encode_items(compare_tokenizer, compare_examples, config.max_length, config.overlong,
-                                 config.compare_data or config.data)[0] if comparing else None
+    compare_items = (
+        encode_items(
+            compare_tokenizer, compare_examples, config.max_length, config.overlong, config.compare_data or config.data
+        )[0]
+        if comparing
+        else None
+    )
     check_writable(out / "scores.jsonl")
     # Models last: tokenizers already proved the names resolve, and no loading output precedes an error above.
     model = load_model(config.model, dtype, dist.device)
@@ -730,18 +905,44 @@ def main(argv: list[str] | None = None) -> int:
     if comparing:
         check_context(compare_model, compare_items, compare_examples, config.compare_data or config.data)
 
-    fingerprint = {"command": "audit", "model": config.model, "data": data_identity(config.data),
-                   "tau": list(config.tau), "max_length": config.max_length, "overlong": config.overlong,
-                   "dtype": str(dtype), "threshold": config.threshold, "per_token": config.per_token,
-                   "plot_sample": config.plot_sample}
+    fingerprint = {
+        "command": "audit",
+        "model": config.model,
+        "data": data_identity(config.data),
+        "tau": list(config.tau),
+        "max_length": config.max_length,
+        "overlong": config.overlong,
+        "dtype": str(dtype),
+        "threshold": config.threshold,
+        "per_token": config.per_token,
+        "plot_sample": config.plot_sample,
+    }
     by_index = {e.index: e for e in examples}
     scorer = _scorer(model, tokenizer, config, sum(it.n_response for it in items) // dist.world)
     sets: list[ScoreSet] = []
-    rows = _score_set("scores", items, {i: e.record for i, e in by_index.items()}, scorer, tokenizer, config,
-                      dist, out, fingerprint, {e.index: e.line for e in examples}, config.data)
+    rows = _score_set(
+        "scores",
+        items,
+        {i: e.record for i, e in by_index.items()},
+        scorer,
+        tokenizer,
+        config,
+        dist,
+        out,
+        fingerprint,
+        {e.index: e.line for e in examples},
+        config.data,
+    )
     if dist.main:
-        sets.append(ScoreSet("scores", f"data: {Path(config.data).name}", rows, _token_phi(rows),
-                             _worst(scorer, tokenizer, items, rows, config.worst)))
+        sets.append(
+            ScoreSet(
+                "scores",
+                f"data: {Path(config.data).name}",
+                rows,
+                _token_phi(rows),
+                _worst(scorer, tokenizer, items, rows, config.worst),
+            )
+        )
     if config.self_check:
         own = _self_check(items, by_index, scorer, tokenizer, config, dist, out, fingerprint)
         if dist.main:
@@ -750,27 +951,62 @@ def main(argv: list[str] | None = None) -> int:
         if compare_model is not model:
             del scorer, model
             gc.collect()
-        compare_scorer = _scorer(compare_model, compare_tokenizer, config,
-                                 sum(it.n_response for it in compare_items) // dist.world)
-        compare_fingerprint = {**fingerprint, "model": config.compare_model or config.model,
-                               "data": data_identity(config.compare_data or config.data)}
+        compare_scorer = _scorer(
+            compare_model, compare_tokenizer, config, sum(it.n_response for it in compare_items) // dist.world
+        )
+        compare_fingerprint = {
+            **fingerprint,
+            "model": config.compare_model or config.model,
+            "data": data_identity(config.compare_data or config.data),
+        }
         records = {e.index: e.record for e in compare_examples}
-        other = _score_set("compare_scores", compare_items, records, compare_scorer, compare_tokenizer, config,
-                           dist, out, compare_fingerprint, {e.index: e.line for e in compare_examples},
-                           config.compare_data or config.data)
+        other = _score_set(
+            "compare_scores",
+            compare_items,
+            records,
+            compare_scorer,
+            compare_tokenizer,
+            config,
+            dist,
+            out,
+            compare_fingerprint,
+            {e.index: e.line for e in compare_examples},
+            config.compare_data or config.data,
+        )
         if dist.main:
-            label = "compare: " + " on ".join(x for x in (
-                Path(config.compare_model).name if config.compare_model else "",
-                Path(config.compare_data).name if config.compare_data else "") if x)
-            sets.append(ScoreSet("compare_scores", label, other, _token_phi(other),
-                                 _worst(compare_scorer, compare_tokenizer, compare_items, other, config.worst)))
+            label = "compare: " + " on ".join(
+                x
+                for x in (
+                    Path(config.compare_model).name if config.compare_model else "",
+                    Path(config.compare_data).name if config.compare_data else "",
+                )
+                if x
+            )
+            sets.append(
+                ScoreSet(
+                    "compare_scores",
+                    label,
+                    other,
+                    _token_phi(other),
+                    _worst(compare_scorer, compare_tokenizer, compare_items, other, config.worst),
+                )
+            )
     if dist.main:
         summary = {
-            "command": "audit", "model": config.model, "data": config.data, "tau": list(config.tau),
-            "threshold": config.threshold, "alpha": config.alpha, "encoding": encoding, "processes": dist.world,
-            "compare_model": config.compare_model or None, "compare_data": config.compare_data or None,
-            "sets": {s.name: {"label": s.label, **summarize(s.rows, config.tau, config.threshold, config.alpha)}
-                     for s in sets},
+            "command": "audit",
+            "model": config.model,
+            "data": config.data,
+            "tau": list(config.tau),
+            "threshold": config.threshold,
+            "alpha": config.alpha,
+            "encoding": encoding,
+            "processes": dist.world,
+            "compare_model": config.compare_model or None,
+            "compare_data": config.compare_data or None,
+            "sets": {
+                s.name: {"label": s.label, **summarize(s.rows, config.tau, config.threshold, config.alpha)}
+                for s in sets
+            },
         }
         if config.keep:
             kept = _keep(rows, config)
@@ -785,9 +1021,11 @@ def main(argv: list[str] | None = None) -> int:
 
         write_json_atomic(out / "summary.json", summary)
         main_set = summary["sets"]["scores"]
-        print(f"onsft audit: {main_set['n_responses']} responses, mean phi {main_set['mean_phi_token_weighted']:.4f} "
-              f"(token-weighted), {main_set['fraction_ood']:.1%} OOD, {main_set['fraction_rejected']:.1%} rejected "
-              f"at alpha={config.alpha:g}; report: {out / 'report.html'}")
+        print(
+            f"onsft audit: {main_set['n_responses']} responses, mean phi {main_set['mean_phi_token_weighted']:.4f} "
+            f"(token-weighted), {main_set['fraction_ood']:.1%} OOD, {main_set['fraction_rejected']:.1%} rejected "
+            f"at alpha={config.alpha:g}; report: {out / 'report.html'}"
+        )
     dist.barrier()
     return 0
 

@@ -54,9 +54,10 @@ class Experiment:
     ood: str | None = field(default=None, metadata={"help": "Harder / out-of-distribution test set of the skill."})
     retention: str | None = field(default=None, metadata={"help": "Old skills to keep (forgetting)."})
     kl_prompts: str | None = field(default=None, metadata={"help": "Prompts for KL drift (default: retention)."})
-    methods: list[str] = field(default_factory=lambda: list(METHODS)[:3] + ["rewrite+sft", "rewrite+idft", "dpo",
-                                                                          "simpo"],
-                               metadata={"help": f"Methods to run, among {', '.join(METHODS)}."})
+    methods: list[str] = field(
+        default_factory=lambda: list(METHODS)[:3] + ["rewrite+sft", "rewrite+idft", "dpo", "simpo"],
+        metadata={"help": f"Methods to run, among {', '.join(METHODS)}."},
+    )
     seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "Training seeds."})
     out: str = field(default="runs/compare", metadata={"help": "Output folder."})
     train: dict = field(default_factory=dict, metadata={"help": "`onsft train` options for every cell."})
@@ -98,8 +99,11 @@ def resolve_builtin_data(exp: Experiment, out: Path) -> None:
     for key, spec in specs.items():
         name = spec.split(":", 1)[1]
         if name not in paths:
-            raise UserError(f"unknown built-in data `{spec}`", where="experiment",
-                            fix=f"use organism:NAME with NAME among {', '.join(sorted(paths))}.")
+            raise UserError(
+                f"unknown built-in data `{spec}`",
+                where="experiment",
+                fix=f"use organism:NAME with NAME among {', '.join(sorted(paths))}.",
+            )
         setattr(exp, key, paths[name])
 
 
@@ -109,11 +113,17 @@ def load_experiment(path: str, overrides: dict) -> Experiment:
     except FileNotFoundError:
         raise UserError("experiment file not found", where=path, fix="check the path given to --config.") from None
     except (OSError, UnicodeDecodeError) as error:
-        raise UserError(f"cannot read the experiment ({error})", where=path, fix="pass a readable UTF-8 YAML file.") from None
+        raise UserError(
+            f"cannot read the experiment ({error})", where=path, fix="pass a readable UTF-8 YAML file."
+        ) from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
-        raise UserError(f"invalid YAML ({getattr(error, 'problem', error)})", where=path,
-                        line=mark.line + 1 if mark else None, fix="fix the YAML syntax.") from None
+        raise UserError(
+            f"invalid YAML ({getattr(error, 'problem', error)})",
+            where=path,
+            line=mark.line + 1 if mark else None,
+            fix="fix the YAML syntax.",
+        ) from None
     if not isinstance(raw, dict):
         raise UserError("an experiment is a mapping of key: value", where=path, fix="see experiments/organism.yaml.")
     known = {f.name: f for f in fields(Experiment)}
@@ -122,8 +132,11 @@ def load_experiment(path: str, overrides: dict) -> Experiment:
             raise UserError(f"unknown experiment key `{key}`", where=path, fix=f"valid keys: {', '.join(known)}.")
         expected = dict if known[key].type == "dict" else list if known[key].type.startswith("list") else None
         if expected and not isinstance(value, expected):
-            raise UserError(f"`{key}` must be a {expected.__name__}", where=path, fix=f"write `{key}` as a YAML "
-                            f"{'mapping' if expected is dict else 'list'}.")
+            raise UserError(
+                f"`{key}` must be a {expected.__name__}",
+                where=path,
+                fix=f"write `{key}` as a YAML {'mapping' if expected is dict else 'list'}.",
+            )
     raw.update({k: v for k, v in overrides.items() if v is not None})
     base = Path(path).resolve().parent
     for key in DATA_KEYS:
@@ -155,8 +168,14 @@ def _flags(options: dict) -> list[str]:
 
 def train_argv(exp: Experiment, method: str, seed: int, data: str, output_dir: Path) -> list[str]:
     _, train_method, loss = METHODS[method]
-    options = {"model": exp.model, "data": data, "output_dir": str(output_dir), "seed": seed, "method": train_method,
-               "disable_tqdm": True}
+    options = {
+        "model": exp.model,
+        "data": data,
+        "output_dir": str(output_dir),
+        "seed": seed,
+        "method": train_method,
+        "disable_tqdm": True,
+    }
     if loss:
         options["loss"] = loss
     options.update(exp.train)
@@ -171,8 +190,8 @@ def _check_options(exp: Experiment, out: Path) -> None:
     """Parse every cell's options now, so a typo fails before hours of training, not after."""
     from onsft.config import parse_command
     from onsft.losses import LossConfig
-    from onsft.trainer import TrainConfig
     from onsft.train import TrainInputs
+    from onsft.trainer import TrainConfig
 
     for method in exp.methods:
         argv = train_argv(exp, method, exp.seeds[0], exp.train_data, out / "check")
@@ -191,25 +210,34 @@ def _check_options(exp: Experiment, out: Path) -> None:
     sources = {METHODS[m][0] for m in exp.methods}
     common = {"model": exp.model, "data": exp.train_data}
     if "rewrite" in sources or ("pairs" in sources and exp.pairs.get("rewrites") is True):
-        parse_command(_flags({**common, "out": str(out / "check"), **exp.rewrite}), RewriteConfig,
-                      prog="onsft compare (rewrite)")[0].validate()
+        parse_command(
+            _flags({**common, "out": str(out / "check"), **exp.rewrite}), RewriteConfig, prog="onsft compare (rewrite)"
+        )[0].validate()
     if "pairs" in sources:
         options = {k: v for k, v in exp.pairs.items() if k != "rewrites"}
-        parse_command(_flags({**common, "out": str(out / "check.jsonl"), **options}), PairsConfig,
-                      prog="onsft compare (pairs)")[0].validate()
+        parse_command(
+            _flags({**common, "out": str(out / "check.jsonl"), **options}), PairsConfig, prog="onsft compare (pairs)"
+        )[0].validate()
     known = {f.name for f in fields(EvalConfig)}
     unknown = [k for k in exp.eval if k not in known]
     if unknown:
-        raise UserError(f"unknown eval option `{unknown[0]}`", where="experiment",
-                        fix=f"use EvalConfig fields: {', '.join(sorted(known))}.")
+        raise UserError(
+            f"unknown eval option `{unknown[0]}`",
+            where="experiment",
+            fix=f"use EvalConfig fields: {', '.join(sorted(known))}.",
+        )
 
 
 def _check_data(exp: Experiment) -> None:
     from onsft.data import load_examples
 
     sources = {METHODS[m][0] for m in exp.methods}
-    load_examples(exp.train_data, require_response="teacher" in sources or "pairs" in sources,
-                  require_answer=bool(sources & {"rewrite", "pairs"}), require_reference="rewrite" in sources)
+    load_examples(
+        exp.train_data,
+        require_response="teacher" in sources or "pairs" in sources,
+        require_answer=bool(sources & {"rewrite", "pairs"}),
+        require_reference="rewrite" in sources,
+    )
     for name in EVAL_SETS:
         path = getattr(exp, name)
         if path:
@@ -256,8 +284,11 @@ class Evaluator:
 
         self.exp = exp
         self.config = EvalConfig(**{"max_new_tokens": 64, "batch_size": 64, **exp.eval})
-        self.sets = {name: load_examples(getattr(exp, name), require_response=False, require_answer=True)
-                     for name in EVAL_SETS if getattr(exp, name)}
+        self.sets = {
+            name: load_examples(getattr(exp, name), require_response=False, require_answer=True)
+            for name in EVAL_SETS
+            if getattr(exp, name)
+        }
         self.tokenizer = load_tokenizer(exp.model)
         self.base = load_model(exp.model).eval()
         kl_source = exp.kl_prompts or exp.retention or exp.in_domain
@@ -278,14 +309,25 @@ class Evaluator:
         from onsft.evaluate import kl_drift
 
         result = self.accuracy(model)
-        result["kl_drift"] = kl_drift(self.base, model, self.tokenizer, self.kl_prompts,
-                                      max_new_tokens=self.config.max_new_tokens, batch_size=self.config.batch_size)
+        result["kl_drift"] = kl_drift(
+            self.base,
+            model,
+            self.tokenizer,
+            self.kl_prompts,
+            max_new_tokens=self.config.max_new_tokens,
+            batch_size=self.config.batch_size,
+        )
         return result
 
 
 def _cell_settings(exp: Experiment, method: str, seed: int, data: str) -> dict:
-    return {"argv": train_argv(exp, method, seed, data, Path("OUT")), "eval": exp.eval, "curve": [exp.curve_every,
-            exp.curve_limit], "kl_limit": exp.kl_limit, "sets": [getattr(exp, n) for n in EVAL_SETS]}
+    return {
+        "argv": train_argv(exp, method, seed, data, Path("OUT")),
+        "eval": exp.eval,
+        "curve": [exp.curve_every, exp.curve_limit],
+        "kl_limit": exp.kl_limit,
+        "sets": [getattr(exp, n) for n in EVAL_SETS],
+    }
 
 
 def run_cell(exp: Experiment, method: str, seed: int, data: str, folder: Path, evaluator: Evaluator) -> dict:
@@ -303,11 +345,18 @@ def run_cell(exp: Experiment, method: str, seed: int, data: str, folder: Path, e
     train_seconds = time.time() - started
     summary = json.loads((folder / "train" / "train_summary.json").read_text())
     model = load_model(str(folder / "train" / "model")).eval()
-    result = {"method": method, "seed": seed, **evaluator.full(model), "train_seconds": train_seconds,
-              "tokens": summary.get("tokens_seen") or 0, "steps": summary.get("global_step")}
+    result = {
+        "method": method,
+        "seed": seed,
+        **evaluator.full(model),
+        "train_seconds": train_seconds,
+        "tokens": summary.get("tokens_seen") or 0,
+        "steps": summary.get("global_step"),
+    }
     result["curve"] = _curve(folder / "train", evaluator) if exp.curve_every else []
-    result["training_log"] = [json.loads(line) for line in
-                              (folder / "train" / "metrics.jsonl").read_text().splitlines()]
+    result["training_log"] = [
+        json.loads(line) for line in (folder / "train" / "metrics.jsonl").read_text().splitlines()
+    ]
     result["settings"] = settings
     write_json_atomic(done, result)
     return result
@@ -320,8 +369,9 @@ def _curve(train_dir: Path, evaluator: Evaluator) -> list[dict]:
     checkpoints = sorted(train_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     for checkpoint in checkpoints:
         model = load_model(str(checkpoint)).eval()
-        points.append({"step": int(checkpoint.name.split("-")[1]),
-                       **evaluator.accuracy(model, evaluator.exp.curve_limit)})
+        points.append(
+            {"step": int(checkpoint.name.split("-")[1]), **evaluator.accuracy(model, evaluator.exp.curve_limit)}
+        )
     return points
 
 
@@ -335,9 +385,15 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-COLUMNS = (("in_domain", "in-domain acc", True), ("ood", "OOD acc", True), ("retention", "retention acc", True),
-           ("kl_drift", "KL drift", False), ("train_seconds", "train s", False), ("prep_seconds", "data prep s", False),
-           ("tokens", "tokens", False))
+COLUMNS = (
+    ("in_domain", "in-domain acc", True),
+    ("ood", "OOD acc", True),
+    ("retention", "retention acc", True),
+    ("kl_drift", "KL drift", False),
+    ("train_seconds", "train s", False),
+    ("prep_seconds", "data prep s", False),
+    ("tokens", "tokens", False),
+)
 
 
 def summarize(base: dict, cells: list[dict], methods: list[str]) -> list[dict]:
@@ -345,8 +401,9 @@ def summarize(base: dict, cells: list[dict], methods: list[str]) -> list[dict]:
     for method in methods:
         mine = [c for c in cells if c["method"] == method]
         if mine:
-            rows.append({"method": method, "seeds": len(mine),
-                         **{k: _mean_std([c.get(k) for c in mine]) for k, *_ in COLUMNS}})
+            rows.append(
+                {"method": method, "seeds": len(mine), **{k: _mean_std([c.get(k) for c in mine]) for k, *_ in COLUMNS}}
+            )
     return rows
 
 
@@ -364,14 +421,23 @@ def _fmt(key: str, pair) -> str:
 
 
 def table_markdown(rows: list[dict]) -> str:
-    present = [c for c in COLUMNS if any(r[c[0]][0] not in (None,) and not (isinstance(r[c[0]][0], float)
-                                                                            and math.isnan(r[c[0]][0])) for r in rows)]
-    lines = ["| method | seeds | " + " | ".join(label for _, label, _ in present) + " |",
-             "|---|---|" + "---|" * len(present)]
+    present = [
+        c
+        for c in COLUMNS
+        if any(
+            r[c[0]][0] not in (None,) and not (isinstance(r[c[0]][0], float) and math.isnan(r[c[0]][0])) for r in rows
+        )
+    ]
+    lines = [
+        "| method | seeds | " + " | ".join(label for _, label, _ in present) + " |",
+        "|---|---|" + "---|" * len(present),
+    ]
     for r in rows:
         lines.append(f"| {r['method']} | {r['seeds']} | " + " | ".join(_fmt(k, r[k]) for k, *_ in present) + " |")
-    return "\n".join(lines) + "\n\nAccuracies in % (mean ± std over seeds); KL drift in nats/token from the base " \
-                              "model on its own continuations of held-out prompts.\n"
+    return (
+        "\n".join(lines) + "\n\nAccuracies in % (mean ± std over seeds); KL drift in nats/token from the base "
+        "model on its own continuations of held-out prompts.\n"
+    )
 
 
 def table_csv(rows: list[dict]) -> str:
@@ -474,9 +540,13 @@ def run_compare(exp: Experiment) -> dict:
     (out / "table.md").write_text(markdown)
     (out / "table.csv").write_text(table_csv(rows))
     plots = plot_results(rows, cells, out)
-    results = {"rows": rows, "cells": [{k: v for k, v in c.items() if k != "training_log"} for c in cells],
-               "plots": plots, "data": {k: v for k, v in paths.items() if k != "timings"},
-               "data_prep_seconds": paths["timings"]}
+    results = {
+        "rows": rows,
+        "cells": [{k: v for k, v in c.items() if k != "training_log"} for c in cells],
+        "plots": plots,
+        "data": {k: v for k, v in paths.items() if k != "timings"},
+        "data_prep_seconds": paths["timings"],
+    }
     write_json_atomic(out / "results.json", results)
     print(markdown)
     return results

@@ -38,8 +38,12 @@ def _yaml_to_argv(path: Path, known: dict[str, dataclasses.Field], multi: set[st
         values = yaml.safe_load(text) or {}
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
-        raise UserError(f"invalid YAML ({getattr(error, 'problem', error)})", where=str(path),
-                        line=mark.line + 1 if mark else None, fix="fix the YAML syntax.") from None
+        raise UserError(
+            f"invalid YAML ({getattr(error, 'problem', error)})",
+            where=str(path),
+            line=mark.line + 1 if mark else None,
+            fix="fix the YAML syntax.",
+        ) from None
     if not isinstance(values, dict):
         raise UserError("config must be a mapping of field: value", where=str(path), fix="write `key: value` lines.")
     argv: list[str] = []
@@ -58,12 +62,20 @@ def _yaml_to_argv(path: Path, known: dict[str, dataclasses.Field], multi: set[st
         elif isinstance(value, (list, tuple)):
             if key not in multi and len(value) != 1:
                 # Spread into flags, the extra values would be reported as unknown options of the command line.
-                raise UserError(f"config key `{key}` must be a single value, not a list", where=str(path),
-                                line=line, fix="write a plain value.")
+                raise UserError(
+                    f"config key `{key}` must be a single value, not a list",
+                    where=str(path),
+                    line=line,
+                    fix="write a plain value.",
+                )
             argv += [flag, *[str(v) for v in value]]
         elif isinstance(value, dict):
-            raise UserError(f"config key `{key}` must be a single value, not a mapping", where=str(path),
-                            line=line, fix="write a plain value.")
+            raise UserError(
+                f"config key `{key}` must be a single value, not a mapping",
+                where=str(path),
+                line=line,
+                fix="write a plain value.",
+            )
         else:
             argv += [flag, str(value)]
     return argv
@@ -74,8 +86,9 @@ def _parse(parser: _RaisingParser, argv: list[str]):
         return parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
     except ValueError as error:
         # Dataclass __post_init__ checks (e.g. TrainingArguments') raise ValueError: an option problem.
-        raise UserError(str(error).strip().splitlines()[0], where=parser.config_source,
-                        fix=f"see `{parser.prog} --help`.") from None
+        raise UserError(
+            str(error).strip().splitlines()[0], where=parser.config_source, fix=f"see `{parser.prog} --help`."
+        ) from None
 
 
 def parse_command(argv: list[str] | None, *config_types: type, prog: str = "onsft") -> tuple[Any, ...]:
@@ -103,8 +116,11 @@ def parse_command(argv: list[str] | None, *config_types: type, prog: str = "onsf
     if remaining:
         flag = next((r for r in remaining if r.startswith("--")), remaining[0])
         close = [k for k in known if k.replace("_", "") == flag.lstrip("-").replace("_", "").replace("-", "")]
-        raise UserError(f"unknown option `{flag}`", where="command line",
-                        fix=f"did you mean `--{close[0]}`?" if close else f"see `{prog} --help`.")
+        raise UserError(
+            f"unknown option `{flag}`",
+            where="command line",
+            fix=f"did you mean `--{close[0]}`?" if close else f"see `{prog} --help`.",
+        )
     # The namespace holding --config is not a dataclass; callers only want the dataclasses.
     return tuple(o for o in outputs if dataclasses.is_dataclass(o))
 

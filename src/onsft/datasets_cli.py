@@ -26,15 +26,24 @@ from onsft.records import check_writable, write_jsonl_atomic
 class GymDataConfig:
     task: str = field(default="", metadata={"help": "reasoning-gym task name, e.g. gsm_symbolic, chain_sum."})
     size: int = field(default=100, metadata={"help": "Rows to generate."})
-    seed: int = field(default=0, metadata={"help": "Generation seed; the same (task, size, seed, options) "
-                                                   "gives the same rows."})
+    seed: int = field(
+        default=0, metadata={"help": "Generation seed; the same (task, size, seed, options) gives the same rows."}
+    )
     out: str = field(default="", metadata={"help": "Output .jsonl file."})
-    options: list[str] = field(default_factory=list, metadata={
-        "help": "The task's own config fields as key=value (values read as YAML: 3, 0.5, true, [1, 2])."})
-    answer_format: str = field(default="boxed", metadata={
-        "help": "boxed: ask for \\boxed{} answers and box the references' answers; raw: the task's text as is."})
-    metadata: bool = field(default=True, metadata={"help": "Keep the task's metadata column (onsft.gym.score_row "
-                                                           "needs it for some tasks)."})
+    options: list[str] = field(
+        default_factory=list,
+        metadata={"help": "The task's own config fields as key=value (values read as YAML: 3, 0.5, true, [1, 2])."},
+    )
+    answer_format: str = field(
+        default="boxed",
+        metadata={
+            "help": "boxed: ask for \\boxed{} answers and box the references' answers; raw: the task's text as is."
+        },
+    )
+    metadata: bool = field(
+        default=True,
+        metadata={"help": "Keep the task's metadata column (onsft.gym.score_row needs it for some tasks)."},
+    )
     list_tasks: bool = field(default=False, metadata={"help": "Print the task names and exit."})
 
 
@@ -66,8 +75,11 @@ def parse_options(pairs: list[str]) -> dict:
         try:
             options[key.strip()] = yaml.safe_load(value) if value.strip() else ""
         except yaml.YAMLError:
-            raise UserError(f"option `{pair}` has an unreadable value", where="--options",
-                            fix="write a number, true/false, a word or a [list].") from None
+            raise UserError(
+                f"option `{pair}` has an unreadable value",
+                where="--options",
+                fix="write a number, true/false, a word or a [list].",
+            ) from None
     return options
 
 
@@ -82,8 +94,14 @@ def run_gym(config: GymDataConfig) -> int:
     if not config.out:
         raise UserError("no output file given", where="command line", fix="pass --out FILE.jsonl.")
     out = check_writable(config.out)
-    rows = gym.gym_rows(config.task, config.size, config.seed, options=parse_options(config.options),
-                        answer_format=config.answer_format, metadata=config.metadata)
+    rows = gym.gym_rows(
+        config.task,
+        config.size,
+        config.seed,
+        options=parse_options(config.options),
+        answer_format=config.answer_format,
+        metadata=config.metadata,
+    )
     write_jsonl_atomic(out, rows)
     with_reference = sum("reference" in r for r in rows)
     print(f"onsft data: {len(rows)} rows of {config.task} ({with_reference} with a reference) -> {out}")
@@ -95,8 +113,12 @@ def run_organism(config: OrganismDataConfig) -> int:
 
     if not config.out:
         raise UserError("no output folder given", where="command line", fix="pass --out FOLDER.")
-    sizes = {"n_train": config.n_train, "n_test": config.n_test, "n_ood": config.n_ood,
-             "n_retention": config.n_retention}
+    sizes = {
+        "n_train": config.n_train,
+        "n_test": config.n_test,
+        "n_ood": config.n_ood,
+        "n_retention": config.n_retention,
+    }
     small = [k for k, v in sizes.items() if v < 1]
     if small:
         raise UserError(f"`{small[0]}` must be >= 1", where="command line", fix=f"pass a positive --{small[0]}.")

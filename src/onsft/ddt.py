@@ -136,8 +136,11 @@ def _disable_compile(error: Exception) -> None:
     _compile_failed = True
     import sys
 
-    print(f"onsft: torch.compile of the fused LM-head kernel failed ({type(error).__name__}); using eager ops "
-          f"(same numbers, slower).", file=sys.stderr)
+    print(
+        f"onsft: torch.compile of the fused LM-head kernel failed ({type(error).__name__}); using eager ops "
+        f"(same numbers, slower).",
+        file=sys.stderr,
+    )
 
 
 class _OnlineSums:
@@ -234,7 +237,7 @@ def token_stats_from_hidden(
     blocks = list(range(0, n, row_chunk))
 
     def block_stats(r0: int) -> list[TokenStats]:
-        h, row_targets = hidden[r0:r0 + row_chunk], targets[r0:r0 + row_chunk]
+        h, row_targets = hidden[r0 : r0 + row_chunk], targets[r0 : r0 + row_chunk]
         with torch.no_grad():  # grad mode is per thread: worker threads do not inherit the caller's
             return _block_stats(h, row_targets, weight, bias, taus, vocab_chunk, logit_scale, softcap, fused, acc)
 
@@ -274,17 +277,17 @@ def _block_stats(h, targets, weight, bias, taus, vocab_chunk, logit_scale, softc
     for v0 in range(0, vocab, vocab_chunk):
         cols = min(vocab_chunk, vocab - v0)
         raw, u, e = (b[: rows * cols].view(rows, cols) for b in buffers)
-        w = weight[v0:v0 + cols]
+        w = weight[v0 : v0 + cols]
         if weight.dtype == acc:
             if bias is None:
                 torch.matmul(h, w.T, out=raw)
             else:
-                torch.addmm(bias[v0:v0 + cols].to(acc), h, w.T, out=raw)
+                torch.addmm(bias[v0 : v0 + cols].to(acc), h, w.T, out=raw)
         else:
             # Half-precision matmul like the model's head, then float32 from here on.
             tile = h @ w.T
             if bias is not None:
-                tile = tile + bias[v0:v0 + cols]
+                tile = tile + bias[v0 : v0 + cols]
             raw.copy_(tile)
         transform_logits(raw, logit_scale, softcap)
         for s in sums:
@@ -306,8 +309,9 @@ def p_value(z: torch.Tensor) -> torch.Tensor:
     return torch.special.ndtr(z)
 
 
-def aggregate_responses(phi: torch.Tensor, var: torch.Tensor, lengths: Sequence[int] | torch.Tensor,
-                        threshold: float = OOD_THRESHOLD) -> dict[str, torch.Tensor]:
+def aggregate_responses(
+    phi: torch.Tensor, var: torch.Tensor, lengths: Sequence[int] | torch.Tensor, threshold: float = OOD_THRESHOLD
+) -> dict[str, torch.Tensor]:
     """Per-response scores from the concatenated response tokens' phi and Var [sum(lengths)].
 
     Returns tensors [len(lengths)]: n_tokens, sum_phi, mean_phi, sum_var, z, p_value, share_phi_gt_<level>
@@ -329,8 +333,14 @@ def aggregate_responses(phi: torch.Tensor, var: torch.Tensor, lengths: Sequence[
     n = lengths.to(dtype)
     sum_phi, sum_var = segment_sum(phi), segment_sum(var)
     z = sum_phi / sum_var.clamp_min(VAR_FLOOR).sqrt()
-    scores = {"n_tokens": lengths, "sum_phi": sum_phi, "mean_phi": sum_phi / n, "sum_var": sum_var,
-              "z": z, "p_value": p_value(z)}
+    scores = {
+        "n_tokens": lengths,
+        "sum_phi": sum_phi,
+        "mean_phi": sum_phi / n,
+        "sum_var": sum_var,
+        "z": z,
+        "p_value": p_value(z),
+    }
     for level in PHI_LEVELS:
         scores[share_key(level)] = segment_sum((phi > level).to(dtype)) / n
     scores["ood"] = scores["mean_phi"] < threshold
@@ -345,4 +355,3 @@ def response_scores(phi: torch.Tensor, var: torch.Tensor, threshold: float = OOD
     """Scores of one response (phi and Var of its tokens, [T]) as plain Python numbers."""
     batch = aggregate_responses(phi.reshape(-1), var.reshape(-1), [phi.numel()], threshold)
     return {k: (bool(v[0]) if k == "ood" else int(v[0]) if k == "n_tokens" else float(v[0])) for k, v in batch.items()}
-

@@ -32,13 +32,20 @@ DEMO_METHODS = ["sft", "dft", "idft", "rewrite+idft"]
 class DemoConfig:
     out: str = field(default="runs/demo", metadata={"help": "Output folder."})
     seed: int = field(default=0, metadata={"help": "Seed of the data, the rewrite and the training."})
-    methods: list[str] = field(default_factory=lambda: list(DEMO_METHODS),
-                               metadata={"help": "Methods to compare (see `onsft compare --help`)."})
+    methods: list[str] = field(
+        default_factory=lambda: list(DEMO_METHODS),
+        metadata={"help": "Methods to compare (see `onsft compare --help`)."},
+    )
     steps: int = field(default=300, metadata={"help": "Training steps per method."})
     learning_rate: float = field(default=2e-4, metadata={"help": "Learning rate (the organism study's 2e-4)."})
     batch_size: int = field(default=32, metadata={"help": "Training batch size."})
-    n_train: int = field(default=100, metadata={"help": "New-skill prompts; each is written in all five teacher "
-                                                        "styles, so the teacher data has 5x this many rows."})
+    n_train: int = field(
+        default=100,
+        metadata={
+            "help": "New-skill prompts; each is written in all five teacher "
+            "styles, so the teacher data has 5x this many rows."
+        },
+    )
     n_test: int = field(default=200, metadata={"help": "Rows of each test set."})
     curve_every: int = field(default=100, metadata={"help": "Evaluate checkpoints every N steps (0 = off)."})
     curve_limit: int = field(default=50, metadata={"help": "Rows per test set at each curve point."})
@@ -49,15 +56,38 @@ def _experiment(config: DemoConfig, data: dict[str, Path]):
     from onsft.compare import Experiment
 
     return Experiment(
-        model="organism", train_data=str(data["new_skill_train"]), in_domain=str(data["new_skill_test"]),
-        ood=str(data["new_skill_ood"]), retention=str(data["retention_test"]), methods=config.methods,
-        seeds=[config.seed], out=str(Path(config.out) / "compare"), kl_limit=64,
-        curve_every=config.curve_every, curve_limit=config.curve_limit,
-        train={"max_steps": config.steps, "per_device_train_batch_size": config.batch_size,
-               "learning_rate": config.learning_rate, "lr_scheduler_type": "cosine", "warmup_steps": 20,
-               "max_length": 128, "bf16": config.bf16, "logging_steps": 10},
-        rewrite={"verifier": "exact", "own_samples": 4, "beta": 3.0, "max_new_tokens": 48, "seed": config.seed,
-                 "chunk_size": 100, "batch_size": 100, "hinted_batch_size": 100, "progress": False},
+        model="organism",
+        train_data=str(data["new_skill_train"]),
+        in_domain=str(data["new_skill_test"]),
+        ood=str(data["new_skill_ood"]),
+        retention=str(data["retention_test"]),
+        methods=config.methods,
+        seeds=[config.seed],
+        out=str(Path(config.out) / "compare"),
+        kl_limit=64,
+        curve_every=config.curve_every,
+        curve_limit=config.curve_limit,
+        train={
+            "max_steps": config.steps,
+            "per_device_train_batch_size": config.batch_size,
+            "learning_rate": config.learning_rate,
+            "lr_scheduler_type": "cosine",
+            "warmup_steps": 20,
+            "max_length": 128,
+            "bf16": config.bf16,
+            "logging_steps": 10,
+        },
+        rewrite={
+            "verifier": "exact",
+            "own_samples": 4,
+            "beta": 3.0,
+            "max_new_tokens": 48,
+            "seed": config.seed,
+            "chunk_size": 100,
+            "batch_size": 100,
+            "hinted_batch_size": 100,
+            "progress": False,
+        },
         pairs={"verifier": "exact", "samples": 4, "max_new_tokens": 48, "seed": config.seed},
         eval={"verifier": "exact", "max_new_tokens": 48, "batch_size": 100},
     )
@@ -70,9 +100,26 @@ def _audit(config: DemoConfig, data: dict[str, Path]) -> dict:
     folder = Path(config.out) / "audit"
     summary_path = folder / "summary.json"
     if not summary_path.exists():
-        audit.main(["--model", "organism", "--data", str(data["new_skill_train"]), "--out", str(folder),
-                    "--self_check", "100", "--self_check_max_new_tokens", "48", "--seed", str(config.seed),
-                    "--max_length", "128", "--progress", "false"])
+        audit.main(
+            [
+                "--model",
+                "organism",
+                "--data",
+                str(data["new_skill_train"]),
+                "--out",
+                str(folder),
+                "--self_check",
+                "100",
+                "--self_check_max_new_tokens",
+                "48",
+                "--seed",
+                str(config.seed),
+                "--max_length",
+                "128",
+                "--progress",
+                "false",
+            ]
+        )
     summary = json.loads(summary_path.read_text())
     by_style: dict[str, list[float]] = {}
     for line in (folder / "scores.jsonl").read_text().splitlines():
@@ -85,40 +132,65 @@ def _audit(config: DemoConfig, data: dict[str, Path]) -> dict:
 def _markdown(config: DemoConfig, audit_summary: dict, results: dict, rewrite: dict | None, seconds: float) -> str:
     from onsft.compare import table_markdown
 
-    lines = ["# onsft demo on the embedded organism", "",
-             f"Command: `onsft demo --out {config.out}` (seed {config.seed}, {config.steps} steps per method, "
-             f"batch {config.batch_size}, lr {config.learning_rate}); wall time {seconds / 60:.1f} min.", "",
-             "## 1. How off-policy is the teacher data? (DDT audit)", "",
-             "| teacher style | mean phi per response |", "|---|---|"]
+    lines = [
+        "# onsft demo on the embedded organism",
+        "",
+        f"Command: `onsft demo --out {config.out}` (seed {config.seed}, {config.steps} steps per method, "
+        f"batch {config.batch_size}, lr {config.learning_rate}); wall time {seconds / 60:.1f} min.",
+        "",
+        "## 1. How off-policy is the teacher data? (DDT audit)",
+        "",
+        "| teacher style | mean phi per response |",
+        "|---|---|",
+    ]
     for style, value in sorted(audit_summary.get("by_style", {}).items(), key=lambda kv: -kv[1]):
         lines.append(f"| {style} | {value:.2f} |")
     sets = audit_summary.get("sets", {})
     if "scores" in sets:
         data = sets["scores"]
-        lines += ["", f"All teacher data: mean phi {data['mean_phi_response_weighted']:.2f}, "
-                      f"{100 * data['fraction_ood']:.0f}% of responses below the -0.1 threshold, "
-                      f"{100 * data['fraction_rejected']:.0f}% rejected as on-policy at p < 0.05."]
+        lines += [
+            "",
+            f"All teacher data: mean phi {data['mean_phi_response_weighted']:.2f}, "
+            f"{100 * data['fraction_ood']:.0f}% of responses below the -0.1 threshold, "
+            f"{100 * data['fraction_rejected']:.0f}% rejected as on-policy at p < 0.05.",
+        ]
     if "self_check" in sets:
         own = sets["self_check"]
-        lines += [f"The organism's own samples (the on-policy baseline): mean phi "
-                  f"{own['mean_phi_response_weighted']:.3f} ± {own['mean_phi_se']:.3f}, Z mean {own['z_mean']:.2f}, "
-                  f"Z std {own['z_std']:.2f} (calibrated: 0 and 1)."]
+        lines += [
+            f"The organism's own samples (the on-policy baseline): mean phi "
+            f"{own['mean_phi_response_weighted']:.3f} ± {own['mean_phi_se']:.3f}, Z mean {own['z_mean']:.2f}, "
+            f"Z std {own['z_std']:.2f} (calibrated: 0 and 1)."
+        ]
     if rewrite:
         phi = rewrite["mean_phi"]
 
         def show(key):
             return f"{phi[key]['mean_phi']:.2f} (n={phi[key]['n']})" if phi.get(key, {}).get("n") else "-"
 
-        lines += ["", "## 2. Hinted-decoding rewrite", "",
-                  f"Of {rewrite['rows']} teacher rows: {rewrite['own_correct']} kept as the organism's own verified "
-                  f"answer, {rewrite['rewritten']} rewritten by hinted decoding and verified, {rewrite['dropped']} "
-                  f"dropped.", "",
-                  "| responses | mean phi |", "|---|---|",
-                  f"| teacher references (all) | {show('references')} |",
-                  f"| references that were rewritten | {show('references_of_rewritten')} |",
-                  f"| hinted rewrites | {show('rewritten')} |", f"| own answers kept | {show('own')} |"]
-    lines += ["", "## 3. Skill gained vs skill kept", "", table_markdown(results["rows"]), "",
-              "![skill vs retention](compare/skill_vs_retention.png)", ""]
+        lines += [
+            "",
+            "## 2. Hinted-decoding rewrite",
+            "",
+            f"Of {rewrite['rows']} teacher rows: {rewrite['own_correct']} kept as the organism's own verified "
+            f"answer, {rewrite['rewritten']} rewritten by hinted decoding and verified, {rewrite['dropped']} "
+            f"dropped.",
+            "",
+            "| responses | mean phi |",
+            "|---|---|",
+            f"| teacher references (all) | {show('references')} |",
+            f"| references that were rewritten | {show('references_of_rewritten')} |",
+            f"| hinted rewrites | {show('rewritten')} |",
+            f"| own answers kept | {show('own')} |",
+        ]
+    lines += [
+        "",
+        "## 3. Skill gained vs skill kept",
+        "",
+        table_markdown(results["rows"]),
+        "",
+        "![skill vs retention](compare/skill_vs_retention.png)",
+        "",
+    ]
     if "curves.png" in results.get("plots", []):
         lines += ["![curves](compare/curves.png)", ""]
     lines += ["![training](compare/training.png)", "", "Audit report: [audit/report.html](audit/report.html)", ""]
@@ -135,8 +207,14 @@ def run_demo(config: DemoConfig) -> dict:
     out = Path(config.out)
     check_writable(out / "demo.md")
     resolve_model_path("organism")
-    data = write_demo_data(out / "data", seed=config.seed, n_train=config.n_train, n_test=config.n_test,
-                           n_ood=config.n_test, n_retention=config.n_test)
+    data = write_demo_data(
+        out / "data",
+        seed=config.seed,
+        n_train=config.n_train,
+        n_test=config.n_test,
+        n_ood=config.n_test,
+        n_retention=config.n_test,
+    )
     print("onsft demo: 1/3 auditing the teacher data (DDT)", flush=True)
     audit_summary = _audit(config, data)
     print("onsft demo: 2/3 rewriting, training and evaluating (onsft compare)", flush=True)
@@ -146,8 +224,16 @@ def run_demo(config: DemoConfig) -> dict:
     seconds = time.time() - started
     text = _markdown(config, audit_summary, results, rewrite, seconds)
     (out / "demo.md").write_text(text)
-    write_json_atomic(out / "demo.json", {"config": asdict(config), "audit": audit_summary, "rewrite": rewrite,
-                                          "rows": results["rows"], "seconds": seconds})
+    write_json_atomic(
+        out / "demo.json",
+        {
+            "config": asdict(config),
+            "audit": audit_summary,
+            "rewrite": rewrite,
+            "rows": results["rows"],
+            "seconds": seconds,
+        },
+    )
     print(f"onsft demo: 3/3 done in {seconds / 60:.1f} min; see {out / 'demo.md'}", flush=True)
     return results
 

@@ -54,8 +54,12 @@ KL_CONTINUATIONS = ("greedy", "sampled")
 
 @dataclass
 class EvalConfig:
-    model: str = field(default="organism", metadata={"help": "Model to evaluate: Hugging Face name, local path or `organism`."})
-    data: str = field(default="", metadata={"help": "Evaluation data with an `answer` column (.jsonl/.parquet/.csv/...)."})
+    model: str = field(
+        default="organism", metadata={"help": "Model to evaluate: Hugging Face name, local path or `organism`."}
+    )
+    data: str = field(
+        default="", metadata={"help": "Evaluation data with an `answer` column (.jsonl/.parquet/.csv/...)."}
+    )
     out: str = field(default="runs/eval", metadata={"help": "Output folder (metrics.json, generations.jsonl, plot)."})
     verifier: str = field(default="math", metadata={"help": "math | exact | module:function | path/file.py:function."})
     verify_timeout: int = field(default=5, metadata={"help": "Seconds math-verify may spend per parse / comparison."})
@@ -63,21 +67,30 @@ class EvalConfig:
     batch_size: int = field(default=16, metadata={"help": "Sequences decoded together."})
     greedy: bool = field(default=True, metadata={"help": "Decode one greedy response per prompt (pass@1)."})
     samples: int = field(default=0, metadata={"help": "Sampled responses per prompt for pass@k (0 = none)."})
-    pass_k: list[int] = field(default_factory=list, metadata={
-        "help": "k values for pass@k (each <= --samples); default: 1, 2, 4, ... up to --samples."})
+    pass_k: list[int] = field(
+        default_factory=list,
+        metadata={"help": "k values for pass@k (each <= --samples); default: 1, 2, 4, ... up to --samples."},
+    )
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of the pass@k samples."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling of the pass@k samples (1 = off)."})
     top_k: int = field(default=0, metadata={"help": "Top-k sampling of the pass@k samples (0 = off)."})
     seed: int = field(default=0, metadata={"help": "Sampling seed."})
     limit: int = field(default=0, metadata={"help": "Evaluate only the first N rows of each dataset (0 = all)."})
-    retention_data: str | None = field(default=None, metadata={
-        "help": "Data of skills to keep (with `answer`): greedy accuracy there measures forgetting."})
-    base_model: str | None = field(default=None, metadata={
-        "help": "Model before tuning: reports KL(base || model) on the base model's own continuations."})
-    kl_data: str | None = field(default=None, metadata={
-        "help": "Prompts for the KL drift (default: --retention_data, else --data)."})
-    kl_continuation: str = field(default="greedy", metadata={
-        "help": "Base-model continuations scored for KL: greedy or sampled (at --kl_temperature)."})
+    retention_data: str | None = field(
+        default=None,
+        metadata={"help": "Data of skills to keep (with `answer`): greedy accuracy there measures forgetting."},
+    )
+    base_model: str | None = field(
+        default=None,
+        metadata={"help": "Model before tuning: reports KL(base || model) on the base model's own continuations."},
+    )
+    kl_data: str | None = field(
+        default=None, metadata={"help": "Prompts for the KL drift (default: --retention_data, else --data)."}
+    )
+    kl_continuation: str = field(
+        default="greedy",
+        metadata={"help": "Base-model continuations scored for KL: greedy or sampled (at --kl_temperature)."},
+    )
     kl_temperature: float = field(default=1.0, metadata={"help": "Temperature of sampled KL continuations."})
     kl_max_new_tokens: int = field(default=128, metadata={"help": "Length of the base model's KL continuations."})
     plot: bool = field(default=True, metadata={"help": "Write accuracy.png (bars per task, pass@k curve)."})
@@ -113,9 +126,14 @@ class EvalConfig:
     def sampling(self, greedy: bool, seed: int | None = None):
         from onsft.generation import SamplingConfig
 
-        return SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=0.0 if greedy else self.temperature,
-                              top_p=1.0 if greedy else self.top_p, top_k=0 if greedy else self.top_k,
-                              seed=self.seed if seed is None else seed, batch_size=self.batch_size)
+        return SamplingConfig(
+            max_new_tokens=self.max_new_tokens,
+            temperature=0.0 if greedy else self.temperature,
+            top_p=1.0 if greedy else self.top_p,
+            top_k=0 if greedy else self.top_k,
+            seed=self.seed if seed is None else seed,
+            batch_size=self.batch_size,
+        )
 
 
 # ------------------------------------------------------------------------------------ pure metrics
@@ -139,8 +157,11 @@ def _summary(rows: Sequence[dict], ks: Sequence[int]) -> dict:
     sampled = [[s["correct"] for s in r["samples"]] for r in rows if r.get("samples")]
     if sampled:
         out["sampled_accuracy"] = sum(sum(c) / len(c) for c in sampled) / len(sampled)
-        out["pass_at_k"] = {str(k): sum(pass_at_k(len(c), sum(c), k) for c in sampled) / len(sampled)
-                            for k in ks if all(len(c) >= k for c in sampled)}
+        out["pass_at_k"] = {
+            str(k): sum(pass_at_k(len(c), sum(c), k) for c in sampled) / len(sampled)
+            for k in ks
+            if all(len(c) >= k for c in sampled)
+        }
     return out
 
 
@@ -173,9 +194,18 @@ def kl_per_position(base_logits: torch.Tensor, tuned_logits: torch.Tensor) -> to
 # ------------------------------------------------------------------------------------------ evaluation
 
 
-def _evaluate_rows(model, tokenizer, examples: Sequence[Example], config: EvalConfig, verifier,
-                   store: ResumableJsonl | None = None, greedy: bool | None = None, samples: int | None = None,
-                   desc: str = "eval", where: str = "data") -> list[dict]:
+def _evaluate_rows(
+    model,
+    tokenizer,
+    examples: Sequence[Example],
+    config: EvalConfig,
+    verifier,
+    store: ResumableJsonl | None = None,
+    greedy: bool | None = None,
+    samples: int | None = None,
+    desc: str = "eval",
+    where: str = "data",
+) -> list[dict]:
     """Generate, verify and build one row per example (input fields kept). With a store, examples it
     already holds are skipped and new rows are appended after every chunk."""
     from tqdm.auto import tqdm
@@ -200,15 +230,24 @@ def _evaluate_rows(model, tokenizer, examples: Sequence[Example], config: EvalCo
             prompts = [encode_prompt(tokenizer, examples[i].prompt, where) for i in todo]
             for i, prompt in zip(todo, prompts):
                 if context and len(prompt) >= context:
-                    raise UserError(f"prompt has {len(prompt)} tokens; the model's context is {context}", where=where,
-                                    line=examples[i].line, fix="shorten the prompt, or evaluate with --limit / without it.")
+                    raise UserError(
+                        f"prompt has {len(prompt)} tokens; the model's context is {context}",
+                        where=where,
+                        line=examples[i].line,
+                        fix="shorten the prompt, or evaluate with --limit / without it.",
+                    )
             new = {i: {**examples[i].record, "_index": examples[i].index} for i in todo}
             if greedy:
                 for i, generation in zip(todo, generate(model, tokenizer, prompts, config.sampling(greedy=True))):
                     verdict = verifier.check(generation.text, examples[i].answer)
-                    new[i].update(generation=generation.text, finish_reason=generation.finish_reason,
-                                  n_tokens=generation.n_tokens, extracted_answer=verdict.extracted,
-                                  correct=verdict.correct, verify_method=verdict.method)
+                    new[i].update(
+                        generation=generation.text,
+                        finish_reason=generation.finish_reason,
+                        n_tokens=generation.n_tokens,
+                        extracted_answer=verdict.extracted,
+                        correct=verdict.correct,
+                        verify_method=verdict.method,
+                    )
             if samples:
                 # The chunk's seed depends on its first example only, so a resumed run samples the same.
                 sampling = config.sampling(greedy=False, seed=config.seed * 1_000_003 + examples[start].index)
@@ -216,11 +255,18 @@ def _evaluate_rows(model, tokenizer, examples: Sequence[Example], config: EvalCo
                 outputs = generate(model, tokenizer, repeated, sampling)
                 for slot, i in enumerate(todo):
                     new[i]["samples"] = []
-                    for generation in outputs[slot * samples:(slot + 1) * samples]:
+                    for generation in outputs[slot * samples : (slot + 1) * samples]:
                         verdict = verifier.check(generation.text, examples[i].answer)
-                        new[i]["samples"].append({"text": generation.text, "finish_reason": generation.finish_reason,
-                                                  "n_tokens": generation.n_tokens, "extracted_answer": verdict.extracted,
-                                                  "correct": verdict.correct, "verify_method": verdict.method})
+                        new[i]["samples"].append(
+                            {
+                                "text": generation.text,
+                                "finish_reason": generation.finish_reason,
+                                "n_tokens": generation.n_tokens,
+                                "extracted_answer": verdict.extracted,
+                                "correct": verdict.correct,
+                                "verify_method": verdict.method,
+                            }
+                        )
                     new[i]["n_correct"] = sum(s["correct"] for s in new[i]["samples"])
             if store is not None:
                 store.append_many([new[i] for i in fresh])
@@ -232,12 +278,23 @@ def _evaluate_rows(model, tokenizer, examples: Sequence[Example], config: EvalCo
 def _check_answers(examples: Sequence[Example], where: str) -> None:
     missing = [e for e in examples if e.answer is None or not str(e.answer).strip()]
     if missing:
-        raise UserError(f"{len(missing)} row(s) have no `answer`, which accuracy needs", where=where,
-                        line=missing[0].line, fix="add an `answer` column (the gold final answer) to every row.")
+        raise UserError(
+            f"{len(missing)} row(s) have no `answer`, which accuracy needs",
+            where=where,
+            line=missing[0].line,
+            fix="add an `answer` column (the gold final answer) to every row.",
+        )
 
 
-def evaluate_model(model, tokenizer, examples: Sequence[Example], config: EvalConfig | None = None, *,
-                   verifier=None, return_records: bool = False) -> dict:
+def evaluate_model(
+    model,
+    tokenizer,
+    examples: Sequence[Example],
+    config: EvalConfig | None = None,
+    *,
+    verifier=None,
+    return_records: bool = False,
+) -> dict:
     """In-process evaluation (used by `onsft compare` and the demo): the metrics of `aggregate`, plus
     the evaluated rows under "records" when `return_records`. Writes nothing."""
     from onsft.verify import get_verifier
@@ -256,8 +313,15 @@ def evaluate_model(model, tokenizer, examples: Sequence[Example], config: EvalCo
 # ------------------------------------------------------------------------------------------- KL drift
 
 
-def _kl_sums(base_model, model, sequences: list[list[int]], prompt_lengths: list[int], pad_id: int,
-             batch_size: int, max_logits: int) -> list[tuple[float, int]]:
+def _kl_sums(
+    base_model,
+    model,
+    sequences: list[list[int]],
+    prompt_lengths: list[int],
+    pad_id: int,
+    batch_size: int,
+    max_logits: int,
+) -> list[tuple[float, int]]:
     """(sum of KL_t, token count) per sequence, over the positions that predict its continuation."""
     vocab = model.get_output_embeddings().weight.shape[0]
     lengths = [len(s) - p for s, p in zip(sequences, prompt_lengths)]
@@ -269,36 +333,55 @@ def _kl_sums(base_model, model, sequences: list[list[int]], prompt_lengths: list
         # need logits; the longest continuation comes first and sets `keep` for its batch.
         keep = lengths[order[start]] + 1
         rows = max(1, min(batch_size, max_logits // (keep * vocab)))
-        batch = order[start:start + rows]
+        batch = order[start : start + rows]
         width = max(len(sequences[i]) for i in batch)
         ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
         for r, i in enumerate(batch):
-            ids[r, width - len(sequences[i]):] = torch.tensor(sequences[i])
-            mask[r, width - len(sequences[i]):] = 1
+            ids[r, width - len(sequences[i]) :] = torch.tensor(sequences[i])
+            mask[r, width - len(sequences[i]) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
         logits = []
         for net in (base_model, model):
-            output = net(input_ids=ids.to(net.device), attention_mask=mask.to(net.device),
-                         position_ids=positions.to(net.device), use_cache=False, logits_to_keep=keep)
+            output = net(
+                input_ids=ids.to(net.device),
+                attention_mask=mask.to(net.device),
+                position_ids=positions.to(net.device),
+                use_cache=False,
+                logits_to_keep=keep,
+            )
             logits.append(output.logits.to(model.device))
         if logits[0].shape[-1] != logits[1].shape[-1]:
-            raise UserError(f"the base model has {logits[0].shape[-1]} output tokens, the model "
-                            f"{logits[1].shape[-1]}; KL needs one vocabulary", where="--base_model",
-                            fix="compare a model with the base it was tuned from (same tokenizer).")
+            raise UserError(
+                f"the base model has {logits[0].shape[-1]} output tokens, the model "
+                f"{logits[1].shape[-1]}; KL needs one vocabulary",
+                where="--base_model",
+                fix="compare a model with the base it was tuned from (same tokenizer).",
+            )
         # Kept column j predicts the token in column (width - keep + j + 1): a row's n continuation
         # tokens (its last n columns) are predicted by kept columns keep-1-n .. keep-2.
         kl = kl_per_position(logits[0][:, :-1], logits[1][:, :-1])
         for r, i in enumerate(batch):
-            out[i] = (float(kl[r, keep - 1 - lengths[i]:].double().sum()), lengths[i])
+            out[i] = (float(kl[r, keep - 1 - lengths[i] :].double().sum()), lengths[i])
         start += len(batch)
     return [out[i] for i in range(len(sequences))]
 
 
 @torch.inference_mode()
-def kl_drift(base_model, model, tokenizer, prompts_ids: list[list[int]], *, continuation: str = "greedy",
-             max_new_tokens: int = 128, temperature: float = 1.0, seed: int = 0, batch_size: int = 16,
-             max_logits: int = 2**27, return_per_prompt: bool = False):
+def kl_drift(
+    base_model,
+    model,
+    tokenizer,
+    prompts_ids: list[list[int]],
+    *,
+    continuation: str = "greedy",
+    max_new_tokens: int = 128,
+    temperature: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 16,
+    max_logits: int = 2**27,
+    return_per_prompt: bool = False,
+):
     """Mean over continuation tokens of KL(base || model), on the base model's own continuations of
     `prompts_ids` (greedy or sampled). With `return_per_prompt`, also [(kl_sum, tokens)] per prompt.
     `max_logits` bounds the logits held at once per model (rows x kept positions x vocabulary)."""
@@ -306,8 +389,12 @@ def kl_drift(base_model, model, tokenizer, prompts_ids: list[list[int]], *, cont
 
     if continuation not in KL_CONTINUATIONS:
         raise UserError(f"unknown continuation `{continuation}`", where="kl_drift", fix="use greedy or sampled.")
-    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0 if continuation == "greedy" else temperature,
-                              seed=seed, batch_size=batch_size)
+    sampling = SamplingConfig(
+        max_new_tokens=max_new_tokens,
+        temperature=0.0 if continuation == "greedy" else temperature,
+        seed=seed,
+        batch_size=batch_size,
+    )
     continuations = generate(base_model, tokenizer, prompts_ids, sampling)
     sequences = [list(p) + list(g.token_ids) for p, g in zip(prompts_ids, continuations)]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -315,8 +402,9 @@ def kl_drift(base_model, model, tokenizer, prompts_ids: list[list[int]], *, cont
     base_model.eval()
     model.eval()
     try:
-        per_prompt = _kl_sums(base_model, model, sequences, [len(p) for p in prompts_ids], pad_id,
-                              batch_size, max_logits)
+        per_prompt = _kl_sums(
+            base_model, model, sequences, [len(p) for p in prompts_ids], pad_id, batch_size, max_logits
+        )
     finally:
         base_model.train(was_training[0])
         model.train(was_training[1])
@@ -367,8 +455,9 @@ def _plot(metrics: dict, path: Path) -> None:
         ax.text(x, value + 0.01, f"{value:.2f}", ha="center", fontsize=8)
     if curves:
         ax = axes[0][1]
-        series = [("all", curves)] + [(t, m["pass_at_k"]) for t, m in metrics.get("by_task", {}).items()
-                                      if m.get("pass_at_k")]
+        series = [("all", curves)] + [
+            (t, m["pass_at_k"]) for t, m in metrics.get("by_task", {}).items() if m.get("pass_at_k")
+        ]
         for name, curve in series:
             ks = sorted(curve, key=int)
             ax.plot([int(k) for k in ks], [curve[k] for k in ks], marker="o", label=name)
@@ -410,12 +499,26 @@ def run_eval(config: EvalConfig) -> dict:
     started = time.time()
     stores = [ResumableJsonl(out / "generations.jsonl", fingerprint={"part": "eval", **settings})]
     rows = _evaluate_rows(model, tokenizer, examples, config, verifier, stores[0], where=config.data)
-    metrics: dict = {"model": config.model, "data": config.data, "verifier": config.verifier,
-                     **aggregate(rows, config.ks())}
+    metrics: dict = {
+        "model": config.model,
+        "data": config.data,
+        "verifier": config.verifier,
+        **aggregate(rows, config.ks()),
+    }
     if retention is not None:
         stores.append(ResumableJsonl(out / "retention.jsonl", fingerprint={"part": "retention", **settings}))
-        retention_rows = _evaluate_rows(model, tokenizer, retention, config, verifier, stores[-1], greedy=True,
-                                        samples=0, desc="retention", where=config.retention_data)
+        retention_rows = _evaluate_rows(
+            model,
+            tokenizer,
+            retention,
+            config,
+            verifier,
+            stores[-1],
+            greedy=True,
+            samples=0,
+            desc="retention",
+            where=config.retention_data,
+        )
         metrics["retention"] = {"data": config.retention_data, **aggregate(retention_rows)}
     if kl_examples is not None:
         stores.append(ResumableJsonl(out / "kl.jsonl", fingerprint={"part": "kl", **settings}))
@@ -444,8 +547,9 @@ def _finished(path: Path, settings: dict) -> dict | None:
     return saved if same else None
 
 
-def _kl_command(config: EvalConfig, model, tokenizer, examples: list[Example], store: ResumableJsonl,
-                where: str) -> dict:
+def _kl_command(
+    config: EvalConfig, model, tokenizer, examples: list[Example], store: ResumableJsonl, where: str
+) -> dict:
     from tqdm.auto import tqdm
 
     from onsft.models import load_model
@@ -454,23 +558,41 @@ def _kl_command(config: EvalConfig, model, tokenizer, examples: list[Example], s
     chunk = config.batch_size
     bar = tqdm(total=len(examples), initial=len(store.done), desc="kl drift", unit="prompt", dynamic_ncols=True)
     for start in range(0, len(examples), chunk):
-        todo = [e for e in examples[start:start + chunk] if e.index not in store.done]
+        todo = [e for e in examples[start : start + chunk] if e.index not in store.done]
         if not todo:
             continue
         prompts = [encode_prompt(tokenizer, e.prompt, where) for e in todo]
-        _, per_prompt = kl_drift(base, model, tokenizer, prompts, continuation=config.kl_continuation,
-                                 max_new_tokens=config.kl_max_new_tokens, temperature=config.kl_temperature,
-                                 seed=config.seed * 1_000_003 + examples[start].index, batch_size=config.batch_size,
-                                 return_per_prompt=True)
-        store.append_many([{**e.record, "_index": e.index, "kl_sum": s, "kl_tokens": n,
-                            "kl_mean": s / n if n else 0.0} for e, (s, n) in zip(todo, per_prompt)])
+        _, per_prompt = kl_drift(
+            base,
+            model,
+            tokenizer,
+            prompts,
+            continuation=config.kl_continuation,
+            max_new_tokens=config.kl_max_new_tokens,
+            temperature=config.kl_temperature,
+            seed=config.seed * 1_000_003 + examples[start].index,
+            batch_size=config.batch_size,
+            return_per_prompt=True,
+        )
+        store.append_many(
+            [
+                {**e.record, "_index": e.index, "kl_sum": s, "kl_tokens": n, "kl_mean": s / n if n else 0.0}
+                for e, (s, n) in zip(todo, per_prompt)
+            ]
+        )
         bar.update(len(todo))
     bar.close()
     rows = store.rows(e.index for e in examples)
     tokens = sum(r["kl_tokens"] for r in rows)
-    return {"base_model": config.base_model, "data": where, "direction": "KL(base || model)",
-            "continuation": config.kl_continuation, "prompts": len(rows), "tokens": tokens,
-            "mean_kl_per_token": sum(r["kl_sum"] for r in rows) / tokens if tokens else 0.0}
+    return {
+        "base_model": config.base_model,
+        "data": where,
+        "direction": "KL(base || model)",
+        "continuation": config.kl_continuation,
+        "prompts": len(rows),
+        "tokens": tokens,
+        "mean_kl_per_token": sum(r["kl_sum"] for r in rows) / tokens if tokens else 0.0,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

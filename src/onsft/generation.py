@@ -44,25 +44,46 @@ class SamplingConfig:
 
     max_new_tokens: int = field(default=1024, metadata={"help": "Most tokens generated per example."})
     min_new_tokens: int = field(
-        default=0, metadata={"help": "EOS is suppressed until this many tokens exist (benchmarks, length floors)."})
+        default=0, metadata={"help": "EOS is suppressed until this many tokens exist (benchmarks, length floors)."}
+    )
     temperature: float = field(default=0.0, metadata={"help": "Softmax temperature; 0 means greedy (argmax)."})
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling: keep the smallest set of tokens "
-                                                        "holding this much probability (1 = off)."})
+    top_p: float = field(
+        default=1.0,
+        metadata={"help": "Nucleus sampling: keep the smallest set of tokens holding this much probability (1 = off)."},
+    )
     top_k: int = field(default=0, metadata={"help": "Keep only the k most likely tokens (0 = off)."})
-    seed: int = field(default=0, metadata={"help": "Sampling seed; example i draws from its own generator "
-                                                   "seeded by (seed, i), so batching does not change samples."})
+    seed: int = field(
+        default=0,
+        metadata={
+            "help": "Sampling seed; example i draws from its own generator "
+            "seeded by (seed, i), so batching does not change samples."
+        },
+    )
     repetition_window: int = field(
-        default=30, metadata={"help": "Stop a row when one window of this many tokens has occurred "
-                                      "`repetition_count` times (a degenerate loop)."})
-    repetition_count: int = field(default=5, metadata={"help": "Occurrences of one window that stop a row "
-                                                               "(0 = never stop for repetition)."})
+        default=30,
+        metadata={
+            "help": "Stop a row when one window of this many tokens has occurred "
+            "`repetition_count` times (a degenerate loop)."
+        },
+    )
+    repetition_count: int = field(
+        default=5, metadata={"help": "Occurrences of one window that stop a row (0 = never stop for repetition)."}
+    )
     stop_strings: list[str] = field(
-        default_factory=list, metadata={"help": "A row stops (finish_reason 'stop') once its text contains one of "
-                                                "these; the tokens that complete it are kept."})
+        default_factory=list,
+        metadata={
+            "help": "A row stops (finish_reason 'stop') once its text contains one of "
+            "these; the tokens that complete it are kept."
+        },
+    )
     batch_size: int = field(default=16, metadata={"help": "Examples decoded together."})
     use_cache: bool = field(
-        default=True, metadata={"help": "Decode with a KV cache. False recomputes the whole sequence every step "
-                                        "(quadratic; only for tests and as a benchmark baseline)."})
+        default=True,
+        metadata={
+            "help": "Decode with a KV cache. False recomputes the whole sequence every step "
+            "(quadratic; only for tests and as a benchmark baseline)."
+        },
+    )
 
     def validate(self) -> None:
         problems = []
@@ -103,8 +124,10 @@ class Generation:
 # Pure functions: sampling and the repetition rule
 # ---------------------------------------------------------------------------------------------
 
-def filter_logprobs(logprobs: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
-                    top_p: float = 1.0) -> torch.Tensor:
+
+def filter_logprobs(
+    logprobs: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0
+) -> torch.Tensor:
     """Temperature, then top-k, then top-p (the order `transformers` applies them) over the last dim.
 
     Input may be unnormalised (a geometric mixture); output is normalised log-probs with the removed
@@ -146,8 +169,7 @@ def example_generator(seed: int, index: int, device: torch.device | str = "cpu")
     return generator
 
 
-def sample_tokens(logprobs: torch.Tensor, config: SamplingConfig,
-                  generators: list[torch.Generator]) -> torch.Tensor:
+def sample_tokens(logprobs: torch.Tensor, config: SamplingConfig, generators: list[torch.Generator]) -> torch.Tensor:
     """One token per row of `logprobs` [N, V] (unnormalised is fine): argmax when temperature is 0,
     else a draw from the filtered distribution by inverse CDF with one uniform from row i's own
     generator (one batched search instead of N multinomial calls)."""
@@ -166,7 +188,7 @@ def has_repeated_window(tokens: list[int], window: int, count: int) -> bool:
     The naive statement of the rule; `RepetitionDetector` is its incremental form."""
     if count <= 0 or len(tokens) < window:
         return False
-    seen = Counter(tuple(tokens[i:i + window]) for i in range(len(tokens) - window + 1))
+    seen = Counter(tuple(tokens[i : i + window]) for i in range(len(tokens) - window + 1))
     return max(seen.values()) >= count
 
 
@@ -219,8 +241,9 @@ def _row_span_attention(module, query, key, value, attention_mask, **kwargs):
     outputs = []
     for start, stop, column in spans:
         mask = None if attention_mask is None else attention_mask[start:stop, ..., column:]
-        out, _ = sdpa_attention_forward(module, query[start:stop], key[start:stop, :, column:],
-                                        value[start:stop, :, column:], mask, **kwargs)
+        out, _ = sdpa_attention_forward(
+            module, query[start:stop], key[start:stop, :, column:], value[start:stop, :, column:], mask, **kwargs
+        )
         outputs.append(out)
     return torch.cat(outputs), None
 
@@ -285,9 +308,18 @@ class RowBatch:
     [left padding | shared prefix | padding | rest of prompt | generated tokens], all held by the mask.
     """
 
-    def __init__(self, model, prompts: list[list[int]], *, use_cache: bool = True, pad_id: int = 0,
-                 prefill_groups: list[range] | None = None, prefill_token_budget: int = 4096,
-                 min_shared_prefix: int = 16, cache_reserve: int = 256):
+    def __init__(
+        self,
+        model,
+        prompts: list[list[int]],
+        *,
+        use_cache: bool = True,
+        pad_id: int = 0,
+        prefill_groups: list[range] | None = None,
+        prefill_token_budget: int = 4096,
+        min_shared_prefix: int = 16,
+        cache_reserve: int = 256,
+    ):
         self.model = model
         self.device = model.device
         self.use_cache = use_cache
@@ -297,8 +329,9 @@ class RowBatch:
         width = int(lengths.max())
         if use_cache and GrowingCache.supports(model.config):
             self.ids = None
-            self.logprobs = self._prefill(prompts, prefill_groups or [range(len(prompts))], prefill_token_budget,
-                                          min_shared_prefix, cache_reserve)
+            self.logprobs = self._prefill(
+                prompts, prefill_groups or [range(len(prompts))], prefill_token_budget, min_shared_prefix, cache_reserve
+            )
             return
         self.mask = _left_padded(prompts, 0, width, lambda p: [1] * len(p)).to(self.device)
         ids = _left_padded(prompts, pad_id, width, list).to(self.device)
@@ -324,9 +357,14 @@ class RowBatch:
             first = (self.mask != 0).to(torch.int8).argmax(dim=1).tolist()
             token = _ROW_SPANS.set(row_spans(first, self.mask.shape[1]))
             try:
-                out = self.model(input_ids=tokens, attention_mask=self.mask,
-                                 position_ids=self.next_position.view(-1, 1), past_key_values=self.cache,
-                                 use_cache=True, logits_to_keep=1)
+                out = self.model(
+                    input_ids=tokens,
+                    attention_mask=self.mask,
+                    position_ids=self.next_position.view(-1, 1),
+                    past_key_values=self.cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
             finally:
                 _ROW_SPANS.reset(token)
             self.logprobs = _logprobs(out.logits[:, -1])
@@ -341,8 +379,14 @@ class RowBatch:
     def _forward(self, ids, mask, cache, skip: int = 0) -> torch.Tensor:
         """Run `ids` (the columns of `mask` after the first `skip`, which `cache` already holds)."""
         positions = (mask.cumsum(-1) - 1).clamp_min(0)[:, skip:]
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                         use_cache=cache is not None, logits_to_keep=1)
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=cache is not None,
+            logits_to_keep=1,
+        )
         return _logprobs(out.logits[:, -1])
 
     def _prefill(self, prompts, groups, token_budget, min_shared_prefix, reserve) -> torch.Tensor:
@@ -373,10 +417,11 @@ class RowBatch:
             part = DynamicCache(config=config)
             if prefix is not None:
                 for layer, source in zip(part.layers, prefix.layers):
-                    layer.update(source.keys.expand(len(chunk), -1, -1, -1),
-                                 source.values.expand(len(chunk), -1, -1, -1))
+                    layer.update(
+                        source.keys.expand(len(chunk), -1, -1, -1), source.values.expand(len(chunk), -1, -1, -1)
+                    )
             logprobs.append(self._forward(ids, mask, part, skip=shared))
-            self.mask[chunk.start:chunk.stop, total - width:] = mask
+            self.mask[chunk.start : chunk.stop, total - width :] = mask
             self.cache.place(part, chunk.start, chunk.stop, len(prompts), total)
         return torch.cat(logprobs)
 
@@ -431,8 +476,8 @@ class GrowingLayer(DynamicLayer):
             room = self.length + new + self.reserve
             self.key_buffer = _widen(self.key_buffer, room)
             self.value_buffer = _widen(self.value_buffer, room)
-        self.key_buffer[:, :, self.length:self.length + new] = key_states
-        self.value_buffer[:, :, self.length:self.length + new] = value_states
+        self.key_buffer[:, :, self.length : self.length + new] = key_states
+        self.value_buffer[:, :, self.length : self.length + new] = value_states
         self.length += new
         self._refresh()
         return self.keys, self.values
@@ -449,8 +494,8 @@ class GrowingLayer(DynamicLayer):
         self._refresh()
 
     def _refresh(self) -> None:
-        self.keys = self.key_buffer[:, :, :self.length]
-        self.values = self.value_buffer[:, :, :self.length]
+        self.keys = self.key_buffer[:, :, : self.length]
+        self.values = self.value_buffer[:, :, : self.length]
 
 
 class GrowingCache(DynamicCache):
@@ -472,8 +517,8 @@ class GrowingCache(DynamicCache):
             if layer.key_buffer is None:
                 layer.allocate(source.keys, rows, width)
             columns = source.keys.shape[-2]
-            layer.key_buffer[start:stop, :, width - columns:width] = source.keys
-            layer.value_buffer[start:stop, :, width - columns:width] = source.values
+            layer.key_buffer[start:stop, :, width - columns : width] = source.keys
+            layer.value_buffer[start:stop, :, width - columns : width] = source.values
 
     def drop_left(self, columns: int) -> None:
         for layer in self.layers:
@@ -482,7 +527,7 @@ class GrowingCache(DynamicCache):
 
 def _widen(buffer: torch.Tensor, width: int) -> torch.Tensor:
     wider = buffer.new_zeros(buffer.shape[0], buffer.shape[1], width, buffer.shape[3])
-    wider[:, :, :buffer.shape[2]] = buffer
+    wider[:, :, : buffer.shape[2]] = buffer
     return wider
 
 
@@ -490,8 +535,11 @@ def _logprobs(logits: torch.Tensor) -> torch.Tensor:
     # NaN or +inf logits (broken weights, fp16 overflow) would be decoded silently as garbage (argmax of a
     # NaN row is arbitrary) and then verified and written as if real; stop instead. -inf is a masked token.
     if torch.isnan(logits).any() or torch.isposinf(logits).any():
-        raise UserError("the model produced non-finite logits (NaN or +inf) while decoding", where="model",
-                        fix="check the model's weights, or load it in float32 (--dtype float32).")
+        raise UserError(
+            "the model produced non-finite logits (NaN or +inf) while decoding",
+            where="model",
+            fix="check the model's weights, or load it in float32 (--dtype float32).",
+        )
     # At least float32 for the mixture and the entropy; a float64 model keeps float64.
     return torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
 
@@ -520,7 +568,7 @@ def _chunks(indices: range, lengths: list[int], token_budget: int) -> list[range
             out.append(indices[start:offset])
             start, wider = offset, length
         longest = wider
-    out.append(indices[start:len(lengths)])
+    out.append(indices[start : len(lengths)])
     return out
 
 
@@ -555,9 +603,17 @@ def stop_token_ids(model, tokenizer) -> list[int]:
     return sorted(ids)
 
 
-def decode_examples(model, tokenizer, plain_ids: list[list[int]], hinted_ids: list[list[int]] | None,
-                    config: SamplingConfig, mixer: Mixer | None = None, answer_marker: str = "",
-                    hinted_first: bool = True, progress: Callable[[int], None] | None = None) -> list[Trace]:
+def decode_examples(
+    model,
+    tokenizer,
+    plain_ids: list[list[int]],
+    hinted_ids: list[list[int]] | None,
+    config: SamplingConfig,
+    mixer: Mixer | None = None,
+    answer_marker: str = "",
+    hinted_first: bool = True,
+    progress: Callable[[int], None] | None = None,
+) -> list[Trace]:
     """Decode every example; returns traces in input order.
 
     With `hinted_ids`, example i has a hinted row and a plain row; each step's distribution is
@@ -569,16 +625,22 @@ def decode_examples(model, tokenizer, plain_ids: list[list[int]], hinted_ids: li
     if hinted_ids is not None and mixer is None:
         raise ValueError("decoding with hinted contexts needs a mixer (see onsft.hinted.make_mixer)")
     if hinted_ids is not None and len(hinted_ids) != len(plain_ids):
-        raise UserError(f"{len(hinted_ids)} hinted prompts for {len(plain_ids)} plain prompts",
-                        where="hinted decoding", fix="pass one hinted prompt per plain prompt.")
+        raise UserError(
+            f"{len(hinted_ids)} hinted prompts for {len(plain_ids)} plain prompts",
+            where="hinted decoding",
+            fix="pass one hinted prompt per plain prompt.",
+        )
     limit = getattr(model.config, "max_position_embeddings", None)
     for name, prompts in (("plain", plain_ids), ("hinted", hinted_ids or [])):
         for i, prompt in enumerate(prompts):
             if not prompt:
                 raise UserError(f"{name} prompt {i} is empty", where="generation", fix="drop the example.")
             if limit and len(prompt) >= limit:
-                raise UserError(f"{name} prompt {i} has {len(prompt)} tokens, the model's context is {limit}",
-                                where="generation", fix="shorten the prompt or drop the example.")
+                raise UserError(
+                    f"{name} prompt {i} has {len(prompt)} tokens, the model's context is {limit}",
+                    where="generation",
+                    fix="shorten the prompt or drop the example.",
+                )
     # Similar lengths together waste less padding; results do not depend on the grouping.
     lead = hinted_ids if hinted_ids is not None else plain_ids
     order = sorted(range(len(plain_ids)), key=lambda i: (-len(lead[i]), -len(plain_ids[i]), i))
@@ -588,9 +650,10 @@ def decode_examples(model, tokenizer, plain_ids: list[list[int]], hinted_ids: li
     try:
         with torch.inference_mode(), span_attention(model):
             for start in range(0, len(order), config.batch_size):
-                batch = order[start:start + config.batch_size]
-                done = _decode_batch(model, tokenizer, batch, plain_ids, hinted_ids, config, mixer,
-                                     answer_marker, hinted_first, limit)
+                batch = order[start : start + config.batch_size]
+                done = _decode_batch(
+                    model, tokenizer, batch, plain_ids, hinted_ids, config, mixer, answer_marker, hinted_first, limit
+                )
                 for i, trace in zip(batch, done):
                     traces[i] = trace
                 if progress is not None:
@@ -600,8 +663,9 @@ def decode_examples(model, tokenizer, plain_ids: list[list[int]], hinted_ids: li
     return traces  # type: ignore[return-value]
 
 
-def _decode_batch(model, tokenizer, batch, plain_ids, hinted_ids, config, mixer, answer_marker,
-                  hinted_first, limit) -> list[Trace]:
+def _decode_batch(
+    model, tokenizer, batch, plain_ids, hinted_ids, config, mixer, answer_marker, hinted_first, limit
+) -> list[Trace]:
     n = len(batch)
     hinted = hinted_ids is not None
     prompts = ([hinted_ids[i] for i in batch] if hinted else []) + [plain_ids[i] for i in batch]
@@ -651,8 +715,11 @@ def _decode_batch(model, tokenizer, batch, plain_ids, hinted_ids, config, mixer,
             trace.lambdas.append(lam_list[slot])
             watch_marker = hinted_row[j] >= 0 and bool(answer_marker)
             # Strings are looked for in the decoded tail only: they first appear ending at this token.
-            tail = (tokenizer.decode(trace.token_ids[-text_tail:], skip_special_tokens=False)
-                    if watch_marker or config.stop_strings else "")
+            tail = (
+                tokenizer.decode(trace.token_ids[-text_tail:], skip_special_tokens=False)
+                if watch_marker or config.stop_strings
+                else ""
+            )
             reason = None
             if token in stop_set:
                 reason = "eos"
@@ -673,8 +740,9 @@ def _decode_batch(model, tokenizer, batch, plain_ids, hinted_ids, config, mixer,
         if not still:
             break
         # Surviving rows keep their relative order, so selecting them is one sorted index_select.
-        pairs = sorted((row, traces[j].token_ids[-1]) for j in still
-                       for row in (hinted_row[j], plain_row[j]) if row >= 0)
+        pairs = sorted(
+            (row, traces[j].token_ids[-1]) for j in still for row in (hinted_row[j], plain_row[j]) if row >= 0
+        )
         renumber = {old: new for new, (old, _) in enumerate(pairs)}
         for j in still:
             hinted_row[j] = renumber[hinted_row[j]] if hinted_row[j] >= 0 else -1
@@ -685,12 +753,24 @@ def _decode_batch(model, tokenizer, batch, plain_ids, hinted_ids, config, mixer,
     return traces
 
 
-def generate(model, tokenizer, prompt_ids: list[list[int]], config: SamplingConfig | None = None,
-             progress: Callable[[int], None] | None = None) -> list[Generation]:
+def generate(
+    model,
+    tokenizer,
+    prompt_ids: list[list[int]],
+    config: SamplingConfig | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> list[Generation]:
     """Sample one continuation per prompt (token ids), batched, stopping per row at EOS, a stop string,
     `max_new_tokens` or a repetition loop. Results do not depend on `batch_size` (nor, for greedy
     decoding, on the order of the prompts)."""
     config = config or SamplingConfig()
     traces = decode_examples(model, tokenizer, prompt_ids, None, config, progress=progress)
-    return [Generation(token_ids=t.token_ids, text=tokenizer.decode(t.token_ids, skip_special_tokens=True),
-                       finish_reason=t.finish_reason, n_tokens=len(t.token_ids)) for t in traces]
+    return [
+        Generation(
+            token_ids=t.token_ids,
+            text=tokenizer.decode(t.token_ids, skip_special_tokens=True),
+            finish_reason=t.finish_reason,
+            n_tokens=len(t.token_ids),
+        )
+        for t in traces
+    ]

@@ -85,13 +85,19 @@ def make_dataset(task: str, size: int, seed: int, options: Mapping[str, Any] | N
     known = set(getattr(config_type, "__dataclass_fields__", {})) - {"seed", "size"}
     unknown = sorted(set(options or {}) - known)
     if unknown:
-        raise UserError(f"task `{task}` has no option `{unknown[0]}`", where="--options",
-                        fix=f"its options are: {', '.join(sorted(known)) or 'none'}.")
+        raise UserError(
+            f"task `{task}` has no option `{unknown[0]}`",
+            where="--options",
+            fix=f"its options are: {', '.join(sorted(known)) or 'none'}.",
+        )
     try:
         return _gym().create_dataset(task, size=size, seed=seed, **dict(options or {}))
     except (AssertionError, ValueError, TypeError) as error:  # the task configs validate with assert
-        raise UserError(f"task `{task}` rejects these settings ({type(error).__name__}: {error})",
-                        where="--options", fix="check the values against the task's config.") from None
+        raise UserError(
+            f"task `{task}` rejects these settings ({type(error).__name__}: {error})",
+            where="--options",
+            fix="check the values against the task's config.",
+        ) from None
 
 
 def _plain_json(value: Any) -> Any:
@@ -121,7 +127,7 @@ def chain_sum_reference(expression: str, answer: str, answer_format: str = "boxe
     first = re.match(r"(\d+)", text)
     if not first:
         return None
-    rest = text[first.end():]
+    rest = text[first.end() :]
     terms = _TERM.findall(rest)
     if "".join(f"{s}{d}" for s, d in terms) != rest.replace(" ", ""):
         return None
@@ -147,13 +153,23 @@ def _reference(task: str, entry: dict, answer_format: str) -> tuple[str | None, 
     return None, None
 
 
-def gym_rows(task: str, size: int, seed: int = 0, *, options: Mapping[str, Any] | None = None,
-             answer_format: str = "boxed", metadata: bool = True) -> list[dict]:
+def gym_rows(
+    task: str,
+    size: int,
+    seed: int = 0,
+    *,
+    options: Mapping[str, Any] | None = None,
+    answer_format: str = "boxed",
+    metadata: bool = True,
+) -> list[dict]:
     """`size` items of a reasoning-gym task as onsft rows (see the module docstring for the columns).
     Deterministic for (task, size, seed, options); `options` are the task's own config fields."""
     if answer_format not in ANSWER_FORMATS:
-        raise UserError(f"unknown answer format `{answer_format}`", where="--answer_format",
-                        fix=f"use one of {', '.join(ANSWER_FORMATS)}.")
+        raise UserError(
+            f"unknown answer format `{answer_format}`",
+            where="--answer_format",
+            fix=f"use one of {', '.join(ANSWER_FORMATS)}.",
+        )
     dataset = make_dataset(task, size, seed, options)
     rows = []
     for i in range(size):
@@ -200,19 +216,22 @@ def score_entry(task: str, response: str, entry: Mapping[str, Any]) -> float:
 def score_row(response: str, row: Mapping[str, Any]) -> float:
     """Score against an exported row (its `task`, `answer` and `metadata`): works for every task."""
     if "task" not in row or "answer" not in row:
-        raise UserError("row has no `task` or `answer` column", where="score_row",
-                        fix="pass a row written by gym_rows / `onsft data gym`.")
+        raise UserError(
+            "row has no `task` or `answer` column",
+            where="score_row",
+            fix="pass a row written by gym_rows / `onsft data gym`.",
+        )
     entry = {"question": row.get("prompt", ""), "answer": row["answer"], "metadata": row.get("metadata") or {}}
     return score_entry(str(row["task"]), response, entry)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _scoring_dataset(task: str):
     # score_answer only reads the entry; a one-item dataset with the default config carries the method.
     return make_dataset(task, 1, 0)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def needs_metadata(task: str) -> bool:
     """Whether the task's scorer needs more than the gold answer: checked on one generated item by
     scoring its gold answer with and without the metadata (an error or a different score = needed)."""
@@ -230,9 +249,11 @@ def scorer(task: str) -> Callable[[str, str], float]:
     """A verifier fn(response, answer) -> float for one task (the task's own `score_answer`)."""
     _check_task(task)
     if needs_metadata(task):
-        raise UserError(f"task `{task}` scores answers against its metadata, which a (response, answer) "
-                        "verifier does not see", where=f"onsft.gym:{SCORER_PREFIX}{task}",
-                        fix="score exported rows in Python with onsft.gym.score_row(response, row).")
+        raise UserError(
+            f"task `{task}` scores answers against its metadata, which a (response, answer) verifier does not see",
+            where=f"onsft.gym:{SCORER_PREFIX}{task}",
+            fix="score exported rows in Python with onsft.gym.score_row(response, row).",
+        )
 
     def score(response: str, answer: str) -> float:
         return score_entry(task, response, {"question": "", "answer": str(answer), "metadata": {}})
@@ -246,10 +267,13 @@ def scorer(task: str) -> Callable[[str, str], float]:
 def __getattr__(name: str):
     # `--verifier onsft.gym:score_<task>` arrives here through getattr(module, name).
     if name == "score":
-        raise UserError("`onsft.gym:score` needs the task in its name", where="--verifier",
-                        fix="use onsft.gym:score_<task>, e.g. onsft.gym:score_gsm_symbolic.")
+        raise UserError(
+            "`onsft.gym:score` needs the task in its name",
+            where="--verifier",
+            fix="use onsft.gym:score_<task>, e.g. onsft.gym:score_gsm_symbolic.",
+        )
     if name.startswith(SCORER_PREFIX) and len(name) > len(SCORER_PREFIX):
-        function = scorer(name[len(SCORER_PREFIX):])
+        function = scorer(name[len(SCORER_PREFIX) :])
         globals()[name] = function  # later lookups find it directly
         return function
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -40,6 +40,7 @@ MODES = ("linear", "sigmoid", "piecewise")
 # Pure tensor functions
 # ---------------------------------------------------------------------------------------------
 
+
 def normalized_entropy(logprobs: torch.Tensor) -> torch.Tensor:
     """H(softmax(logprobs)) / log|V| over the last dim, in [0, 1]. Input must be normalised log-probs
     (a log_softmax); -inf entries (probability 0) contribute 0."""
@@ -49,9 +50,15 @@ def normalized_entropy(logprobs: torch.Tensor) -> torch.Tensor:
     return entropy / math.log(logprobs.shape[-1])
 
 
-def mixing_weight(hinted_logprobs: torch.Tensor, beta: float, mode: str = "linear", *,
-                  sigmoid_center: float = 0.5, piecewise_low: float = 0.3,
-                  piecewise_high: float = 0.7) -> torch.Tensor:
+def mixing_weight(
+    hinted_logprobs: torch.Tensor,
+    beta: float,
+    mode: str = "linear",
+    *,
+    sigmoid_center: float = 0.5,
+    piecewise_low: float = 0.3,
+    piecewise_high: float = 0.7,
+) -> torch.Tensor:
     """lambda_t, the plain context's weight, from the hinted distribution's normalised entropy h.
 
     - 'linear':    clip(beta * h, 0, 1). beta = 0 keeps the hinted context alone (self-distillation);
@@ -76,8 +83,9 @@ def mixing_weight(hinted_logprobs: torch.Tensor, beta: float, mode: str = "linea
     raise ValueError(f"unknown mixing mode {mode!r}; expected one of {MODES}")
 
 
-def mix_logprobs(hinted_logprobs: torch.Tensor, plain_logprobs: torch.Tensor,
-                 lam: torch.Tensor | float) -> torch.Tensor:
+def mix_logprobs(
+    hinted_logprobs: torch.Tensor, plain_logprobs: torch.Tensor, lam: torch.Tensor | float
+) -> torch.Tensor:
     """(1 - lam) * l_h + lam * l_p per row (lam broadcasts over the last dim): the log of the geometric
     mixture p_h^(1-lam) p_p^lam, NOT normalised; apply log_softmax (or sample, which does) after.
     lam = 0 and lam = 1 return exactly l_h and l_p, even where the other one is -inf."""
@@ -92,33 +100,52 @@ def mix_logprobs(hinted_logprobs: torch.Tensor, plain_logprobs: torch.Tensor,
 # Configuration and results
 # ---------------------------------------------------------------------------------------------
 
+
 @dataclass
 class HintedConfig(SamplingConfig):
     """Hinted decoding settings: the sampling fields of `SamplingConfig` (with the reference demo's
     defaults) plus the mixing rule and the answer marker."""
 
-    max_new_tokens: int = field(default=8192, metadata={"help": "Most tokens generated per example "
-                                                                "(reference demo: 8192)."})
-    temperature: float = field(default=0.3, metadata={"help": "Sampling temperature of the mixed "
-                                                              "distribution; 0 = greedy."})
-    top_p: float = field(default=0.95, metadata={"help": "Nucleus sampling over the mixed distribution "
-                                                         "(after temperature; 1 = off)."})
-    beta: float = field(default=3.0, metadata={"help": "Entropy scale of lambda: 0 = hinted context alone "
-                                                       "(plain self-distillation rewrite)."})
+    max_new_tokens: int = field(
+        default=8192, metadata={"help": "Most tokens generated per example (reference demo: 8192)."}
+    )
+    temperature: float = field(
+        default=0.3, metadata={"help": "Sampling temperature of the mixed distribution; 0 = greedy."}
+    )
+    top_p: float = field(
+        default=0.95, metadata={"help": "Nucleus sampling over the mixed distribution (after temperature; 1 = off)."}
+    )
+    beta: float = field(
+        default=3.0,
+        metadata={"help": "Entropy scale of lambda: 0 = hinted context alone (plain self-distillation rewrite)."},
+    )
     mode: Literal["linear", "sigmoid", "piecewise"] = field(
-        default="linear", metadata={"help": "lambda as a function of the hinted entropy: linear "
-                                            "clip(beta*h), sigmoid(beta*(h-center)), or piecewise."})
-    sigmoid_center: float = field(default=0.5, metadata={"help": "Normalised entropy at which sigmoid "
-                                                                 "mode gives lambda = 0.5."})
-    piecewise_low: float = field(default=0.3, metadata={"help": "Piecewise mode: lambda = 0 at or below "
-                                                                "this normalised entropy."})
-    piecewise_high: float = field(default=0.7, metadata={"help": "Piecewise mode: lambda = 1 at or above "
-                                                                 "this normalised entropy."})
-    answer_marker: str = field(default="\\boxed{", metadata={"help": "Once generated, the plain context alone "
-                                                                     "finishes the response ('' = never)."})
+        default="linear",
+        metadata={
+            "help": "lambda as a function of the hinted entropy: linear "
+            "clip(beta*h), sigmoid(beta*(h-center)), or piecewise."
+        },
+    )
+    sigmoid_center: float = field(
+        default=0.5, metadata={"help": "Normalised entropy at which sigmoid mode gives lambda = 0.5."}
+    )
+    piecewise_low: float = field(
+        default=0.3, metadata={"help": "Piecewise mode: lambda = 0 at or below this normalised entropy."}
+    )
+    piecewise_high: float = field(
+        default=0.7, metadata={"help": "Piecewise mode: lambda = 1 at or above this normalised entropy."}
+    )
+    answer_marker: str = field(
+        default="\\boxed{",
+        metadata={"help": "Once generated, the plain context alone finishes the response ('' = never)."},
+    )
     lambda_override: float | None = field(
-        default=None, metadata={"help": "Use this lambda at every step, the first included, instead of the "
-                                        "entropy rule (tests and ablations; 1 = plain decoding)."})
+        default=None,
+        metadata={
+            "help": "Use this lambda at every step, the first included, instead of the "
+            "entropy rule (tests and ablations; 1 = plain decoding)."
+        },
+    )
 
     def validate(self) -> None:
         super().validate()
@@ -127,8 +154,11 @@ class HintedConfig(SamplingConfig):
         if self.beta < 0:
             raise UserError("`beta` must be >= 0", where="config", fix="set beta >= 0 (0 = hinted context alone).")
         if self.mode == "piecewise" and not self.piecewise_low < self.piecewise_high:
-            raise UserError("`piecewise_low` must be below `piecewise_high`", where="config",
-                            fix="set piecewise_low < piecewise_high.")
+            raise UserError(
+                "`piecewise_low` must be below `piecewise_high`",
+                where="config",
+                fix="set piecewise_low < piecewise_high.",
+            )
         if self.lambda_override is not None and not 0 <= self.lambda_override <= 1:
             raise UserError("`lambda_override` must be in [0, 1]", where="config", fix="set it in [0, 1] or unset it.")
 
@@ -152,30 +182,57 @@ def make_mixer(config: HintedConfig) -> Callable[[torch.Tensor, torch.Tensor], t
         if config.lambda_override is not None:
             lam = torch.full(hinted_lp.shape[:-1], float(config.lambda_override), device=hinted_lp.device)
         else:
-            lam = mixing_weight(hinted_lp, config.beta, config.mode, sigmoid_center=config.sigmoid_center,
-                                piecewise_low=config.piecewise_low, piecewise_high=config.piecewise_high)
+            lam = mixing_weight(
+                hinted_lp,
+                config.beta,
+                config.mode,
+                sigmoid_center=config.sigmoid_center,
+                piecewise_low=config.piecewise_low,
+                piecewise_high=config.piecewise_high,
+            )
         return mix_logprobs(hinted_lp, plain_lp, lam), lam
+
     return mixer
 
 
-def hinted_decode(model, tokenizer, plain_ids: list[list[int]], hinted_ids: list[list[int]],
-                  config: HintedConfig | None = None,
-                  progress: Callable[[int], None] | None = None) -> list[HintedGeneration]:
+def hinted_decode(
+    model,
+    tokenizer,
+    plain_ids: list[list[int]],
+    hinted_ids: list[list[int]],
+    config: HintedConfig | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> list[HintedGeneration]:
     """Decode one response per example shared by its plain and hinted prompts (token ids, already
     templated; any "analyse the reference first" prefix belongs to the hinted prompt). Batched with
     KV caches; results are in input order and do not depend on `batch_size`."""
     config = config or HintedConfig()
     config.validate()
-    traces = decode_examples(model, tokenizer, plain_ids, hinted_ids, config, mixer=make_mixer(config),
-                             answer_marker=config.answer_marker,
-                             hinted_first=config.lambda_override is None, progress=progress)
+    traces = decode_examples(
+        model,
+        tokenizer,
+        plain_ids,
+        hinted_ids,
+        config,
+        mixer=make_mixer(config),
+        answer_marker=config.answer_marker,
+        hinted_first=config.lambda_override is None,
+        progress=progress,
+    )
     results = []
     for trace in traces:
         hinted_led = sum(lam < 0.5 for lam in trace.lambdas)
-        results.append(HintedGeneration(
-            token_ids=trace.token_ids, text=tokenizer.decode(trace.token_ids, skip_special_tokens=True),
-            finish_reason=trace.finish_reason, n_tokens=len(trace.token_ids),
-            hinted_led_steps=hinted_led, plain_led_steps=len(trace.lambdas) - hinted_led,
-            mean_lambda=sum(trace.lambdas) / max(len(trace.lambdas), 1),
-            handed_over=trace.handover_step is not None, handover_step=trace.handover_step))
+        results.append(
+            HintedGeneration(
+                token_ids=trace.token_ids,
+                text=tokenizer.decode(trace.token_ids, skip_special_tokens=True),
+                finish_reason=trace.finish_reason,
+                n_tokens=len(trace.token_ids),
+                hinted_led_steps=hinted_led,
+                plain_led_steps=len(trace.lambdas) - hinted_led,
+                mean_lambda=sum(trace.lambdas) / max(len(trace.lambdas), 1),
+                handed_over=trace.handover_step is not None,
+                handover_step=trace.handover_step,
+            )
+        )
     return results

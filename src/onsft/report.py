@@ -55,8 +55,12 @@ def _colors(labels) -> dict[str, str]:
 # ------------------------------------------------------------------------------------------------ plots
 
 
-def phi_histogram(sets: Mapping[str, Sequence[float]], threshold: float | None = None,
-                  xlabel: str = "response mean phi", title: str = "Mean phi per response") -> Figure:
+def phi_histogram(
+    sets: Mapping[str, Sequence[float]],
+    threshold: float | None = None,
+    xlabel: str = "response mean phi",
+    title: str = "Mean phi per response",
+) -> Figure:
     """Overlaid density histograms on shared bins, with the OOD threshold marked."""
     fig, ax = new_figure()
     data = {label: _finite(v) for label, v in sets.items() if _finite(v)}
@@ -68,8 +72,14 @@ def phi_histogram(sets: Mapping[str, Sequence[float]], threshold: float | None =
         hi = hi if hi > lo else lo + 1e-3
         bins = [lo + (hi - lo) * i / 50 for i in range(51)]
         for (label, values), color in zip(data.items(), _colors(data).values()):
-            ax.hist(values, bins=bins, density=True, alpha=0.45, color=color,
-                    label=f"{label} (n={len(values)}, mean {statistics.fmean(values):.3f})")
+            ax.hist(
+                values,
+                bins=bins,
+                density=True,
+                alpha=0.45,
+                color=color,
+                label=f"{label} (n={len(values)}, mean {statistics.fmean(values):.3f})",
+            )
     if threshold is not None:
         ax.axvline(threshold, color="crimson", linestyle="--", label=f"threshold {threshold:g}")
     ax.axvline(0, color="grey", linewidth=0.8)
@@ -85,8 +95,15 @@ def token_phi_distribution(sets: Mapping[str, Sequence[float]], clip: float = -2
     for (label, values), color in zip(sets.items(), _colors(sets).values()):
         values = [min(max(v, clip), 5.0) for v in _finite(values)]
         if values:
-            ax.hist(values, bins=bins, density=True, histtype="step", linewidth=1.5, color=color,
-                    label=f"{label} ({len(values)} tokens)")
+            ax.hist(
+                values,
+                bins=bins,
+                density=True,
+                histtype="step",
+                linewidth=1.5,
+                color=color,
+                label=f"{label} ({len(values)} tokens)",
+            )
     for level in (-1, -3, -5):
         ax.axvline(level, color="grey", linestyle=":", linewidth=0.8)
     ax.set_yscale("log")
@@ -112,8 +129,9 @@ def phi_by_position(sets: Mapping[str, Sequence[Sequence[float]]], bins: int = 4
         means = [statistics.fmean(groups[k]) for k in keys]
         errors = [2 * statistics.stdev(groups[k]) / math.sqrt(len(groups[k])) for k in keys]
         ax.plot(xs, means, color=color, label=label)
-        ax.fill_between(xs, [m - e for m, e in zip(means, errors)], [m + e for m, e in zip(means, errors)],
-                        color=color, alpha=0.2)
+        ax.fill_between(
+            xs, [m - e for m, e in zip(means, errors)], [m + e for m, e in zip(means, errors)], color=color, alpha=0.2
+        )
     ax.axhline(0, color="grey", linewidth=0.8)
     ax.set(xlabel="response token position", ylabel="mean phi", title="Phi by position (band: +-2 s.e.)")
     ax.legend(fontsize=8)
@@ -131,8 +149,14 @@ def z_calibration(sets: Mapping[str, Sequence[float]]) -> Figure:
     bins = [lo + (hi - lo) * i / 60 for i in range(61)]
     for (label, values), color in zip(data.items(), _colors(data).values()):
         std = statistics.pstdev(values) if len(values) > 1 else float("nan")
-        hist_ax.hist(values, bins=bins, density=True, alpha=0.4, color=color,
-                     label=f"{label} (mean {statistics.fmean(values):.2f}, std {std:.2f})")
+        hist_ax.hist(
+            values,
+            bins=bins,
+            density=True,
+            alpha=0.4,
+            color=color,
+            label=f"{label} (mean {statistics.fmean(values):.2f}, std {std:.2f})",
+        )
         n = len(values)
         theory = [NORMAL.inv_cdf((i + 0.5) / n) for i in range(n)]
         qq_ax.plot(theory, values, ".", markersize=3, color=color, label=label)
@@ -171,15 +195,17 @@ def phi_color(value: float, scale: float = 5.0) -> str:
     return f"rgb(255,{green_blue},{green_blue})"
 
 
-def token_spans(tokens: Sequence[str], values: Sequence[float], titles: Sequence[str] | None = None,
-                scale: float = 5.0) -> str:
+def token_spans(
+    tokens: Sequence[str], values: Sequence[float], titles: Sequence[str] | None = None, scale: float = 5.0
+) -> str:
     """Tokens as spans coloured by their phi (hover shows the numbers)."""
     spans = []
     for i, (token, value) in enumerate(zip(tokens, values)):
         title = titles[i] if titles else f"phi={value:.3f}"
         text = html.escape(token).replace("\n", "&#8629;<br>")
-        spans.append(f'<span class="tok" style="background:{phi_color(value, scale)}" '
-                     f'title="{html.escape(title)}">{text}</span>')
+        spans.append(
+            f'<span class="tok" style="background:{phi_color(value, scale)}" title="{html.escape(title)}">{text}</span>'
+        )
     return '<div class="tokens">' + "".join(spans) + "</div>"
 
 
@@ -198,8 +224,10 @@ border:1px solid #eee;padding:.5em;margin:.3em 0 1.2em 0}
 
 def page_html(title: str, sections: Sequence[tuple[str, str]], intro: str = "") -> str:
     """A whole HTML page: title, an intro paragraph, then (heading, body HTML) sections."""
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
-             f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"]
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+        f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>",
+    ]
     if intro:
         parts.append(f"<p class='note'>{intro}</p>")
     for heading, body in sections:

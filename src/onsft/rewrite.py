@@ -67,7 +67,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
 from onsft.config import parse_command
 from onsft.data import Example, Messages, encode_prompt, encode_response, load_examples
 from onsft.errors import UserError
@@ -91,70 +90,150 @@ DEFAULT_HINT_TEMPLATE = "# Question\n{question}\n\n# Reference solution\n{refere
 PLACEHOLDERS = ("question", "reference")
 
 # Fields this command adds to every record; an input column with one of these names is refused.
-ADDED_FIELDS = ("response", "provenance", "verified", "mean_phi", "z", "p_value", "scored_tokens", "finish_reason",
-                "n_tokens", "reference_mean_phi", "reference_z", "own_correct", "own_samples", "hinted_tries",
-                "mean_lambda", "extracted_answer", "verify_method", "generated_tokens", "truncated", "analysis",
-                "drop_reason")
+ADDED_FIELDS = (
+    "response",
+    "provenance",
+    "verified",
+    "mean_phi",
+    "z",
+    "p_value",
+    "scored_tokens",
+    "finish_reason",
+    "n_tokens",
+    "reference_mean_phi",
+    "reference_z",
+    "own_correct",
+    "own_samples",
+    "hinted_tries",
+    "mean_lambda",
+    "extracted_answer",
+    "verify_method",
+    "generated_tokens",
+    "truncated",
+    "analysis",
+    "drop_reason",
+)
 
 
 @dataclass
 class RewriteConfig:
     """`onsft rewrite` options."""
 
-    model: str = field(default="", metadata={"help": "Model whose distribution the data is rewritten into: local "
-                                                     "folder, cached Hub name or alias (organism)."})
-    data: str = field(default="", metadata={"help": "Rows with a prompt, an `answer` (gold final answer) and a "
-                                                    "`reference` (correct solution): .jsonl/.parquet/.csv/folder."})
+    model: str = field(
+        default="",
+        metadata={
+            "help": "Model whose distribution the data is rewritten into: local "
+            "folder, cached Hub name or alias (organism)."
+        },
+    )
+    data: str = field(
+        default="",
+        metadata={
+            "help": "Rows with a prompt, an `answer` (gold final answer) and a "
+            "`reference` (correct solution): .jsonl/.parquet/.csv/folder."
+        },
+    )
     out: str = field(default="", metadata={"help": "Output folder: records.jsonl, train.jsonl, summary.json."})
-    train_out: str = field(default="", metadata={"help": "Training-ready file of the kept rows (default: "
-                                                         "OUT/train.jsonl)."})
-    own_samples: int = field(default=4, metadata={"help": "k: own answers sampled per prompt (plain context) "
-                                                          "before rewriting; 0 = rewrite every prompt."})
-    own_temperature: float = field(default=1.0, metadata={"help": "Temperature of the own samples (1 = the model's "
-                                                                  "distribution itself)."})
+    train_out: str = field(
+        default="", metadata={"help": "Training-ready file of the kept rows (default: OUT/train.jsonl)."}
+    )
+    own_samples: int = field(
+        default=4,
+        metadata={
+            "help": "k: own answers sampled per prompt (plain context) before rewriting; 0 = rewrite every prompt."
+        },
+    )
+    own_temperature: float = field(
+        default=1.0, metadata={"help": "Temperature of the own samples (1 = the model's distribution itself)."}
+    )
     own_top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling of the own samples (1 = off)."})
-    keep_own: bool = field(default=True, metadata={"help": "Keep a verified own answer as it is (provenance own) "
-                                                           "instead of rewriting that prompt (false: rewrite every "
-                                                           "prompt; own samples are only counted)."})
-    hinted_samples: int = field(default=1, metadata={"help": "Hinted-decoding tries per prompt the model fails, "
-                                                             "decoded together; the first verified try is kept."})
-    beta: float = field(default=3.0, metadata={"help": "Entropy scale of lambda (plain context's weight); 0 = "
-                                                       "rewrite from the hinted context alone (self-distillation)."})
-    mode: str = field(default="linear", metadata={"help": "lambda rule: linear, sigmoid or piecewise "
-                                                          "(see onsft.hinted.mixing_weight)."})
+    keep_own: bool = field(
+        default=True,
+        metadata={
+            "help": "Keep a verified own answer as it is (provenance own) "
+            "instead of rewriting that prompt (false: rewrite every "
+            "prompt; own samples are only counted)."
+        },
+    )
+    hinted_samples: int = field(
+        default=1,
+        metadata={
+            "help": "Hinted-decoding tries per prompt the model fails, "
+            "decoded together; the first verified try is kept."
+        },
+    )
+    beta: float = field(
+        default=3.0,
+        metadata={
+            "help": "Entropy scale of lambda (plain context's weight); 0 = "
+            "rewrite from the hinted context alone (self-distillation)."
+        },
+    )
+    mode: str = field(
+        default="linear",
+        metadata={"help": "lambda rule: linear, sigmoid or piecewise (see onsft.hinted.mixing_weight)."},
+    )
     temperature: float = field(default=0.3, metadata={"help": "Temperature of hinted decoding (0 = greedy)."})
     top_p: float = field(default=0.95, metadata={"help": "Nucleus sampling of hinted decoding (1 = off)."})
-    max_new_tokens: int = field(default=2048, metadata={"help": "Most tokens per response (own samples and "
-                                                                "hinted decoding)."})
-    answer_marker: str | None = field(default=None, metadata={
-        "help": "Once generated, the plain context alone finishes the response ('' = never). Default: the "
-                "model's onsft.json, else \\boxed{."})
-    hint_template: str | None = field(default=None, metadata={
-        "help": "User message of the hinted context with {question} and {reference}. Default: the model's "
-                "onsft.json, else a generic rewrite instruction."})
-    hint_system: str | None = field(default=None, metadata={
-        "help": "System message of the hinted context ('' = none). Default: the model's onsft.json (none if it "
-                "has no hint_system), else a generic rewrite instruction."})
-    analyze_first: bool = field(default=False, metadata={
-        "help": "Let the model first write an '# Analyze' part greedily from the hinted context; the response "
-                "starts after its --analyze_marker. Rows that never reach the marker are dropped."})
+    max_new_tokens: int = field(
+        default=2048, metadata={"help": "Most tokens per response (own samples and hinted decoding)."}
+    )
+    answer_marker: str | None = field(
+        default=None,
+        metadata={
+            "help": "Once generated, the plain context alone finishes the response ('' = never). Default: the "
+            "model's onsft.json, else \\boxed{."
+        },
+    )
+    hint_template: str | None = field(
+        default=None,
+        metadata={
+            "help": "User message of the hinted context with {question} and {reference}. Default: the model's "
+            "onsft.json, else a generic rewrite instruction."
+        },
+    )
+    hint_system: str | None = field(
+        default=None,
+        metadata={
+            "help": "System message of the hinted context ('' = none). Default: the model's onsft.json (none if it "
+            "has no hint_system), else a generic rewrite instruction."
+        },
+    )
+    analyze_first: bool = field(
+        default=False,
+        metadata={
+            "help": "Let the model first write an '# Analyze' part greedily from the hinted context; the response "
+            "starts after its --analyze_marker. Rows that never reach the marker are dropped."
+        },
+    )
     analyze_marker: str = field(default="# CoT", metadata={"help": "End of the analysis (--analyze_first)."})
     analyze_max_new_tokens: int = field(default=1024, metadata={"help": "Most tokens of the analysis."})
-    verifier: str = field(default="math", metadata={"help": "math | exact | module:function | "
-                                                            "path/file.py:function (response, answer) -> bool."})
+    verifier: str = field(
+        default="math",
+        metadata={"help": "math | exact | module:function | path/file.py:function (response, answer) -> bool."},
+    )
     verify_timeout: int = field(default=5, metadata={"help": "Seconds math-verify may spend per parse/compare."})
     seed: int = field(default=0, metadata={"help": "Sampling seed (own samples and hinted decoding)."})
-    chunk_size: int = field(default=16, metadata={"help": "Prompts processed (and written) together; results "
-                                                          "depend on it through the seeding."})
+    chunk_size: int = field(
+        default=16,
+        metadata={"help": "Prompts processed (and written) together; results depend on it through the seeding."},
+    )
     batch_size: int = field(default=32, metadata={"help": "Own samples decoded together (rows)."})
-    hinted_batch_size: int = field(default=16, metadata={"help": "Hinted-decoding examples decoded together "
-                                                                 "(two rows each)."})
+    hinted_batch_size: int = field(
+        default=16, metadata={"help": "Hinted-decoding examples decoded together (two rows each)."}
+    )
     score_batch_size: int = field(default=16, metadata={"help": "Responses per scoring pass."})
     max_batch_tokens: int = field(default=8192, metadata={"help": "Most padded tokens per scoring pass."})
-    max_length: int = field(default=4096, metadata={"help": "Most tokens of plain prompt + response when scoring "
-                                                            "(longer responses are scored truncated, flagged)."})
-    dtype: str = field(default="auto", metadata={"help": "auto (float32 on CPU, bfloat16 on GPU), float32, "
-                                                         "bfloat16 or float16."})
+    max_length: int = field(
+        default=4096,
+        metadata={
+            "help": "Most tokens of plain prompt + response when scoring "
+            "(longer responses are scored truncated, flagged)."
+        },
+    )
+    dtype: str = field(
+        default="auto", metadata={"help": "auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16 or float16."}
+    )
     device: str = field(default="auto", metadata={"help": "auto (the process's accelerator, else CPU), cpu, cuda."})
     progress: bool = field(default=True, metadata={"help": "Show a progress bar with ETA."})
 
@@ -164,17 +243,40 @@ class RewriteConfig:
             (bool(self.data), "data", "is required", "pass --data FILE."),
             (self.own_samples >= 0, "own_samples", "must be >= 0", "pass 0 or more."),
             (self.hinted_samples >= 1, "hinted_samples", "must be >= 1", "pass 1 or more."),
-            (self.own_temperature >= 0 and 0 < self.own_top_p <= 1, "own_temperature/own_top_p",
-             "must be >= 0 and in (0, 1]", "pass valid own-sample settings."),
+            (
+                self.own_temperature >= 0 and 0 < self.own_top_p <= 1,
+                "own_temperature/own_top_p",
+                "must be >= 0 and in (0, 1]",
+                "pass valid own-sample settings.",
+            ),
             (self.mode in MODES, "mode", "is unknown", f"use one of {', '.join(MODES)}."),
-            (self.analyze_max_new_tokens >= 1 and bool(self.analyze_marker), "analyze_max_new_tokens/analyze_marker",
-             "must be >= 1 and non-empty", "pass a positive token count and a marker."),
-            (min(self.chunk_size, self.batch_size, self.hinted_batch_size, self.score_batch_size,
-                 self.max_batch_tokens) >= 1, "chunk_size/batch sizes", "must be >= 1", "pass positive sizes."),
+            (
+                self.analyze_max_new_tokens >= 1 and bool(self.analyze_marker),
+                "analyze_max_new_tokens/analyze_marker",
+                "must be >= 1 and non-empty",
+                "pass a positive token count and a marker.",
+            ),
+            (
+                min(
+                    self.chunk_size,
+                    self.batch_size,
+                    self.hinted_batch_size,
+                    self.score_batch_size,
+                    self.max_batch_tokens,
+                )
+                >= 1,
+                "chunk_size/batch sizes",
+                "must be >= 1",
+                "pass positive sizes.",
+            ),
             (self.max_length >= 2, "max_length", "must be >= 2", "pass a larger --max_length."),
             (self.verify_timeout >= 1, "verify_timeout", "must be at least 1 second", "pass --verify_timeout 5."),
-            (self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype", "is unknown",
-             "use auto, float32, bfloat16 or float16."),
+            (
+                self.dtype in ("auto", "float32", "bfloat16", "float16"),
+                "dtype",
+                "is unknown",
+                "use auto, float32, bfloat16 or float16.",
+            ),
         ]
         for ok, name, why, fix in checks:
             if not ok:
@@ -185,16 +287,27 @@ class RewriteConfig:
     def hinted_config(self, marker: str, seed: int | None = None):
         from onsft.hinted import HintedConfig
 
-        return HintedConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
-                            beta=self.beta, mode=self.mode, answer_marker=marker,
-                            seed=self.seed if seed is None else seed, batch_size=self.hinted_batch_size)
+        return HintedConfig(
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            beta=self.beta,
+            mode=self.mode,
+            answer_marker=marker,
+            seed=self.seed if seed is None else seed,
+            batch_size=self.hinted_batch_size,
+        )
 
     def own_config(self, seed: int | None = None):
         from onsft.generation import SamplingConfig
 
-        return SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.own_temperature,
-                              top_p=self.own_top_p, seed=self.seed if seed is None else seed,
-                              batch_size=self.batch_size)
+        return SamplingConfig(
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.own_temperature,
+            top_p=self.own_top_p,
+            seed=self.seed if seed is None else seed,
+            batch_size=self.batch_size,
+        )
 
 
 # ------------------------------------------------------------------------------------- hint settings
@@ -222,8 +335,11 @@ def read_model_info(model: str) -> dict:
     try:
         value = json.loads(info.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise UserError(f"cannot read the model's onsft.json ({error})", where=str(info),
-                        fix="fix or delete the file, or pass --hint_template and --answer_marker.") from None
+        raise UserError(
+            f"cannot read the model's onsft.json ({error})",
+            where=str(info),
+            fix="fix or delete the file, or pass --hint_template and --answer_marker.",
+        ) from None
     return value if isinstance(value, dict) else {}
 
 
@@ -248,8 +364,11 @@ def resolve_hint(config: RewriteConfig, info: dict) -> HintSettings:
         marker = str(info.get("answer_marker", DEFAULT_ANSWER_MARKER))
     missing = [p for p in PLACEHOLDERS if "{" + p + "}" not in template]
     if missing:
-        raise UserError(f"the hint template has no {{{missing[0]}}} placeholder", where=f"hint template ({source})",
-                        fix="write a template containing both {question} and {reference}.")
+        raise UserError(
+            f"the hint template has no {{{missing[0]}}} placeholder",
+            where=f"hint template ({source})",
+            fix="write a template containing both {question} and {reference}.",
+        )
     return HintSettings(template, system, marker, source)
 
 
@@ -275,7 +394,7 @@ def hinted_messages(prompt: Messages, reference: str, hint: HintSettings) -> Mes
     history = [turn for turn in prompt[:last] if turn["role"] != "system"]
     system = [{"role": "system", "content": hint.system}] if hint.system else []
     user = {"role": "user", "content": fill_hint(hint.template, question, reference)}
-    return system + history + [user] + list(prompt[last + 1:])
+    return system + history + [user] + list(prompt[last + 1 :])
 
 
 # ------------------------------------------------------------------------------------- the pipeline
@@ -290,8 +409,9 @@ class Prepared:
     hinted_ids: list[int]
 
 
-def prepare(tokenizer, examples: Sequence[Example], hint: HintSettings, max_length: int,
-            context: int | None, where: str) -> list[Prepared]:
+def prepare(
+    tokenizer, examples: Sequence[Example], hint: HintSettings, max_length: int, context: int | None, where: str
+) -> list[Prepared]:
     """Tokenise both contexts of every row; prompts that leave no room for a response are errors."""
     rows, too_long = [], []
     for example in examples:
@@ -303,10 +423,13 @@ def prepare(tokenizer, examples: Sequence[Example], hint: HintSettings, max_leng
         rows.append(Prepared(example, plain, hinted))
     if too_long:
         example, plain, hinted = too_long[0]
-        raise UserError(f"{len(too_long)} row(s) leave no room for a response (first: plain prompt {plain}, hinted "
-                        f"prompt {hinted} tokens; max_length {max_length}, model context {context})", where=where,
-                        line=example.line,
-                        fix="shorten those prompts/references, raise --max_length, or drop the rows.")
+        raise UserError(
+            f"{len(too_long)} row(s) leave no room for a response (first: plain prompt {plain}, hinted "
+            f"prompt {hinted} tokens; max_length {max_length}, model context {context})",
+            where=where,
+            line=example.line,
+            fix="shorten those prompts/references, raise --max_length, or drop the rows.",
+        )
     return rows
 
 
@@ -326,8 +449,9 @@ class Rewriter:
 
         self.model, self.tokenizer, self.config, self.hint, self.verifier = model, tokenizer, config, hint, verifier
         self.context = getattr(model.config, "max_position_embeddings", None)
-        self.scorer = Scorer(model, [1.0], ddt.OOD_THRESHOLD, pad_token_id(tokenizer), config.score_batch_size,
-                             config.max_batch_tokens)
+        self.scorer = Scorer(
+            model, [1.0], ddt.OOD_THRESHOLD, pad_token_id(tokenizer), config.score_batch_size, config.max_batch_tokens
+        )
         self.generated = 0  # tokens decoded by this object (throughput)
 
     def chunk(self, rows: Sequence[Prepared], progress: Callable[[int], None] | None = None) -> list[dict]:
@@ -363,7 +487,7 @@ class Rewriter:
             outputs = hinted_decode(self.model, self.tokenizer, plain, hinted, hd)
             for slot, j in enumerate(rewrite):
                 chosen = None
-                for t, output in enumerate(outputs[slot * tries:(slot + 1) * tries]):
+                for t, output in enumerate(outputs[slot * tries : (slot + 1) * tries]):
                     states[j]["generated_tokens"] += output.n_tokens
                     if chosen is None or not chosen[1].correct:
                         verdict = self.verifier.check(output.text, rows[j].example.answer)
@@ -383,15 +507,17 @@ class Rewriter:
         from onsft.generation import SamplingConfig, generate
 
         config = self.config
-        greedy = SamplingConfig(max_new_tokens=config.analyze_max_new_tokens, temperature=0.0,
-                                batch_size=config.hinted_batch_size)
+        greedy = SamplingConfig(
+            max_new_tokens=config.analyze_max_new_tokens, temperature=0.0, batch_size=config.hinted_batch_size
+        )
         outputs = generate(self.model, self.tokenizer, [hinted_ids[j] for j in rewrite], greedy)
         kept = []
         for j, output in zip(rewrite, outputs):
             states[j]["generated_tokens"] += output.n_tokens
             cut = marker_prefix(self.tokenizer, output.token_ids, config.analyze_marker)
-            states[j]["analysis"] = self.tokenizer.decode(output.token_ids[:cut or len(output.token_ids)],
-                                                          skip_special_tokens=True)
+            states[j]["analysis"] = self.tokenizer.decode(
+                output.token_ids[: cut or len(output.token_ids)], skip_special_tokens=True
+            )
             if cut is None or (self.context and len(hinted_ids[j]) + cut >= self.context):
                 states[j]["drop_reason"] = "no analysis marker" if cut is None else "analysis fills the context"
                 continue
@@ -412,14 +538,26 @@ class Rewriter:
             provenance = "hinted" if verdict.correct else "dropped"
             mean_lambda = response.mean_lambda
         record.update(
-            response=response.text if response is not None else None, provenance=provenance,
-            verified=bool(verdict is not None and verdict.correct), mean_phi=None, z=None, p_value=None,
-            scored_tokens=None, finish_reason=response.finish_reason if response is not None else None,
-            n_tokens=response.n_tokens if response is not None else 0, reference_mean_phi=None, reference_z=None,
-            own_correct=state["own_correct"], own_samples=config.own_samples, hinted_tries=tries,
-            mean_lambda=mean_lambda, extracted_answer=verdict.extracted if verdict is not None else None,
+            response=response.text if response is not None else None,
+            provenance=provenance,
+            verified=bool(verdict is not None and verdict.correct),
+            mean_phi=None,
+            z=None,
+            p_value=None,
+            scored_tokens=None,
+            finish_reason=response.finish_reason if response is not None else None,
+            n_tokens=response.n_tokens if response is not None else 0,
+            reference_mean_phi=None,
+            reference_z=None,
+            own_correct=state["own_correct"],
+            own_samples=config.own_samples,
+            hinted_tries=tries,
+            mean_lambda=mean_lambda,
+            extracted_answer=verdict.extracted if verdict is not None else None,
             verify_method=verdict.method if verdict is not None else None,
-            generated_tokens=state["generated_tokens"], truncated=False)
+            generated_tokens=state["generated_tokens"],
+            truncated=False,
+        )
         if config.analyze_first:
             record["analysis"] = state.get("analysis")
         if provenance == "dropped":
@@ -448,8 +586,9 @@ class Rewriter:
                 record, prefix = targets[i]
                 record[prefix + "mean_phi"], record[prefix + "z"] = score["mean_phi"], score["z"]
                 if not prefix:
-                    record.update(p_value=score["p_value"], scored_tokens=score["n_tokens"],
-                                  truncated=items[i].truncated)
+                    record.update(
+                        p_value=score["p_value"], scored_tokens=score["n_tokens"], truncated=items[i].truncated
+                    )
 
 
 def marker_prefix(tokenizer, token_ids: list[int], marker: str) -> int | None:
@@ -470,8 +609,16 @@ def chunks(n: int, size: int) -> list[range]:
     return [range(start, min(n, start + size)) for start in range(0, n, size)]
 
 
-def rewrite_examples(model, tokenizer, examples: Sequence[Example], config: RewriteConfig | None = None, *,
-                     verifier=None, hint: HintSettings | None = None, info: dict | None = None) -> list[dict]:
+def rewrite_examples(
+    model,
+    tokenizer,
+    examples: Sequence[Example],
+    config: RewriteConfig | None = None,
+    *,
+    verifier=None,
+    hint: HintSettings | None = None,
+    info: dict | None = None,
+) -> list[dict]:
     """In-memory rewrite (the demo, tests): one record per example, in order, as records.jsonl holds them.
     `verifier`: a spec or callable (default config.verifier); `hint`: default resolved from `info` (a
     model's onsft.json contents; default {} = the generic template). Writes nothing."""
@@ -482,8 +629,9 @@ def rewrite_examples(model, tokenizer, examples: Sequence[Example], config: Rewr
     check_columns(examples, "examples")
     hint = hint or resolve_hint(config, info or {})
     verifier = get_verifier(verifier or config.verifier, timeout_seconds=config.verify_timeout)
-    prepared = prepare(tokenizer, examples, hint, config.max_length,
-                       getattr(model.config, "max_position_embeddings", None), "examples")
+    prepared = prepare(
+        tokenizer, examples, hint, config.max_length, getattr(model.config, "max_position_embeddings", None), "examples"
+    )
     rewriter = Rewriter(model, tokenizer, config, hint, verifier)
     records: list[dict] = []
     for span in chunks(len(prepared), config.chunk_size):
@@ -495,15 +643,23 @@ def check_columns(examples: Sequence[Example], where: str) -> None:
     for column in ("answer", "reference"):
         missing = [e for e in examples if getattr(e, column) is None or not str(getattr(e, column)).strip()]
         if missing:
-            raise UserError(f"{len(missing)} row(s) have no `{column}`, which rewriting needs", where=where,
-                            line=missing[0].line, fix=f"add a non-empty `{column}` column to every row"
-                            + (" (e.g. copy the teacher's `completion`)." if column == "reference" else "."))
+            raise UserError(
+                f"{len(missing)} row(s) have no `{column}`, which rewriting needs",
+                where=where,
+                line=missing[0].line,
+                fix=f"add a non-empty `{column}` column to every row"
+                + (" (e.g. copy the teacher's `completion`)." if column == "reference" else "."),
+            )
     clashes = sorted({key for e in examples for key in e.record if key in ADDED_FIELDS})
     if clashes:
         first = next(e for e in examples if clashes[0] in e.record)
-        raise UserError(f"input column(s) {', '.join(f'`{c}`' for c in clashes)} would be overwritten by this "
-                        "command's output fields", where=where, line=first.line,
-                        fix="rename or drop those columns (e.g. when rewriting a previous records.jsonl).")
+        raise UserError(
+            f"input column(s) {', '.join(f'`{c}`' for c in clashes)} would be overwritten by this "
+            "command's output fields",
+            where=where,
+            line=first.line,
+            fix="rename or drop those columns (e.g. when rewriting a previous records.jsonl).",
+        )
 
 
 # ------------------------------------------------------------------------------------- outputs
@@ -523,8 +679,15 @@ def train_rows(records: Sequence[dict]) -> list[dict]:
         else:
             prompt = record["prompt"]
         base = {k: v for k, v in record.items() if k not in ("messages", "prompt", "completion", *ADDED_FIELDS)}
-        rows.append({"prompt": prompt, "completion": record["response"], **base,
-                     "provenance": record["provenance"], "mean_phi": record["mean_phi"]})
+        rows.append(
+            {
+                "prompt": prompt,
+                "completion": record["response"],
+                **base,
+                "provenance": record["provenance"],
+                "mean_phi": record["mean_phi"],
+            }
+        )
     return rows
 
 
@@ -545,13 +708,16 @@ def summarize(records: Sequence[dict]) -> dict:
     """Counts and mean phi per provenance from finished records (pure)."""
     n = len(records)
     count = Counter(r["provenance"] for r in records)
-    attempted = [r for r in records if r["hinted_tries"] or str(r.get("drop_reason")).startswith(("no analysis",
-                                                                                                   "analysis"))]
+    attempted = [
+        r for r in records if r["hinted_tries"] or str(r.get("drop_reason")).startswith(("no analysis", "analysis"))
+    ]
     k = records[0]["own_samples"] if records else 0
     rewritten = [r for r in records if r["provenance"] == "hinted"]
     return {
         "rows": n,
-        "own_correct": count["own"], "rewritten": count["hinted"], "dropped": count["dropped"],
+        "own_correct": count["own"],
+        "rewritten": count["hinted"],
+        "dropped": count["dropped"],
         "kept": count["own"] + count["hinted"],
         "prompts_with_an_own_correct_sample": sum(r["own_correct"] > 0 for r in records),
         "own_sample_accuracy": sum(r["own_correct"] for r in records) / (n * k) if n and k else None,
@@ -576,8 +742,16 @@ def summarize(records: Sequence[dict]) -> dict:
 
 def _settings(config: RewriteConfig, hint: HintSettings, data_identity: dict, dtype) -> dict:
     """What changes results: a resumed run must match it, and a finished run with it is not redone."""
-    ignored = ("out", "train_out", "progress", "batch_size", "hinted_batch_size", "score_batch_size",
-               "max_batch_tokens", "device")
+    ignored = (
+        "out",
+        "train_out",
+        "progress",
+        "batch_size",
+        "hinted_batch_size",
+        "score_batch_size",
+        "max_batch_tokens",
+        "device",
+    )
     settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in ignored}
     settings.update(command="rewrite", data=data_identity, dtype=str(dtype), hint=dataclasses.asdict(hint))
     return settings
@@ -618,7 +792,7 @@ def run_rewrite(config: RewriteConfig) -> dict | None:
     from accelerate.utils import gather_object
     from tqdm.auto import tqdm
 
-    from onsft.audit import data_identity, Distributed, resolve_dtype, ShardStore
+    from onsft.audit import Distributed, ShardStore, data_identity, resolve_dtype
     from onsft.models import load_model, load_tokenizer
     from onsft.verify import get_verifier
 
@@ -643,29 +817,38 @@ def run_rewrite(config: RewriteConfig) -> dict | None:
     if finished is not None:
         dist.barrier()
         if dist.main:
-            print(f"onsft rewrite: {out} already holds this finished run; nothing to do (training file: "
-                  f"{train_out}).", file=sys.stderr)
+            print(
+                f"onsft rewrite: {out} already holds this finished run; nothing to do (training file: {train_out}).",
+                file=sys.stderr,
+            )
         return finished if dist.main else None
     context = _context_length(config.model)
     prepared = prepare(tokenizer, examples, hint, config.max_length, context, config.data)
     # The model last: nothing it prints while loading comes before an error above.
     model = load_model(config.model, dtype, dist.device)
     if context is None and getattr(model.config, "max_position_embeddings", None):
-        prepared = prepare(tokenizer, examples, hint, config.max_length, model.config.max_position_embeddings,
-                           config.data)
+        prepared = prepare(
+            tokenizer, examples, hint, config.max_length, model.config.max_position_embeddings, config.data
+        )
 
     _warn_other_shards(out, dist.world)
     store = ShardStore(out, "records", dist, settings)
     rewriter = Rewriter(model, tokenizer, config, hint, verifier)
     spans = chunks(len(prepared), config.chunk_size)
-    mine = [span for span in spans[dist.rank::dist.world]]
+    mine = [span for span in spans[dist.rank :: dist.world]]
     todo = [span for span in mine if not all(prepared[i].example.index in store.done for i in span)]
     total = sum(len(span) for span in mine)
     decode_start = time.time()
     counts: Counter[str] = Counter(r["provenance"] for r in store.done.values())
-    with tqdm(total=total, initial=total - sum(len(s) for s in todo), desc="rewrite", unit="prompt",
-              dynamic_ncols=True, file=sys.stderr,
-              disable=not (config.progress and dist.state.is_local_main_process)) as bar:
+    with tqdm(
+        total=total,
+        initial=total - sum(len(s) for s in todo),
+        desc="rewrite",
+        unit="prompt",
+        dynamic_ncols=True,
+        file=sys.stderr,
+        disable=not (config.progress and dist.state.is_local_main_process),
+    ) as bar:
         for span in todo:
             # A chunk is decoded whole even when a kill left part of it on disk: its samples depend on
             # the chunk, and rows already on disk are kept as they are.
@@ -674,11 +857,19 @@ def run_rewrite(config: RewriteConfig) -> dict | None:
             store.add(fresh)
             counts.update(r["provenance"] for r in fresh)
             seconds = max(time.time() - decode_start, 1e-9)
-            bar.set_postfix(own=counts["own"], hinted=counts["hinted"], dropped=counts["dropped"],
-                            tok_s=f"{rewriter.generated / seconds:.0f}", refresh=False)
+            bar.set_postfix(
+                own=counts["own"],
+                hinted=counts["hinted"],
+                dropped=counts["dropped"],
+                tok_s=f"{rewriter.generated / seconds:.0f}",
+                refresh=False,
+            )
     decode_seconds = time.time() - decode_start
-    throughput = gather_object([(rewriter.generated, decode_seconds)]) if dist.world > 1 else \
-        [(rewriter.generated, decode_seconds)]
+    throughput = (
+        gather_object([(rewriter.generated, decode_seconds)])
+        if dist.world > 1
+        else [(rewriter.generated, decode_seconds)]
+    )
     merged = store.merge()
     if not dist.main:
         return None
@@ -687,14 +878,18 @@ def run_rewrite(config: RewriteConfig) -> dict | None:
     generated_now = sum(tokens for tokens, _ in throughput)
     wall = time.time() - started
     summary = {
-        "command": "rewrite", "model": config.model, "data": config.data, "processes": dist.world,
+        "command": "rewrite",
+        "model": config.model,
+        "data": config.data,
+        "processes": dist.world,
         **summarize(merged),
         "generated_tokens_this_run": generated_now,
         "decode_seconds_this_run": max(seconds for _, seconds in throughput),
         "tokens_per_second": generated_now / max(max(s for _, s in throughput), 1e-9) if generated_now else None,
         "wall_seconds": wall,
         "files": {"records": str(out / "records.jsonl"), "train": str(train_out)},
-        "hint": dataclasses.asdict(hint), "config": dataclasses.asdict(config),
+        "hint": dataclasses.asdict(hint),
+        "config": dataclasses.asdict(config),
         "settings": json.loads(json.dumps(settings, default=str)),
     }
     write_json_atomic(out / "summary.json", summary)
@@ -707,9 +902,12 @@ def _warn_other_shards(out: Path, world: int) -> None:
 
     others = [p for p in sorted(out.glob("records*.jsonl.partial")) if not ours(p.name)]
     if others:
-        print(f"onsft rewrite: {out} holds unfinished shards of a run with another number of processes "
-              f"({others[0].name}); they are not resumed by this run (rerun with that many processes, or delete "
-              "them).", file=sys.stderr)
+        print(
+            f"onsft rewrite: {out} holds unfinished shards of a run with another number of processes "
+            f"({others[0].name}); they are not resumed by this run (rerun with that many processes, or delete "
+            "them).",
+            file=sys.stderr,
+        )
 
 
 def _line(summary: dict) -> str:
@@ -719,12 +917,15 @@ def _line(summary: dict) -> str:
         return f"{stats['mean_phi']:.3f}" if stats.get("n") else "-"
 
     speed = summary.get("tokens_per_second")
-    return (f"onsft rewrite: {summary['rows']} prompts: own-correct {summary['own_correct']}, rewritten "
-            f"{summary['rewritten']}, dropped {summary['dropped']}; mean phi references {fmt(phi['references'])} "
-            f"(of rewritten rows {fmt(phi['references_of_rewritten'])}) -> rewritten {fmt(phi['rewritten'])}, own "
-            f"{fmt(phi['own'])}; {summary['generated_tokens_this_run']} tokens generated"
-            + (f" at {speed:.0f} tokens/s" if speed else "") + f", {summary['wall_seconds']:.1f} s; "
-            f"{summary['files']['train']}")
+    return (
+        f"onsft rewrite: {summary['rows']} prompts: own-correct {summary['own_correct']}, rewritten "
+        f"{summary['rewritten']}, dropped {summary['dropped']}; mean phi references {fmt(phi['references'])} "
+        f"(of rewritten rows {fmt(phi['references_of_rewritten'])}) -> rewritten {fmt(phi['rewritten'])}, own "
+        f"{fmt(phi['own'])}; {summary['generated_tokens_this_run']} tokens generated"
+        + (f" at {speed:.0f} tokens/s" if speed else "")
+        + f", {summary['wall_seconds']:.1f} s; "
+        f"{summary['files']['train']}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

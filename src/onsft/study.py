@@ -47,17 +47,21 @@ DATA_KINDS = ("reference", "rewrite")
 
 @dataclass
 class StudyConfig:
-    model: str = field(default="smollm2-135m", metadata={"help": "Model: alias, local folder, .gguf or cached Hub name."})
+    model: str = field(
+        default="smollm2-135m", metadata={"help": "Model: alias, local folder, .gguf or cached Hub name."}
+    )
     out: str = field(default="docs/study-smollm2", metadata={"help": "Folder for results.json/.md and the plots."})
     work: str = field(default="runs/study-smollm2", metadata={"help": "Folder for data, caches and trained models."})
     task: str = field(default="gsm_symbolic", metadata={"help": "Main reasoning-gym task (needs worked solutions)."})
     task_options: list[str] = field(default_factory=list, metadata={"help": "Its options, key=value."})
     simple_task: str = field(default="chain_sum", metadata={"help": "Simpler task trained alongside."})
-    simple_options: list[str] = field(default_factory=lambda: ["max_terms=3", "max_digits=2"],
-                                      metadata={"help": "Its options, key=value."})
+    simple_options: list[str] = field(
+        default_factory=lambda: ["max_terms=3", "max_digits=2"], metadata={"help": "Its options, key=value."}
+    )
     retention_task: str = field(default="products", metadata={"help": "Held-out task: forgetting is measured here."})
-    retention_options: list[str] = field(default_factory=lambda: ["max_digits=1"],
-                                         metadata={"help": "Its options, key=value."})
+    retention_options: list[str] = field(
+        default_factory=lambda: ["max_digits=1"], metadata={"help": "Its options, key=value."}
+    )
     n_train: int = field(default=32, metadata={"help": "Training rows per task (task and simple task)."})
     n_test: int = field(default=32, metadata={"help": "Test rows per task."})
     n_retention: int = field(default=32, metadata={"help": "Retention-task test rows."})
@@ -66,9 +70,10 @@ class StudyConfig:
     simple_max_new_tokens: int = field(default=48, metadata={"help": "Generation limit on the simple task."})
     retention_max_new_tokens: int = field(default=32, metadata={"help": "Generation limit on the retention task."})
     kl_max_new_tokens: int = field(default=32, metadata={"help": "Length of the base continuations for KL."})
-    methods: list[str] = field(default_factory=lambda: ["nll:reference", "nll:rewrite", "idft:rewrite"],
-                               metadata={"help": "Training runs as loss:data (loss nll|dft|idft; data "
-                                                 "reference|rewrite)."})
+    methods: list[str] = field(
+        default_factory=lambda: ["nll:reference", "nll:rewrite", "idft:rewrite"],
+        metadata={"help": "Training runs as loss:data (loss nll|dft|idft; data reference|rewrite)."},
+    )
     beta: float = field(default=3.0, metadata={"help": "Hinted decoding's entropy scale (0 = hinted context alone)."})
     rewrite_temperature: float = field(default=0.3, metadata={"help": "Hinted decoding temperature."})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank (0 = full fine-tuning)."})
@@ -79,19 +84,38 @@ class StudyConfig:
     max_length: int = field(default=512, metadata={"help": "Most tokens of prompt + response in training/scoring."})
     gen_batch_size: int = field(default=64, metadata={"help": "Sequences decoded together."})
     seed: int = field(default=0, metadata={"help": "Seed of data, sampling and training."})
-    threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = torch's default). On a shared, "
-                                                      "busy machine 1 can be several times faster than 2."})
+    threads: int = field(
+        default=0,
+        metadata={
+            "help": "torch CPU threads (0 = torch's default). On a shared, "
+            "busy machine 1 can be several times faster than 2."
+        },
+    )
 
     def validate(self) -> None:
-        for name in ("n_train", "n_test", "n_retention", "n_kl", "max_new_tokens", "simple_max_new_tokens",
-                     "retention_max_new_tokens", "kl_max_new_tokens", "max_steps", "batch_size", "gen_batch_size"):
+        for name in (
+            "n_train",
+            "n_test",
+            "n_retention",
+            "n_kl",
+            "max_new_tokens",
+            "simple_max_new_tokens",
+            "retention_max_new_tokens",
+            "kl_max_new_tokens",
+            "max_steps",
+            "batch_size",
+            "gen_batch_size",
+        ):
             if getattr(self, name) < 1:
                 raise UserError(f"`{name}` must be >= 1", where="command line", fix=f"pass a positive --{name}.")
         for method in self.methods:
             loss, _, data = method.partition(":")
             if loss not in ("nll", "dft", "idft") or data not in DATA_KINDS:
-                raise UserError(f"method `{method}` is not loss:data", where="--methods",
-                                fix="write e.g. nll:reference idft:rewrite (loss nll|dft|idft, data reference|rewrite).")
+                raise UserError(
+                    f"method `{method}` is not loss:data",
+                    where="--methods",
+                    fix="write e.g. nll:reference idft:rewrite (loss nll|dft|idft, data reference|rewrite).",
+                )
 
 
 # ----------------------------------------------------------------------------------------- caching
@@ -102,8 +126,19 @@ def _fingerprint(config: StudyConfig, *names: str) -> str:
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-DATA_FIELDS = ("model", "task", "task_options", "simple_task", "simple_options", "retention_task",
-               "retention_options", "n_train", "n_test", "n_retention", "seed")
+DATA_FIELDS = (
+    "model",
+    "task",
+    "task_options",
+    "simple_task",
+    "simple_options",
+    "retention_task",
+    "retention_options",
+    "n_train",
+    "n_test",
+    "n_retention",
+    "seed",
+)
 
 
 class Cache:
@@ -135,22 +170,40 @@ def make_data(config: StudyConfig) -> dict[str, list[dict]]:
     from onsft.gym import gym_rows
 
     main_opts, simple_opts = parse_options(config.task_options), parse_options(config.simple_options)
-    train = gym_rows(config.task, config.n_train, config.seed, options=main_opts, metadata=False) + \
-        gym_rows(config.simple_task, config.n_train, config.seed, options=simple_opts, metadata=False)
+    train = gym_rows(config.task, config.n_train, config.seed, options=main_opts, metadata=False) + gym_rows(
+        config.simple_task, config.n_train, config.seed, options=simple_opts, metadata=False
+    )
     missing = [r["id"] for r in train if "reference" not in r]
     if missing:
-        raise UserError(f"{len(missing)} training rows have no reference (first: {missing[0]})", where="--task",
-                        fix="pick tasks with worked solutions (gsm_symbolic, chain_sum).")
+        raise UserError(
+            f"{len(missing)} training rows have no reference (first: {missing[0]})",
+            where="--task",
+            fix="pick tasks with worked solutions (gsm_symbolic, chain_sum).",
+        )
     seen = {r["prompt"] for r in train}
     test = {}
     for key, task, opts in (("test_task", config.task, main_opts), ("test_simple", config.simple_task, simple_opts)):
         # A larger draw from another seed, so dropping prompts seen in training still leaves n_test rows.
-        rows = [r for r in gym_rows(task, 2 * config.n_test, config.seed + 1, options=opts, metadata=False)
-                if r["prompt"] not in seen]
-        test[key] = [{k: v for k, v in r.items() if k in ("id", "task", "prompt", "answer")} for r in rows[:config.n_test]]
-    retention = gym_rows(config.retention_task, config.n_retention, config.seed + 2,
-                         options=parse_options(config.retention_options), metadata=False)
-    return {"train": train, **test, "retention": [{k: r[k] for k in ("id", "task", "prompt", "answer")} for r in retention]}
+        rows = [
+            r
+            for r in gym_rows(task, 2 * config.n_test, config.seed + 1, options=opts, metadata=False)
+            if r["prompt"] not in seen
+        ]
+        test[key] = [
+            {k: v for k, v in r.items() if k in ("id", "task", "prompt", "answer")} for r in rows[: config.n_test]
+        ]
+    retention = gym_rows(
+        config.retention_task,
+        config.n_retention,
+        config.seed + 2,
+        options=parse_options(config.retention_options),
+        metadata=False,
+    )
+    return {
+        "train": train,
+        **test,
+        "retention": [{k: r[k] for k in ("id", "task", "prompt", "answer")} for r in retention],
+    }
 
 
 def _examples(rows: list[dict], require_response: bool = False):
@@ -224,14 +277,18 @@ def own_samples(model, tokenizer, rows: list[dict], config: StudyConfig) -> list
     for task, limit in ((config.task, config.max_new_tokens), (config.simple_task, config.simple_max_new_tokens)):
         positions = [i for i, r in enumerate(rows) if r["task"] == task]
         for start in range(0, len(positions), config.gen_batch_size):
-            chunk = positions[start:start + config.gen_batch_size]
+            chunk = positions[start : start + config.gen_batch_size]
             prompts = [encode_prompt(tokenizer, [{"role": "user", "content": rows[i]["prompt"]}]) for i in chunk]
             samples = sample_responses(model, tokenizer, prompts, limit, seed=config.seed * 1_000_003 + chunk[0])
             items = [Item(k, p + ids, len(p)) for k, (p, (ids, _, _)) in enumerate(zip(prompts, samples))]
             scores = _score_items(_scorer(model, tokenizer), items)
-            for i, (ids, text, finish), score in zip(chunk, samples, scores):
-                results[i] = {"text": text, "finish_reason": finish, "correct": verifier(text, rows[i]["answer"]),
-                              **score}
+            for i, (_, text, finish), score in zip(chunk, samples, scores):
+                results[i] = {
+                    "text": text,
+                    "finish_reason": finish,
+                    "correct": verifier(text, rows[i]["answer"]),
+                    **score,
+                }
     return results
 
 
@@ -247,18 +304,38 @@ def rewrite(model, tokenizer, rows: list[dict], config: StudyConfig) -> list[dic
     records: list[dict | None] = [None] * len(rows)
     for task, limit in ((config.task, config.max_new_tokens), (config.simple_task, config.simple_max_new_tokens)):
         positions = [i for i, r in enumerate(rows) if r["task"] == task]
-        settings = RewriteConfig(model=config.model, data="study", own_samples=0, beta=config.beta,
-                                 temperature=config.rewrite_temperature, max_new_tokens=limit, seed=config.seed,
-                                 chunk_size=config.gen_batch_size, hinted_batch_size=config.gen_batch_size,
-                                 max_length=config.max_length, progress=False)
+        settings = RewriteConfig(
+            model=config.model,
+            data="study",
+            own_samples=0,
+            beta=config.beta,
+            temperature=config.rewrite_temperature,
+            max_new_tokens=limit,
+            seed=config.seed,
+            chunk_size=config.gen_batch_size,
+            hinted_batch_size=config.gen_batch_size,
+            max_length=config.max_length,
+            progress=False,
+        )
         done = rewrite_examples(model, tokenizer, _examples([rows[i] for i in positions]), settings, verifier="math")
         for i, record in zip(positions, done):
-            records[i] = {k: record.get(k) for k in ("response", "provenance", "verified", "finish_reason",
-                                                     "n_tokens", "mean_lambda", "extracted_answer")}
+            records[i] = {
+                k: record.get(k)
+                for k in (
+                    "response",
+                    "provenance",
+                    "verified",
+                    "finish_reason",
+                    "n_tokens",
+                    "mean_lambda",
+                    "extracted_answer",
+                )
+            }
     # Scored here like the references (same scorer, same fields), not with rewrite's own summary numbers.
     scored = [i for i, r in enumerate(records) if r["response"]]
-    scores = score_texts(model, tokenizer, [rows[i] for i in scored], [records[i]["response"] for i in scored],
-                         config.max_length)
+    scores = score_texts(
+        model, tokenizer, [rows[i] for i in scored], [records[i]["response"] for i in scored], config.max_length
+    )
     for i, score in zip(scored, scores):
         records[i]["score"] = score
     return records
@@ -284,18 +361,30 @@ def evaluate(model, tokenizer, data: dict, config: StudyConfig, base=None) -> di
     from onsft.evaluate import EvalConfig, evaluate_model, kl_drift
 
     result = {}
-    for key, limit in (("test_task", config.max_new_tokens), ("test_simple", config.simple_max_new_tokens),
-                       ("retention", config.retention_max_new_tokens)):
+    for key, limit in (
+        ("test_task", config.max_new_tokens),
+        ("test_simple", config.simple_max_new_tokens),
+        ("retention", config.retention_max_new_tokens),
+    ):
         settings = EvalConfig(max_new_tokens=limit, batch_size=config.gen_batch_size, verifier="math")
         metrics = evaluate_model(model, tokenizer, _examples(data[key]), settings, return_records=True)
-        result[key] = {"accuracy": metrics["accuracy"], "n": metrics["n"], "finish_reasons": metrics["finish_reasons"],
-                       "examples": [{"prompt": r["prompt"], "answer": r["answer"], "generation": r["generation"],
-                                     "correct": r["correct"]} for r in metrics["records"][:3]]}
+        result[key] = {
+            "accuracy": metrics["accuracy"],
+            "n": metrics["n"],
+            "finish_reasons": metrics["finish_reasons"],
+            "examples": [
+                {"prompt": r["prompt"], "answer": r["answer"], "generation": r["generation"], "correct": r["correct"]}
+                for r in metrics["records"][:3]
+            ],
+        }
     if base is not None:
-        prompts = [encode_prompt(tokenizer, [{"role": "user", "content": r["prompt"]}])
-                   for r in data["retention"][:config.n_kl]]
-        result["kl_drift"] = kl_drift(base, model, tokenizer, prompts, max_new_tokens=config.kl_max_new_tokens,
-                                      batch_size=config.gen_batch_size)
+        prompts = [
+            encode_prompt(tokenizer, [{"role": "user", "content": r["prompt"]}])
+            for r in data["retention"][: config.n_kl]
+        ]
+        result["kl_drift"] = kl_drift(
+            base, model, tokenizer, prompts, max_new_tokens=config.kl_max_new_tokens, batch_size=config.gen_batch_size
+        )
     return result
 
 
@@ -304,13 +393,23 @@ def train(base_path: str, data_file: Path, loss: str, output_dir: Path, config: 
     from onsft.train import TrainInputs, run_training
     from onsft.trainer import TrainConfig
 
-    inputs = TrainInputs(model=base_path, data=str(data_file), overlong="truncate", lora_r=config.lora_r,
-                         lora_alpha=config.lora_alpha)
-    args = TrainConfig(output_dir=str(output_dir), max_steps=config.max_steps,
-                       per_device_train_batch_size=config.batch_size, learning_rate=config.learning_rate,
-                       lr_scheduler_type="cosine", warmup_steps=max(1, config.max_steps // 10),
-                       logging_steps=max(1, config.max_steps // 8), save_strategy="no", report_to="none",
-                       disable_tqdm=True, max_length=config.max_length, seed=config.seed)
+    inputs = TrainInputs(
+        model=base_path, data=str(data_file), overlong="truncate", lora_r=config.lora_r, lora_alpha=config.lora_alpha
+    )
+    args = TrainConfig(
+        output_dir=str(output_dir),
+        max_steps=config.max_steps,
+        per_device_train_batch_size=config.batch_size,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=max(1, config.max_steps // 10),
+        logging_steps=max(1, config.max_steps // 8),
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        max_length=config.max_length,
+        seed=config.seed,
+    )
     summary = run_training(inputs, LossConfig(loss=loss), args)
     return {k: summary[k] for k in ("global_step", "train_loss", "rows", "response_tokens_per_epoch")}
 
@@ -327,11 +426,16 @@ def _phi_summary(scores: list[dict]) -> dict:
     normal = NormalDist()
     ks = max(max(abs((i + 1) / len(z) - normal.cdf(v)), abs(i / len(z) - normal.cdf(v))) for i, v in enumerate(z))
     tokens = sum(s["n_tokens"] for s in scores)
-    return {"n": len(scores), "mean_phi": statistics.fmean(s["mean_phi"] for s in scores),
-            "mean_phi_token_weighted": sum(s["sum_phi"] for s in scores) / tokens,
-            "z_mean": statistics.fmean(z), "z_std": statistics.pstdev(z) if len(z) > 1 else float("nan"),
-            "z_ks_distance": ks, "fraction_rejected_at_0.05": sum(s["p_value"] < 0.05 for s in scores) / len(scores),
-            "mean_tokens": tokens / len(scores)}
+    return {
+        "n": len(scores),
+        "mean_phi": statistics.fmean(s["mean_phi"] for s in scores),
+        "mean_phi_token_weighted": sum(s["sum_phi"] for s in scores) / tokens,
+        "z_mean": statistics.fmean(z),
+        "z_std": statistics.pstdev(z) if len(z) > 1 else float("nan"),
+        "z_ks_distance": ks,
+        "fraction_rejected_at_0.05": sum(s["p_value"] < 0.05 for s in scores) / len(scores),
+        "mean_tokens": tokens / len(scores),
+    }
 
 
 def run_study(config: StudyConfig) -> dict:
@@ -351,11 +455,14 @@ def run_study(config: StudyConfig) -> dict:
     train_rows = data["train"]
     sampling = _fingerprint(config, "max_new_tokens", "simple_max_new_tokens", "gen_batch_size", "max_length")
     own = cache.get(f"own_samples-{sampling}", lambda: own_samples(base, tokenizer, train_rows, config), timings)
-    references = cache.get("reference_scores", lambda: score_texts(base, tokenizer, train_rows,
-                                                                   [r["reference"] for r in train_rows],
-                                                                   config.max_length), timings)
-    hd = _fingerprint(config, "beta", "rewrite_temperature", "max_new_tokens", "simple_max_new_tokens",
-                      "gen_batch_size", "max_length")
+    references = cache.get(
+        "reference_scores",
+        lambda: score_texts(base, tokenizer, train_rows, [r["reference"] for r in train_rows], config.max_length),
+        timings,
+    )
+    hd = _fingerprint(
+        config, "beta", "rewrite_temperature", "max_new_tokens", "simple_max_new_tokens", "gen_batch_size", "max_length"
+    )
     records = cache.get(f"rewrite-{hd}", lambda: rewrite(base, tokenizer, train_rows, config), timings)
     data_files = {"reference": work / "data" / "train.jsonl"}
     if records is not None:
@@ -363,8 +470,11 @@ def run_study(config: StudyConfig) -> dict:
         data_files["rewrite"] = work / "data" / f"train_rewrite-{hd}.jsonl"
         write_jsonl_atomic(data_files["rewrite"], rewrite_rows)
     else:
-        print("onsft study: onsft.rewrite is not available; the rewrite step and the runs trained on rewrites are "
-              "skipped.", file=sys.stderr)
+        print(
+            "onsft study: onsft.rewrite is not available; the rewrite step and the runs trained on rewrites are "
+            "skipped.",
+            file=sys.stderr,
+        )
     evaluation = {"base": cache.get(f"eval-base-{sampling}", lambda: evaluate(base, tokenizer, data, config), timings)}
     runs = {}
     training = _fingerprint(config, "lora_r", "lora_alpha", "max_steps", "batch_size", "learning_rate", "max_length")
@@ -374,37 +484,53 @@ def run_study(config: StudyConfig) -> dict:
             runs[method] = {"skipped": "no rewrites (onsft.rewrite not available)"}
             continue
         folder = work / "runs" / f"{loss}-{kind}-{training}-{hd if kind == 'rewrite' else 'ref'}"
-        runs[method] = cache.get(f"train-{folder.name}", lambda: train(base_path, data_files[kind], loss, folder, config),
-                                 timings)
+        runs[method] = cache.get(
+            f"train-{folder.name}",
+            lambda kind=kind, loss=loss, folder=folder: train(base_path, data_files[kind], loss, folder, config),
+            timings,
+        )
 
-        def tuned_eval():
+        def tuned_eval(folder=folder):
             tuned = load_model(folder / "model")
             try:
                 return evaluate(tuned, tokenizer, data, config, base=base)
             finally:
                 del tuned
+
         evaluation[method] = cache.get(f"eval-{folder.name}-{sampling}", tuned_eval, timings)
 
     audit = {}
     for task in (config.task, config.simple_task):
         positions = [i for i, r in enumerate(train_rows) if r["task"] == task]
-        audit[task] = {"references": _phi_summary([references[i] for i in positions]),
-                       "own_samples": _phi_summary([own[i] for i in positions]),
-                       "own_sample_accuracy": sum(own[i]["correct"] for i in positions) / len(positions)}
+        audit[task] = {
+            "references": _phi_summary([references[i] for i in positions]),
+            "own_samples": _phi_summary([own[i] for i in positions]),
+            "own_sample_accuracy": sum(own[i]["correct"] for i in positions) / len(positions),
+        }
         if records is not None:
             verified = [records[i]["score"] for i in positions if records[i]["verified"] and "score" in records[i]]
             audit[task]["rewrites_verified"] = _phi_summary(verified)
             audit[task]["rewrite_success_rate"] = len(verified) / len(positions)
-            audit[task]["mean_lambda"] = statistics.fmean(records[i]["mean_lambda"] for i in positions
-                                                          if records[i]["mean_lambda"] is not None)
+            audit[task]["mean_lambda"] = statistics.fmean(
+                records[i]["mean_lambda"] for i in positions if records[i]["mean_lambda"] is not None
+            )
     counts = {}
     if records is not None:
         rows = [json.loads(x) for x in data_files["rewrite"].read_text(encoding="utf-8").splitlines()]
-        counts = {task: {p: sum(r["task"] == task and r["provenance"] == p for r in rows) for p in ("own", "hinted")}
-                  for task in (config.task, config.simple_task)}
-    results = {"config": dataclasses.asdict(config), "audit": audit, "rewrite_training_rows": counts,
-               "training": runs, "evaluation": evaluation, "timings_seconds": timings,
-               "wall_seconds_this_run": time.time() - started, "torch_threads": torch.get_num_threads()}
+        counts = {
+            task: {p: sum(r["task"] == task and r["provenance"] == p for r in rows) for p in ("own", "hinted")}
+            for task in (config.task, config.simple_task)
+        }
+    results = {
+        "config": dataclasses.asdict(config),
+        "audit": audit,
+        "rewrite_training_rows": counts,
+        "training": runs,
+        "evaluation": evaluation,
+        "timings_seconds": timings,
+        "wall_seconds_this_run": time.time() - started,
+        "torch_threads": torch.get_num_threads(),
+    }
     out.mkdir(parents=True, exist_ok=True)
     plot(results, references, own, records, train_rows, config, out)
     write_json_atomic(out / "results.json", results)
@@ -425,15 +551,22 @@ def plot(results: dict, references, own, records, rows, config: StudyConfig, out
     for t in tasks:
         sets[f"references: {t}"] = [references[i]["mean_phi"] for i, r in enumerate(rows) if r["task"] == t]
         if records is not None:
-            sets[f"rewrites: {t}"] = [records[i]["score"]["mean_phi"] for i, r in enumerate(rows)
-                                      if r["task"] == t and records[i]["verified"] and "score" in records[i]]
+            sets[f"rewrites: {t}"] = [
+                records[i]["score"]["mean_phi"]
+                for i, r in enumerate(rows)
+                if r["task"] == t and records[i]["verified"] and "score" in records[i]
+            ]
         sets[f"own samples: {t}"] = [own[i]["mean_phi"] for i, r in enumerate(rows) if r["task"] == t]
     report.save_png(report.figure_png(report.phi_histogram(sets, threshold=-0.1)), out / "mean_phi.png")
 
     evaluation = results["evaluation"]
     names = list(evaluation)
     fig, (ax, kl_ax) = report.new_figure(ncols=2, width=5.5)
-    keys = (("test_task", config.task), ("test_simple", config.simple_task), ("retention", f"{config.retention_task} (held out)"))
+    keys = (
+        ("test_task", config.task),
+        ("test_simple", config.simple_task),
+        ("retention", f"{config.retention_task} (held out)"),
+    )
     width = 0.8 / len(names)
     for j, name in enumerate(names):
         values = [evaluation[name][k]["accuracy"] for k, _ in keys]
@@ -445,8 +578,11 @@ def plot(results: dict, references, own, records, rows, config: StudyConfig, out
     ax.set(ylabel="greedy accuracy (math-verify)", ylim=(0, 1), title="Accuracy after training")
     ax.legend(fontsize=7)
     tuned = [n for n in names if "kl_drift" in evaluation[n]]
-    kl_ax.bar(range(len(tuned)), [evaluation[n]["kl_drift"] for n in tuned],
-              color=[report.PALETTE[names.index(n) % len(report.PALETTE)] for n in tuned])
+    kl_ax.bar(
+        range(len(tuned)),
+        [evaluation[n]["kl_drift"] for n in tuned],
+        color=[report.PALETTE[names.index(n) % len(report.PALETTE)] for n in tuned],
+    )
     kl_ax.set_xticks(range(len(tuned)), tuned)
     kl_ax.set(ylabel="KL(base || tuned), nats/token", title=f"Drift on {config.retention_task} prompts")
     report.save_png(report.figure_png(fig), out / "accuracy.png")
@@ -458,21 +594,34 @@ def _f(value, digits: int = 3) -> str:
 
 def tables(results: dict) -> str:
     config = results["config"]
-    lines = ["| set | n | mean phi (per response) | mean phi (per token) | Z mean | Z std | rejected at 0.05 |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| set | n | mean phi (per response) | mean phi (per token) | Z mean | Z std | rejected at 0.05 |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for task, audit in results["audit"].items():
-        for key, label in (("references", "references"), ("rewrites_verified", "rewrites (verified)"),
-                           ("own_samples", "own samples (tau=1)")):
+        for key, label in (
+            ("references", "references"),
+            ("rewrites_verified", "rewrites (verified)"),
+            ("own_samples", "own samples (tau=1)"),
+        ):
             s = audit.get(key)
             if s and s.get("n"):
-                lines.append(f"| {task}: {label} | {s['n']} | {_f(s['mean_phi'])} | {_f(s['mean_phi_token_weighted'])} "
-                             f"| {_f(s['z_mean'], 2)} | {_f(s['z_std'], 2)} | {_f(s['fraction_rejected_at_0.05'], 2)} |")
-    lines += ["", f"| model | {config['task']} | {config['simple_task']} | {config['retention_task']} (held out) "
-                  f"| KL drift | train loss |", "|---|---|---|---|---|---|"]
+                lines.append(
+                    f"| {task}: {label} | {s['n']} | {_f(s['mean_phi'])} | {_f(s['mean_phi_token_weighted'])} "
+                    f"| {_f(s['z_mean'], 2)} | {_f(s['z_std'], 2)} | {_f(s['fraction_rejected_at_0.05'], 2)} |"
+                )
+    lines += [
+        "",
+        f"| model | {config['task']} | {config['simple_task']} | {config['retention_task']} (held out) "
+        f"| KL drift | train loss |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, ev in results["evaluation"].items():
         run = results["training"].get(name, {})
-        lines.append(f"| {name} | {_f(ev['test_task']['accuracy'])} | {_f(ev['test_simple']['accuracy'])} "
-                     f"| {_f(ev['retention']['accuracy'])} | {_f(ev.get('kl_drift'), 4)} | {_f(run.get('train_loss'))} |")
+        lines.append(
+            f"| {name} | {_f(ev['test_task']['accuracy'])} | {_f(ev['test_simple']['accuracy'])} "
+            f"| {_f(ev['retention']['accuracy'])} | {_f(ev.get('kl_drift'), 4)} | {_f(run.get('train_loss'))} |"
+        )
     timing = results["timings_seconds"]
     lines += ["", "| step | seconds |", "|---|---|"] + [f"| {k} | {v:.0f} |" for k, v in timing.items()]
     lines.append(f"| total (sum of steps) | {sum(timing.values()):.0f} |")

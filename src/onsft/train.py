@@ -47,8 +47,13 @@ def _peft_config(inputs: TrainInputs):
 
     targets = inputs.lora_target_modules
     targets = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
-    return LoraConfig(r=inputs.lora_r, lora_alpha=inputs.lora_alpha, lora_dropout=inputs.lora_dropout,
-                      target_modules=targets, task_type="CAUSAL_LM")
+    return LoraConfig(
+        r=inputs.lora_r,
+        lora_alpha=inputs.lora_alpha,
+        lora_dropout=inputs.lora_dropout,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+    )
 
 
 def _build_dataset(tokenizer, path: str, max_length: int, overlong: str):
@@ -58,8 +63,9 @@ def _build_dataset(tokenizer, path: str, max_length: int, overlong: str):
 
     examples = load_examples(path, require_response=True)
     encoded, stats = encode_examples(tokenizer, examples, max_length, overlong, where=path)
-    table = datasets.Dataset.from_dict({"input_ids": [e.input_ids for e in encoded],
-                                        "labels": [e.labels for e in encoded]})
+    table = datasets.Dataset.from_dict(
+        {"input_ids": [e.input_ids for e in encoded], "labels": [e.labels for e in encoded]}
+    )
     stats["response_tokens"] = sum(sum(1 for t in e.labels if t != -100) for e in encoded)
     stats["lengths"] = [(len(e.input_ids), e.line) for e in encoded]
     return table, stats
@@ -72,9 +78,12 @@ def _check_context(model, stats: dict, where: str) -> None:
     context = getattr(model.config, "max_position_embeddings", None)
     over = [(n, line) for n, line in stats["lengths"] if context and n > context]
     if over:
-        raise UserError(f"{len(over)} row(s) are longer than the model's context of {context} tokens (first: "
-                        f"{over[0][0]} tokens)", where=where, line=over[0][1],
-                        fix=f"pass --max_length {context} (or less), with --overlong truncate or drop if needed.")
+        raise UserError(
+            f"{len(over)} row(s) are longer than the model's context of {context} tokens (first: {over[0][0]} tokens)",
+            where=where,
+            line=over[0][1],
+            fix=f"pass --max_length {context} (or less), with --overlong truncate or drop if needed.",
+        )
 
 
 def _last_checkpoint(output_dir: str) -> str | None:
@@ -88,7 +97,7 @@ def _last_checkpoint(output_dir: str) -> str | None:
         return None
     steps = []
     for path in folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
-        suffix = path.name[len(PREFIX_CHECKPOINT_DIR) + 1:]
+        suffix = path.name[len(PREFIX_CHECKPOINT_DIR) + 1 :]
         if suffix.isdigit() and path.is_dir():
             steps.append((int(suffix), path))
     for _, path in sorted(steps, reverse=True):
@@ -104,8 +113,9 @@ def _last_checkpoint(output_dir: str) -> str | None:
 def _settings(inputs: TrainInputs, loss_config: LossConfig, args: TrainConfig) -> dict:
     """Everything that decides the result of a run, as JSON (the output folder itself excluded)."""
     train_args = {k: v for k, v in args.to_dict().items() if k not in ("output_dir", "logging_dir")}
-    return json.loads(json.dumps({"inputs": vars(inputs), "loss": vars(loss_config), "args": train_args},
-                                 sort_keys=True, default=str))
+    return json.loads(
+        json.dumps({"inputs": vars(inputs), "loss": vars(loss_config), "args": train_args}, sort_keys=True, default=str)
+    )
 
 
 def _finished_run(output_dir: Path, settings: dict) -> dict | None:
@@ -128,8 +138,11 @@ def run_training(inputs: TrainInputs, loss_config: LossConfig, args: TrainConfig
         raise UserError("no training data given", where="command line", fix="pass --data FILE.")
     if not math.isfinite(args.learning_rate) or args.learning_rate < 0:
         # torch's optimiser would refuse it only after the data and the model are loaded, with a traceback.
-        raise UserError(f"learning_rate must be a finite number >= 0, got {args.learning_rate}",
-                        where="command line", fix="pass e.g. --learning_rate 1e-5.")
+        raise UserError(
+            f"learning_rate must be a finite number >= 0, got {args.learning_rate}",
+            where="command line",
+            fix="pass e.g. --learning_rate 1e-5.",
+        )
     check_writable(Path(args.output_dir) / "train_summary.json")
     settings = _settings(inputs, loss_config, args)
     finished = _finished_run(Path(args.output_dir), settings)
@@ -138,8 +151,11 @@ def run_training(inputs: TrainInputs, loss_config: LossConfig, args: TrainConfig
         return finished
     tokenizer = load_tokenizer(inputs.model)
     train_set, stats = _build_dataset(tokenizer, inputs.data, args.max_length, inputs.overlong)
-    eval_set, eval_stats = _build_dataset(tokenizer, inputs.eval_data, args.max_length, inputs.overlong) \
-        if inputs.eval_data else (None, None)
+    eval_set, eval_stats = (
+        _build_dataset(tokenizer, inputs.eval_data, args.max_length, inputs.overlong)
+        if inputs.eval_data
+        else (None, None)
+    )
     model = load_model(inputs.model)
     _check_context(model, stats, inputs.data)
     if eval_stats is not None:
@@ -150,26 +166,44 @@ def run_training(inputs: TrainInputs, loss_config: LossConfig, args: TrainConfig
         args.eval_strategy = "steps"
         args.eval_steps = args.eval_steps or args.save_steps
     try:
-        trainer = OnPolicySFTTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-                                     processing_class=tokenizer, peft_config=_peft_config(inputs),
-                                     loss_config=loss_config)
+        trainer = OnPolicySFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=train_set,
+            eval_dataset=eval_set,
+            processing_class=tokenizer,
+            peft_config=_peft_config(inputs),
+            loss_config=loss_config,
+        )
     except ValueError as error:  # peft's NoMatchingPeftModuleError is a ValueError
         if "target modules" not in str(error).lower():
             raise
-        raise UserError(str(error).split(". ")[0], where="command line",
-                        fix="pass --lora_target_modules with module names of this model, or all-linear.") from None
+        raise UserError(
+            str(error).split(". ")[0],
+            where="command line",
+            fix="pass --lora_target_modules with module names of this model, or all-linear.",
+        ) from None
     resume_from = _last_checkpoint(args.output_dir) if inputs.resume else None
     started = time.time()
     with write_failures_as_user_errors(args.output_dir):
         result = trainer.train(resume_from_checkpoint=resume_from)
     summary = {
-        "method": inputs.method, "loss": loss_config.loss, "model": inputs.model, "data": inputs.data,
-        "global_step": trainer.state.global_step, "resumed_from": resume_from,
-        "train_loss": result.training_loss, "wall_seconds_this_run": time.time() - started,
-        "rows": stats["rows"], "dropped_overlong": stats["dropped"], "truncated_overlong": stats["truncated"],
+        "method": inputs.method,
+        "loss": loss_config.loss,
+        "model": inputs.model,
+        "data": inputs.data,
+        "global_step": trainer.state.global_step,
+        "resumed_from": resume_from,
+        "train_loss": result.training_loss,
+        "wall_seconds_this_run": time.time() - started,
+        "rows": stats["rows"],
+        "dropped_overlong": stats["dropped"],
+        "truncated_overlong": stats["truncated"],
         "response_tokens_per_epoch": stats["response_tokens"],
-        "tokens_seen": trainer.state.num_input_tokens_seen, "skipped_nonfinite": trainer.skipped_nonfinite,
-        "loss_config": vars(loss_config), "settings": settings,
+        "tokens_seen": trainer.state.num_input_tokens_seen,
+        "skipped_nonfinite": trainer.skipped_nonfinite,
+        "loss_config": vars(loss_config),
+        "settings": settings,
     }
     if trainer.is_world_process_zero():
         with write_failures_as_user_errors(args.output_dir):
@@ -186,17 +220,29 @@ def write_failures_as_user_errors(output_dir: str):
     except Exception as error:  # torch's RuntimeError, safetensors' SafetensorError
         if not is_write_failure(error):
             raise
-        raise UserError(f"writing a checkpoint or the model failed ({str(error).strip().splitlines()[0]})",
-                        where=output_dir, fix="free disk space, then rerun the same command: it resumes from the "
-                                              "last complete checkpoint.") from None
+        raise UserError(
+            f"writing a checkpoint or the model failed ({str(error).strip().splitlines()[0]})",
+            where=output_dir,
+            fix="free disk space, then rerun the same command: it resumes from the last complete checkpoint.",
+        ) from None
 
 
 def is_write_failure(error: BaseException) -> bool:
     """torch.save and safetensors report a failed write (a full disk, mostly) as their own errors
     (RuntimeError, SafetensorError), not as OSError."""
     text = str(error)
-    return any(mark in text for mark in ("inline_container", "PytorchStreamWriter", "file write failed",
-                                         "No space left", "Disk quota", "File too large", "Read-only file system"))
+    return any(
+        mark in text
+        for mark in (
+            "inline_container",
+            "PytorchStreamWriter",
+            "file write failed",
+            "No space left",
+            "Disk quota",
+            "File too large",
+            "Read-only file system",
+        )
+    )
 
 
 def _save_final(trainer, tokenizer, output_dir: Path, inputs: TrainInputs) -> None:

@@ -22,8 +22,11 @@ def resolve_precision(args) -> None:
     """Before TrainingArguments validates: bf16 unset -> on only where a GPU supports it (TRL turns it on
     by default, which transformers rejects on a CPU-only machine); bf16 asked for on a machine without an
     accelerator -> CPU autocast, which transformers allows only with use_cpu."""
-    has_accelerator = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available()) \
+    has_accelerator = (
+        torch.cuda.is_available()
+        or (hasattr(torch, "xpu") and torch.xpu.is_available())
         or torch.backends.mps.is_available()
+    )
     if args.bf16 is None and not args.fp16:
         args.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported() and not args.use_cpu)
     if args.bf16 and not has_accelerator:
@@ -37,30 +40,48 @@ class TrainConfig(SFTConfig):
 
     output_dir: str | None = field(default="runs/train", metadata={"help": "Where checkpoints and the model go."})
     # Recomputing activations costs ~20-30% time; small models and CPUs rarely need the memory.
-    activation_checkpointing: bool | None = field(default=False, metadata={"help": "Trade compute for activation memory."})
-    gradient_checkpointing: bool | None = field(default=None, metadata={"help": "Deprecated alias of activation_checkpointing."})
+    activation_checkpointing: bool | None = field(
+        default=False, metadata={"help": "Trade compute for activation memory."}
+    )
+    gradient_checkpointing: bool | None = field(
+        default=None, metadata={"help": "Deprecated alias of activation_checkpointing."}
+    )
     save_strategy: str = field(default="steps", metadata={"help": "When to checkpoint (resumable): steps|epoch|no."})
     save_steps: float = field(default=50, metadata={"help": "Checkpoint every N optimiser steps."})
     save_total_limit: int | None = field(default=2, metadata={"help": "Keep only the last N checkpoints."})
     logging_steps: float = field(default=10, metadata={"help": "Log every N optimiser steps."})
     head_token_chunk: int = field(
         default=0,
-        metadata={"help": "Tokens per tile of TRL's fused LM head; 0 = automatic (TRL's 4096 with Triton, 1024 "
-                          "on CPU, where its torch fallback makes several tile-sized float32 temporaries)."})
+        metadata={
+            "help": "Tokens per tile of TRL's fused LM head; 0 = automatic (TRL's 4096 with Triton, 1024 "
+            "on CPU, where its torch fallback makes several tile-sized float32 temporaries)."
+        },
+    )
     head_vocab_chunk: int = field(
-        default=0, metadata={"help": "Vocabulary columns per tile of the fused LM head; 0 = automatic (TRL's "
-                                     "32768 with Triton, 8192 on CPU)."})
+        default=0,
+        metadata={
+            "help": "Vocabulary columns per tile of the fused LM head; 0 = automatic (TRL's "
+            "32768 with Triton, 8192 on CPU)."
+        },
+    )
     include_num_input_tokens_seen: str = field(
-        default="non_padding", metadata={"help": "Count tokens processed (no | all | non_padding); shown in logs "
-                                                 "and train_summary.json."})
+        default="non_padding",
+        metadata={"help": "Count tokens processed (no | all | non_padding); shown in logs and train_summary.json."},
+    )
     bf16: bool | None = field(
         default=None,
-        metadata={"help": "bf16 mixed precision. Default: on where a GPU supports it, off on CPU (pass --bf16 "
-                          "true on CPU for ~2x speed on small models, at some numeric cost)."})
+        metadata={
+            "help": "bf16 mixed precision. Default: on where a GPU supports it, off on CPU (pass --bf16 "
+            "true on CPU for ~2x speed on small models, at some numeric cost)."
+        },
+    )
     nonfinite: str = field(
         default="stop",
-        metadata={"help": "On a NaN/inf loss: `stop` with a clear message (exit 2) or `skip` the micro-batch "
-                          "(counted in the summary)."})
+        metadata={
+            "help": "On a NaN/inf loss: `stop` with a clear message (exit 2) or `skip` the micro-batch "
+            "(counted in the summary)."
+        },
+    )
 
     def __post_init__(self):
         resolve_precision(self)
@@ -96,12 +117,14 @@ class OnPolicySFTTrainer(SFTTrainer):
         self.skipped_nonfinite = 0
         super().__init__(*args, **kwargs)
         if isinstance(self.args, TrainConfig):
-            configure_fused_head_tiles(self.args.head_token_chunk, self.args.head_vocab_chunk,
-                                       self.accelerator.device.type)
+            configure_fused_head_tiles(
+                self.args.head_token_chunk, self.args.head_vocab_chunk, self.accelerator.device.type
+            )
 
     def current_lambda(self) -> float:
-        return schedule_lambda(self.state.global_step, self.state.max_steps, self.loss_config.schedule_start,
-                               self.loss_config.schedule_end)
+        return schedule_lambda(
+            self.state.global_step, self.state.max_steps, self.loss_config.schedule_start, self.loss_config.schedule_end
+        )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if model.training else "eval"
@@ -127,17 +150,27 @@ class OnPolicySFTTrainer(SFTTrainer):
             # A fresh leaf: backward gives no parameter any gradient from this micro-batch.
             return torch.zeros((), device=loss.device, requires_grad=True)
         raise UserError(
-            f"non-finite loss ({loss.item()}) at step {self.state.global_step}", where=self.args.output_dir,
+            f"non-finite loss ({loss.item()}) at step {self.state.global_step}",
+            where=self.args.output_dir,
             fix="lower --learning_rate, train in fp32 (--bf16 false), or pass --nonfinite skip; the last "
-                "checkpoint in the output folder resumes the run.")
+            "checkpoint in the output folder resumes the run.",
+        )
 
     def _record_metrics(self, mode, outputs, mask, lam) -> None:
         stats = weighting_stats(outputs.log_probs, outputs.entropy, mask, self.loss_config, lam)
         stats["top1"] = (outputs.is_top1 & mask).sum().float() if outputs.is_top1 is not None else None
         stats["entropy"] = (outputs.entropy.detach() * mask).sum()
-        names = {"nll": "nll", "weighted": "weighted_loss", "phi": "mean_phi", "gamma": "mean_gamma",
-                 "weight": "mean_weight", "at_gamma_min": "frac_gamma_min", "at_gamma_max": "frac_gamma_max",
-                 "top1": "mean_token_accuracy", "entropy": "entropy"}
+        names = {
+            "nll": "nll",
+            "weighted": "weighted_loss",
+            "phi": "mean_phi",
+            "gamma": "mean_gamma",
+            "weight": "mean_weight",
+            "at_gamma_min": "frac_gamma_min",
+            "at_gamma_max": "frac_gamma_max",
+            "top1": "mean_token_accuracy",
+            "entropy": "entropy",
+        }
         sums = torch.stack([stats["count"]] + [stats[k].float() for k in names if stats.get(k) is not None])
         sums = self.accelerator.gather_for_metrics(sums.unsqueeze(0)).sum(0)
         count = sums[0].item()

@@ -171,7 +171,13 @@ class _IsolatedMathVerify:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
         self._process = subprocess.Popen(
             [sys.executable, "-c", "from onsft.verify import serve_math_verify; serve_math_verify()"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True, bufsize=1)
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            env=env,
+            text=True,
+            bufsize=1,
+        )
 
     def _stop(self) -> None:
         if self._process is not None:
@@ -261,7 +267,7 @@ class MathVerifier(Verifier):
             prediction = "\\boxed{" + boxed + "}"
         else:
             # Let math-verify's own extraction find a final answer near the end of the text.
-            prediction = response[-4 * self.max_answer_chars:]
+            prediction = response[-4 * self.max_answer_chars :]
         if len(gold) > self.max_answer_chars or (boxed is not None and len(boxed) > self.max_answer_chars):
             return self._string(extracted, gold, "long-fallback")
         equal, method = self._math_verify("\\boxed{" + gold + "}", prediction)
@@ -297,23 +303,32 @@ class CallableVerifier(Verifier):
         try:
             result = self.function(response, answer)
         except Exception as error:
-            raise UserError(f"verifier `{self.name}` raised {type(error).__name__}: {error}", where=self.name,
-                            fix="make the function return a bool or a float for every (response, answer).") from None
+            raise UserError(
+                f"verifier `{self.name}` raised {type(error).__name__}: {error}",
+                where=self.name,
+                fix="make the function return a bool or a float for every (response, answer).",
+            ) from None
         if isinstance(result, bool) or result is None:
             return Verdict(bool(result), "custom", None, float(bool(result)))
         try:
             score = float(result)
         except (TypeError, ValueError):
-            raise UserError(f"verifier `{self.name}` returned {type(result).__name__}, not a bool or float",
-                            where=self.name, fix="return True/False or a score in [0, 1].") from None
+            raise UserError(
+                f"verifier `{self.name}` returned {type(result).__name__}, not a bool or float",
+                where=self.name,
+                fix="return True/False or a score in [0, 1].",
+            ) from None
         return Verdict(score >= self.threshold, "custom", None, score)
 
 
 def _load_function(spec: str) -> Callable:
     target, _, function_name = spec.rpartition(":")
     if not target or not function_name.isidentifier():
-        raise UserError(f"verifier `{spec}` is not `module:function` or `file.py:function`", where="--verifier",
-                        fix=f"use one of {', '.join(BUILTIN)}, `package.module:function` or `path/to/file.py:function`.")
+        raise UserError(
+            f"verifier `{spec}` is not `module:function` or `file.py:function`",
+            where="--verifier",
+            fix=f"use one of {', '.join(BUILTIN)}, `package.module:function` or `path/to/file.py:function`.",
+        )
     if target.endswith(".py") or "/" in target or "\\" in target:
         path = Path(target)
         if not path.is_file():
@@ -326,18 +341,27 @@ def _load_function(spec: str) -> Callable:
             module_spec.loader.exec_module(module)
         except Exception as error:
             sys.modules.pop(module_name, None)
-            raise UserError(f"cannot import the verifier file ({type(error).__name__}: {error})", where=str(path),
-                            fix="fix the file so that it imports cleanly.") from None
+            raise UserError(
+                f"cannot import the verifier file ({type(error).__name__}: {error})",
+                where=str(path),
+                fix="fix the file so that it imports cleanly.",
+            ) from None
     else:
         try:
             module = importlib.import_module(target)
         except Exception as error:
-            raise UserError(f"cannot import module `{target}` ({type(error).__name__}: {error})", where="--verifier",
-                            fix="check the module name and that it is importable (on PYTHONPATH).") from None
+            raise UserError(
+                f"cannot import module `{target}` ({type(error).__name__}: {error})",
+                where="--verifier",
+                fix="check the module name and that it is importable (on PYTHONPATH).",
+            ) from None
     function = getattr(module, function_name, None)
     if not callable(function):
-        raise UserError(f"`{function_name}` is not a function in `{target}`", where="--verifier",
-                        fix="name a function fn(response, answer) -> bool | float defined there.")
+        raise UserError(
+            f"`{function_name}` is not a function in `{target}`",
+            where="--verifier",
+            fix="name a function fn(response, answer) -> bool | float defined there.",
+        )
     return function
 
 
@@ -348,14 +372,20 @@ def get_verifier(spec: str | Callable | Verifier, timeout_seconds: int = 5) -> V
     if callable(spec):
         return CallableVerifier(spec, getattr(spec, "__name__", "callable"))
     if not isinstance(spec, str) or not spec.strip():
-        raise UserError(f"unknown verifier {spec!r}", where="--verifier",
-                        fix=f"use one of {', '.join(BUILTIN)}, `module:function` or `file.py:function`.")
+        raise UserError(
+            f"unknown verifier {spec!r}",
+            where="--verifier",
+            fix=f"use one of {', '.join(BUILTIN)}, `module:function` or `file.py:function`.",
+        )
     spec = spec.strip()
     if spec == "math":
         return MathVerifier(timeout_seconds=timeout_seconds)
     if spec == "exact":
         return ExactVerifier()
     if ":" not in spec:
-        raise UserError(f"unknown verifier `{spec}`", where="--verifier",
-                        fix=f"use one of {', '.join(BUILTIN)}, `module:function` or `file.py:function`.")
+        raise UserError(
+            f"unknown verifier `{spec}`",
+            where="--verifier",
+            fix=f"use one of {', '.join(BUILTIN)}, `module:function` or `file.py:function`.",
+        )
     return CallableVerifier(_load_function(spec), spec)

@@ -37,8 +37,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from onsft.organism import tasks
-from onsft.records import write_json_atomic
 from onsft.organism.tokenizer import build_tokenizer
+from onsft.records import write_json_atomic
 
 
 @dataclass
@@ -48,7 +48,9 @@ class PretrainConfig:
     steps: int = field(default=1200, metadata={"help": "optimiser steps"})
     batch_size: int = field(default=64, metadata={"help": "sequences per step"})
     lr: float = field(default=2e-3, metadata={"help": "peak learning rate (AdamW)"})
-    warmup_steps: int = field(default=100, metadata={"help": "linear warm-up steps, then cosine decay to a tenth of the peak"})
+    warmup_steps: int = field(
+        default=100, metadata={"help": "linear warm-up steps, then cosine decay to a tenth of the peak"}
+    )
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (matrices only)"})
     hidden_size: int = field(default=256, metadata={"help": "model width"})
     layers: int = field(default=4, metadata={"help": "transformer layers"})
@@ -60,8 +62,9 @@ class PretrainConfig:
     threads: int = field(default=1, metadata={"help": "torch CPU threads (0: torch's default)"})
     log_every: int = field(default=50, metadata={"help": "steps between progress lines"})
     eval_size: int = field(default=400, metadata={"help": "held-out prompts per measurement"})
-    measure_only: bool = field(default=False, metadata={"help": "skip training: re-measure the checkpoint in --out "
-                                                                "and update its onsft.json"})
+    measure_only: bool = field(
+        default=False, metadata={"help": "skip training: re-measure the checkpoint in --out and update its onsft.json"}
+    )
 
 
 RUN_KEYS = ("wall_seconds", "cpu_seconds", "tokens", "tokens_per_second")
@@ -69,13 +72,21 @@ RUN_KEYS = ("wall_seconds", "cpu_seconds", "tokens", "tokens_per_second")
 
 # ---------------------------------------------------------------- model and batches
 
+
 def build_model(cfg: PretrainConfig, tokenizer: PreTrainedTokenizerBase) -> LlamaForCausalLM:
     torch.manual_seed(cfg.seed)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, num_key_value_heads=cfg.heads,
-        max_position_embeddings=512, tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.layers,
+        num_attention_heads=cfg.heads,
+        num_key_value_heads=cfg.heads,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
     )
     return LlamaForCausalLM(config)
 
@@ -97,7 +108,7 @@ def collate(encoded: list[tuple[list[int], int]], pad_id: int) -> dict[str, torc
     for row, (ids, prompt_len) in enumerate(encoded):
         input_ids[row, : len(ids)] = torch.tensor(ids)
         mask[row, : len(ids)] = 1
-        labels[row, prompt_len: len(ids)] = torch.tensor(ids[prompt_len:])  # response and <eos> only
+        labels[row, prompt_len : len(ids)] = torch.tensor(ids[prompt_len:])  # response and <eos> only
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
@@ -108,7 +119,7 @@ def batches(tokenizer: PreTrainedTokenizerBase, cfg: PretrainConfig, pool: int =
     while True:
         pairs = [tasks.pretraining_example(rng)[:2] for _ in range(cfg.batch_size * pool)]
         encoded = sorted(encode_pairs(tokenizer, pairs), key=lambda e: len(e[0]))
-        chunks = [encoded[i: i + cfg.batch_size] for i in range(0, len(encoded), cfg.batch_size)]
+        chunks = [encoded[i : i + cfg.batch_size] for i in range(0, len(encoded), cfg.batch_size)]
         rng.shuffle(chunks)
         for chunk in chunks:
             yield collate(chunk, tokenizer.pad_token_id)
@@ -121,16 +132,20 @@ def lr_at(step: int, cfg: PretrainConfig) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def train(cfg: PretrainConfig, tokenizer: PreTrainedTokenizerBase, log=print,
-          on_log=None) -> tuple[LlamaForCausalLM, dict]:
+def train(
+    cfg: PretrainConfig, tokenizer: PreTrainedTokenizerBase, log=print, on_log=None
+) -> tuple[LlamaForCausalLM, dict]:
     """Train from scratch; `on_log(step, model)` (optional) runs after each progress line."""
     model = build_model(cfg, tokenizer)
     model.train()
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(0.9, 0.95),
+        eps=1e-8,
+    )
     stream = batches(tokenizer, cfg)
     start, cpu_start, tokens, window_loss = time.perf_counter(), time.process_time(), 0, []
     for step in range(cfg.steps):
@@ -147,9 +162,11 @@ def train(cfg: PretrainConfig, tokenizer: PreTrainedTokenizerBase, log=print,
         window_loss.append(loss.item())
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             elapsed = time.perf_counter() - start
-            log(f"step {step + 1}/{cfg.steps} loss {sum(window_loss) / len(window_loss):.4f} "
+            log(
+                f"step {step + 1}/{cfg.steps} loss {sum(window_loss) / len(window_loss):.4f} "
                 f"lr {lr_at(step, cfg):.2e} {tokens / elapsed:.0f} tok/s elapsed {elapsed:.0f}s "
-                f"eta {elapsed / (step + 1) * (cfg.steps - step - 1):.0f}s")
+                f"eta {elapsed / (step + 1) * (cfg.steps - step - 1):.0f}s"
+            )
             window_loss = []
             if on_log is not None:
                 model.eval()
@@ -158,27 +175,42 @@ def train(cfg: PretrainConfig, tokenizer: PreTrainedTokenizerBase, log=print,
     model.eval()
     wall = time.perf_counter() - start
     # CPU seconds alongside wall seconds: on a shared machine the wall time says more about the neighbours.
-    return model, {"wall_seconds": round(wall, 1), "cpu_seconds": round(time.process_time() - cpu_start, 1),
-                   "tokens": tokens, "tokens_per_second": round(tokens / wall)}
+    return model, {
+        "wall_seconds": round(wall, 1),
+        "cpu_seconds": round(time.process_time() - cpu_start, 1),
+        "tokens": tokens,
+        "tokens_per_second": round(tokens / wall),
+    }
 
 
 # ---------------------------------------------------------------- measurement
 
+
 @torch.no_grad()
-def greedy_generate(model, tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_new_tokens: int = 48,
-                    batch_size: int = 128) -> list[str]:
+def greedy_generate(
+    model, tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_new_tokens: int = 48, batch_size: int = 128
+) -> list[str]:
     """Greedy responses to user messages, decoded without special tokens; batched, left-padded."""
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     out = []
     try:
         for i in range(0, len(prompts), batch_size):
-            texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                                   add_generation_prompt=True) for p in prompts[i: i + batch_size]]
+            texts = [
+                tokenizer.apply_chat_template(
+                    [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+                )
+                for p in prompts[i : i + batch_size]
+            ]
             enc = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
-            gen = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-            out += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            gen = model.generate(
+                **enc,
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+            out += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     finally:
         tokenizer.padding_side = side
     return out
@@ -201,9 +233,10 @@ def mean_phi(model, tokenizer: PreTrainedTokenizerBase, pairs: list[tuple[str, s
     check that the teacher styles span a range of off-policy-ness (onsft.ddt is the real audit)."""
     total, count = 0.0, 0
     for i in range(0, len(pairs), 64):
-        batch = collate(encode_pairs(tokenizer, pairs[i: i + 64]), tokenizer.pad_token_id)
-        logp = torch.log_softmax(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-                                 .logits[:, :-1].double(), dim=-1)
+        batch = collate(encode_pairs(tokenizer, pairs[i : i + 64]), tokenizer.pad_token_id)
+        logp = torch.log_softmax(
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].double(), dim=-1
+        )
         target = batch["labels"][:, 1:]
         keep = target != -100
         chosen = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
@@ -246,6 +279,7 @@ def measure(model, tokenizer: PreTrainedTokenizerBase, n: int = 400, seed: int =
 
 # ---------------------------------------------------------------- saving
 
+
 def save(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, out: Path, info: dict) -> None:
     from onsft.records import atomic_directory
 
@@ -278,8 +312,9 @@ def main(argv: list[str] | None = None) -> int:
     from onsft.errors import EXIT_USER_ERROR, UserError
 
     try:
-        (cfg,) = parse_command(argv if argv is not None else sys.argv[1:], PretrainConfig,
-                               prog="python -m onsft.organism.pretrain")
+        (cfg,) = parse_command(
+            argv if argv is not None else sys.argv[1:], PretrainConfig, prog="python -m onsft.organism.pretrain"
+        )
     except UserError as error:
         print(error, file=sys.stderr)
         return EXIT_USER_ERROR
@@ -292,8 +327,14 @@ def main(argv: list[str] | None = None) -> int:
         try:
             info = json.loads((out / "onsft.json").read_text())
         except (OSError, ValueError) as error:
-            print(UserError(f"no readable onsft.json ({error})", where=str(out),
-                            fix="pretrain first, or point --out at a pretrained organism."), file=sys.stderr)
+            print(
+                UserError(
+                    f"no readable onsft.json ({error})",
+                    where=str(out),
+                    fix="pretrain first, or point --out at a pretrained organism.",
+                ),
+                file=sys.stderr,
+            )
             return EXIT_USER_ERROR
         run = {k: v for k, v in info.get("measured", {}).items() if k in RUN_KEYS}
         info.update({k: v for k, v in organism_info(cfg, info.get("parameters", 0)).items() if k != "pretraining"})
@@ -308,11 +349,17 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     shipped = AutoModelForCausalLM.from_pretrained(out)
     metrics = measure(shipped, AutoTokenizer.from_pretrained(out), cfg.eval_size, seed=cfg.seed)
-    info["measured"] = {**run, "eval_seconds": round(time.perf_counter() - start, 1), "torch": torch.__version__,
-                        "threads": torch.get_num_threads(), **metrics}
+    info["measured"] = {
+        **run,
+        "eval_seconds": round(time.perf_counter() - start, 1),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        **metrics,
+    }
     write_json_atomic(out / "onsft.json", info)
     print(json.dumps(info["measured"], indent=2))
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

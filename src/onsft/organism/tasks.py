@@ -58,14 +58,18 @@ TEACHER_STYLES: tuple[tuple[str, str], ...] = (
     ("native", "Let's transform. {x} -> {y}. \\boxed{{{y}}}"),  # exactly the organism's own form
     ("mild", "Let's transform. {x} -> {y}. \\boxed{{{y}}}."),  # one stray period where it would stop
     ("terse", "{x} -> {y}. \\boxed{{{y}}}"),  # no opener: the first tokens surprise it
-    ("verbose", "Take {x}, remove its first character {h} and append it after {t}. "
-                "The result is {y}. Final answer: \\boxed{{{y}}}"),
+    (
+        "verbose",
+        "Take {x}, remove its first character {h} and append it after {t}. "
+        "The result is {y}. Final answer: \\boxed{{{y}}}",
+    ),
     ("solution", "Solution: the rotation of {x} is {y}, hence \\boxed{{{y}}}"),  # the notes' far style
 )
 STYLE_NAMES = tuple(name for name, _ in TEACHER_STYLES)
 
 
 # ---------------------------------------------------------------- answers and checks
+
 
 def boxed_answer(text: str) -> str | None:
     """Content of the last \\boxed{...} in `text` (braces balanced), or None when there is none."""
@@ -97,6 +101,7 @@ def is_held_out(prompt: str) -> bool:
 
 
 # ---------------------------------------------------------------- the tasks
+
 
 def _rng(seed: int, name: str) -> random.Random:
     return random.Random(f"{seed}:{name}")
@@ -138,8 +143,10 @@ _CONSONANTS, _VOWELS = "bcdfghjklmnpqrstvwxz", "aeiouy"
 def opaque_verb(rng: random.Random) -> str:
     """A pronounceable made-up verb (two or three syllables), never the new skill's verb."""
     while True:
-        word = "".join(rng.choice(_CONSONANTS) + rng.choice(_VOWELS) + rng.choice(["", rng.choice(_CONSONANTS)])
-                       for _ in range(rng.randint(2, 3))).capitalize()
+        word = "".join(
+            rng.choice(_CONSONANTS) + rng.choice(_VOWELS) + rng.choice(["", rng.choice(_CONSONANTS)])
+            for _ in range(rng.randint(2, 3))
+        ).capitalize()
         if word != NEW_VERB:
             return word
 
@@ -215,7 +222,7 @@ def _question_input(prompt: str) -> str:
     body = prompt[:-1]
     for head in ("Compare ", "Reverse ", "Copy ", "Count the characters in "):
         if body.startswith(head):
-            return body[len(head):]
+            return body[len(head) :]
     return body.split(" ", 1)[1]
 
 
@@ -249,6 +256,7 @@ def pretraining_example(rng: random.Random) -> tuple[str, str, str]:
 
 # ---------------------------------------------------------------- data sets
 
+
 def _unique(rng: random.Random, n: int, draw: Callable[[random.Random], dict], held_out: bool) -> list[dict]:
     rows, seen = [], set()
     for _ in range(1000 * max(n, 1)):
@@ -268,6 +276,7 @@ def _cycle_row(lengths: tuple[int, int], alphabet: str, require_mixed: bool = Fa
             s = _string(rng, lengths, alphabet)
             if _cycle_ok(s) and (not require_mixed or any(c not in LOWER for c in s)):
                 return {"prompt": f"{NEW_VERB} {s}.", "answer": cycle(s), "task": NEW_TASK}
+
     return draw
 
 
@@ -283,9 +292,17 @@ def new_skill_train(n: int = 500, seed: int = 0, styles: tuple[str, ...] = STYLE
     rows = []
     for style in styles:
         for q in questions:
-            text = teacher_text(style, q["prompt"][len(NEW_VERB) + 1:-1])
-            rows.append({"prompt": q["prompt"], "completion": text, "answer": q["answer"], "reference": text,
-                         "style": style, "task": NEW_TASK})
+            text = teacher_text(style, q["prompt"][len(NEW_VERB) + 1 : -1])
+            rows.append(
+                {
+                    "prompt": q["prompt"],
+                    "completion": text,
+                    "answer": q["answer"],
+                    "reference": text,
+                    "style": style,
+                    "task": NEW_TASK,
+                }
+            )
     return rows
 
 
@@ -314,6 +331,7 @@ def retention_test(n: int = 200, seed: int = 0) -> list[dict]:
         def draw(r: random.Random, task=task) -> dict:
             prompt, _, answer = make_question(task, r)
             return {"prompt": prompt, "answer": answer, "task": task}
+
         rows += _unique(rng, share, draw, held_out=True)
     return rows
 
@@ -330,6 +348,7 @@ def hinted_old_test(n: int = 200, seed: int = 0) -> list[dict]:
         task = r.choice(tasks)
         question, native, answer = make_question(task, r) if task != "opaque" else make_opaque(r)
         return {"prompt": question, "answer": answer, "task": task, "native": native}
+
     rows = _unique(rng, n, draw, held_out=True)
     for row in rows:
         native = row.pop("native")
@@ -347,8 +366,9 @@ DATASETS: dict[str, tuple[Callable[..., list[dict]], int]] = {
 }
 
 
-def write_demo_data(out_dir: str | Path, seed: int = 0, n_train: int = 500, n_test: int = 200,
-                    n_ood: int = 200, n_retention: int = 200) -> dict[str, Path]:
+def write_demo_data(
+    out_dir: str | Path, seed: int = 0, n_train: int = 500, n_test: int = 200, n_ood: int = 200, n_retention: int = 200
+) -> dict[str, Path]:
     """Write the demo data sets as JSONL under `out_dir`; returns {name: path}.
 
     Files: new_skill_train.jsonl (all styles), new_skill_train.<style>.jsonl (one per teacher style),

@@ -29,15 +29,40 @@ CHARACTERS = sorted(set(string.printable) - set("\x0b\x0c\r"))
 # never a piece that is a prefix of free text the tasks generate (strings are letters and digits).
 PIECES = [
     # native-style openers and glue
-    "Let's compare. ", "Let's reverse. ", "Let's copy. ", "Let's count. ", "Let's transform. ",
-    " -> ", " > ", ". \\boxed{", "\\boxed{", " characters",
+    "Let's compare. ",
+    "Let's reverse. ",
+    "Let's copy. ",
+    "Let's count. ",
+    "Let's transform. ",
+    " -> ",
+    " > ",
+    ". \\boxed{",
+    "\\boxed{",
+    " characters",
     # question templates of the old skills
-    "Compare ", " and ", "Reverse ", "Copy ", "Count the characters in ",
+    "Compare ",
+    " and ",
+    "Reverse ",
+    "Copy ",
+    "Count the characters in ",
     # the hint template
-    "Rewrite the reference in your own style.\n", "\nReference: ",
+    "Rewrite the reference in your own style.\n",
+    "\nReference: ",
     # frequent words of the teacher (foreign) styles seen in references
-    "Solution: ", "Answer: ", "the ", " is ", ", hence ", "The result is ", "The answer is ",
-    "We get ", "So ", "first ", "character", "larger", "reversed", "number",
+    "Solution: ",
+    "Answer: ",
+    "the ",
+    " is ",
+    ", hence ",
+    "The result is ",
+    "The answer is ",
+    "We get ",
+    "So ",
+    "first ",
+    "character",
+    "larger",
+    "reversed",
+    "number",
 ]
 
 # `{% generation %}` marks the assistant's tokens so `return_assistant_tokens_mask=True` (TRL's
@@ -63,11 +88,15 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=UNK, fuse_unk=False))
     backend.decoder = decoders.Fuse()
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIALS])
-    backend.add_tokens([AddedToken(p, special=False, normalized=False, single_word=False,
-                                   lstrip=False, rstrip=False) for p in PIECES])
+    backend.add_tokens(
+        [AddedToken(p, special=False, normalized=False, single_word=False, lstrip=False, rstrip=False) for p in PIECES]
+    )
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
-        pad_token=PAD, unk_token=UNK, eos_token=EOS, bos_token=None,
+        pad_token=PAD,
+        unk_token=UNK,
+        eos_token=EOS,
+        bos_token=None,
         # The default clean-up would turn "45 . x" style spacing into "45. x": decoding must be exact.
         clean_up_tokenization_spaces=False,
         model_max_length=512,
