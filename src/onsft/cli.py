@@ -1,4 +1,4 @@
-"""The `onsft` command: one sub-command per job, each implemented as `main(argv)` in its own module.
+"""The `onsft` command: one sub-command per job, each `main(argv)` in `onsft.commands.<name>`.
 
 Errors a user can fix (`UserError`) print one line and exit 2; partial outputs are never left behind
 because every writer in onsft writes under a temporary name and renames on success.
@@ -11,26 +11,30 @@ import importlib
 import os
 import sys
 
+from onsft import __version__
 from onsft.errors import EXIT_USER_ERROR, UserError
+from onsft.runtime.records import output_error
 
 DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
 
+# name: one-line help. Each command lives in onsft.commands.<name>, imported only when it runs (the
+# commands import torch and transformers; `onsft --help` should not).
 COMMANDS = {
-    "train": ("onsft.train", "Fine-tune a causal LM with SFT (nll), DFT or IDFT, or DPO / SimPO."),
-    "audit": ("onsft.audit", "Measure how off-policy a dataset is for a model (DDT: phi, Z, p-values, report)."),
-    "rewrite": ("onsft.rewrite", "Rewrite off-policy data into the model's own distribution (hinted decoding)."),
-    "eval": ("onsft.evaluate", "Accuracy (pass@1, pass@k), retention and KL drift of a model on a dataset."),
-    "pairs": ("onsft.preference", "Build DPO / SimPO preference pairs from the model's own samples."),
-    "compare": ("onsft.compare", "Run a grid of methods x seeds from one base model and tabulate them."),
-    "demo": ("onsft.demo", "The whole story on the embedded model organism, on a CPU, in minutes."),
-    "data": ("onsft.datasets_cli", "Write the built-in synthetic datasets (or reasoning-gym tasks) to JSONL."),
+    "train": "Fine-tune a causal LM with SFT (nll), DFT or IDFT, or DPO / SimPO.",
+    "audit": "Measure how off-policy a dataset is for a model (DDT: phi, Z, p-values, report).",
+    "rewrite": "Rewrite off-policy data into the model's own distribution (hinted decoding).",
+    "eval": "Accuracy (pass@1, pass@k), retention and KL drift of a model on a dataset.",
+    "pairs": "Build DPO / SimPO preference pairs from the model's own samples.",
+    "compare": "Run a grid of methods x seeds from one base model and tabulate them.",
+    "demo": "The whole story on the embedded model organism, on a CPU, in minutes.",
+    "data": "Write the built-in synthetic datasets (or reasoning-gym tasks) to JSONL.",
 }
 
 
 def _usage() -> str:
     width = max(map(len, COMMANDS))
     lines = ["usage: onsft <command> [options]   (onsft <command> --help for its options)", "", "commands:"]
-    lines += [f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()]
+    lines += [f"  {name:<{width}}  {text}" for name, text in COMMANDS.items()]
     return "\n".join(lines)
 
 
@@ -40,8 +44,6 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage())
         return 0
     if argv[0] in ("-V", "--version"):
-        from onsft import __version__
-
         print(f"onsft {__version__}")
         return 0
     name, rest = argv[0], argv[1:]
@@ -50,22 +52,18 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USER_ERROR
     # Quiet the libraries' start-up chatter; users of the CLI read our progress bars and summaries.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        module = importlib.import_module(COMMANDS[name][0])
+        module = importlib.import_module(f"onsft.commands.{name}")
         return int(module.main(rest) or 0)
     except UserError as error:
         print(str(error), file=sys.stderr)
         return EXIT_USER_ERROR
     except OSError as error:
         # A full disk or a read-only file system can strike any writer (plots, checkpoints, reports);
-        # the writers of records name their file themselves (onsft.records.output_error).
+        # the writers of records name their file themselves (onsft.runtime.records.output_error).
         if error.errno not in DISK_ERRNOS:
             raise
-        from onsft.records import output_error
-
         print(str(output_error(error, error.filename or "output")), file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:

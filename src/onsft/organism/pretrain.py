@@ -36,9 +36,11 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
+from onsft.errors import EXIT_USER_ERROR, UserError
 from onsft.organism import tasks
 from onsft.organism.tokenizer import build_tokenizer
-from onsft.records import write_json_atomic
+from onsft.runtime.records import atomic_directory, write_json_atomic
+from onsft.runtime.settings import parse_command
 
 
 @dataclass
@@ -281,8 +283,6 @@ def measure(model, tokenizer: PreTrainedTokenizerBase, n: int = 400, seed: int =
 
 
 def save(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, out: Path, info: dict) -> None:
-    from onsft.records import atomic_directory
-
     model.generation_config.do_sample = False
     model.generation_config.max_new_tokens = 64
     model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -308,8 +308,6 @@ def organism_info(cfg: PretrainConfig, params: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from onsft.config import parse_command
-    from onsft.errors import EXIT_USER_ERROR, UserError
 
     try:
         (cfg,) = parse_command(

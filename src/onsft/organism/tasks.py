@@ -33,7 +33,8 @@ import string
 from collections.abc import Callable
 from pathlib import Path
 
-from onsft.verify import last_boxed
+from onsft.data.verify import last_boxed
+from onsft.runtime.records import write_jsonl_atomic
 
 ANSWER_MARKER = "\\boxed{"
 # The user message of the hinted context. Recorded in the checkpoint's onsft.json: the rewrite command
@@ -374,8 +375,6 @@ def write_demo_data(
     Files: new_skill_train.jsonl (all styles), new_skill_train.<style>.jsonl (one per teacher style),
     new_skill_test.jsonl, new_skill_ood.jsonl, retention_test.jsonl.
     """
-    from onsft.records import write_jsonl_atomic
-
     out = Path(out_dir)
     train = new_skill_train(n_train, seed)
     sets = {"new_skill_train": train}

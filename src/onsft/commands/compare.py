@@ -1,0 +1,369 @@
+"""`onsft compare`: a grid of methods x seeds from one base model and one dataset, then a table and plots.
+
+    onsft compare --config experiments/organism.yaml [--seeds 0 1 2] [--methods sft idft] [--out DIR]
+
+Methods (each a recipe of data + objective, trained by `onsft train`):
+    sft, dft, idft           the teacher data with loss nll / dft / idft
+    rewrite+sft, rewrite+idft the hinted-decoding rewrite of the teacher data (`onsft rewrite`), nll / idft
+    dpo, simpo               preference pairs from the model's own samples (`onsft pairs`), TRL trainers
+
+Every step runs in this process from config objects built from the experiment's sections (`onsft.runtime.
+settings.configs_from_dict`): the optional audit (`audit:`), the rewrite and the pairs (built once, shared by
+all seeds), then each cell's training and evaluation.
+
+Layout of OUT: experiment.json (the resolved settings), data/ (generated sets, rewrite/, pairs.jsonl),
+audit/ (with `audit:`), base/eval.json (the untuned model), cells/<method>-s<seed>/{train/, eval.json},
+and results.json, table.md, table.csv, skill_vs_retention.png, curves.png, training.png.
+
+Every cell is cached: a cell whose eval.json holds the same settings is not run again, and a killed cell
+resumes from its last checkpoint, so rerunning the same command finishes an interrupted grid. A cell whose
+training settings changed is refused by `onsft train`'s guard (`--overwrite` starts it over). Settings are
+checked (methods, data columns, option names) before anything is trained.
+
+From Python: `run(load_experiment("exp.yaml", {}))` returns results.json's contents.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from onsft.commands import audit as audit_command
+from onsft.commands import pairs as pairs_command
+from onsft.commands import rewrite as rewrite_command
+from onsft.commands import train as train_command
+from onsft.commands.pairs import PairsConfig
+from onsft.commands.train import TrainArguments
+from onsft.data.chat import encode_prompt
+from onsft.data.rows import load_examples
+from onsft.data.sources import materialize
+from onsft.data.verify import VerifyConfig
+from onsft.engine.decoding import OwnSamplingConfig, SamplingConfig
+from onsft.engine.hinted import HintedConfig
+from onsft.engine.kl import kl_drift
+from onsft.engine.lora import LoraArguments
+from onsft.engine.preference import PreferenceTrainConfig
+from onsft.engine.scoring import ScoringConfig
+from onsft.engine.trainer import TrainConfig
+from onsft.errors import UserError
+from onsft.formulas.weighting import LossConfig
+from onsft.pipeline.auditing import AuditConfig
+from onsft.pipeline.comparison import plot_results, summarize, table_csv, table_markdown
+from onsft.pipeline.evaluation import evaluate_model
+from onsft.pipeline.experiment import EVAL_SETS, METHODS, Experiment, load_experiment
+from onsft.pipeline.rewriting import RewriteConfig
+from onsft.runtime.models import ModelArguments, load_model, load_tokenizer, resolve_model_path
+from onsft.runtime.records import check_writable, write_json_atomic
+from onsft.runtime.runs import RunArguments
+from onsft.runtime.settings import configs_from_dict, parse_command
+
+QUIET = RunArguments(progress=False)
+
+
+# ------------------------------------------------------------------------------------- step configs
+
+
+def train_configs(exp: Experiment, method: str, seed: int, data: str, output_dir: Path) -> tuple:
+    """(TrainArguments, LoraArguments, trainer config, LossConfig or None) of one cell."""
+    _, train_method, loss = METHODS[method]
+    options = {
+        "data": data,
+        "output_dir": str(output_dir),
+        "seed": seed,
+        "method": train_method,
+        **exp.train,
+        **exp.method_train.get(method, {}),
+    }
+    if loss:
+        options["loss"] = loss
+    if exp.curve_every:
+        # Every checkpoint is a curve point, so none may be rotated away.
+        options.update(save_steps=exp.curve_every, save_total_limit=None)
+    where = f"experiment (train options of {method})"
+    if train_method == "sft":
+        inputs, lora, loss_config, args = configs_from_dict(
+            options, TrainArguments, LoraArguments, LossConfig, TrainConfig, where=where
+        )
+        return inputs, lora, args, loss_config
+    inputs, lora, args = configs_from_dict(options, TrainArguments, LoraArguments, PreferenceTrainConfig, where=where)
+    return inputs, lora, args, None
+
+
+def rewrite_configs(exp: Experiment, folder: Path) -> tuple:
+    return configs_from_dict(
+        {**exp.rewrite, "data": exp.train_data, "out": str(folder)},
+        RewriteConfig,
+        HintedConfig,
+        ScoringConfig,
+        VerifyConfig,
+        where="experiment (rewrite)",
+    )
+
+
+def pairs_configs(exp: Experiment, target: Path, rewrites: str | None) -> tuple:
+    options = {k: v for k, v in exp.pairs.items() if k != "rewrites"}
+    options.update(data=exp.train_data, out=str(target), rewrites=rewrites)
+    return configs_from_dict(options, PairsConfig, OwnSamplingConfig, VerifyConfig, where="experiment (pairs)")
+
+
+def eval_configs(exp: Experiment) -> tuple[SamplingConfig, VerifyConfig]:
+    return configs_from_dict(
+        {"max_new_tokens": 64, "batch_size": 64, **exp.eval}, SamplingConfig, VerifyConfig, where="experiment (eval)"
+    )
+
+
+def audit_configs(exp: Experiment, folder: Path) -> tuple:
+    return configs_from_dict(
+        {**(exp.audit or {}), "data": exp.train_data, "out": str(folder)},
+        AuditConfig,
+        ScoringConfig,
+        where="experiment (audit)",
+    )
+
+
+def _needs_rewrite(exp: Experiment) -> bool:
+    return "rewrite" in exp.sources() or ("pairs" in exp.sources() and exp.pairs.get("rewrites") is True)
+
+
+def check_options(exp: Experiment, out: Path) -> None:
+    """Build every step's configs now, so a typo fails before hours of training, not after."""
+    for method in exp.methods:
+        train_configs(exp, method, exp.seeds[0], "check", out / "check")
+    if _needs_rewrite(exp):
+        rewrite_configs(exp, out / "check")[0].validate()
+    if "pairs" in exp.sources():
+        pairs_configs(exp, out / "check.jsonl", None)[0].validate()
+    for part in eval_configs(exp):
+        part.validate()
+    if exp.audit is not None:
+        audit_configs(exp, out / "check")[0].validate()
+
+
+def check_data(exp: Experiment) -> None:
+    sources = exp.sources()
+    offline = exp.model.offline
+    load_examples(
+        exp.train_data,
+        require_response="teacher" in sources or "pairs" in sources,
+        require_answer=bool(sources & {"rewrite", "pairs"}),
+        require_reference="rewrite" in sources,
+        offline=offline,
+    )
+    for name in EVAL_SETS:
+        if getattr(exp, name):
+            load_examples(getattr(exp, name), require_response=False, require_answer=True, offline=offline)
+
+
+# ------------------------------------------------------------------------------------- shared data
+
+
+def prepare_shared_data(exp: Experiment, out: Path) -> dict:
+    """Build the rewrite and the preference pairs once (seed-independent), return data path per source and
+    the seconds each took (from its own summary, so a cached step still reports what it cost)."""
+    paths, timings = {"teacher": exp.train_data}, {}
+    if _needs_rewrite(exp):
+        folder = out / "data" / "rewrite"
+        config, hinted, scoring, verify = rewrite_configs(exp, folder)
+        summary = rewrite_command.run(config, exp.model, hinted, scoring, verify, QUIET)
+        paths["rewrite"] = summary["files"]["train"]
+        timings["rewrite"] = summary.get("wall_seconds", 0.0)
+    if "pairs" in exp.sources():
+        target = out / "data" / "pairs.jsonl"
+        rewrites = paths.get("rewrite") if exp.pairs.get("rewrites", True) else None
+        config, sampling, verify = pairs_configs(exp, target, rewrites)
+        summary = pairs_command.run(config, exp.model, sampling, verify, QUIET)
+        paths["pairs"] = str(target)
+        timings["pairs"] = summary.get("wall_seconds_this_run", 0.0)
+    return {"paths": paths, "timings": timings}
+
+
+def run_audit(exp: Experiment, out: Path) -> dict | None:
+    if exp.audit is None:
+        return None
+    config, scoring = audit_configs(exp, out / "audit")
+    return audit_command.run(config, exp.model, scoring, QUIET)
+
+
+# ------------------------------------------------------------------------------------- evaluation
+
+
+class Evaluator:
+    """Loads each test set once and evaluates models on them, in process."""
+
+    def __init__(self, exp: Experiment):
+        self.exp = exp
+        self.sampling, self.verify = eval_configs(exp)
+        self.verifier = self.verify.build()
+        self.sets = {
+            name: load_examples(
+                getattr(exp, name), require_response=False, require_answer=True, offline=exp.model.offline
+            )
+            for name in EVAL_SETS
+            if getattr(exp, name)
+        }
+        self.tokenizer = load_tokenizer(exp.model)
+        self.base = load_model(exp.model)
+        kl_source = exp.kl_prompts or exp.retention or exp.in_domain
+        kl_examples = load_examples(kl_source, require_response=False, offline=exp.model.offline)[: exp.kl_limit]
+        self.kl_prompts = [encode_prompt(self.tokenizer, e.prompt, kl_source) for e in kl_examples]
+
+    def load(self, path: Path):
+        """A trained model (or checkpoint) on the experiment's device and dtype."""
+        return load_model(dataclasses.replace(self.exp.model, model=str(path), model_revision=None))
+
+    def accuracy(self, model, limit: int = 0) -> dict[str, float]:
+        result = {}
+        for name, examples in self.sets.items():
+            rows = examples[:limit] if limit else examples
+            metrics = evaluate_model(model, self.tokenizer, rows, self.sampling, self.verifier)
+            result[name] = metrics["accuracy"]
+            if metrics.get("by_task") and not limit:
+                result[f"{name}_by_task"] = {t: m["accuracy"] for t, m in metrics["by_task"].items()}
+        return result
+
+    def full(self, model) -> dict:
+        result = self.accuracy(model)
+        result["kl_drift"] = kl_drift(
+            self.base,
+            model,
+            self.tokenizer,
+            self.kl_prompts,
+            max_new_tokens=self.sampling.max_new_tokens,
+            batch_size=self.sampling.batch_size,
+        )
+        return result
+
+    def settings(self) -> dict:
+        return {
+            "eval": self.exp.eval,
+            "kl_limit": self.exp.kl_limit,
+            "sets": [str(getattr(self.exp, n)) for n in EVAL_SETS],
+        }
+
+
+def run_cell(exp: Experiment, method: str, seed: int, data: str, folder: Path, evaluator: Evaluator) -> dict:
+    inputs, lora, args, loss = train_configs(exp, method, seed, data, folder / "train")
+    settings = {
+        "train": json.loads(json.dumps(dataclasses.asdict(inputs) | {"method": method}, default=str)),
+        "options": {**exp.train, **exp.method_train.get(method, {})},
+        "seed": seed,
+        "curve": [exp.curve_every, exp.curve_limit],
+        **evaluator.settings(),
+    }
+    done = folder / "eval.json"
+    if done.exists():
+        cached = json.loads(done.read_text())
+        if cached.get("settings") == settings:
+            return cached
+    started = time.time()
+    summary = train_command.run(inputs, exp.model, lora, args, loss, QUIET)
+    train_seconds = summary.get("wall_seconds_this_run", time.time() - started)
+    model = evaluator.load(folder / "train" / "model")
+    result = {
+        "method": method,
+        "seed": seed,
+        **evaluator.full(model),
+        "train_seconds": train_seconds,
+        "tokens": summary.get("tokens_seen") or 0,
+        "steps": summary.get("global_step"),
+    }
+    result["curve"] = _curve(folder / "train", evaluator) if exp.curve_every else []
+    result["training_log"] = [
+        json.loads(line) for line in (folder / "train" / "metrics.jsonl").read_text().splitlines()
+    ]
+    result["settings"] = settings
+    write_json_atomic(done, result)
+    return result
+
+
+def _curve(train_dir: Path, evaluator: Evaluator) -> list[dict]:
+    points = [{"step": 0, **evaluator.accuracy(evaluator.base, evaluator.exp.curve_limit)}]
+    checkpoints = sorted(train_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    for checkpoint in checkpoints:
+        points.append(
+            {
+                "step": int(checkpoint.name.split("-")[1]),
+                **evaluator.accuracy(evaluator.load(checkpoint), evaluator.exp.curve_limit),
+            }
+        )
+    return points
+
+
+# ------------------------------------------------------------------------------------- the command
+
+
+def run(exp: Experiment) -> dict:
+    """Audit (optional), shared data, base evaluation, every cell, then the table and plots."""
+    out = Path(exp.out)
+    check_writable(out / "results.json")
+    resolve_model_path(exp.model.model, revision=exp.model.model_revision, offline=exp.model.offline)
+    for key, value in materialize(exp.data(), out / "data", exp.data_seed).items():
+        setattr(exp, key, value)
+    check_data(exp)
+    check_options(exp, out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "experiment.json", dataclasses.asdict(exp))
+    audit_summary = run_audit(exp, out)
+    shared = prepare_shared_data(exp, out)
+    evaluator = Evaluator(exp)
+    base_path = out / "base" / "eval.json"
+    base = json.loads(base_path.read_text()) if base_path.exists() else None
+    if base is None or base.get("settings") != evaluator.settings():
+        base = {**evaluator.full(evaluator.base), "settings": evaluator.settings()}
+        write_json_atomic(base_path, base)
+    cells = []
+    # Method-major: an interrupted grid has every seed of its first methods (a mean and a spread), rather
+    # than one seed of everything.
+    for method in exp.methods:
+        for seed in exp.seeds:
+            source = METHODS[method][0]
+            print(f"onsft compare: {method} seed {seed}", file=sys.stderr, flush=True)
+            cell = run_cell(exp, method, seed, shared["paths"][source], out / "cells" / f"{method}-s{seed}", evaluator)
+            cell["prep_seconds"] = shared["timings"].get(source, 0.0)
+            cells.append(cell)
+    rows = summarize(base, cells, exp.methods)
+    markdown = table_markdown(rows)
+    write_text(out / "table.md", markdown)
+    write_text(out / "table.csv", table_csv(rows))
+    plots = plot_results(rows, cells, out)
+    results = {
+        "rows": rows,
+        "cells": [{k: v for k, v in c.items() if k != "training_log"} for c in cells],
+        "plots": plots,
+        "data": shared["paths"],
+        "data_prep_seconds": shared["timings"],
+        "audit": audit_summary,
+    }
+    write_json_atomic(out / "results.json", results)
+    print(markdown)
+    return results
+
+
+def write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+@dataclass
+class CompareArgs:
+    config: str = field(default="", metadata={"help": "Experiment YAML (see experiments/organism.yaml)."})
+    out: str | None = field(default=None, metadata={"help": "Override the experiment's output folder."})
+    seeds: list[int] = field(default_factory=list, metadata={"help": "Override the experiment's seeds."})
+    methods: list[str] = field(default_factory=list, metadata={"help": "Override the experiment's methods."})
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(argv or [])
+    # `--config` is the experiment here, not a YAML of flags: it is read by load_experiment.
+    args, model_args = parse_command(argv, CompareArgs, ModelArguments, prog="onsft compare", yaml_config=False)
+    if not args.config:
+        raise UserError("no experiment given", where="command line", fix="pass --config experiment.yaml.")
+    given = {f.name: getattr(model_args, f.name) for f in dataclasses.fields(ModelArguments) if f"--{f.name}" in argv}
+    overrides = {"out": args.out, "seeds": args.seeds or None, "methods": args.methods or None, **given}
+    run(load_experiment(args.config, overrides))
+    return 0

@@ -1,0 +1,331 @@
+"""`onsft eval`: accuracy (greedy pass@1, sampled pass@k), retention and KL drift of a model.
+
+    onsft eval --model runs/idft/model --data test.jsonl --out runs/idft/eval --samples 8 \\
+        --retention_data old_skills.jsonl --base_model organism
+
+What is measured
+- accuracy: greedy decoding (temperature 0), one response per prompt, checked by the verifier
+  (`onsft.data.verify`: math, exact, or your own function) against the `answer` column: pass@1.
+- pass@k: `--samples n` responses per prompt at `--temperature` (default 1: the model's own distribution); for each k <= n the unbiased
+  estimator 1 - C(n-c, k) / C(n, k) (c = correct samples), averaged over prompts. `sampled_accuracy`
+  is the mean fraction of correct samples (= pass@1 from samples).
+- per task: every number above again per value of a `task` column, when the data has one.
+- retention (forgetting, part 1): greedy accuracy on `--retention_data`, a set of skills the model had.
+- KL drift (forgetting, part 2), with `--base_model`: the base model writes continuations of the
+  prompts of `--kl_data` (default: the retention data, else the eval data) -- greedy by default,
+  or sampled with `--kl_continuation sampled` -- and both models score them. At every continuation
+  position t (prompt tokens excluded, the final EOS included) the exact KL over the vocabulary
+      KL_t = sum_v p_base(v | ctx_t) (log p_base(v | ctx_t) - log p_tuned(v | ctx_t))
+  is computed; the reported number is the mean of KL_t over all continuation tokens of all prompts
+  (token-weighted). It measures how far tuning moved the model on text the base model itself writes.
+
+Outputs in `--out`: metrics.json, generations.jsonl (each input row with its fields kept, plus the
+greedy response, samples, extracted answers and correct flags; these added fields -- generation,
+finish_reason, n_tokens, extracted_answer, correct, verify_method, samples, n_correct -- replace input
+columns of the same name), retention.jsonl and kl.jsonl when
+asked, and accuracy.png. A killed run rerun with the same command resumes: finished prompts are read
+back from the `.partial` files (keyed by example index), nothing is generated twice, and the final
+files appear only when everything is done.
+
+Sampling seeds: prompts are decoded in fixed chunks; the samples of a chunk come from
+`--seed` and the chunk's first example index, so results are reproducible for given
+`--seed --samples --batch_size`, and identical between an interrupted and an uninterrupted run.
+
+From Python: `run(EvalConfig(data=...), ModelArguments(model=...), OwnSamplingConfig(), VerifyConfig())`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from onsft.data.chat import encode_prompt
+from onsft.data.rows import Example, dataset_identity, load_examples
+from onsft.data.verify import VerifyConfig
+from onsft.engine.decoding import OwnSamplingConfig, SamplingConfig
+from onsft.engine.kl import KL_CONTINUATIONS, kl_drift
+from onsft.errors import UserError
+from onsft.pipeline.evaluation import aggregate, check_answers, default_ks, evaluate_rows, plot_accuracy
+from onsft.runtime.device import stream_seed
+from onsft.runtime.models import ModelArguments, load_model, load_tokenizer, resolve_model_path
+from onsft.runtime.progress import progress
+from onsft.runtime.records import ResumableJsonl, check_writable, write_json_atomic
+from onsft.runtime.runs import RunArguments, RunGuard
+from onsft.runtime.settings import parse_command
+
+OUTPUTS = ["metrics.json", "accuracy.png", "generations.jsonl*", "retention.jsonl*", "kl.jsonl*"]
+
+
+@dataclass
+class EvalConfig:
+    """What to evaluate (the model is ModelArguments', the decoding OwnSamplingConfig's, the checking
+    VerifyConfig's)."""
+
+    data: str = field(
+        default="",
+        metadata={
+            "help": "Evaluation data with an `answer` column: a file, a saved "
+            "`datasets` folder or a Hub dataset name[:config]."
+        },
+    )
+    split: str = field(default="train", metadata={"help": "Split of Hub datasets and saved DatasetDicts."})
+    out: str = field(default="runs/eval", metadata={"help": "Output folder (metrics.json, generations.jsonl, plot)."})
+    greedy: bool = field(default=True, metadata={"help": "Decode one greedy response per prompt (pass@1)."})
+    samples: int = field(default=0, metadata={"help": "Sampled responses per prompt for pass@k (0 = none)."})
+    pass_k: list[int] = field(
+        default_factory=list,
+        metadata={"help": "k values for pass@k (each <= --samples); default: 1, 2, 4, ... up to --samples."},
+    )
+    limit: int = field(default=0, metadata={"help": "Evaluate only the first N rows of each dataset (0 = all)."})
+    retention_data: str | None = field(
+        default=None,
+        metadata={"help": "Data of skills to keep (with `answer`): greedy accuracy there measures forgetting."},
+    )
+    base_model: str | None = field(
+        default=None,
+        metadata={"help": "Model before tuning: reports KL(base || model) on the base model's own continuations."},
+    )
+    kl_data: str | None = field(
+        default=None, metadata={"help": "Prompts for the KL drift (default: --retention_data, else --data)."}
+    )
+    kl_continuation: str = field(
+        default="greedy",
+        metadata={"help": "Base-model continuations scored for KL: greedy or sampled (at --kl_temperature)."},
+    )
+    kl_temperature: float = field(default=1.0, metadata={"help": "Temperature of sampled KL continuations."})
+    kl_max_new_tokens: int = field(default=128, metadata={"help": "Length of the base model's KL continuations."})
+    plot: bool = field(default=True, metadata={"help": "Write accuracy.png (bars per task, pass@k curve)."})
+
+    def validate(self) -> None:
+        def bad(name: str, why: str):
+            raise UserError(f"`{name}` {why}", where="command line", fix=f"pass a valid --{name}.")
+
+        if not self.data:
+            raise UserError("no evaluation data given", where="command line", fix="pass --data FILE.")
+        if self.samples < 0:
+            bad("samples", "must be >= 0")
+        if not self.greedy and self.samples == 0:
+            bad("samples", "must be > 0 when --greedy false (nothing would be evaluated)")
+        if any(k < 1 or k > self.samples for k in self.pass_k):
+            bad("pass_k", f"values must be between 1 and --samples ({self.samples})")
+        if self.kl_continuation not in KL_CONTINUATIONS:
+            bad("kl_continuation", f"must be one of {', '.join(KL_CONTINUATIONS)}")
+        if self.limit < 0:
+            bad("limit", "must be >= 0")
+        SamplingConfig(max_new_tokens=self.kl_max_new_tokens, temperature=self.kl_temperature).validate()
+
+    def ks(self) -> list[int]:
+        return sorted(set(self.pass_k)) if self.pass_k else default_ks(self.samples)
+
+
+def _load(path: str, config: EvalConfig, model: ModelArguments, need_answer: bool) -> list[Example]:
+    examples = load_examples(path, require_response=False, split=config.split, offline=model.offline)
+    if config.limit:
+        examples = examples[: config.limit]
+    if need_answer:
+        check_answers(examples, path)
+    return examples
+
+
+def _settings(config: EvalConfig, model: ModelArguments, sampling: SamplingConfig, verify: VerifyConfig) -> dict:
+    identity = {
+        name: dataset_identity(path, config.split)
+        for name in ("data", "retention_data", "kl_data")
+        if (path := getattr(config, name))
+    }
+    return {
+        "eval": {k: v for k, v in dataclasses.asdict(config).items() if k not in ("out", "plot")},
+        "data": identity,
+        "model": {k: v for k, v in dataclasses.asdict(model).items() if k not in ("device", "offline")},
+        "sampling": dataclasses.asdict(sampling),
+        "verify": dataclasses.asdict(verify),
+    }
+
+
+def run(
+    config: EvalConfig,
+    model_args: ModelArguments | None = None,
+    sampling: SamplingConfig | None = None,
+    verify: VerifyConfig | None = None,
+    run_args: RunArguments | None = None,
+) -> dict:
+    """The command: every input is checked before the first forward pass; returns metrics.json's contents."""
+    model_args, run_args = model_args or ModelArguments(), run_args or RunArguments()
+    sampling, verify = sampling or OwnSamplingConfig(), verify or VerifyConfig()
+    for part in (config, model_args, sampling, verify):
+        part.validate()
+    out = Path(config.out)
+    check_writable(out / "metrics.json")
+    verifier = verify.build()
+    examples = _load(config.data, config, model_args, need_answer=True)
+    retention = _load(config.retention_data, config, model_args, True) if config.retention_data else None
+    kl_source = config.kl_data or config.retention_data or config.data
+    kl_examples = _load(kl_source, config, model_args, need_answer=False) if config.base_model else None
+    tokenizer = load_tokenizer(model_args)
+    # A tokenizer without a chat template fails here, before any model loads and any output file exists.
+    encode_prompt(tokenizer, examples[0].prompt, config.data)
+    base_args = (
+        dataclasses.replace(model_args, model=config.base_model, model_revision=None) if config.base_model else None
+    )
+    if base_args is not None:
+        # The base model is checked now, not after hours of generation (it is loaded when the KL part starts).
+        resolve_model_path(base_args.model, offline=base_args.offline)
+    settings = _settings(config, model_args, sampling, verify)
+    guard = RunGuard(out / "run.json", "eval", settings, OUTPUTS, out / "metrics.json", overwrite=run_args.overwrite)
+    finished = guard.claim()
+    if finished is not None:
+        print(f"onsft: {out} already holds this finished evaluation; nothing to do.", file=sys.stderr)
+        return finished
+    try:
+        metrics = _evaluate(
+            config,
+            model_args,
+            sampling,
+            verifier,
+            run_args,
+            tokenizer,
+            examples,
+            retention,
+            kl_examples,
+            kl_source,
+            base_args,
+            settings,
+        )
+        guard.finish()
+    finally:
+        guard.release()
+    return metrics
+
+
+def _evaluate(
+    config,
+    model_args,
+    sampling,
+    verifier,
+    run_args,
+    tokenizer,
+    examples,
+    retention,
+    kl_examples,
+    kl_source,
+    base_args,
+    settings,
+) -> dict:
+    out = Path(config.out)
+    model = load_model(model_args)
+    started = time.time()
+    stores = [ResumableJsonl(out / "generations.jsonl", fingerprint={"part": "eval", **settings})]
+    rows = evaluate_rows(
+        model,
+        tokenizer,
+        examples,
+        sampling,
+        verifier,
+        greedy=config.greedy,
+        samples=config.samples,
+        store=stores[0],
+        where=config.data,
+        show_progress=run_args.progress,
+    )
+    metrics: dict = {
+        "model": model_args.model,
+        "data": config.data,
+        "verifier": verifier.name,
+        **aggregate(rows, config.ks()),
+    }
+    if retention is not None:
+        stores.append(ResumableJsonl(out / "retention.jsonl", fingerprint={"part": "retention", **settings}))
+        retention_rows = evaluate_rows(
+            model,
+            tokenizer,
+            retention,
+            sampling,
+            verifier,
+            store=stores[-1],
+            desc="retention",
+            where=config.retention_data,
+            show_progress=run_args.progress,
+        )
+        metrics["retention"] = {"data": config.retention_data, **aggregate(retention_rows)}
+    if kl_examples is not None:
+        stores.append(ResumableJsonl(out / "kl.jsonl", fingerprint={"part": "kl", **settings}))
+        base = load_model(base_args)
+        metrics["kl"] = _kl(config, sampling, base, model, tokenizer, kl_examples, stores[-1], kl_source, run_args)
+    metrics["wall_seconds_this_run"] = time.time() - started
+    metrics["settings"] = settings
+    # Every part is complete: publish the final files, then the metrics that summarise them.
+    for store in stores:
+        store.finalize(order=range(max(len(examples), len(retention or []), len(kl_examples or []))))
+    if config.plot:
+        plot_accuracy(metrics, out / "accuracy.png")
+    write_json_atomic(out / "metrics.json", metrics)
+    return metrics
+
+
+def _kl(
+    config: EvalConfig,
+    sampling: SamplingConfig,
+    base,
+    model,
+    tokenizer,
+    examples: list[Example],
+    store: ResumableJsonl,
+    where: str,
+    run_args: RunArguments,
+) -> dict:
+    """KL drift in chunks of `batch_size` prompts, each appended to the resumable store."""
+    chunk = sampling.batch_size
+    with progress(len(examples), "kl drift", run_args.progress, unit="prompt", initial=len(store.done)) as bar:
+        for start in range(0, len(examples), chunk):
+            todo = [e for e in examples[start : start + chunk] if e.index not in store.done]
+            if not todo:
+                continue
+            prompts = [encode_prompt(tokenizer, e.prompt, where) for e in todo]
+            _, per_prompt = kl_drift(
+                base,
+                model,
+                tokenizer,
+                prompts,
+                continuation=config.kl_continuation,
+                max_new_tokens=config.kl_max_new_tokens,
+                temperature=config.kl_temperature,
+                seed=stream_seed("eval", "kl", sampling.seed, examples[start].index),
+                batch_size=sampling.batch_size,
+                return_per_prompt=True,
+            )
+            store.append_many(
+                [
+                    {**e.record, "_index": e.index, "kl_sum": s, "kl_tokens": n, "kl_mean": s / n if n else 0.0}
+                    for e, (s, n) in zip(todo, per_prompt)
+                ]
+            )
+            bar.update(len(todo))
+    rows = store.rows(e.index for e in examples)
+    tokens = sum(r["kl_tokens"] for r in rows)
+    return {
+        "base_model": config.base_model,
+        "data": where,
+        "direction": "KL(base || model)",
+        "continuation": config.kl_continuation,
+        "prompts": len(rows),
+        "tokens": tokens,
+        "mean_kl_per_token": sum(r["kl_sum"] for r in rows) / tokens if tokens else 0.0,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    config, model_args, sampling, verify, run_args = parse_command(
+        argv, EvalConfig, ModelArguments, OwnSamplingConfig, VerifyConfig, RunArguments, prog="onsft eval"
+    )
+    metrics = run(config, model_args, sampling, verify, run_args)
+    shown = {k: metrics[k] for k in ("accuracy", "sampled_accuracy", "pass_at_k") if k in metrics}
+    if "retention" in metrics:
+        shown["retention_accuracy"] = metrics["retention"].get("accuracy")
+    if "kl" in metrics:
+        shown["kl_drift"] = metrics["kl"]["mean_kl_per_token"]
+    print(json.dumps(shown))
+    return 0

@@ -1,0 +1,297 @@
+"""`onsft rewrite`: turn off-policy reference solutions into the model's own, verified responses.
+
+    onsft rewrite --model organism --data teacher.jsonl --out runs/rewrite
+    onsft train --data runs/rewrite/train.jsonl ...
+
+The pipeline (spec section 3, "The data pipeline around it"), for every prompt:
+  1. sample `--own_samples` (k) answers of the model itself from the plain context (the ordinary chat
+     prompt) and verify them against the `answer` column; with `--keep_own` (default) the first
+     verified one is kept as it is: provenance `own` (it is on-policy already);
+  2. otherwise run hinted decoding (`onsft.engine.hinted`): one response shared by the plain context and a
+     hinted context (the hint template filled with the question and the `reference` column, under the
+     chat template), `--hinted_samples` tries decoded together; the first verified try is kept:
+     provenance `hinted`; when none verifies: `dropped` (the last try is shown, not trained on);
+  3. score every response, and the original reference, with DDT under the plain context (the audit's
+     streamed scorer): mean phi, Z and p-value, so the summary shows how far rewriting moved the data.
+
+Outputs in --out:
+  records.jsonl  every input row once, in input order, its fields untouched, plus: response, provenance
+                 (own|hinted|dropped), verified, mean_phi, z, p_value, scored_tokens, finish_reason,
+                 n_tokens (generated tokens of the response), reference_mean_phi, reference_z,
+                 own_correct (verified own samples of k), own_samples, hinted_tries, mean_lambda,
+                 extracted_answer, verify_method, generated_tokens (all tokens decoded for the row),
+                 truncated, and `analysis` with --analyze_first. An input column of one of these names
+                 is an error (rename it), never silently replaced.
+  train.jsonl    (or --train_out) the kept rows only (own + hinted), training-ready: `prompt` (as given)
+                 + `completion` = the response, plus answer, provenance, mean_phi and the other input
+                 columns; `onsft train --data` reads it directly.
+  summary.json   counts own-correct / rewritten / dropped, mean phi of the references vs the rewritten
+                 responses vs the own answers, throughput, wall time and the settings.
+
+Resuming: rows are appended to records.jsonl.partial after every chunk of `--chunk_size` prompts
+(flushed and fsynced); a killed run (even SIGKILL) rerun with the same command skips the finished rows,
+and the final files appear only when every row is done. Rerunning a finished run does nothing. A
+run with other settings at the same --out is refused (`--overwrite` starts over).
+
+Reproducibility: all sampling of a chunk is seeded by (--seed, the chunk's first row), so results
+depend on --seed and --chunk_size but not on the decode batch sizes, on resuming, or on the number of
+processes. Under `accelerate launch` / torchrun each process takes the chunks c with c % N == rank,
+writes records.rank<r>-of-<N>.jsonl.partial, and rank 0 merges in input order. (Chunks rather than
+single rows are dealt out because a row's random stream is fixed by its position in its decode
+batch; dealing whole chunks keeps every batch, so the merged output equals a one-process run.)
+
+Hint template: the hinted context is [system: hint system] + [user: hint template], with `{question}`
+(the last user turn, after the prompt's own system text if it has one) and `{reference}` filled in.
+Default: the model folder's onsft.json (`hint_template`, `hint_system`, `answer_marker`) when it has
+one -- the organism was pretrained on exactly that format -- else a generic instruction to rewrite
+the reference as the model's own step-by-step reasoning (`onsft.pipeline.hints`).
+
+--analyze_first (off by default) follows the reference code: the model first writes, greedily from
+the hinted context, an "# Analyze" part that checks the reference, up to and including its first
+`--analyze_marker` ("# CoT"); that text joins the hinted context and the shared response starts
+after it. A row whose analysis never reaches the marker is dropped, as the reference code skips it.
+(The reference cuts at the *last* marker of a full greedy output; the first one is where the model's
+own solution begins.)
+
+Flags: the pipeline's own (`RewriteConfig`), hinted decoding's (`HintedConfig`: --beta, --mode,
+--sigmoid_center, --piecewise_low/high, --temperature, --top_p, --max_new_tokens, --batch_size, --seed,
+...), scoring's (`ScoringConfig`), checking's (`VerifyConfig`) and the model's (`ModelArguments`).
+From Python: `run(RewriteConfig(data=..., out=...), ModelArguments(model=...), HintedConfig(beta=3))`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+from accelerate.utils import gather_object
+
+from onsft.data.rows import dataset_identity, load_examples
+from onsft.data.verify import VerifyConfig
+from onsft.engine.hinted import HintedConfig
+from onsft.engine.scoring import ScoringConfig
+from onsft.errors import UserError
+from onsft.pipeline.hints import resolve_hint
+from onsft.pipeline.rewrite_summary import summarize, train_rows
+from onsft.pipeline.rewriting import RewriteConfig, Rewriter, check_columns, chunks, prepare
+from onsft.runtime.device import Processes, resolve_dtype
+from onsft.runtime.models import (
+    ModelArguments,
+    configured_context_length,
+    context_length,
+    load_model,
+    load_tokenizer,
+    read_model_info,
+)
+from onsft.runtime.progress import progress
+from onsft.runtime.records import check_writable, write_json_atomic, write_jsonl_atomic
+from onsft.runtime.runs import RunArguments, RunGuard
+from onsft.runtime.settings import parse_command
+from onsft.runtime.store import ShardStore
+
+OUTPUTS = ["records*.jsonl*", "train.jsonl", "summary.json"]
+
+
+def _settings(
+    config: RewriteConfig, model_args: ModelArguments, hinted: HintedConfig, verify: VerifyConfig, hint, dtype
+) -> dict:
+    """What changes results (batch sizes and output names do not): a resumed run must match it, and a
+    finished run with it is not redone."""
+    return {
+        "command": "rewrite",
+        "rewrite": {
+            k: v for k, v in dataclasses.asdict(config).items() if k not in ("out", "train_out", "own_batch_size")
+        },
+        "hinted": {k: v for k, v in dataclasses.asdict(hinted).items() if k != "batch_size"},
+        "model": {k: v for k, v in dataclasses.asdict(model_args).items() if k not in ("device", "offline")},
+        "dtype": str(dtype),
+        "data": dataset_identity(config.data, config.split),
+        "hint": dataclasses.asdict(hint),
+        "verify": dataclasses.asdict(verify),
+    }
+
+
+def run(
+    config: RewriteConfig,
+    model_args: ModelArguments | None = None,
+    hinted: HintedConfig | None = None,
+    scoring: ScoringConfig | None = None,
+    verify: VerifyConfig | None = None,
+    run_args: RunArguments | None = None,
+) -> dict | None:
+    """The command: returns the summary on rank 0 (None on other ranks)."""
+    model_args, hinted = model_args or ModelArguments(), hinted or HintedConfig()
+    scoring, verify, run_args = scoring or ScoringConfig(), verify or VerifyConfig(), run_args or RunArguments()
+    started = time.time()
+    for part in (config, model_args, hinted, scoring, verify):
+        part.validate()
+    if not config.out:
+        raise UserError("`out` is required", where="config", fix="pass --out FOLDER.")
+    out = Path(config.out)
+    train_out = Path(config.train_out) if config.train_out else out / "train.jsonl"
+    # Everything a user can get wrong is checked before anything is written.
+    verifier = verify.build()
+    examples = load_examples(config.data, require_response=False, split=config.split, offline=model_args.offline)
+    check_columns(examples, config.data)
+    tokenizer = load_tokenizer(model_args)
+    hint = resolve_hint(
+        config.hint_template,
+        config.hint_system,
+        hinted.answer_marker,
+        config.analyze_first,
+        read_model_info(model_args),
+    )
+    check_writable(out / "records.jsonl")
+    check_writable(train_out)
+    procs = Processes(model_args.device)
+    dtype = resolve_dtype(model_args.dtype, procs.device)
+    context = configured_context_length(model_args)
+    prepared = prepare(tokenizer, examples, hint, config.max_length, context, config.data)
+    guard = RunGuard(
+        out / "run.json",
+        "rewrite",
+        _settings(config, model_args, hinted, verify, hint, dtype),
+        OUTPUTS,
+        out / "summary.json",
+        overwrite=run_args.overwrite,
+        active=procs.main,
+    )
+    finished = guard.claim()
+    procs.barrier()
+    if finished is not None:
+        if procs.main and not train_out.is_file():  # a training file asked for under another name
+            rows = [json.loads(line) for line in (out / "records.jsonl").read_text(encoding="utf-8").splitlines()]
+            write_jsonl_atomic(train_out, train_rows(rows))
+        if procs.main:
+            print(
+                f"onsft rewrite: {out} already holds this finished run; nothing to do (training file: {train_out}).",
+                file=sys.stderr,
+            )
+        return finished if procs.main else None
+    try:
+        # The model last: nothing it prints while loading comes before an error above.
+        model = load_model(model_args, device=procs.device, dtype=dtype)
+        if context is None and context_length(model):
+            prepared = prepare(tokenizer, examples, hint, config.max_length, context_length(model), config.data)
+        rewriter = Rewriter(model, tokenizer, config, hinted, scoring, hint, verifier)
+        summary = _rewrite(config, model_args, run_args, procs, rewriter, prepared, guard.settings, train_out, started)
+        guard.finish()
+    finally:
+        guard.release()
+    return summary
+
+
+def _rewrite(config, model_args, run_args, procs, rewriter, prepared, settings, train_out, started) -> dict | None:
+    out = Path(config.out)
+    _warn_other_shards(out, procs.world)
+    store = ShardStore(out, "records", procs, settings)
+    spans = chunks(len(prepared), config.chunk_size)
+    mine = spans[procs.rank :: procs.world]
+    todo = [span for span in mine if not all(prepared[i].example.index in store.done for i in span)]
+    total = sum(len(span) for span in mine)
+    decode_start = time.time()
+    counts: Counter[str] = Counter(r["provenance"] for r in store.done.values())
+    with progress(
+        total,
+        "rewrite",
+        run_args.progress and procs.local_main,
+        unit="prompt",
+        initial=total - sum(len(s) for s in todo),
+    ) as bar:
+        for span in todo:
+            # A chunk is decoded whole even when a kill left part of it on disk: its samples depend on
+            # the chunk, and rows already on disk are kept as they are.
+            records = rewriter.chunk([prepared[i] for i in span], progress=bar.update)
+            fresh = [r for r in records if r["_index"] not in store.done]
+            store.add(fresh)
+            counts.update(r["provenance"] for r in fresh)
+            seconds = max(time.time() - decode_start, 1e-9)
+            bar.set_postfix(
+                own=counts["own"],
+                hinted=counts["hinted"],
+                dropped=counts["dropped"],
+                tok_s=f"{rewriter.generated / seconds:.0f}",
+                refresh=False,
+            )
+    decode_seconds = time.time() - decode_start
+    throughput = (
+        gather_object([(rewriter.generated, decode_seconds)])
+        if procs.world > 1
+        else [(rewriter.generated, decode_seconds)]
+    )
+    merged = store.merge()
+    if not procs.main:
+        return None
+    merged = [{k: v for k, v in row.items() if k != "_index"} for row in merged]
+    write_jsonl_atomic(train_out, train_rows(merged))
+    generated_now = sum(tokens for tokens, _ in throughput)
+    slowest = max(seconds for _, seconds in throughput)
+    summary = {
+        "command": "rewrite",
+        "model": model_args.model,
+        "data": config.data,
+        "processes": procs.world,
+        **summarize(merged),
+        "generated_tokens_this_run": generated_now,
+        "decode_seconds_this_run": slowest,
+        "tokens_per_second": generated_now / max(slowest, 1e-9) if generated_now else None,
+        "wall_seconds": time.time() - started,
+        "files": {"records": str(out / "records.jsonl"), "train": str(train_out)},
+        "hint": settings["hint"],
+        "settings": settings,
+    }
+    write_json_atomic(out / "summary.json", summary)
+    return summary
+
+
+def _warn_other_shards(out: Path, world: int) -> None:
+    def ours(name: str) -> bool:
+        return name == "records.jsonl.partial" if world == 1 else f"-of-{world}." in name
+
+    others = [p for p in sorted(out.glob("records*.jsonl.partial")) if not ours(p.name)]
+    if others:
+        print(
+            f"onsft rewrite: {out} holds unfinished shards of a run with another number of processes "
+            f"({others[0].name}); they are not resumed by this run (rerun with that many processes, or delete "
+            "them).",
+            file=sys.stderr,
+        )
+
+
+def _line(summary: dict) -> str:
+    phi = summary["mean_phi"]
+
+    def fmt(stats: dict) -> str:
+        return f"{stats['mean_phi']:.3f}" if stats.get("n") else "-"
+
+    speed = summary.get("tokens_per_second")
+    return (
+        f"onsft rewrite: {summary['rows']} prompts: own-correct {summary['own_correct']}, rewritten "
+        f"{summary['rewritten']}, dropped {summary['dropped']}; mean phi references {fmt(phi['references'])} "
+        f"(of rewritten rows {fmt(phi['references_of_rewritten'])}) -> rewritten {fmt(phi['rewritten'])}, own "
+        f"{fmt(phi['own'])}; {summary['generated_tokens_this_run']} tokens generated"
+        + (f" at {speed:.0f} tokens/s" if speed else "")
+        + f", {summary['wall_seconds']:.1f} s; "
+        f"{summary['files']['train']}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    config, model_args, hinted, scoring, verify, run_args = parse_command(
+        argv,
+        RewriteConfig,
+        ModelArguments,
+        HintedConfig,
+        ScoringConfig,
+        VerifyConfig,
+        RunArguments,
+        prog="onsft rewrite",
+    )
+    summary = run(config, model_args, hinted, scoring, verify, run_args)
+    if summary is not None:
+        print(_line(summary))
+    return 0

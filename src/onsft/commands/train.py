@@ -1,0 +1,299 @@
+"""`onsft train`: fine-tune a causal LM with SFT (nll), DFT or IDFT; DPO / SimPO via `--method`.
+
+    onsft train --model organism --data teacher.jsonl --loss idft --output_dir runs/idft --max_steps 300
+
+Checkpoints go to `<output_dir>/checkpoint-N`; rerunning the same command resumes from the last one
+(step counter, optimiser, scheduler, RNG and IDFT schedule restored). The final model is written to
+`<output_dir>/model` (loadable with `from_pretrained`) under a temporary name and renamed when complete.
+A rerun with other settings into the same `--output_dir` is refused (`--overwrite` starts over).
+
+From Python: `run(TrainArguments(data=...), ModelArguments(model=...), trainer=TrainConfig(...),
+loss=LossConfig(loss="idft"))` returns the summary that `train_summary.json` holds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+
+from onsft.data.training_sets import preference_dataset, sft_dataset
+from onsft.engine.lora import LoraArguments
+from onsft.engine.preference import PREFERENCE_METHODS, PreferenceTrainConfig, build_preference_trainer, trainer_args
+from onsft.engine.trainer import OnPolicySFTTrainer, TrainConfig
+from onsft.errors import UserError
+from onsft.formulas.weighting import LossConfig
+from onsft.runtime.checkpoints import last_checkpoint, save_final_model, write_failures_as_user_errors
+from onsft.runtime.device import check_device_name, resolve_device, resolve_dtype
+from onsft.runtime.models import ModelArguments, check_context, context_length, load_model, load_tokenizer
+from onsft.runtime.records import check_writable, write_json_atomic, write_jsonl_atomic
+from onsft.runtime.runs import RunArguments, RunGuard, data_identity
+from onsft.runtime.settings import parse_command
+
+METHODS = ("sft", *PREFERENCE_METHODS)
+OUTPUTS = ["checkpoint-*", "model", ".model.building", "metrics.jsonl", "train_summary.json"]
+
+
+@dataclass
+class TrainArguments:
+    """What to train on, and how (the trainer's own options are TrainConfig's / PreferenceTrainConfig's)."""
+
+    data: str = field(
+        default="",
+        metadata={
+            "help": "Training data: a file (.jsonl/.parquet/.csv), a saved `datasets` "
+            "folder, or a Hub dataset name[:config]. DPO/SimPO: preference pairs."
+        },
+    )
+    split: str = field(default="train", metadata={"help": "Split of a Hub dataset or a saved DatasetDict."})
+    eval_data: str | None = field(default=None, metadata={"help": "Validation data; reports the plain NLL."})
+    method: str = field(default="sft", metadata={"help": "sft (token-weighted: --loss nll|dft|idft), dpo or simpo."})
+    overlong: str = field(default="reject", metadata={"help": "Rows over --max_length: reject | truncate | drop."})
+    resume: bool = field(default=True, metadata={"help": "Resume from the last checkpoint in output_dir if any."})
+
+
+def _settings(
+    inputs: TrainArguments, model: ModelArguments, lora: LoraArguments, loss: LossConfig | None, args
+) -> dict:
+    """Everything that decides the result of a run (the output folder itself excluded)."""
+    train_args = {k: v for k, v in args.to_dict().items() if k not in ("output_dir", "logging_dir", "disable_tqdm")}
+    model_args = {k: v for k, v in dataclasses.asdict(model).items() if k != "offline"}
+    return {
+        "inputs": {**dataclasses.asdict(inputs), "data": data_identity(inputs.data)},
+        "model": model_args,
+        "lora": dataclasses.asdict(lora),
+        "loss": dataclasses.asdict(loss) if loss is not None else None,
+        "args": train_args,
+    }
+
+
+def _place(model_args: ModelArguments, args) -> torch.dtype:
+    """The trainer's device from --device (transformers places the model itself) and the weights' dtype:
+    float32 master weights unless --dtype says otherwise (mixed precision is --bf16)."""
+    check_device_name(model_args.device)
+    device = resolve_device(model_args.device)
+    if device.type == "cpu":
+        args.use_cpu = True
+    elif device.index is not None and device.index > 0:
+        raise UserError(
+            f"train runs on the launcher's devices, not `{model_args.device}`",
+            where="--device",
+            fix=f"pass --device cuda and set CUDA_VISIBLE_DEVICES={device.index}, or use accelerate launch.",
+        )
+    return torch.float32 if model_args.dtype == "auto" else resolve_dtype(model_args.dtype, device)
+
+
+def _check(inputs: TrainArguments, args) -> None:
+    if not inputs.data:
+        raise UserError("no training data given", where="command line", fix="pass --data FILE.")
+    if inputs.method not in METHODS:
+        raise UserError(
+            f"unknown method `{inputs.method}`", where="command line", fix=f"use one of {', '.join(METHODS)}."
+        )
+    if not math.isfinite(args.learning_rate) or args.learning_rate < 0:
+        # torch's optimiser would refuse it only after the data and the model are loaded, with a traceback.
+        raise UserError(
+            f"learning_rate must be a finite number >= 0, got {args.learning_rate}",
+            where="command line",
+            fix="pass e.g. --learning_rate 1e-5.",
+        )
+
+
+def run(
+    inputs: TrainArguments,
+    model_args: ModelArguments | None = None,
+    lora: LoraArguments | None = None,
+    trainer: TrainConfig | PreferenceTrainConfig | None = None,
+    loss: LossConfig | None = None,
+    run_args: RunArguments | None = None,
+) -> dict:
+    """Validate everything a user can get wrong, then train; returns the summary written to train_summary.json."""
+    model_args, lora, run_args = model_args or ModelArguments(), lora or LoraArguments(), run_args or RunArguments()
+    preference = inputs.method in PREFERENCE_METHODS
+    args = trainer or (PreferenceTrainConfig() if preference else TrainConfig())
+    loss = None if preference else (loss or LossConfig())
+    _check(inputs, args)
+    model_args.validate()
+    lora.validate()
+    if loss is not None:
+        loss.validate()
+        if args.nonfinite not in ("stop", "skip"):
+            raise UserError(f"unknown --nonfinite `{args.nonfinite}`", where="command line", fix="use stop or skip.")
+    trl_args = trainer_args(inputs.method, args) if preference else args
+    dtype = _place(model_args, trl_args)
+    if not run_args.progress:
+        trl_args.disable_tqdm = True
+    output_dir = Path(args.output_dir)
+    check_writable(output_dir / "train_summary.json")
+    tokenizer = load_tokenizer(model_args)
+    if preference:
+        train_set, stats = preference_dataset(inputs.data, tokenizer, args.max_length, inputs.overlong)
+        eval_set = (
+            preference_dataset(inputs.eval_data, tokenizer, args.max_length, inputs.overlong)[0]
+            if inputs.eval_data
+            else None
+        )
+    else:
+        train_set, stats = sft_dataset(tokenizer, inputs.data, args.max_length, inputs.overlong)
+        eval_set, eval_stats = (
+            sft_dataset(tokenizer, inputs.eval_data, args.max_length, inputs.overlong)
+            if inputs.eval_data
+            else (None, None)
+        )
+    guard = RunGuard(
+        output_dir / "run.json",
+        "train",
+        _settings(inputs, model_args, lora, loss, args),
+        OUTPUTS,
+        output_dir / "train_summary.json",
+        overwrite=run_args.overwrite,
+        active=int(trl_args.process_index) == 0,
+    )
+    finished = guard.claim()
+    if finished is not None:
+        print(f"onsft: {output_dir} already holds this finished run; nothing to do.")
+        return finished
+    try:
+        model = load_model(model_args, device="cpu", dtype=dtype)
+        if not preference:
+            check_context(context_length(model), stats["lengths"], inputs.data)
+            if eval_stats is not None:
+                check_context(context_length(model), eval_stats["lengths"], inputs.eval_data)
+        summary = _train(
+            inputs, model_args, lora, loss, args, trl_args, model, tokenizer, train_set, eval_set, stats, guard.settings
+        )
+        guard.finish()
+    finally:
+        guard.release()
+    return summary
+
+
+def _train(
+    inputs, model_args, lora, loss, args, trl_args, model, tokenizer, train_set, eval_set, stats, settings
+) -> dict:
+    output_dir = Path(args.output_dir)
+    if eval_set is not None and trl_args.eval_strategy == "no":
+        trl_args.eval_strategy = "steps"
+        trl_args.eval_steps = trl_args.eval_steps or trl_args.save_steps
+    common = dict(train_dataset=train_set, eval_dataset=eval_set, processing_class=tokenizer)
+    try:
+        if loss is None:
+            trainer = build_preference_trainer(inputs.method, model, trl_args, lora.peft_config(), **common)
+        else:
+            trl_args.dataset_kwargs = {"skip_prepare_dataset": True}
+            trl_args.remove_unused_columns = False
+            trainer = OnPolicySFTTrainer(
+                model=model, args=trl_args, peft_config=lora.peft_config(), loss_config=loss, **common
+            )
+    except ValueError as error:  # peft's NoMatchingPeftModuleError is a ValueError
+        if "target modules" not in str(error).lower():
+            raise
+        raise UserError(
+            str(error).split(". ")[0],
+            where="command line",
+            fix="pass --lora_target_modules with module names of this model, or all-linear.",
+        ) from None
+    resume_from = last_checkpoint(output_dir) if inputs.resume else None
+    started = time.time()
+    with write_failures_as_user_errors(output_dir):
+        result = trainer.train(resume_from_checkpoint=resume_from)
+    summary = {
+        "method": inputs.method,
+        "model": model_args.model,
+        "data": inputs.data,
+        "global_step": trainer.state.global_step,
+        "resumed_from": resume_from,
+        "train_loss": result.training_loss,
+        "wall_seconds_this_run": time.time() - started,
+        "tokens_seen": trainer.state.num_input_tokens_seen,
+        "trainer": type(trainer).__name__,
+        "torch": torch.__version__,
+        "settings": settings,
+    }
+    if loss is None:
+        summary.update(
+            pairs=stats.get("rows", 0),
+            dropped_overlong=stats.get("dropped", 0),
+            truncated_overlong=stats.get("truncated", 0),
+            identical_pairs=stats.get("identical", 0),
+            beta=trl_args.beta,
+            simpo_gamma=args.simpo_gamma if inputs.method == "simpo" else None,
+        )
+    else:
+        summary.update(
+            loss=loss.loss,
+            rows=stats["rows"],
+            dropped_overlong=stats["dropped"],
+            truncated_overlong=stats["truncated"],
+            response_tokens_per_epoch=stats["response_tokens"],
+            skipped_nonfinite=trainer.skipped_nonfinite,
+            loss_config=dataclasses.asdict(loss),
+        )
+    if trainer.is_world_process_zero():
+        save_final_model(trainer.model, tokenizer, output_dir / "model", lora.lora_r > 0)
+        write_jsonl_atomic(output_dir / "metrics.jsonl", trainer.state.log_history)
+        write_json_atomic(output_dir / "train_summary.json", summary)
+    return summary
+
+
+def method_of(argv: list[str]) -> str:
+    """The --method (flag, else the config file's, else sft): it decides which trainer options exist."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--method", default=None)
+    pre.add_argument("--config", default=None)
+    known, _ = pre.parse_known_args(argv)
+    method = known.method
+    if method is None and known.config and Path(known.config).is_file():
+        try:
+            method = (yaml.safe_load(Path(known.config).read_text()) or {}).get("method")
+        except (yaml.YAMLError, AttributeError):
+            method = None  # parse_command reports the broken file properly
+    method = method or "sft"
+    if method not in METHODS:
+        raise UserError(f"unknown method `{method}`", where="command line", fix=f"use one of {', '.join(METHODS)}.")
+    return method
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(argv or [])
+    if method_of(argv) in PREFERENCE_METHODS:
+        # --loss and its knobs are listed by --help of sft only; given with dpo/simpo they are reported as such.
+        inputs, model_args, lora, loss, args, run_args = parse_command(
+            argv,
+            TrainArguments,
+            ModelArguments,
+            LoraArguments,
+            LossConfig,
+            PreferenceTrainConfig,
+            RunArguments,
+            prog="onsft train",
+        )
+        changed = [f.name for f in dataclasses.fields(LossConfig) if getattr(loss, f.name) != f.default]
+        if changed:
+            raise UserError(
+                f"--{changed[0]} applies to --method sft only, not to --method {inputs.method}",
+                where="command line",
+                fix=f"drop --{changed[0]}, or use --method sft.",
+            )
+        summary = run(inputs, model_args, lora, args, None, run_args)
+    else:
+        inputs, model_args, lora, loss, args, run_args = parse_command(
+            argv,
+            TrainArguments,
+            ModelArguments,
+            LoraArguments,
+            LossConfig,
+            TrainConfig,
+            RunArguments,
+            prog="onsft train",
+        )
+        summary = run(inputs, model_args, lora, args, loss, run_args)
+    print(json.dumps({k: summary[k] for k in ("global_step", "train_loss") if k in summary}))
+    return 0

@@ -1,0 +1,177 @@
+"""`OnPolicySFTTrainer`: TRL's SFTTrainer with one token weighting (SFT, DFT and IDFT are its cases).
+
+TRL's fused LM head already returns, per token, log p(y_t) (with gradient) and the entropy H(p_t)
+without materialising (batch, length, vocabulary) logits; IDFT needs exactly those two numbers, so the
+only thing this subclass changes is how they are turned into a loss (`onsft.formulas.weighting`).
+Everything else (data collation, accumulation, accelerate / DDP / FSDP / DeepSpeed, checkpoints, resume)
+is TRL's and transformers'.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from trl import SFTConfig, SFTTrainer
+
+from onsft.errors import UserError
+from onsft.formulas.weighting import LossConfig, idft_loss, schedule_lambda, weighting_stats
+from onsft.runtime.device import resolve_precision
+
+
+@dataclass
+class TrainingDefaults:
+    """Defaults of onsft's trainer configs (SFT here, DPO / SimPO in `onsft.engine.preference`), declared
+    once and mixed in before TRL's config class, so they override its defaults. Changed defaults say why."""
+
+    # Recomputing activations costs ~20-30% time; small models and CPUs rarely need the memory.
+    activation_checkpointing: bool | None = field(
+        default=False, metadata={"help": "Trade compute for activation memory."}
+    )
+    gradient_checkpointing: bool | None = field(
+        default=None, metadata={"help": "Deprecated alias of activation_checkpointing."}
+    )
+    save_strategy: str = field(default="steps", metadata={"help": "When to checkpoint (resumable): steps|epoch|no."})
+    save_steps: float = field(default=50, metadata={"help": "Checkpoint every N optimiser steps."})
+    save_total_limit: int | None = field(default=2, metadata={"help": "Keep only the last N checkpoints."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every N optimiser steps."})
+    report_to: None | str | list[str] = field(default="none", metadata={"help": "Experiment trackers (wandb, ...)."})
+    include_num_input_tokens_seen: str = field(
+        default="non_padding",
+        metadata={"help": "Count tokens processed (no | all | non_padding); shown in logs and train_summary.json."},
+    )
+    bf16: bool | None = field(
+        default=None,
+        metadata={
+            "help": "bf16 mixed precision. Default: on where a GPU supports it, off on CPU (pass --bf16 "
+            "true on CPU for ~2x speed on small models, at some numeric cost)."
+        },
+    )
+
+    def __post_init__(self):
+        resolve_precision(self)
+        super().__post_init__()
+
+
+@dataclass
+class TrainConfig(TrainingDefaults, SFTConfig):
+    """TRL's SFTConfig (every TrainingArguments field works: --learning_rate, --max_steps, ...) with
+    onsft's defaults, the fused LM head's tiles, and what to do on a non-finite loss."""
+
+    output_dir: str | None = field(default="runs/train", metadata={"help": "Where checkpoints and the model go."})
+    head_token_chunk: int = field(
+        default=0,
+        metadata={
+            "help": "Tokens per tile of TRL's fused LM head; 0 = automatic (TRL's 4096 with Triton, 1024 "
+            "on CPU, where its torch fallback makes several tile-sized float32 temporaries)."
+        },
+    )
+    head_vocab_chunk: int = field(
+        default=0,
+        metadata={
+            "help": "Vocabulary columns per tile of the fused LM head; 0 = automatic (TRL's "
+            "32768 with Triton, 8192 on CPU)."
+        },
+    )
+    nonfinite: str = field(
+        default="stop",
+        metadata={
+            "help": "On a NaN/inf loss: `stop` with a clear message (exit 2) or `skip` the micro-batch "
+            "(counted in the summary)."
+        },
+    )
+
+
+def configure_fused_head_tiles(token_chunk: int, vocab_chunk: int, device_type: str) -> tuple[int, int]:
+    """Set the tile shape of TRL's fused LM head (process-wide module constants, read at call time).
+
+    On CUDA the Triton kernel folds each tile in place, so TRL's large tiles are right. On CPU the torch
+    fallback materialises ~5 float32 copies of a tile; TRL's 4096 x 32768 tile then costs ~2 GB, more than
+    the full logits of a 2k-token sequence. Smaller tiles keep the memory advantage at the same speed
+    (see benchmarks/train_step.py).
+    """
+    import trl.kernels.chunked_logprob as kernel
+    import trl.trainer.utils as trl_utils
+
+    on_triton = device_type in ("cuda", "xpu")
+    token_chunk = token_chunk or (4096 if on_triton else 1024)
+    vocab_chunk = vocab_chunk or (32768 if on_triton else 8192)
+    if hasattr(kernel, "TOKEN_CHUNK_SIZE") and hasattr(trl_utils, "_CHUNKED_LOGPROB_CHUNK_SIZE"):
+        kernel.TOKEN_CHUNK_SIZE = token_chunk
+        trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = vocab_chunk
+    return token_chunk, vocab_chunk
+
+
+class OnPolicySFTTrainer(SFTTrainer):
+    """SFTTrainer whose loss is `onsft.losses.idft_loss` (nll, dft or idft by `loss_config.loss`)."""
+
+    def __init__(self, *args, loss_config: LossConfig | None = None, **kwargs):
+        self.loss_config = loss_config or LossConfig()
+        self.loss_config.validate()
+        self.skipped_nonfinite = 0
+        super().__init__(*args, **kwargs)
+        if isinstance(self.args, TrainConfig):
+            configure_fused_head_tiles(
+                self.args.head_token_chunk, self.args.head_vocab_chunk, self.accelerator.device.type
+            )
+
+    def current_lambda(self) -> float:
+        return schedule_lambda(
+            self.state.global_step, self.state.max_steps, self.loss_config.schedule_start, self.loss_config.schedule_end
+        )
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if model.training else "eval"
+        inputs["use_cache"] = False
+        outputs = model(**inputs, fused_lm_head=True)
+        mask = outputs.label_mask
+        # Validation reports the plain NLL: a weighted loss is not comparable across methods or steps.
+        config = self.loss_config if mode == "train" else LossConfig(loss="nll")
+        lam = self.current_lambda() if mode == "train" else 1.0
+        num_tokens = mask.sum() if num_items_in_batch is None else num_items_in_batch
+        loss = idft_loss(outputs.log_probs, outputs.entropy, mask, config, lam, num_tokens)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            # num_items_in_batch counts every rank's tokens while DDP averages gradients over ranks.
+            loss = loss * self.accelerator.num_processes
+        self._record_metrics(mode, outputs, mask, lam)
+        if not torch.isfinite(loss):
+            loss = self._on_nonfinite(loss)
+        return (loss, outputs) if return_outputs else loss
+
+    def _on_nonfinite(self, loss: torch.Tensor) -> torch.Tensor:
+        if self.args.nonfinite == "skip":
+            self.skipped_nonfinite += 1
+            # A fresh leaf: backward gives no parameter any gradient from this micro-batch.
+            return torch.zeros((), device=loss.device, requires_grad=True)
+        raise UserError(
+            f"non-finite loss ({loss.item()}) at step {self.state.global_step}",
+            where=self.args.output_dir,
+            fix="lower --learning_rate, train in fp32 (--bf16 false), or pass --nonfinite skip; the last "
+            "checkpoint in the output folder resumes the run.",
+        )
+
+    def _record_metrics(self, mode, outputs, mask, lam) -> None:
+        stats = weighting_stats(outputs.log_probs, outputs.entropy, mask, self.loss_config, lam)
+        stats["top1"] = (outputs.is_top1 & mask).sum().float() if outputs.is_top1 is not None else None
+        stats["entropy"] = (outputs.entropy.detach() * mask).sum()
+        names = {
+            "nll": "nll",
+            "weighted": "weighted_loss",
+            "phi": "mean_phi",
+            "gamma": "mean_gamma",
+            "weight": "mean_weight",
+            "at_gamma_min": "frac_gamma_min",
+            "at_gamma_max": "frac_gamma_max",
+            "top1": "mean_token_accuracy",
+            "entropy": "entropy",
+        }
+        sums = torch.stack([stats["count"]] + [stats[k].float() for k in names if stats.get(k) is not None])
+        sums = self.accelerator.gather_for_metrics(sums.unsqueeze(0)).sum(0)
+        count = sums[0].item()
+        keys = [k for k in names if stats.get(k) is not None]
+        for key, total in zip(keys, sums[1:].tolist()):
+            if count > 0:
+                self._metrics[mode][names[key]].append(total / count)
+        if mode == "train":
+            self._metrics[mode]["idft_lambda"].append(lam)
+            self._metrics[mode]["skipped_nonfinite"] = [self.skipped_nonfinite]

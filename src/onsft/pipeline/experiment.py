@@ -1,0 +1,157 @@
+"""An experiment: one base model, its data, and the grid of methods x seeds that `onsft compare` runs.
+
+The YAML file is flat: the model's settings (`ModelArguments`: model, device, dtype, ...), the data keys
+(paths, Hub names, `organism:NAME`, or gym draws: see `onsft.data.sources`), the grid, and one section per
+step whose keys are that step's own flags (`train`, `method_train`, `rewrite`, `pairs`, `eval`, `audit`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from onsft.data.sources import is_generated
+from onsft.errors import UserError
+from onsft.runtime.models import ModelArguments
+
+# method: (data source, --method, --loss)
+METHODS = {
+    "sft": ("teacher", "sft", "nll"),
+    "dft": ("teacher", "sft", "dft"),
+    "idft": ("teacher", "sft", "idft"),
+    "rewrite+sft": ("rewrite", "sft", "nll"),
+    "rewrite+dft": ("rewrite", "sft", "dft"),
+    "rewrite+idft": ("rewrite", "sft", "idft"),
+    "dpo": ("pairs", "dpo", None),
+    "simpo": ("pairs", "simpo", None),
+}
+EVAL_SETS = ("in_domain", "ood", "retention")
+DATA_KEYS = ("train_data", *EVAL_SETS, "kl_prompts")
+SECTIONS = ("train", "method_train", "rewrite", "pairs", "eval", "audit")
+
+
+@dataclass
+class Experiment:
+    train_data: Any = field(default="", metadata={"help": "Teacher data: prompt, completion, answer, reference."})
+    in_domain: Any = field(default="", metadata={"help": "Test set of the new skill (prompt, answer)."})
+    ood: Any = field(default=None, metadata={"help": "Harder / out-of-distribution test set of the skill."})
+    retention: Any = field(default=None, metadata={"help": "Old skills to keep (forgetting)."})
+    kl_prompts: Any = field(default=None, metadata={"help": "Prompts for KL drift (default: retention)."})
+    methods: list[str] = field(
+        default_factory=lambda: ["sft", "dft", "idft", "rewrite+sft", "rewrite+idft", "dpo", "simpo"],
+        metadata={"help": f"Methods to run, among {', '.join(METHODS)}."},
+    )
+    seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "Training seeds."})
+    out: str = field(default="runs/compare", metadata={"help": "Output folder."})
+    train: dict = field(default_factory=dict, metadata={"help": "`onsft train` options for every cell."})
+    method_train: dict = field(default_factory=dict, metadata={"help": "Per-method `onsft train` overrides."})
+    rewrite: dict = field(default_factory=dict, metadata={"help": "`onsft rewrite` options."})
+    pairs: dict = field(default_factory=dict, metadata={"help": "`onsft pairs` options."})
+    eval: dict = field(default_factory=dict, metadata={"help": "Decoding and verifier options of evaluation."})
+    audit: dict | None = field(
+        default=None, metadata={"help": "`onsft audit` options: audit the training data first (None = no audit)."}
+    )
+    kl_limit: int = field(default=64, metadata={"help": "Prompts used for KL drift."})
+    curve_every: int = field(default=0, metadata={"help": "Also evaluate checkpoints every N steps (0 = off)."})
+    curve_limit: int = field(default=100, metadata={"help": "Rows per test set at curve points."})
+    data_seed: int = field(default=0, metadata={"help": "Seed of built-in data (`organism:NAME` paths)."})
+    model: ModelArguments = field(default_factory=ModelArguments, metadata={"help": "The base model's settings."})
+
+    def validate(self, where: str) -> None:
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise UserError(f"unknown method `{unknown[0]}`", where=where, fix=f"use any of {', '.join(METHODS)}.")
+        if not self.methods or not self.seeds:
+            raise UserError("need at least one method and one seed", where=where, fix="set `methods` and `seeds`.")
+        for name in ("train_data", "in_domain"):
+            if not getattr(self, name):
+                raise UserError(f"`{name}` is required", where=where, fix=f"add `{name}: FILE` to the experiment.")
+        bad = [m for m in self.method_train if m not in METHODS]
+        if bad:
+            raise UserError(f"method_train names unknown method `{bad[0]}`", where=where, fix="use method names.")
+        self.model.validate()
+
+    def sources(self) -> set[str]:
+        """The data sources the methods need: teacher, rewrite, pairs."""
+        return {METHODS[m][0] for m in self.methods}
+
+    def data(self) -> dict[str, Any]:
+        return {key: getattr(self, key) for key in DATA_KEYS}
+
+
+def read_yaml(path: str) -> dict:
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise UserError("experiment file not found", where=path, fix="check the path given to --config.") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(
+            f"cannot read the experiment ({error})", where=path, fix="pass a readable UTF-8 YAML file."
+        ) from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        raise UserError(
+            f"invalid YAML ({getattr(error, 'problem', error)})",
+            where=path,
+            line=mark.line + 1 if mark else None,
+            fix="fix the YAML syntax.",
+        ) from None
+    if not isinstance(raw, dict):
+        raise UserError(
+            "an experiment is a mapping of key: value", where=path, fix="see src/onsft/experiments/organism.yaml."
+        )
+    return raw
+
+
+def experiment_from_dict(raw: dict, where: str, base: Path | None = None) -> Experiment:
+    """An Experiment from a flat mapping (a YAML file's): ModelArguments' keys go to `model`, data paths are
+    relative to `base` (the file's folder) when they do not exist as given."""
+    raw = dict(raw)
+    model_keys = {f.name for f in dataclasses.fields(ModelArguments)}
+    known = {f.name: f for f in dataclasses.fields(Experiment) if f.name != "model"}
+    model_values = {k: raw.pop(k) for k in list(raw) if k in model_keys}
+    for key, value in raw.items():
+        if key not in known:
+            raise UserError(
+                f"unknown experiment key `{key}`",
+                where=where,
+                fix=f"valid keys: {', '.join([*known, *sorted(model_keys)])}.",
+            )
+        expected = dict if key in SECTIONS else list if key in ("methods", "seeds") else None
+        if expected and value is not None and not isinstance(value, expected):
+            raise UserError(
+                f"`{key}` must be a {'mapping' if expected is dict else 'list'}",
+                where=where,
+                fix=f"write `{key}` as a YAML {'mapping' if expected is dict else 'list'}.",
+            )
+    for key in DATA_KEYS:
+        value = raw.get(key)
+        # Data paths in an experiment file are relative to the file, like includes in most configs.
+        if (
+            base is not None
+            and isinstance(value, str)
+            and value
+            and not is_generated(value)
+            and not Path(value).is_absolute()
+            and not Path(value).exists()
+            and (base / value).exists()
+        ):
+            raw[key] = str(base / value)
+    try:
+        model = ModelArguments(**model_values)
+    except TypeError as error:
+        raise UserError(str(error), where=where, fix="check the model keys.") from None
+    experiment = Experiment(**raw, model=model)
+    experiment.validate(where)
+    return experiment
+
+
+def load_experiment(path: str, overrides: dict) -> Experiment:
+    """The experiment file with `overrides` (None values ignored) applied on top."""
+    raw = read_yaml(path)
+    raw.update({k: v for k, v in overrides.items() if v is not None})
+    return experiment_from_dict(raw, path, Path(path).resolve().parent)

@@ -1,0 +1,80 @@
+"""What a rewrite produced: the training-ready rows and the counts and mean phi per provenance."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+
+from onsft.pipeline.rewriting import ADDED_FIELDS
+
+
+def train_rows(records: Sequence[dict]) -> list[dict]:
+    """The kept rows as prompt + completion (the response); other input columns stay, except the ones
+    that would give `onsft train` a second prompt/response (`messages`)."""
+    rows = []
+    for record in records:
+        if record["provenance"] == "dropped":
+            continue
+        if "messages" in record and record["messages"] is not None:
+            turns = record["messages"]
+            last = max((i for i, t in enumerate(turns) if t.get("role") == "assistant"), default=len(turns))
+            prompt = turns[:last]
+        else:
+            prompt = record["prompt"]
+        base = {k: v for k, v in record.items() if k not in ("messages", "prompt", "completion", *ADDED_FIELDS)}
+        rows.append(
+            {
+                "prompt": prompt,
+                "completion": record["response"],
+                **base,
+                "provenance": record["provenance"],
+                "mean_phi": record["mean_phi"],
+            }
+        )
+    return rows
+
+
+def _phi_stats(records: Sequence[dict], key: str = "mean_phi", tokens: str = "scored_tokens") -> dict:
+    scored = [r for r in records if r.get(key) is not None]
+    if not scored:
+        return {"n": 0}
+    stats = {"n": len(scored), "mean_phi": sum(r[key] for r in scored) / len(scored)}
+    if tokens and all(r.get(tokens) for r in scored):
+        total = sum(r[tokens] for r in scored)
+        stats["mean_phi_token_weighted"] = sum(r[key] * r[tokens] for r in scored) / total
+    z_key = key.replace("mean_phi", "z")
+    stats["mean_z"] = sum(r[z_key] for r in scored) / len(scored)
+    return stats
+
+
+def summarize(records: Sequence[dict]) -> dict:
+    """Counts and mean phi per provenance from finished records (pure)."""
+    n = len(records)
+    count = Counter(r["provenance"] for r in records)
+    attempted = [
+        r for r in records if r["hinted_tries"] or str(r.get("drop_reason")).startswith(("no analysis", "analysis"))
+    ]
+    k = records[0]["own_samples"] if records else 0
+    rewritten = [r for r in records if r["provenance"] == "hinted"]
+    return {
+        "rows": n,
+        "own_correct": count["own"],
+        "rewritten": count["hinted"],
+        "dropped": count["dropped"],
+        "kept": count["own"] + count["hinted"],
+        "prompts_with_an_own_correct_sample": sum(r["own_correct"] > 0 for r in records),
+        "own_sample_accuracy": sum(r["own_correct"] for r in records) / (n * k) if n and k else None,
+        "hinted_attempted": len(attempted),
+        "hinted_success_rate": count["hinted"] / len(attempted) if attempted else None,
+        "mean_phi": {
+            "references": _phi_stats(records, "reference_mean_phi", ""),
+            "references_of_rewritten": _phi_stats(rewritten, "reference_mean_phi", ""),
+            "rewritten": _phi_stats(rewritten),
+            "own": _phi_stats([r for r in records if r["provenance"] == "own"]),
+            "kept": _phi_stats([r for r in records if r["provenance"] != "dropped"]),
+            "dropped": _phi_stats([r for r in records if r["provenance"] == "dropped"]),
+        },
+        "finish_reasons": dict(sorted(Counter(r["finish_reason"] for r in records if r["finish_reason"]).items())),
+        "verify_methods": dict(sorted(Counter(r["verify_method"] for r in records if r["verify_method"]).items())),
+        "generated_tokens": sum(r["generated_tokens"] for r in records),
+    }

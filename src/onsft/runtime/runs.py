@@ -1,0 +1,234 @@
+"""Run fingerprints: what makes two runs the same, and the guard every resumable command puts on its output.
+
+A command's *settings* are everything that changes its results (its options, the identity of its data,
+the model, the dtype; not the output path, progress bars or batch sizes that do not change results).
+`RunGuard` keeps them in a small record beside the outputs and, before any work:
+  - the same settings, finished: returns the saved summary (a rerun does nothing);
+  - the same settings, unfinished: lets the command resume from what it wrote;
+  - other settings: refuses with one line naming what changed (`--overwrite` deletes that run's outputs
+    and starts over), so a run never mixes two settings into one output;
+  - another live process writing there: refuses (a lock file holds the owner's pid and host).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from onsft.errors import UserError
+from onsft.runtime.records import output_error, write_json_atomic
+
+
+def normalized(settings: Any) -> Any:
+    """Settings as plain JSON values (tuples -> lists, paths and dtypes -> strings), so a saved copy compares
+    equal to a fresh one."""
+    return json.loads(json.dumps(settings, sort_keys=True, default=str))
+
+
+def data_identity(path: str) -> dict:
+    """What makes a dataset 'the same' for resuming: its bytes (files), names and sizes (folders), or its
+    Hub name with the resolved snapshot folder (which names the revision)."""
+    p = Path(path)
+    digest = hashlib.sha256()
+    if p.is_dir():
+        for f in sorted(p.rglob("*")):
+            if f.is_file():
+                digest.update(f"{f.relative_to(p)}:{f.stat().st_size}".encode())
+    elif p.is_file():
+        with open(p, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    else:
+        digest.update(str(path).encode())
+    return {"path": str(p), "sha256": digest.hexdigest()}
+
+
+def changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted names of the settings that differ between two (nested) settings dicts."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = sorted(set(old) | set(new))
+        return [k for key in keys for k in changed_keys(old.get(key), new.get(key), f"{prefix}{key}.")]
+    return [] if old == new else [prefix.rstrip(".") or "settings"]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class RunGuard:
+    """The settings record and the writer's lock of one run's outputs.
+
+    `record` is the JSON file holding {command, settings, finished}; `outputs` are the glob patterns (in
+    the record's folder) of what the command writes, deleted by `--overwrite`; `untracked` are those whose
+    presence without a record means an unknown earlier run (outputs that carry no fingerprint of their
+    own, like checkpoints); `summary` is the file whose JSON a finished run returns when `reuse` is on.
+    `active=False` (non-main processes of a launch) makes every method a no-op."""
+
+    def __init__(
+        self,
+        record: Path,
+        command: str,
+        settings: dict,
+        outputs: list[str],
+        summary: Path,
+        *,
+        overwrite: bool = False,
+        active: bool = True,
+        untracked: list[str] = (),
+        reuse: bool = True,
+    ):
+        self.record, self.command, self.summary = Path(record), command, Path(summary)
+        self.settings = normalized(settings)
+        self.outputs, self.overwrite, self.active = outputs, overwrite, active
+        self.untracked, self.reuse = list(untracked), reuse
+        self.lock = self.record.with_name(f".{self.record.name}.lock")
+        self.locked = self.created = self.finished = False
+
+    # -- before the work ------------------------------------------------------------------------
+
+    def claim(self) -> dict | None:
+        """Take the lock and check the folder: the finished run's summary, or None to (re)start."""
+        if not self.active:
+            return None
+        self._acquire()
+        try:
+            saved = self._saved()
+            if saved is not None and saved.get("settings") != self.settings:
+                if not self.overwrite:
+                    changed = changed_keys(saved.get("settings"), self.settings)
+                    shown = ", ".join(changed[:4]) + (f" and {len(changed) - 4} more" if len(changed) > 4 else "")
+                    raise UserError(
+                        f"this output already holds a {saved.get('command', 'different')} run with other settings "
+                        f"(changed: {shown})",
+                        where=str(self.record.parent),
+                        fix="rerun with the same settings to resume or reuse it, choose another output, or pass "
+                        "--overwrite to delete that run's outputs and start over.",
+                    )
+                self._clear()
+                saved = None
+            elif saved is None and self._existing_outputs(self.untracked):
+                if not self.overwrite:
+                    raise UserError(
+                        "this output already holds files of an earlier run whose settings are not recorded",
+                        where=str(self._existing_outputs(self.untracked)[0]),
+                        fix="choose another output, or pass --overwrite to delete them and start over.",
+                    )
+                self._clear()
+            if self.reuse and saved is not None and saved.get("finished") and self.summary.is_file():
+                with contextlib.suppress(OSError, ValueError):
+                    summary = json.loads(self.summary.read_text(encoding="utf-8"))
+                    self.release()
+                    return summary
+            self.created = saved is None
+            write_json_atomic(self.record, {"command": self.command, "settings": self.settings, "finished": False})
+        except BaseException:
+            self.release()
+            raise
+        return None
+
+    def finish(self) -> None:
+        """Mark the run finished (after its summary is written) and release the lock."""
+        if self.active:
+            write_json_atomic(self.record, {"command": self.command, "settings": self.settings, "finished": True})
+            self.finished = True
+        self.release()
+
+    def release(self) -> None:
+        """Release the lock; a record this claim created for a run that wrote nothing goes too, so a run
+        that failed on its input leaves the folder as it found it."""
+        if self.created and not self.finished and not self._existing_outputs(self.outputs):
+            with contextlib.suppress(OSError):
+                self.record.unlink()
+            self.created = False
+        if self.locked:
+            with contextlib.suppress(OSError):
+                self.lock.unlink()
+            self.locked = False
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _saved(self) -> dict | None:
+        try:
+            saved = json.loads(self.record.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {"command": "unreadable", "settings": None}
+        return saved if isinstance(saved, dict) else {"command": "unreadable", "settings": None}
+
+    def _existing_outputs(self, patterns: list[str]) -> list[Path]:
+        mine = {self.record.name, self.lock.name}
+        found = {path for pattern in patterns for path in self.record.parent.glob(pattern)}
+        return sorted(path for path in found if path.name not in mine)
+
+    def _clear(self) -> None:
+        for path in self._existing_outputs(self.outputs):
+            try:
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+            except OSError as error:
+                raise output_error(error, path) from None
+        self.record.unlink(missing_ok=True)
+
+    def _acquire(self) -> None:
+        me = {"pid": os.getpid(), "host": socket.gethostname()}
+        try:
+            self.lock.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise output_error(error, self.lock.parent) from None
+        for _ in range(2):
+            try:
+                fd = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    owner = json.loads(self.lock.read_text(encoding="utf-8"))
+                except (OSError, ValueError):
+                    owner = {}
+                live = owner.get("host") == me["host"] and isinstance(owner.get("pid"), int) and _alive(owner["pid"])
+                if live or (owner.get("host") and owner.get("host") != me["host"]):
+                    raise UserError(
+                        f"another onsft process (pid {owner.get('pid')} on {owner.get('host')}) is writing this "
+                        "output now",
+                        where=str(self.record.parent),
+                        fix="wait for it to finish, or choose another output folder.",
+                    ) from None
+                self.lock.unlink(missing_ok=True)  # its owner died without releasing it: take it over
+                continue
+            except OSError as error:
+                raise output_error(error, self.lock) from None
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                json.dump(me, handle)
+            self.locked = True
+            return
+        raise UserError(
+            "could not take the output's lock file",
+            where=str(self.lock),
+            fix="delete the lock file if no onsft process is running, then rerun.",
+        )
+
+
+@dataclass
+class RunArguments:
+    """How a command treats its output and the terminal."""
+
+    overwrite: bool = field(
+        default=False,
+        metadata={
+            "help": "Delete the outputs of an earlier run with other settings at this output and start over "
+            "(without it such a rerun is refused; the same settings resume)."
+        },
+    )
+    progress: bool = field(default=True, metadata={"help": "Show progress bars with rate and ETA (on stderr)."})
+    verbose: bool = field(default=False, metadata={"help": "Show the libraries' warnings and loading messages."})
