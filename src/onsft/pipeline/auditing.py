@@ -18,11 +18,12 @@ import torch
 from onsft.data.chat import OVERLONG, OVERLONG_HELP
 from onsft.data.rows import Example
 from onsft.engine.decoding import sample_own
-from onsft.engine.scoring import Item, Scorer, score_batch, tau_suffix
+from onsft.engine.scoring import Item, Scorer, ScoringConfig, encode_items, score_batch, score_items, tau_suffix
 from onsft.errors import UserError
 from onsft.formulas import ddt
 from onsft.formulas.stats import QUANTILES, ks_distance_to_normal, quantile
 from onsft.runtime.device import Processes, stream_seed
+from onsft.runtime.models import pad_token_id
 from onsft.runtime.progress import progress
 from onsft.runtime.store import ShardStore
 
@@ -111,6 +112,18 @@ class ScoreSet:
     rows: list[dict]
     token_phi: list[list[float]]
     worst: list[dict] = field(default_factory=list)
+
+
+def score_examples(
+    model, tokenizer, examples: Sequence[Example], config: AuditConfig, scoring: ScoringConfig | None = None
+) -> list[dict]:
+    """Score rows in memory (no files): one dict per kept row, in input order, with `index` and the scores
+    of every tau in `config.tau`."""
+    items, _ = encode_items(tokenizer, examples, config.max_length, config.overlong, config.data or "data")
+    scorer = (scoring or ScoringConfig()).scorer(
+        model, pad_token_id(tokenizer), config.tau, config.threshold, sum(it.n_response for it in items)
+    )
+    return [{"index": it.index, **row} for it, row in zip(items, score_items(scorer, items))]
 
 
 def _finish_row(row: dict, item: Item, phi: torch.Tensor, per_token: bool, tokenizer, sample_every: int) -> dict:
