@@ -3,7 +3,7 @@
 Same model (a Llama built from a config with a real vocabulary: 49152 by default), same padded batches.
 Variants:
   forward      model(input_ids, attention_mask).logits            the baseline (computes logits, no scores)
-  audit        onsft.audit.score_batch: backbone + streamed LM head on response positions, phi/H/Var
+  audit        onsft.engine.scoring.score_batch: backbone + streamed LM head on response positions, phi/H/Var
   audit_fused  the same with the tile arithmetic fused by torch.compile (`onsft audit --compile true`;
                its one-off compile happens in the warm-up and is reported apart)
   audit_all    the streamed head on every position (prompt too): the same token count as `forward`
@@ -35,7 +35,8 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from onsft import audit, ddt
+from onsft.engine import scoring
+from onsft.formulas import ddt
 
 VARIANTS = ("forward", "audit", "audit_fused", "audit_all", "naive_ddt")
 
@@ -62,33 +63,33 @@ def build(args):
             length = args.seq_len - int(torch.randint(0, args.seq_len // 8, (1,), generator=generator))
             prompt = int(torch.randint(args.seq_len // 16, args.seq_len // 4, (1,), generator=generator))
             ids = torch.randint(0, args.vocab, (length,), generator=generator).tolist()
-            items.append(audit.Item(row, ids, prompt))
-        ids, mask = audit._pad_batch(items, 0, "cpu")
+            items.append(scoring.Item(row, ids, prompt))
+        ids, mask = scoring._pad_batch(items, 0, "cpu")
         batches.append((items, ids, mask))
     return model, batches
 
 
 def runner(name: str, model, args):
-    head = audit.find_head(model)
+    head = scoring.find_head(model)
     assert head is not None
 
     def forward(items, ids, mask):
         return model(input_ids=ids, attention_mask=mask, use_cache=False).logits
 
     def scored(items, ids, mask):
-        return audit.score_batch(model, head, items, [1.0], 0, args.vocab_chunk, args.row_chunk)
+        return scoring.score_batch(model, head, items, [1.0], 0, args.vocab_chunk, args.row_chunk)
 
     def fused(items, ids, mask):
-        return audit.score_batch(model, head, items, [1.0], 0, args.vocab_chunk, args.row_chunk, fused=True)
+        return scoring.score_batch(model, head, items, [1.0], 0, args.vocab_chunk, args.row_chunk, fused=True)
 
     def every_position(items, ids, mask):
         # Every position as if it were a response token: the same head work as `forward`.
-        full = [audit.Item(it.index, it.ids, 1) for it in items]
-        return audit.score_batch(model, head, full, [1.0], 0, args.vocab_chunk, args.row_chunk)
+        full = [scoring.Item(it.index, it.ids, 1) for it in items]
+        return scoring.score_batch(model, head, full, [1.0], 0, args.vocab_chunk, args.row_chunk)
 
     def naive(items, ids, mask):
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        positions, targets = audit._response_positions(items, ids.shape[1])
+        positions, targets = scoring._response_positions(items, ids.shape[1])
         picked = logits.reshape(-1, logits.shape[-1])[torch.tensor(positions)]
         return ddt.token_stats(picked, torch.tensor(targets))
 
@@ -151,8 +152,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seq_len", type=int, default=512)
     parser.add_argument("--batches", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--vocab_chunk", type=int, default=0, help="0 = onsft.ddt's default for the device")
-    parser.add_argument("--row_chunk", type=int, default=0, help="0 = onsft.ddt's default for the device")
+    parser.add_argument("--vocab_chunk", type=int, default=0, help="0 = onsft.formulas.ddt's default for the device")
+    parser.add_argument("--row_chunk", type=int, default=0, help="0 = onsft.formulas.ddt's default for the device")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "audit.json"))
     parser.add_argument("--memory_of", default=None, help=argparse.SUPPRESS)  # internal: child process

@@ -1,6 +1,6 @@
 """Throughput of batched hinted decoding against two baselines measured in the same run.
 
-(a) `onsft.hinted.hinted_decode`: the batch's hinted and plain contexts as one padded batch of 2B rows
+(a) `onsft.engine.hinted.hinted_decode`: the batch's hinted and plain contexts as one padded batch of 2B rows
     through one copy of the weights with one KV cache (the hinted prompts' shared instruction is
     prefilled once per batch; `--instruction-len 0` measures prompts with nothing shared).
 (b) `transformers` `model.generate` on the plain contexts alone (same batch, same model, same sampling):
@@ -52,9 +52,9 @@ import transformers
 from tokenizers import Tokenizer, decoders, models
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from onsft.generation import SamplingConfig, generate
-from onsft.hinted import HintedConfig, hinted_decode
-from onsft.records import write_json_atomic
+from onsft.engine.decoding import SamplingConfig, generate
+from onsft.engine.hinted import HintedConfig, hinted_decode
+from onsft.runtime.records import write_json_atomic
 
 SPECIALS = ["<pad>", "<eos>", "<system>", "<user>", "<assistant>"]
 

@@ -71,7 +71,7 @@ def make_step(variant: str, model, args, workdir: str):
         max_steps=1,
     )
     if variant == "naive_fp32":
-        from onsft.losses import LossConfig, idft_loss
+        from onsft.formulas.weighting import LossConfig, idft_loss
 
         config = LossConfig(loss="idft")
 
@@ -95,8 +95,8 @@ def make_step(variant: str, model, args, workdir: str):
             processing_class=tokenizer,
         )
     else:
-        from onsft.losses import LossConfig
-        from onsft.trainer import OnPolicySFTTrainer, TrainConfig
+        from onsft.engine.trainer import OnPolicySFTTrainer, TrainConfig
+        from onsft.formulas.weighting import LossConfig
 
         tiles = {"idft": {}, "idft_trl_tiles": {"head_token_chunk": 4096, "head_vocab_chunk": 32768}}[variant]
         trainer = OnPolicySFTTrainer(

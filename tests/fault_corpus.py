@@ -5,7 +5,7 @@
   - `code` 2 (the default): exactly one line `onsft: error: <where>[:<line>]: <message> Fix: <fix>` on
     stderr, naming `where` (a file, or `command line` / `experiment` / `config` for options), the 1-based
     `line` when the input has lines, containing `expect`; no traceback; and no output file left behind
-    under `watch` except the ones matching `allow` (the resumable `.partial` files of a run stopped
+    under `watch` except the ones matching `allow` (the resumable `.partial` files and run.json record of a run stopped
     mid-way, which the same command resumes);
   - `code` 0: input that is odd but valid (a byte-order mark, an answer math-verify cannot parse), or a
     rerun after a fault, which must succeed.
@@ -608,10 +608,10 @@ def build(root: Path, full_disk: str, read_only: str) -> tuple[list[Case], dict[
     )
     audit(
         "config_wrong_type",
-        "--config with batch_size: ten",
+        "--config with score_batch_size: ten",
         good,
         "invalid int value",
-        extra=("--config", write("type.yaml", "batch_size: ten\n")),
+        extra=("--config", write("type.yaml", "score_batch_size: ten\n")),
         where="type.yaml",
     )
     evaluate(
@@ -697,7 +697,7 @@ def build(root: Path, full_disk: str, read_only: str) -> tuple[list[Case], dict[
         extra=("--verifier", raising + ":check"),
         where="raising_verifier.py",
         early=False,
-        allow=["eval/generations.jsonl.partial"],
+        allow=["eval/generations.jsonl.partial", "eval/run.json"],
     )
     train(
         "dpo_pair_incomplete",
@@ -752,7 +752,7 @@ def build(root: Path, full_disk: str, read_only: str) -> tuple[list[Case], dict[
         where="scores.jsonl.partial",
         early=False,
         steps=[["stale_partial", f"{stale}/scores.jsonl.partial"]],
-        allow=["audit/scores.jsonl.partial"],
+        allow=["audit/scores.jsonl.partial", "audit/run.json"],
     )
     # --- a full disk: fill the small file system, run, free it, rerun; the rerun must equal a clean run
     audit(
@@ -761,21 +761,21 @@ def build(root: Path, full_disk: str, read_only: str) -> tuple[list[Case], dict[
         many,
         "",
         code=0,
-        extra=("--batch_size", "4", "--per_token", "true"),
+        extra=("--score_batch_size", "4", "--per_token", "true"),
         early=False,
         fingerprint="audit/scores.jsonl",
     )
     disk = f"{full_disk}/audit"
     audit(
         "disk_full",
-        "--out on a file system with one free page, 40 scored rows to write",
+        "--out on a file system with two free pages (one for the run record), 40 scored rows to write",
         many,
         "cannot write output",
-        extra=("--out", disk, "--batch_size", "4", "--per_token", "true"),
+        extra=("--out", disk, "--score_batch_size", "4", "--per_token", "true"),
         watch=full_disk,
         early=False,
-        steps=[["fill", full_disk, "4096"]],
-        allow=["audit/scores.jsonl.partial"],
+        steps=[["fill", full_disk, "8192"]],
+        allow=["audit/scores.jsonl.partial", "audit/run.json"],
     )
     audit(
         "disk_full_rerun",
@@ -783,7 +783,7 @@ def build(root: Path, full_disk: str, read_only: str) -> tuple[list[Case], dict[
         many,
         "",
         code=0,
-        extra=("--out", disk, "--batch_size", "4", "--per_token", "true"),
+        extra=("--out", disk, "--score_batch_size", "4", "--per_token", "true"),
         watch=full_disk,
         early=False,
         steps=[["free", full_disk]],
@@ -821,7 +821,7 @@ def build(root: Path, full_disk: str, read_only: str) -> tuple[list[Case], dict[
         where="tilde.jsonl",
         line=2,
         early=False,
-        allow=["audit/scores.jsonl.partial"],
+        allow=["audit/scores.jsonl.partial", "audit/run.json"],
     )
     evaluate(
         "nonfinite_generation",
@@ -830,7 +830,7 @@ def build(root: Path, full_disk: str, read_only: str) -> tuple[list[Case], dict[
         "non-finite",
         model=models["nan"],
         early=False,
-        allow=["eval/generations.jsonl.partial"],
+        allow=["eval/generations.jsonl.partial", "eval/run.json"],
     )
     # --- compare experiments
     compare(

@@ -12,8 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from onsft import audit, cli, ddt
-from onsft.data import load_examples
+from onsft import cli
+from onsft.data.rows import Example, load_examples
+from onsft.engine import scoring
+from onsft.engine.decoding import sample_own
+from onsft.engine.scoring import Item, Scorer, encode_items
+from onsft.formulas import ddt
 from tiny import tiny_tokenizer, untied_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,16 +73,16 @@ def run(args, capsys) -> tuple[int, str]:
 def test_scores_do_not_depend_on_padding_batching_or_head_path():
     tokenizer, model = tiny_tokenizer(), untied_model(0, head_std=0.5)
     examples = [
-        audit.Example(
+        Example(
             index=i, line=i + 1, record=r, prompt=[{"role": "user", "content": r["prompt"]}], response=r["completion"]
         )
         for i, r in enumerate(ROWS[:9])
     ]
-    items, _ = audit.encode_items(tokenizer, examples, max_length=200)
+    items, _ = encode_items(tokenizer, examples, max_length=200)
     assert len({len(it.ids) for it in items}) > 3  # varied lengths, so batches really pad
-    alone = audit.Scorer(model, [1.0, 0.7], batch_size=1)
-    batched = audit.Scorer(model, [1.0, 0.7], batch_size=8, max_batch_tokens=10_000, vocab_chunk=7, row_chunk=5)
-    full_logits = audit.Scorer(model, [1.0, 0.7], batch_size=4)
+    alone = Scorer(model, [1.0, 0.7], batch_size=1)
+    batched = Scorer(model, [1.0, 0.7], batch_size=8, max_batch_tokens=10_000, vocab_chunk=7, row_chunk=5)
+    full_logits = Scorer(model, [1.0, 0.7], batch_size=4)
     full_logits.head = None  # the fallback path: model(...).logits
     results = []
     for scorer in (alone, batched, full_logits):
@@ -114,11 +118,11 @@ def test_own_samples_are_calibrated_and_another_models_text_is_not():
         for i in range(20)
     ]
     prompts = [prompts[i % 20] for i in range(200)]
-    scorer = audit.Scorer(own, [1.0], batch_size=64, max_batch_tokens=100_000)
+    scorer = Scorer(own, [1.0], batch_size=64, max_batch_tokens=100_000)
 
     def scores_of(model):
-        samples = audit.sample_responses(model, tokenizer, prompts, max_new_tokens=30, seed=0)
-        items = [audit.Item(i, p + ids, len(p)) for i, (p, (ids, _, _)) in enumerate(zip(prompts, samples))]
+        samples = sample_own(model, tokenizer, prompts, max_new_tokens=30, seed=0)
+        items = [Item(i, p + s.token_ids, len(p)) for i, (p, s) in enumerate(zip(prompts, samples))]
         return [row for _, rows, _ in scorer.iter_scored(items) for row in rows]
 
     rows = scores_of(own)
@@ -258,13 +262,13 @@ def test_bad_input_is_one_line_exit_2_and_no_output(case, saved, tmp_path, capsy
 
 
 def test_resume_after_kill_gives_the_same_output(saved, tmp_path, capsys, monkeypatch):
-    args = ["--model", saved / "model0", "--data", saved / "data.jsonl", "--batch_size", 2]
+    args = ["--model", saved / "model0", "--data", saved / "data.jsonl", "--score_batch_size", 2]
     code, err = run([*args, "--out", tmp_path / "reference"], capsys)
     assert code == 0, err
 
     out = tmp_path / "resumed"
     calls = []
-    real_score = audit.Scorer.score
+    real_score = scoring.Scorer.score
 
     def killed_on_third_batch(self, items):
         calls.append(len(items))
@@ -272,7 +276,7 @@ def test_resume_after_kill_gives_the_same_output(saved, tmp_path, capsys, monkey
             raise KeyboardInterrupt  # what Ctrl-C (or a kill between two writes) leaves behind
         return real_score(self, items)
 
-    monkeypatch.setattr(audit.Scorer, "score", killed_on_third_batch)
+    monkeypatch.setattr(scoring.Scorer, "score", killed_on_third_batch)
     assert run([*args, "--out", out], capsys)[0] == 130
     partial = out / "scores.jsonl.partial"
     assert not (out / "scores.jsonl").exists() and len(partial.read_text().splitlines()) == 1 + 4
@@ -284,7 +288,7 @@ def test_resume_after_kill_gives_the_same_output(saved, tmp_path, capsys, monkey
 
     calls.clear()
     monkeypatch.setattr(
-        audit.Scorer, "score", lambda self, items: (calls.append(len(items)), real_score(self, items))[1]
+        scoring.Scorer, "score", lambda self, items: (calls.append(len(items)), real_score(self, items))[1]
     )
     code, err = run([*args, "--out", out], capsys)
     assert code == 0, err
@@ -299,7 +303,7 @@ def test_two_processes_give_the_same_scores_as_one(saved, tmp_path, capsys):
         saved / "model0",
         "--data",
         saved / "data.jsonl",
-        "--batch_size",
+        "--score_batch_size",
         3,
         "--self_check",
         7,

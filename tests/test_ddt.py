@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from onsft import ddt
+from onsft.formulas import ddt
 
 
 def naive(logits: torch.Tensor, targets: torch.Tensor, tau: float = 1.0) -> dict[str, torch.Tensor]:

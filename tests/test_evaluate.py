@@ -9,12 +9,18 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import onsft.generation
+import onsft.engine.kl
+import onsft.pipeline.evaluation
 from onsft import cli
-from onsft.data import Example, encode_prompt, load_examples
+from onsft.data.chat import encode_prompt
+from onsft.data.rows import Example, load_examples
+from onsft.data.verify import VerifyConfig
+from onsft.engine.decoding import SamplingConfig, generate
+from onsft.engine.kl import kl_drift
 from onsft.errors import UserError
-from onsft.evaluate import EvalConfig, aggregate, evaluate_model, kl_drift, kl_per_position, pass_at_k
-from onsft.generation import SamplingConfig, generate
+from onsft.formulas.stats import kl_per_position, pass_at_k
+from onsft.pipeline.evaluation import aggregate, evaluate_model
+from onsft.runtime.models import load_model
 from tiny import tiny_tokenizer
 
 TOKENIZER = tiny_tokenizer()
@@ -148,8 +154,10 @@ def test_evaluate_model_answers_equal_own_greedy_outputs_give_accuracy_one():
     model = talker()
     texts = greedy_texts(model, max_new_tokens=8)
     assert len(set(texts)) > 1 and all(texts)  # the model writes varied, non-empty text
-    config = EvalConfig(verifier="exact", max_new_tokens=8, batch_size=4, samples=4, temperature=1e-4)
-    result = evaluate_model(model, TOKENIZER, examples_with(texts), config, return_records=True)
+    sampling = SamplingConfig(max_new_tokens=8, batch_size=4, temperature=1e-4)
+    result = evaluate_model(
+        model, TOKENIZER, examples_with(texts), sampling, VerifyConfig(verifier="exact"), samples=4, return_records=True
+    )
     assert result["accuracy"] == 1.0
     # temperature -> 0 samples the argmax too: every sample is right, pass@k = 1
     assert result["sampled_accuracy"] == 1.0 and result["pass_at_k"] == {"1": 1.0, "2": 1.0, "4": 1.0}
@@ -160,7 +168,8 @@ def test_evaluate_model_answers_equal_own_greedy_outputs_give_accuracy_one():
         model,
         TOKENIZER,
         examples_with(["not this"] * len(PROMPTS)),
-        EvalConfig(verifier="exact", max_new_tokens=8, batch_size=4),
+        SamplingConfig(max_new_tokens=8, batch_size=4),
+        VerifyConfig(verifier="exact"),
     )
     assert wrong["accuracy"] == 0.0 and "pass_at_k" not in wrong
 
@@ -205,8 +214,6 @@ def test_kl_drift_is_zero_for_the_same_model_and_matches_naive_for_another():
 def saved(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     path = save_talker(root / "model")
-    from onsft.models import load_model
-
     texts = greedy_texts(load_model(path), max_new_tokens=6)
     data = write_jsonl(
         root / "data.jsonl",
@@ -264,7 +271,8 @@ def test_eval_command_outputs(saved, tmp_path, monkeypatch):
     assert (out / "accuracy.png").stat().st_size > 1000
     assert not list(out.glob("*.partial"))
     # Rerunning a finished evaluation computes nothing.
-    monkeypatch.setattr(onsft.generation, "generate", lambda *a, **k: pytest.fail("generated again"))
+    for module in (onsft.pipeline.evaluation, onsft.engine.kl):
+        monkeypatch.setattr(module, "generate", lambda *a, **k: pytest.fail("generated again"))
     assert run_eval(saved, out, *options) == 0
 
 
@@ -273,7 +281,7 @@ def test_killed_run_resumes_without_loss_or_duplicates(saved, tmp_path, monkeypa
     # batch_size 4: chunks of 4 prompts (greedy batch of 4, then 4 x 2 samples); 6 prompts = 2 chunks
     resumable = ("--samples", "2", "--plot", "false", "--batch_size", "4")
     assert run_eval(saved, reference, *resumable) == 0
-    real = onsft.generation.generate
+    real = onsft.pipeline.evaluation.generate
     calls = []
 
     def dying(*args, **kwargs):
@@ -282,14 +290,14 @@ def test_killed_run_resumes_without_loss_or_duplicates(saved, tmp_path, monkeypa
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(onsft.generation, "generate", dying)
+    monkeypatch.setattr(onsft.pipeline.evaluation, "generate", dying)
     out = tmp_path / "resumed"
     assert run_eval(saved, out, *resumable) == 130
     assert not (out / "generations.jsonl").exists() and not (out / "metrics.json").exists()
     partial = (out / "generations.jsonl.partial").read_text().splitlines()
     assert len(partial) == 1 + 4  # fingerprint + the first chunk's four prompts
     calls.clear()
-    monkeypatch.setattr(onsft.generation, "generate", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
+    monkeypatch.setattr(onsft.pipeline.evaluation, "generate", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
     assert run_eval(saved, out, *resumable) == 0
     assert calls == [2, 4]  # only chunk 2 (2 greedy rows, then 2 samples x 2 prompts)
     assert (out / "generations.jsonl").read_text() == (reference / "generations.jsonl").read_text()
@@ -302,7 +310,7 @@ def test_killed_run_resumes_without_loss_or_duplicates(saved, tmp_path, monkeypa
     assert calls == [4, 8, 2, 4]
     assert (torn / "generations.jsonl").read_text() == (reference / "generations.jsonl").read_text()
     # A different setting must not be merged into an unfinished run's partial output.
-    monkeypatch.setattr(onsft.generation, "generate", dying)
+    monkeypatch.setattr(onsft.pipeline.evaluation, "generate", dying)
     calls.clear()
     other = tmp_path / "other"
     assert run_eval(saved, other, *resumable) == 130
@@ -310,7 +318,8 @@ def test_killed_run_resumes_without_loss_or_duplicates(saved, tmp_path, monkeypa
 
 
 def test_user_errors_stop_before_any_compute(saved, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(onsft.generation, "generate", lambda *a, **k: pytest.fail("generated"))
+    for module in (onsft.pipeline.evaluation, onsft.engine.kl):
+        monkeypatch.setattr(module, "generate", lambda *a, **k: pytest.fail("generated"))
     out = tmp_path / "bad"
     assert run_eval(saved, out, "--verifier", "no_such_verifier") == 2
     assert "unknown verifier" in capsys.readouterr().err
@@ -321,7 +330,7 @@ def test_user_errors_stop_before_any_compute(saved, tmp_path, capsys, monkeypatc
     assert run_eval(saved, out, "--greedy", "false") == 2
     assert not out.exists() or not any(out.iterdir())
     with pytest.raises(UserError, match="answer"):
-        evaluate_model(talker(), TOKENIZER, examples_with([None] * len(PROMPTS)), EvalConfig())
+        evaluate_model(talker(), TOKENIZER, examples_with([None] * len(PROMPTS)), SamplingConfig(), VerifyConfig())
 
 
 def test_a_prompt_longer_than_the_context_names_its_line(saved, tmp_path):
@@ -333,6 +342,7 @@ def test_a_prompt_longer_than_the_context_names_its_line(saved, tmp_path):
             talker(),
             TOKENIZER,
             load_examples(data, require_response=False),
-            EvalConfig(verifier="exact", max_new_tokens=2),
+            SamplingConfig(max_new_tokens=2),
+            VerifyConfig(verifier="exact"),
         )
     assert error.value.line == 2

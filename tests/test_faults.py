@@ -202,7 +202,8 @@ def test_full_disk_run_resumes_to_the_clean_output(corpus):
     _, results, _, mechanism = corpus
     assert mechanism in ("tmpfs", "rlimit")
     stopped = results["disk_full"]
-    assert stopped["created"] == ["audit/scores.jsonl.partial"]  # finished records kept, no final file
+    # Finished records kept with the run's settings record, no final file.
+    assert stopped["created"] == ["audit/run.json", "audit/scores.jsonl.partial"]
     assert results["disk_full_rerun"]["sha256"] == results["clean_reference"]["sha256"] is not None
 
 
@@ -312,7 +313,7 @@ def kill_runs(tmp_path_factory):
                 str(data),
                 "--out",
                 str(out),
-                "--batch_size",
+                "--score_batch_size",
                 "1",
                 "--progress",
                 "false",
@@ -521,7 +522,7 @@ def test_nonfinite_loss_is_skipped_and_counted(tmp_path):
 
 
 def organism_available() -> bool:
-    from onsft.models import organism_path
+    from onsft.runtime.aliases import organism_path
 
     return (organism_path() / "config.json").is_file() and (organism_path() / "model.safetensors").is_file()
 
@@ -529,9 +530,9 @@ def organism_available() -> bool:
 def test_bf16_agrees_with_fp32(tmp_path):
     """Audit scores and a short training run in bf16 against fp32: the stated tolerances are what bf16's
     8-bit mantissa allows on these models (measured, with ~3x margin)."""
-    from onsft.audit import AuditConfig, score_examples
-    from onsft.data import parse_example
-    from onsft.models import load_model, load_tokenizer
+    from onsft.data.rows import parse_example
+    from onsft.pipeline.auditing import AuditConfig, score_examples
+    from onsft.runtime.models import load_model, load_tokenizer
 
     if organism_available():
         from onsft.organism.tasks import new_skill_train
@@ -543,10 +544,12 @@ def test_bf16_agrees_with_fp32(tmp_path):
         rows, subject = fault_corpus.good_rows(32), "tiny model (organism checkpoint missing)"
     examples = [parse_example(r, i, i + 1, "rows", True) for i, r in enumerate(rows)]
     tokenizer = load_tokenizer(model_name)
-    config = AuditConfig(model=model_name, data="rows", out="unused", max_length=512)
+    config = AuditConfig(data="rows", out="unused", max_length=512)
     phi = {}
     for dtype in (torch.float32, torch.bfloat16):
-        phi[dtype] = [r["mean_phi"] for r in score_examples(load_model(model_name, dtype), tokenizer, examples, config)]
+        phi[dtype] = [
+            r["mean_phi"] for r in score_examples(load_model(model_name, dtype=dtype), tokenizer, examples, config)
+        ]
     gaps = [abs(a - b) for a, b in zip(phi[torch.float32], phi[torch.bfloat16])]
     mean32, mean16 = (sum(v) / len(v) for v in phi.values())
     # Per response, a short response's mean phi moves by up to ~0.08 nats/token (bf16 keeps 8 bits of mantissa);

@@ -7,21 +7,16 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from onsft.engine.decoding import SamplingConfig, generate
+from onsft.engine.kv_cache import SPAN_ATTENTION, GrowingCache, row_spans, span_attention
+from onsft.engine.rows import RowBatch, _chunks
 from onsft.errors import UserError
-from onsft.generation import (
-    SPAN_ATTENTION,
-    GrowingCache,
+from onsft.formulas.sampling import (
     RepetitionDetector,
-    RowBatch,
-    SamplingConfig,
-    _chunks,
     example_generator,
     filter_logprobs,
-    generate,
     has_repeated_window,
-    row_spans,
     sample_tokens,
-    span_attention,
 )
 from tiny import tiny_tokenizer
 

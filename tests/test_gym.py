@@ -2,17 +2,20 @@
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 
 pytest.importorskip("reasoning_gym")
 
-from onsft import gym  # noqa: E402
 from onsft.cli import main  # noqa: E402
-from onsft.data import load_examples  # noqa: E402
-from onsft.datasets_cli import parse_options  # noqa: E402
+from onsft.commands.data import parse_options  # noqa: E402
+from onsft.data import gym  # noqa: E402
+from onsft.data.rows import load_examples  # noqa: E402
+from onsft.data.sources import materialize  # noqa: E402
+from onsft.data.verify import get_verifier  # noqa: E402
 from onsft.errors import UserError  # noqa: E402
-from onsft.verify import get_verifier  # noqa: E402
+from onsft.pipeline.rewrite_summary import train_rows  # noqa: E402
 
 SIMPLE = {"max_terms": 3, "max_digits": 2}  # chain_sum small enough for a small model
 MATH = get_verifier("math", timeout_seconds=2)
@@ -75,7 +78,7 @@ def test_tasks_without_a_worked_solution_have_no_reference():
     "task, options", [("gsm_symbolic", {}), ("chain_sum", SIMPLE), ("basic_arithmetic", {"max_digits": 2})]
 )
 def test_task_scorer_and_math_verify_agree_on_gold_and_wrong_answers(task, options):
-    score = get_verifier(f"onsft.gym:score_{task}")
+    score = get_verifier(f"onsft.data.gym:score_{task}")
     for row in gym.gym_rows(task, 25, seed=5, options=options):
         gold = row["answer"]
         assert score.check(f"\\boxed{{{gold}}}", gold).score == 1.0
@@ -110,9 +113,9 @@ def test_answer_extraction_order():
 def test_verifier_specs_and_errors():
     assert gym.score_chain_sum("\\boxed{5}", "5") == 1.0  # resolved on first access, then a module attribute
     with pytest.raises(UserError, match="score_<task>"):
-        get_verifier("onsft.gym:score")
+        get_verifier("onsft.data.gym:score")
     with pytest.raises(UserError, match="unknown reasoning-gym task"):
-        get_verifier("onsft.gym:score_no_such_task")
+        get_verifier("onsft.data.gym:score_no_such_task")
     # countdown's answer is any expression reaching a target: scoring needs the row's metadata.
     assert gym.needs_metadata("countdown") and not gym.needs_metadata("gsm_symbolic")
     with pytest.raises(UserError, match="metadata"):
@@ -207,24 +210,37 @@ def test_cli_organism_writes_the_demo_data(tmp_path):
     assert main(["data", "nothing"]) == 2
 
 
-def test_study_data_and_rewrite_pipeline_rows():
-    from onsft.study import StudyConfig, make_data, rewrite_training_rows
+def test_experiment_gym_data_and_rewrite_pipeline_rows(tmp_path):
+    # The study's data as an experiment's gym draws (onsft.data.sources), e.g. smollm2-gym.yaml's.
+    values = {
+        "train_data": [
+            {"gym": "gsm_symbolic", "size": 6, "seed": 0},
+            {"gym": "chain_sum", "size": 6, "seed": 0, "options": SIMPLE},
+        ],
+        "test_task": {"gym": "gsm_symbolic", "size": 5, "seed": 1, "exclude": "train_data"},
+        "test_simple": {"gym": "chain_sum", "size": 5, "seed": 1, "options": SIMPLE, "exclude": "train_data"},
+        "retention": {"gym": "products", "size": 4, "seed": 2, "options": {"max_digits": 1}},
+    }
 
-    config = StudyConfig(n_train=6, n_test=5, n_retention=4)
-    data = make_data(config)
-    assert [len(data[k]) for k in ("train", "test_task", "test_simple", "retention")] == [12, 5, 5, 4]
-    assert all(r["reference"] == r["completion"] for r in data["train"])
-    train_prompts = {r["prompt"] for r in data["train"]}
+    def make_data(folder):
+        paths = materialize(values, folder)
+        return {key: [json.loads(line) for line in Path(path).read_text().splitlines()] for key, path in paths.items()}
+
+    data = make_data(tmp_path / "a")
+    assert [len(data[k]) for k in ("train_data", "test_task", "test_simple", "retention")] == [12, 5, 5, 4]
+    assert all(r["reference"] == r["completion"] for r in data["train_data"])
+    train_prompts = {r["prompt"] for r in data["train_data"]}
     assert not train_prompts & {r["prompt"] for k in ("test_task", "test_simple") for r in data[k]}
-    assert data == make_data(config)
-    rows = data["train"][:3]
-    own = [{"correct": True, "text": "mine"}, {"correct": False, "text": "x"}, {"correct": False, "text": "y"}]
+    assert data == make_data(tmp_path / "b")
+    rows = data["train_data"][:3]
+    # The rewrite pipeline's records (onsft.pipeline.rewriting): row 0 had a correct own sample, row 1 a
+    # verified rewrite, row 2 neither.
     records = [
-        {"provenance": "hinted", "verified": True, "response": "r0"},
-        {"provenance": "hinted", "verified": True, "response": "r1"},
-        {"provenance": "dropped", "verified": False, "response": "r2"},
+        {**rows[0], "provenance": "own", "verified": True, "response": "mine", "mean_phi": None},
+        {**rows[1], "provenance": "hinted", "verified": True, "response": "r1", "mean_phi": None},
+        {**rows[2], "provenance": "dropped", "verified": False, "response": "r2", "mean_phi": None},
     ]
-    kept = rewrite_training_rows(rows, own, records)
+    kept = train_rows(records)
     # own-correct first, then a verified rewrite, and nothing for a row with neither
     assert [(k["completion"], k["provenance"]) for k in kept] == [("mine", "own"), ("r1", "hinted")]
     assert [k["id"] for k in kept] == [rows[0]["id"], rows[1]["id"]]

@@ -6,9 +6,10 @@ import math
 import pytest
 import torch
 
+from onsft.engine.hinted import HintedConfig, hinted_decode
 from onsft.errors import UserError
-from onsft.generation import example_generator, filter_logprobs, has_repeated_window
-from onsft.hinted import HintedConfig, hinted_decode, mix_logprobs, mixing_weight, normalized_entropy
+from onsft.formulas.mixing import mix_logprobs, mixing_weight, normalized_entropy
+from onsft.formulas.sampling import example_generator, filter_logprobs, has_repeated_window
 from test_generation import TOKENIZER, encode, hf_greedy, varied_model
 
 QUESTIONS = ["what is 2+2?", "x", "name a colour", "sum 1 to 10 please, step by step"]

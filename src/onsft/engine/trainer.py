@@ -47,6 +47,11 @@ class TrainingDefaults:
             "true on CPU for ~2x speed on small models, at some numeric cost)."
         },
     )
+    # `ModelArguments` (composed with these configs in `onsft train`) owns --trust_remote_code; TRL's field
+    # of the same name is not an option of its own (two would clash in one parser) and is copied from it.
+    trust_remote_code: bool = field(
+        default=False, init=False, metadata={"help": "Set from ModelArguments.trust_remote_code."}
+    )
 
     def __post_init__(self):
         resolve_precision(self)
@@ -103,7 +108,7 @@ def configure_fused_head_tiles(token_chunk: int, vocab_chunk: int, device_type: 
 
 
 class OnPolicySFTTrainer(SFTTrainer):
-    """SFTTrainer whose loss is `onsft.losses.idft_loss` (nll, dft or idft by `loss_config.loss`)."""
+    """SFTTrainer whose loss is `onsft.formulas.weighting.idft_loss` (nll, dft or idft by `loss_config.loss`)."""
 
     def __init__(self, *args, loss_config: LossConfig | None = None, **kwargs):
         self.loss_config = loss_config or LossConfig()

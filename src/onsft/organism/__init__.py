@@ -3,7 +3,7 @@
 `tasks` makes the synthetic data (old skills, opaque verbs, the new skill in several teacher styles),
 `tokenizer` builds the character-plus-pieces tokenizer, `pretrain` reproduces the checkpoint:
     python -m onsft.organism.pretrain --out src/onsft/organism/model
-Load it with `onsft.models.load_model("organism")` (or `from_pretrained(MODEL_DIR)`).
+Load it with `onsft.runtime.models.load_model("organism")` (or `from_pretrained(MODEL_DIR)`).
 """
 
 from pathlib import Path

@@ -232,7 +232,7 @@ def accuracy_by_task(rows: list[dict], responses: list[str], native: bool = Fals
 @torch.no_grad()
 def mean_phi(model, tokenizer: PreTrainedTokenizerBase, pairs: list[tuple[str, str]]) -> float:
     """Mean centred log-likelihood (log p + H) over response tokens, plain context; used here only to
-    check that the teacher styles span a range of off-policy-ness (onsft.ddt is the real audit)."""
+    check that the teacher styles span a range of off-policy-ness (onsft.formulas.ddt is the real audit)."""
     total, count = 0.0, 0
     for i in range(0, len(pairs), 64):
         batch = collate(encode_pairs(tokenizer, pairs[i : i + 64]), tokenizer.pad_token_id)

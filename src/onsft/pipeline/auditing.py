@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from onsft.data.chat import OVERLONG, OVERLONG_HELP
-from onsft.data.rows import Example
+from onsft.data.rows import DataArguments, Example
 from onsft.engine.decoding import sample_own
 from onsft.engine.scoring import Item, Scorer, ScoringConfig, encode_items, score_batch, score_items, tau_suffix
 from onsft.errors import UserError
@@ -29,17 +29,9 @@ from onsft.runtime.store import ShardStore
 
 
 @dataclass
-class AuditConfig:
+class AuditConfig(DataArguments):
     """What `onsft audit` scores and reports (the model is ModelArguments', the batching ScoringConfig's)."""
 
-    data: str = field(
-        default="",
-        metadata={
-            "help": "Dataset: a .jsonl/.json/.parquet/.csv file, a saved `datasets` "
-            "folder, or a Hub dataset name[:config]."
-        },
-    )
-    split: str = field(default="train", metadata={"help": "Split of Hub datasets and saved DatasetDicts."})
     out: str = field(default="", metadata={"help": "Output folder (scores.jsonl, summary.json, report.html, ...)."})
     max_length: int = field(default=1024, metadata={"help": "Maximum tokens of prompt + response."})
     overlong: str = field(default="reject", metadata={"help": OVERLONG_HELP})

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from onsft.data.chat import encode_prompt, encode_response
-from onsft.data.rows import Example
+from onsft.data.rows import DataArguments, Example
 from onsft.data.verify import Verifier, get_verifier
 from onsft.engine.decoding import SamplingConfig, generate
 from onsft.engine.hinted import HintedConfig, hinted_decode
@@ -52,18 +52,11 @@ ADDED_FIELDS = (
 
 
 @dataclass
-class RewriteConfig:
-    """The rewrite pipeline's own settings; hinted decoding's are `HintedConfig`'s (also the own samples'
-    token limit and seed), scoring's `ScoringConfig`'s, checking `VerifyConfig`'s."""
+class RewriteConfig(DataArguments):
+    """The rewrite pipeline's own settings (the data: rows with a prompt, an `answer` and a `reference`
+    solution); hinted decoding's are `HintedConfig`'s (also the own samples' token limit and seed),
+    scoring's `ScoringConfig`'s, checking `VerifyConfig`'s."""
 
-    data: str = field(
-        default="",
-        metadata={
-            "help": "Rows with a prompt, an `answer` (gold final answer) and a `reference` (correct solution): "
-            "a file, a saved `datasets` folder or a Hub dataset name[:config]."
-        },
-    )
-    split: str = field(default="train", metadata={"help": "Split of Hub datasets and saved DatasetDicts."})
     out: str = field(default="", metadata={"help": "Output folder: records.jsonl, train.jsonl, summary.json."})
     train_out: str = field(
         default="", metadata={"help": "Training-ready file of the kept rows (default: OUT/train.jsonl)."}

@@ -43,7 +43,8 @@ def cache_dir() -> Path:
 
 
 def organism_path() -> Path:
-    return Path(__file__).resolve().parent / "organism" / "model"
+    """The embedded organism checkpoint, shipped in the package (onsft/organism/model)."""
+    return Path(__file__).resolve().parent.parent / "organism" / "model"
 
 
 def smollm2_path(fetch: bool = True) -> Path:

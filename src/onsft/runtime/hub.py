@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from onsft.errors import UserError
@@ -56,8 +57,10 @@ def snapshot(
     revision: str | None = None,
     offline: bool = False,
     patterns: list[str] | None = None,
+    aliases: Sequence[str] = (),
 ) -> Path:
-    """A local folder with the Hub repository `name` (`kind` "model" or "dataset")."""
+    """A local folder with the Hub repository `name` (`kind` "model" or "dataset"). `aliases` are the other
+    names the caller accepts (model aliases): an unknown name's error lists them."""
     from huggingface_hub.errors import (
         GatedRepoError,
         HFValidationError,
@@ -68,6 +71,8 @@ def snapshot(
     )
 
     what = "model" if kind == "model" else "dataset"
+    not_alias = f"not an alias ({', '.join(aliases)}), " if aliases else ""
+    local = "a local path" + (f" or one of the aliases {', '.join(aliases)}" if aliases else "")
     try:
         return Path(_download(name, kind, revision, True, patterns))
     except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
@@ -76,16 +81,16 @@ def snapshot(
         raise UserError(
             f"'{name}' is not a valid Hugging Face {what} name",
             where=name,
-            fix=f"pass a local path or a Hub id like owner/{what}-name.",
+            fix=f"pass {local} or a Hub id like owner/{what}-name.",
         ) from None
     if offline_requested(offline):
         raise UserError(
-            f"unknown {what} '{name}': not a local path and not in the Hugging Face cache, and downloads are off "
-            "(--offline or HF_HUB_OFFLINE=1)",
+            f"unknown {what} '{name}': {not_alias}not a local path and not in the Hugging Face cache, and downloads "
+            "are off (--offline or HF_HUB_OFFLINE=1)",
             where=name,
             fix=f"run once with network access to cache it (or `hf download {name}"
             + (" --repo-type dataset" if kind == "dataset" else "")
-            + "), or pass a local path.",
+            + f"), or pass {local}.",
         )
     print(f"onsft: downloading {what} '{name}' from the Hugging Face Hub (cached for later runs)", file=sys.stderr)
     try:
@@ -97,7 +102,7 @@ def snapshot(
             + (" (gated)" if gated else " (or it is private)"),
             where=name,
             fix="check the name; for a private or gated repository accept its terms and log in "
-            "(`hf auth login` or HF_TOKEN).",
+            f"(`hf auth login` or HF_TOKEN); or pass {local}.",
         ) from None
     except RevisionNotFoundError:
         raise UserError(
@@ -105,9 +110,9 @@ def snapshot(
         ) from None
     except OfflineModeIsEnabled:
         raise UserError(
-            f"unknown {what} '{name}': not cached and the Hub is in offline mode",
+            f"unknown {what} '{name}': {not_alias}not cached and the Hub is in offline mode",
             where=name,
-            fix="unset HF_HUB_OFFLINE to download it, or pass a local path.",
+            fix=f"unset HF_HUB_OFFLINE to download it, or pass {local}.",
         ) from None
     except Exception as error:  # connection errors, HTTP errors, a full disk: all 'could not fetch'
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

@@ -87,7 +87,7 @@ def resolve_model_path(name_or_path: str | os.PathLike, *, revision: str | None 
             where=name,
             fix="check the path, or pass a Hub id like owner/model-name.",
         )
-    folder = hub.snapshot(name, "model", revision=revision, offline=offline, patterns=hub.MODEL_FILES)
+    folder = hub.snapshot(name, "model", revision=revision, offline=offline, patterns=hub.MODEL_FILES, aliases=ALIASES)
     if not _is_model(folder):
         raise UserError(
             f"Hub repository '{name}' holds no transformers model (no config.json, no .gguf)",

@@ -111,8 +111,8 @@ class RunGuard:
                     changed = changed_keys(saved.get("settings"), self.settings)
                     shown = ", ".join(changed[:4]) + (f" and {len(changed) - 4} more" if len(changed) > 4 else "")
                     raise UserError(
-                        f"this output already holds a {saved.get('command', 'different')} run with other settings "
-                        f"(changed: {shown})",
+                        f"this output already holds a run with different settings ({saved.get('command')}; "
+                        f"changed: {shown})",
                         where=str(self.record.parent),
                         fix="rerun with the same settings to resume or reuse it, choose another output, or pass "
                         "--overwrite to delete that run's outputs and start over.",
@@ -183,24 +183,25 @@ class RunGuard:
         self.record.unlink(missing_ok=True)
 
     def _acquire(self) -> None:
-        me = {"pid": os.getpid(), "host": socket.gethostname()}
+        """Take the lock: a symbolic link whose target names the owner (`host:pid`). Creating a link is atomic
+        and fails when it exists, and a short link needs no data block, so the lock works on a full disk."""
+        me = f"{socket.gethostname()}:{os.getpid()}"
         try:
             self.lock.parent.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise output_error(error, self.lock.parent) from None
         for _ in range(2):
             try:
-                fd = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                os.symlink(me, self.lock)
             except FileExistsError:
                 try:
-                    owner = json.loads(self.lock.read_text(encoding="utf-8"))
-                except (OSError, ValueError):
-                    owner = {}
-                live = owner.get("host") == me["host"] and isinstance(owner.get("pid"), int) and _alive(owner["pid"])
-                if live or (owner.get("host") and owner.get("host") != me["host"]):
+                    host, _, pid = os.readlink(self.lock).rpartition(":")
+                except OSError:
+                    host, pid = "", ""
+                here = host == socket.gethostname()
+                if (here and pid.isdigit() and _alive(int(pid))) or (host and not here):
                     raise UserError(
-                        f"another onsft process (pid {owner.get('pid')} on {owner.get('host')}) is writing this "
-                        "output now",
+                        f"another onsft process (pid {pid} on {host}) is writing this output now",
                         where=str(self.record.parent),
                         fix="wait for it to finish, or choose another output folder.",
                     ) from None
@@ -208,14 +209,12 @@ class RunGuard:
                 continue
             except OSError as error:
                 raise output_error(error, self.lock) from None
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                json.dump(me, handle)
             self.locked = True
             return
         raise UserError(
-            "could not take the output's lock file",
+            "could not take the output's lock",
             where=str(self.lock),
-            fix="delete the lock file if no onsft process is running, then rerun.",
+            fix="delete the lock if no onsft process is running, then rerun.",
         )
 
 

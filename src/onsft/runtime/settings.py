@@ -189,9 +189,12 @@ def _coerce(value: Any, hint: Any) -> Any:
     return value
 
 
-def configs_from_dict(values: dict[str, Any], *config_types: type, where: str = "experiment") -> tuple[Any, ...]:
+def configs_from_dict(
+    values: dict[str, Any], *config_types: type, where: str = "experiment", section: str = ""
+) -> tuple[Any, ...]:
     """Instances of `config_types` from one mapping of field: value (each key goes to the types that have it).
-    Unknown keys, values a type rejects and non-finite numbers are `UserError`s naming `where`."""
+    Unknown keys, values a type rejects and non-finite numbers are `UserError`s naming `where`; an unknown key
+    is shown as the flag it would be (`--key`), or as an option of `section` when the mapping is not flags."""
     owners: dict[str, list[type]] = {}
     for config_type in config_types:
         for f in dataclasses.fields(config_type):
@@ -201,7 +204,7 @@ def configs_from_dict(values: dict[str, Any], *config_types: type, where: str = 
     if unknown:
         close = [k for k in owners if k.replace("_", "") == str(unknown[0]).replace("_", "").replace("-", "")]
         raise UserError(
-            f"unknown option `{unknown[0]}`",
+            f"unknown {section} option `{unknown[0]}`" if section else f"unknown option `--{unknown[0]}`",
             where=where,
             fix=f"did you mean `{close[0]}`?" if close else "valid options: " + ", ".join(sorted(owners)) + ".",
         )
