@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from onsft.data.rows import dataset_identity, load_examples
-from onsft.engine.scoring import ScoringConfig, encode_items
+from onsft.data.rows import Example, dataset_identity, load_examples
+from onsft.engine.scoring import Item, ScoringConfig, encode_items
 from onsft.pipeline.audit_report import write_report
 from onsft.pipeline.auditing import (
     AuditConfig,
@@ -65,9 +67,71 @@ OUTPUTS = [
 ]
 
 
-def _lengths(items, examples) -> list[tuple[int, int | None]]:
-    line = {e.index: e.line for e in examples}
-    return [(len(it.ids), line[it.index]) for it in items]
+@dataclass
+class _Side:
+    """One dataset scored by one model: the data (`scores`) or the comparison (`compare_scores`)."""
+
+    name: str
+    label: str
+    model_args: ModelArguments
+    examples: list[Example]
+    tokenizer: Any
+    items: list[Item]
+    where: str
+    fingerprint: dict
+
+    def lengths(self) -> list[tuple[int, int | None]]:
+        line = {e.index: e.line for e in self.examples}
+        return [(len(it.ids), line[it.index]) for it in self.items]
+
+
+def _sides(config: AuditConfig, model_args: ModelArguments, dtype) -> tuple[_Side, _Side | None, dict]:
+    """Both sides read, tokenised and fingerprinted (every user error surfaces here), and the encoding counts."""
+    examples = load_examples(config.data, split=config.split, offline=model_args.offline)
+    tokenizer = load_tokenizer(model_args)
+    items, encoding = encode_items(tokenizer, examples, config.max_length, config.overlong, config.data)
+    fingerprint = {
+        "command": "audit",
+        "model": model_args.model,
+        "data": dataset_identity(config.data, config.split),
+        "tau": list(config.tau),
+        "max_length": config.max_length,
+        "overlong": config.overlong,
+        "dtype": str(dtype),
+        "threshold": config.threshold,
+        "per_token": config.per_token,
+        "plot_sample": config.plot_sample,
+    }
+    main = _Side(
+        "scores", f"data: {Path(config.data).name}", model_args, examples, tokenizer, items, config.data, fingerprint
+    )
+    if not (config.compare_data or config.compare_model):
+        return main, None, encoding
+    other_args = (
+        dataclasses.replace(model_args, model=config.compare_model, model_revision=None)
+        if config.compare_model
+        else model_args
+    )
+    other_examples = (
+        load_examples(config.compare_data, split=config.split, offline=model_args.offline)
+        if config.compare_data
+        else examples
+    )
+    other_tokenizer = load_tokenizer(other_args) if config.compare_model else tokenizer
+    where = config.compare_data or config.data
+    other_items = encode_items(other_tokenizer, other_examples, config.max_length, config.overlong, where)[0]
+    named = [Path(x).name for x in (config.compare_model, config.compare_data) if x]
+    other = _Side(
+        "compare_scores",
+        "compare: " + " on ".join(named),
+        other_args,
+        other_examples,
+        other_tokenizer,
+        other_items,
+        where,
+        {**fingerprint, "model": other_args.model, "data": dataset_identity(where, config.split)},
+    )
+    return main, other, encoding
 
 
 def run(
@@ -87,191 +151,83 @@ def run(
     procs = Processes(model_args.device)
     dtype = resolve_dtype(model_args.dtype, procs.device)
     out = Path(config.out)
-
     # Everything a user can get wrong is checked before the output folder exists.
-    examples = load_examples(config.data, split=config.split, offline=model_args.offline)
-    compare_examples = (
-        load_examples(config.compare_data, split=config.split, offline=model_args.offline)
-        if config.compare_data
-        else examples
-    )
-    compare_args = (
-        dataclasses.replace(model_args, model=config.compare_model, model_revision=None)
-        if config.compare_model
-        else model_args
-    )
-    tokenizer = load_tokenizer(model_args)
-    items, encoding = encode_items(tokenizer, examples, config.max_length, config.overlong, config.data)
-    comparing = bool(config.compare_data or config.compare_model)
-    compare_where = config.compare_data or config.data
-    compare_tokenizer = load_tokenizer(compare_args) if config.compare_model else tokenizer
-    compare_items = (
-        encode_items(compare_tokenizer, compare_examples, config.max_length, config.overlong, compare_where)[0]
-        if comparing
-        else None
-    )
+    main, other, encoding = _sides(config, model_args, dtype)
     check_writable(out / "scores.jsonl")
-    fingerprint = {
-        "command": "audit",
-        "model": model_args.model,
-        "data": dataset_identity(config.data, config.split),
-        "tau": list(config.tau),
-        "max_length": config.max_length,
-        "overlong": config.overlong,
-        "dtype": str(dtype),
-        "threshold": config.threshold,
-        "per_token": config.per_token,
-        "plot_sample": config.plot_sample,
-    }
     # Scores are reused only from runs with the same scoring settings; the summary and report are rebuilt.
-    guard = RunGuard(
+    with RunGuard(
         out / "run.json",
         "audit",
-        fingerprint,
+        main.fingerprint,
         OUTPUTS,
         out / "summary.json",
         overwrite=run_args.overwrite,
         active=procs.main,
         reuse=False,
-    )
-    guard.claim()
-    try:
-        summary = _audit(
-            config,
-            model_args,
-            compare_args,
-            scoring,
-            run_args,
-            procs,
-            dtype,
-            examples,
-            compare_examples,
-            tokenizer,
-            compare_tokenizer,
-            items,
-            compare_items,
-            encoding,
-            fingerprint,
+    ):
+        model = load_model(model_args, device=procs.device, dtype=dtype)
+        other_model = (
+            load_model(other.model_args, device=procs.device, dtype=dtype)
+            if other and other.model_args is not model_args
+            else model
         )
-        guard.finish()
-    finally:
-        guard.release()
+        for side, scored_by in ((main, model), (other, other_model)):
+            if side is not None:
+                check_context(context_length(scored_by), side.lengths(), side.where)
+        sets: list[ScoreSet] = []
+        first, rows, scorer = _score(main, model, config, scoring, procs, run_args)
+        sets += [first] if first else []
+        if config.self_check:
+            by_index = {e.index: e for e in main.examples}
+            own = self_check(
+                main.items, by_index, scorer, main.tokenizer, config, procs, out, main.fingerprint, run_args.progress
+            )
+            if procs.main:
+                sets.append(ScoreSet("self_check", "model's own samples (tau=1)", own, token_phi(own)))
+        if other is not None:
+            if other_model is not model:
+                del scorer, model
+                gc.collect()
+            second, _, _ = _score(other, other_model, config, scoring, procs, run_args)
+            sets += [second] if second else []
+        summary = None
+        if procs.main:
+            summary = _summary(config, model_args, encoding, procs, sets, rows)
+            main_set = summary["sets"]["scores"]
+            print(
+                f"onsft audit: {main_set['n_responses']} responses, mean phi "
+                f"{main_set['mean_phi_token_weighted']:.4f} (token-weighted), {main_set['fraction_ood']:.1%} OOD, "
+                f"{main_set['fraction_rejected']:.1%} rejected at alpha={config.alpha:g}; report: "
+                f"{out / 'report.html'}"
+            )
+        procs.barrier()
     return summary
 
 
-def _audit(
-    config,
-    model_args,
-    compare_args,
-    scoring,
-    run_args,
-    procs,
-    dtype,
-    examples,
-    compare_examples,
-    tokenizer,
-    compare_tokenizer,
-    items,
-    compare_items,
-    encoding,
-    fingerprint,
-) -> dict | None:
-    out = Path(config.out)
-    comparing = compare_items is not None
-    compare_where = config.compare_data or config.data
-    model = load_model(model_args, device=procs.device, dtype=dtype)
-    compare_model = load_model(compare_args, device=procs.device, dtype=dtype) if config.compare_model else model
-    check_context(context_length(model), _lengths(items, examples), config.data)
-    if comparing:
-        check_context(context_length(compare_model), _lengths(compare_items, compare_examples), compare_where)
-    by_index = {e.index: e for e in examples}
-    tokens = sum(it.n_response for it in items) // procs.world
-    scorer = scoring.scorer(model, pad_token_id(tokenizer), config.tau, config.threshold, tokens)
-    sets: list[ScoreSet] = []
+def _score(
+    side: _Side, model, config: AuditConfig, scoring: ScoringConfig, procs: Processes, run_args: RunArguments
+) -> tuple[ScoreSet | None, list[dict] | None, Any]:
+    """Score one side into OUT/<side.name>.jsonl: (its ScoreSet on rank 0, its rows, the scorer)."""
+    tokens = sum(it.n_response for it in side.items) // procs.world
+    scorer = scoring.scorer(model, pad_token_id(side.tokenizer), config.tau, config.threshold, tokens)
     rows = score_set(
-        "scores",
-        items,
-        {i: e.record for i, e in by_index.items()},
+        side.name,
+        side.items,
+        {e.index: e.record for e in side.examples},
         scorer,
-        tokenizer,
+        side.tokenizer,
         config,
         procs,
-        out,
-        fingerprint,
-        {e.index: e.line for e in examples},
-        config.data,
+        Path(config.out),
+        side.fingerprint,
+        {e.index: e.line for e in side.examples},
+        side.where,
         run_args.progress,
     )
-    if procs.main:
-        sets.append(
-            ScoreSet(
-                "scores",
-                f"data: {Path(config.data).name}",
-                rows,
-                token_phi(rows),
-                worst_responses(scorer, tokenizer, items, rows, config.worst),
-            )
-        )
-    if config.self_check:
-        own = self_check(items, by_index, scorer, tokenizer, config, procs, out, fingerprint, run_args.progress)
-        if procs.main:
-            sets.append(ScoreSet("self_check", "model's own samples (tau=1)", own, token_phi(own)))
-    if comparing:
-        if compare_model is not model:
-            del scorer, model
-            gc.collect()
-        tokens = sum(it.n_response for it in compare_items) // procs.world
-        compare_scorer = scoring.scorer(
-            compare_model, pad_token_id(compare_tokenizer), config.tau, config.threshold, tokens
-        )
-        compare_fingerprint = {
-            **fingerprint,
-            "model": compare_args.model,
-            "data": dataset_identity(compare_where, config.split),
-        }
-        other = score_set(
-            "compare_scores",
-            compare_items,
-            {e.index: e.record for e in compare_examples},
-            compare_scorer,
-            compare_tokenizer,
-            config,
-            procs,
-            out,
-            compare_fingerprint,
-            {e.index: e.line for e in compare_examples},
-            compare_where,
-            run_args.progress,
-        )
-        if procs.main:
-            label = "compare: " + " on ".join(
-                x
-                for x in (
-                    Path(config.compare_model).name if config.compare_model else "",
-                    Path(config.compare_data).name if config.compare_data else "",
-                )
-                if x
-            )
-            sets.append(
-                ScoreSet(
-                    "compare_scores",
-                    label,
-                    other,
-                    token_phi(other),
-                    worst_responses(compare_scorer, compare_tokenizer, compare_items, other, config.worst),
-                )
-            )
-    summary = None
-    if procs.main:
-        summary = _summary(config, model_args, encoding, procs, sets, rows)
-        main_set = summary["sets"]["scores"]
-        print(
-            f"onsft audit: {main_set['n_responses']} responses, mean phi {main_set['mean_phi_token_weighted']:.4f} "
-            f"(token-weighted), {main_set['fraction_ood']:.1%} OOD, {main_set['fraction_rejected']:.1%} rejected "
-            f"at alpha={config.alpha:g}; report: {out / 'report.html'}"
-        )
-    procs.barrier()
-    return summary
+    if not procs.main:
+        return None, rows, scorer
+    worst = worst_responses(scorer, side.tokenizer, side.items, rows, config.worst)
+    return ScoreSet(side.name, side.label, rows, token_phi(rows), worst), rows, scorer
 
 
 def _summary(

@@ -167,12 +167,12 @@ def run(
         # The base model is checked now, not after hours of generation (it is loaded when the KL part starts).
         resolve_model_path(base_args.model, offline=base_args.offline)
     settings = _settings(config, model_args, sampling, verify)
-    guard = RunGuard(out / "run.json", "eval", settings, OUTPUTS, out / "metrics.json", overwrite=run_args.overwrite)
-    finished = guard.claim()
-    if finished is not None:
-        print(f"onsft: {out} already holds this finished evaluation; nothing to do.", file=sys.stderr)
-        return finished
-    try:
+    with RunGuard(
+        out / "run.json", "eval", settings, OUTPUTS, out / "metrics.json", overwrite=run_args.overwrite
+    ) as finished:
+        if finished is not None:
+            print(f"onsft: {out} already holds this finished evaluation; nothing to do.", file=sys.stderr)
+            return finished
         metrics = _evaluate(
             config,
             model_args,
@@ -187,9 +187,6 @@ def run(
             base_args,
             settings,
         )
-        guard.finish()
-    finally:
-        guard.release()
     return metrics
 
 

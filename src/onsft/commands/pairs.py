@@ -124,23 +124,14 @@ def run(
         "sampling": dataclasses.asdict(sampling),
         "verify": dataclasses.asdict(verify),
     }
-    guard = RunGuard(
-        out.with_name(out.stem + ".run.json"),
-        "pairs",
-        settings,
-        [out.name, samples_path.name + "*", summary_path.name],
-        summary_path,
-        overwrite=run_args.overwrite,
-    )
-    finished = guard.claim()
-    if finished is not None and out.exists():
-        print(f"onsft: {out} already holds these pairs; nothing to do.", file=sys.stderr)
-        return finished
-    try:
+    outputs = [out.name, samples_path.name + "*", summary_path.name]
+    with RunGuard(
+        out.with_name(out.stem + ".run.json"), "pairs", settings, outputs, summary_path, overwrite=run_args.overwrite
+    ) as finished:
+        if finished is not None and out.exists():
+            print(f"onsft: {out} already holds these pairs; nothing to do.", file=sys.stderr)
+            return finished
         summary = _pairs(config, model_args, sampling, verifier, run_args, tokenizer, examples, rewrites, settings)
-        guard.finish()
-    finally:
-        guard.release()
     return summary
 
 

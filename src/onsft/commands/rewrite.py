@@ -89,7 +89,7 @@ from onsft.runtime.models import (
 )
 from onsft.runtime.progress import progress
 from onsft.runtime.records import check_writable, write_json_atomic, write_jsonl_atomic
-from onsft.runtime.runs import RunArguments, RunGuard
+from onsft.runtime.runs import RunArguments, RunGuard, normalized
 from onsft.runtime.settings import parse_command
 from onsft.runtime.store import ShardStore
 
@@ -151,37 +151,34 @@ def run(
     dtype = resolve_dtype(model_args.dtype, procs.device)
     context = configured_context_length(model_args)
     prepared = prepare(tokenizer, examples, hint, config.max_length, context, config.data)
-    guard = RunGuard(
+    settings = normalized(_settings(config, model_args, hinted, verify, hint, dtype))
+    with RunGuard(
         out / "run.json",
         "rewrite",
-        _settings(config, model_args, hinted, verify, hint, dtype),
+        settings,
         OUTPUTS,
         out / "summary.json",
         overwrite=run_args.overwrite,
         active=procs.main,
-    )
-    finished = guard.claim()
-    procs.barrier()
-    if finished is not None:
-        if procs.main and not train_out.is_file():  # a training file asked for under another name
-            rows = [json.loads(line) for line in (out / "records.jsonl").read_text(encoding="utf-8").splitlines()]
-            write_jsonl_atomic(train_out, train_rows(rows))
-        if procs.main:
-            print(
-                f"onsft rewrite: {out} already holds this finished run; nothing to do (training file: {train_out}).",
-                file=sys.stderr,
-            )
-        return finished if procs.main else None
-    try:
+    ) as finished:
+        procs.barrier()
+        if finished is not None:
+            if procs.main and not train_out.is_file():  # a training file asked for under another name
+                records = (out / "records.jsonl").read_text(encoding="utf-8").splitlines()
+                write_jsonl_atomic(train_out, train_rows([json.loads(line) for line in records]))
+            if procs.main:
+                print(
+                    f"onsft rewrite: {out} already holds this finished run; nothing to do (training file: "
+                    f"{train_out}).",
+                    file=sys.stderr,
+                )
+            return finished if procs.main else None
         # The model last: nothing it prints while loading comes before an error above.
         model = load_model(model_args, device=procs.device, dtype=dtype)
         if context is None and context_length(model):
             prepared = prepare(tokenizer, examples, hint, config.max_length, context_length(model), config.data)
         rewriter = Rewriter(model, tokenizer, config, hinted, scoring, hint, verifier)
-        summary = _rewrite(config, model_args, run_args, procs, rewriter, prepared, guard.settings, train_out, started)
-        guard.finish()
-    finally:
-        guard.release()
+        summary = _rewrite(config, model_args, run_args, procs, rewriter, prepared, settings, train_out, started)
     return summary
 
 

@@ -35,7 +35,7 @@ from onsft.runtime.checkpoints import last_checkpoint, save_final_model, write_f
 from onsft.runtime.device import check_device_name, resolve_device, resolve_dtype
 from onsft.runtime.models import ModelArguments, check_context, context_length, load_model, load_tokenizer
 from onsft.runtime.records import check_writable, write_json_atomic, write_jsonl_atomic
-from onsft.runtime.runs import RunArguments, RunGuard, data_identity
+from onsft.runtime.runs import RunArguments, RunGuard, data_identity, normalized
 from onsft.runtime.settings import parse_command
 
 METHODS = ("sft", *PREFERENCE_METHODS)
@@ -148,31 +148,40 @@ def run(
             if inputs.eval_data
             else (None, None)
         )
-    guard = RunGuard(
+    settings = _settings(inputs, model_args, lora, loss, args)
+    # Checkpoints carry no settings of their own: found without a record they are an unknown earlier run.
+    with RunGuard(
         output_dir / "run.json",
         "train",
-        _settings(inputs, model_args, lora, loss, args),
+        settings,
         OUTPUTS,
         output_dir / "train_summary.json",
         overwrite=run_args.overwrite,
         active=int(trl_args.process_index) == 0,
-    )
-    finished = guard.claim()
-    if finished is not None:
-        print(f"onsft: {output_dir} already holds this finished run; nothing to do.")
-        return finished
-    try:
+        untracked=["checkpoint-*", "model"],
+    ) as finished:
+        if finished is not None:
+            print(f"onsft: {output_dir} already holds this finished run; nothing to do.")
+            return finished
         model = load_model(model_args, device="cpu", dtype=dtype)
         if not preference:
             check_context(context_length(model), stats["lengths"], inputs.data)
             if eval_stats is not None:
                 check_context(context_length(model), eval_stats["lengths"], inputs.eval_data)
         summary = _train(
-            inputs, model_args, lora, loss, args, trl_args, model, tokenizer, train_set, eval_set, stats, guard.settings
+            inputs,
+            model_args,
+            lora,
+            loss,
+            args,
+            trl_args,
+            model,
+            tokenizer,
+            train_set,
+            eval_set,
+            stats,
+            normalized(settings),
         )
-        guard.finish()
-    finally:
-        guard.release()
     return summary
 
 

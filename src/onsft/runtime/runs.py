@@ -7,7 +7,14 @@ the model, the dtype; not the output path, progress bars or batch sizes that do 
   - the same settings, unfinished: lets the command resume from what it wrote;
   - other settings: refuses with one line naming what changed (`--overwrite` deletes that run's outputs
     and starts over), so a run never mixes two settings into one output;
-  - another live process writing there: refuses (a lock file holds the owner's pid and host).
+  - another live process writing there: refuses (a lock holds the owner's pid and host).
+Used as a context manager, it claims on entry (the value is the finished summary, or None), marks the run
+finished when the block completes and releases the lock however the block ends:
+
+    with RunGuard(out / "run.json", "eval", settings, OUTPUTS, out / "metrics.json") as finished:
+        if finished is not None:
+            return finished
+        ...  # the work, which writes the summary last
 """
 
 from __future__ import annotations
@@ -96,6 +103,7 @@ class RunGuard:
         self.untracked, self.reuse = list(untracked), reuse
         self.lock = self.record.with_name(f".{self.record.name}.lock")
         self.locked = self.created = self.finished = False
+        self.reused: dict | None = None
 
     # -- before the work ------------------------------------------------------------------------
 
@@ -138,6 +146,16 @@ class RunGuard:
             self.release()
             raise
         return None
+
+    def __enter__(self) -> dict | None:
+        self.reused = self.claim()
+        return self.reused
+
+    def __exit__(self, error_type, error, traceback) -> None:
+        if error_type is None and self.reused is None:
+            self.finish()
+        else:
+            self.release()
 
     def finish(self) -> None:
         """Mark the run finished (after its summary is written) and release the lock."""
