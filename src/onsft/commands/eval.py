@@ -173,37 +173,22 @@ def run(
         if finished is not None:
             print(f"onsft: {out} already holds this finished evaluation; nothing to do.", file=sys.stderr)
             return finished
-        metrics = _evaluate(
-            config,
-            model_args,
-            sampling,
-            verifier,
-            run_args,
-            tokenizer,
-            examples,
-            retention,
-            kl_examples,
-            kl_source,
-            base_args,
-            settings,
-        )
+        sets = _Sets(examples, retention, kl_examples, kl_source)
+        metrics = _evaluate(config, model_args, sampling, verifier, run_args, tokenizer, sets, base_args, settings)
     return metrics
 
 
-def _evaluate(
-    config,
-    model_args,
-    sampling,
-    verifier,
-    run_args,
-    tokenizer,
-    examples,
-    retention,
-    kl_examples,
-    kl_source,
-    base_args,
-    settings,
-) -> dict:
+@dataclass
+class _Sets:
+    """The rows eval reads, loaded and checked before the run starts."""
+
+    examples: list[Example]
+    retention: list[Example] | None
+    kl_examples: list[Example] | None
+    kl_source: str
+
+
+def _evaluate(config, model_args, sampling, verifier, run_args, tokenizer, sets: _Sets, base_args, settings) -> dict:
     out = Path(config.out)
     model = load_model(model_args)
     started = time.time()
@@ -211,7 +196,7 @@ def _evaluate(
     rows = evaluate_rows(
         model,
         tokenizer,
-        examples,
+        sets.examples,
         sampling,
         verifier,
         greedy=config.greedy,
@@ -226,12 +211,12 @@ def _evaluate(
         "verifier": verifier.name,
         **aggregate(rows, config.ks()),
     }
-    if retention is not None:
+    if sets.retention is not None:
         stores.append(ResumableJsonl(out / "retention.jsonl", fingerprint={"part": "retention", **settings}))
         retention_rows = evaluate_rows(
             model,
             tokenizer,
-            retention,
+            sets.retention,
             sampling,
             verifier,
             store=stores[-1],
@@ -240,15 +225,17 @@ def _evaluate(
             show_progress=run_args.progress,
         )
         metrics["retention"] = {"data": config.retention_data, **aggregate(retention_rows)}
-    if kl_examples is not None:
+    if sets.kl_examples is not None:
         stores.append(ResumableJsonl(out / "kl.jsonl", fingerprint={"part": "kl", **settings}))
         base = load_model(base_args)
-        metrics["kl"] = _kl(config, sampling, base, model, tokenizer, kl_examples, stores[-1], kl_source, run_args)
+        metrics["kl"] = _kl(
+            config, sampling, base, model, tokenizer, sets.kl_examples, stores[-1], sets.kl_source, run_args
+        )
     metrics["wall_seconds_this_run"] = time.time() - started
     metrics["settings"] = settings
     # Every part is complete: publish the final files, then the metrics that summarise them.
     for store in stores:
-        store.finalize(order=range(max(len(examples), len(retention or []), len(kl_examples or []))))
+        store.finalize(order=range(max(len(sets.examples), len(sets.retention or []), len(sets.kl_examples or []))))
     if config.plot:
         plot_accuracy(metrics, out / "accuracy.png")
     write_json_atomic(out / "metrics.json", metrics)

@@ -273,37 +273,25 @@ def method_of(argv: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(argv or [])
-    if method_of(argv) in PREFERENCE_METHODS:
-        # --loss and its knobs are listed by --help of sft only; given with dpo/simpo they are reported as such.
-        inputs, model_args, lora, loss, args, run_args = parse_command(
-            argv,
-            TrainArguments,
-            ModelArguments,
-            LoraArguments,
-            LossConfig,
-            PreferenceTrainConfig,
-            RunArguments,
-            prog="onsft train",
+    preference = method_of(argv) in PREFERENCE_METHODS
+    # LossConfig is parsed for dpo/simpo too, so --loss given with them is named as such, not as unknown.
+    inputs, model_args, lora, loss, args, run_args = parse_command(
+        argv,
+        TrainArguments,
+        ModelArguments,
+        LoraArguments,
+        LossConfig,
+        PreferenceTrainConfig if preference else TrainConfig,
+        RunArguments,
+        prog="onsft train",
+    )
+    changed = [f.name for f in dataclasses.fields(LossConfig) if getattr(loss, f.name) != f.default]
+    if preference and changed:
+        raise UserError(
+            f"--{changed[0]} applies to --method sft only, not to --method {inputs.method}",
+            where="command line",
+            fix=f"drop --{changed[0]}, or use --method sft.",
         )
-        changed = [f.name for f in dataclasses.fields(LossConfig) if getattr(loss, f.name) != f.default]
-        if changed:
-            raise UserError(
-                f"--{changed[0]} applies to --method sft only, not to --method {inputs.method}",
-                where="command line",
-                fix=f"drop --{changed[0]}, or use --method sft.",
-            )
-        summary = run(inputs, model_args, lora, args, None, run_args)
-    else:
-        inputs, model_args, lora, loss, args, run_args = parse_command(
-            argv,
-            TrainArguments,
-            ModelArguments,
-            LoraArguments,
-            LossConfig,
-            TrainConfig,
-            RunArguments,
-            prog="onsft train",
-        )
-        summary = run(inputs, model_args, lora, args, loss, run_args)
+    summary = run(inputs, model_args, lora, args, None if preference else loss, run_args)
     print(json.dumps({k: summary[k] for k in ("global_step", "train_loss") if k in summary}))
     return 0
