@@ -61,9 +61,9 @@ class DemoConfig:
     bf16: bool = field(default=True, metadata={"help": "bf16 autocast (about 2x faster on CPU for this model)."})
 
 
-def _experiment(config: DemoConfig, data: dict[str, Path]) -> Experiment:
+def _experiment(config: DemoConfig, data: dict[str, Path], model: ModelArguments) -> Experiment:
     return Experiment(
-        model=ModelArguments(model="organism"),
+        model=model,
         train_data=str(data["new_skill_train"]),
         in_domain=str(data["new_skill_test"]),
         ood=str(data["new_skill_ood"]),
@@ -179,10 +179,18 @@ def _markdown(config: DemoConfig, audit_summary: dict, results: dict, rewrite: d
     return "\n".join(lines)
 
 
-def run(config: DemoConfig) -> dict:
-    """The demo: the organism's data, then `onsft compare` with an audit; writes OUT/demo.md."""
+def run(config: DemoConfig, model: ModelArguments | None = None) -> dict:
+    """The demo: the organism's data, then `onsft compare` with an audit; writes OUT/demo.md. `model` sets the
+    device and dtype (the model itself is the embedded organism: its tasks are what the demo teaches)."""
+    model = model or ModelArguments()
     if config.steps <= 0 or config.n_train <= 0 or config.n_test <= 0:
         raise UserError("steps, n_train and n_test must be positive", where="command line", fix="pass positive values.")
+    if model.model != "organism":
+        raise UserError(
+            f"the demo runs on the embedded organism, not `{model.model}`",
+            where="--model",
+            fix="drop --model, or run `onsft compare --config EXPERIMENT.yaml` with your model.",
+        )
     started = time.time()
     out = Path(config.out)
     check_writable(out / "demo.md")
@@ -196,7 +204,7 @@ def run(config: DemoConfig) -> dict:
         n_retention=config.n_test,
     )
     print("onsft demo: auditing (DDT), rewriting, training and evaluating (onsft compare)", file=sys.stderr, flush=True)
-    results = compare.run(_experiment(config, data))
+    results = compare.run(_experiment(config, data, model))
     rewrite_summary_path = out / "compare" / "data" / "rewrite" / "summary.json"
     rewrite = json.loads(rewrite_summary_path.read_text()) if rewrite_summary_path.exists() else None
     seconds = time.time() - started
@@ -217,6 +225,6 @@ def run(config: DemoConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    (config,) = parse_command(argv, DemoConfig, prog="onsft demo")
-    run(config)
+    config, model = parse_command(argv, DemoConfig, ModelArguments, prog="onsft demo")
+    run(config, model)
     return 0
