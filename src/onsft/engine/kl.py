@@ -11,6 +11,7 @@ import torch
 from onsft.engine.decoding import SamplingConfig, generate
 from onsft.errors import UserError
 from onsft.formulas.stats import kl_per_position
+from onsft.runtime.models import pad_token_id
 
 KL_CONTINUATIONS = ("greedy", "sampled")
 
@@ -97,7 +98,7 @@ def kl_drift(
     )
     continuations = generate(base_model, tokenizer, prompts_ids, sampling)
     sequences = [list(p) + list(g.token_ids) for p, g in zip(prompts_ids, continuations)]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = pad_token_id(tokenizer)
     was_training = (base_model.training, model.training)
     base_model.eval()
     model.eval()
