@@ -137,7 +137,10 @@ def batch(seed=0, B=3, T=6, hidden=5, vocab=23):
     return h, w, labels, mask, h_ref, w_ref
 
 
-def ours(h, w, labels, mask, h_ref, w_ref, config, num_tokens=None, tiles=HeadTiles(row_chunk=4, vocab_chunk=6)):
+SMALL_TILES = HeadTiles(row_chunk=4, vocab_chunk=6)
+
+
+def ours(h, w, labels, mask, h_ref, w_ref, config, num_tokens=None, tiles=SMALL_TILES):
     """What the trainer computes: log p from the head (TRL's part), H_K / KL from the tiled functions at the
     unmasked positions only, scattered back to [B, T]."""
     log_probs = torch.log_softmax(h @ w.T, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
