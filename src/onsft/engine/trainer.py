@@ -141,6 +141,14 @@ class OnPolicySFTTrainer(SFTTrainer):
         # Taken now, before any step: the model as it starts (a resumed run loads its checkpoint later).
         self.starting_model = StartingModel(self.model, self.accelerator) if self.loss_config.loss == "asft" else None
 
+    def _get_train_sampler(self, *args, **kwargs):
+        # A planned order (replay's mixed batches, `onsft.data.replay`) is read as it is, also on transformers
+        # versions without a "sequential" train_sampling_strategy of their own.
+        if getattr(self.args, "train_sampling_strategy", None) == "sequential":
+            dataset = args[0] if args and args[0] is not None else kwargs.get("train_dataset") or self.train_dataset
+            return torch.utils.data.SequentialSampler(dataset)
+        return super()._get_train_sampler(*args, **kwargs)
+
     def current_lambda(self) -> float:
         return schedule_lambda(
             self.state.global_step, self.state.max_steps, self.loss_config.schedule_start, self.loss_config.schedule_end
