@@ -127,19 +127,24 @@ class OnPolicySFTTrainer(SFTTrainer):
         self.loss_config.validate()
         self.skipped_nonfinite = 0
         super().__init__(*args, **kwargs)
-        tiles = (
-            (self.args.head_token_chunk, self.args.head_vocab_chunk) if isinstance(self.args, TrainConfig) else (0, 0)
-        )
-        self.head_chunks = configure_fused_head_tiles(*tiles, self.accelerator.device.type)
-        vocab = causal_lm(self.model, self.accelerator).get_output_embeddings().weight.shape[0]
-        if self.loss_config.loss == "eaft" and self.loss_config.eaft_top_k > vocab:
+        # EAFT's / ASFT's tiles are the fused head's; (0, 0) = `ddt.default_chunks` when TRL's are left alone.
+        self.head_chunks = (0, 0)
+        if isinstance(self.args, TrainConfig):
+            self.head_chunks = configure_fused_head_tiles(
+                self.args.head_token_chunk, self.args.head_vocab_chunk, self.accelerator.device.type
+            )
+        if self.loss_config.loss == "eaft":
+            self._check_top_k(causal_lm(self.model, self.accelerator).get_output_embeddings().weight.shape[0])
+        # Taken now, before any step: the model as it starts (a resumed run loads its checkpoint later).
+        self.starting_model = StartingModel(self.model, self.accelerator) if self.loss_config.loss == "asft" else None
+
+    def _check_top_k(self, vocab: int) -> None:
+        if self.loss_config.eaft_top_k > vocab:
             raise UserError(
                 f"eaft_top_k={self.loss_config.eaft_top_k} exceeds the vocabulary ({vocab} tokens)",
                 where="config",
                 fix="pass a smaller --eaft_top_k.",
             )
-        # Taken now, before any step: the model as it starts (a resumed run loads its checkpoint later).
-        self.starting_model = StartingModel(self.model, self.accelerator) if self.loss_config.loss == "asft" else None
 
     def _get_train_sampler(self, *args, **kwargs):
         # A planned order (replay's mixed batches, `onsft.data.replay`) is read as it is, also on transformers
