@@ -8,11 +8,20 @@ memory of the step above the process's memory just before it (ru_maxrss delta), 
     naive / idft memory   (target >= 3 at sequence length 2048)
 
     python benchmarks/train_step.py --out benchmarks/results/train_step.json
+
+`--alternate` measures what EAFT and ASFT add to a plain nll step of the same trainer: the three trainers
+(each on its own copy of one model) take turns on the same batch inside one process, round after round
+(the order rotated each round), so drift of the shared machine hits all three alike; each round gives a
+paired ratio eaft/nll and asft/nll, reported as the median over rounds with its range. It also times
+EAFT's top-K alone, streamed over vocabulary tiles vs from full logits (the cost the tiles avoid):
+
+    python benchmarks/train_step.py --alternate --out benchmarks/results/train_step_losses.json
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import resource
@@ -98,13 +107,14 @@ def make_step(variant: str, model, args, workdir: str):
         from onsft.engine.trainer import OnPolicySFTTrainer, TrainConfig
         from onsft.formulas.weighting import LossConfig
 
-        tiles = {"idft": {}, "idft_trl_tiles": {"head_token_chunk": 4096, "head_vocab_chunk": 32768}}[variant]
+        tiles = {"head_token_chunk": 4096, "head_vocab_chunk": 32768} if variant == "idft_trl_tiles" else {}
+        loss = "idft" if variant.startswith("idft") else variant
         trainer = OnPolicySFTTrainer(
             model=model,
             args=TrainConfig(**common, **tiles),
             train_dataset=dummy,
             processing_class=tokenizer,
-            loss_config=LossConfig(loss="idft"),
+            loss_config=LossConfig(loss=loss),
         )
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = 1  # set by train(); we call training_step directly
@@ -140,6 +150,67 @@ def worker(variant: str, args) -> dict:
     }
 
 
+def spread(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "all": values}
+
+
+def alternate(args) -> dict:
+    """nll, eaft and asft steps in turn in this process (module docstring), then EAFT's top-K alone."""
+    import tempfile
+
+    import torch
+
+    from onsft.formulas.tiled_head import HeadTiles, top_k_entropy, top_k_entropy_from_hidden
+
+    torch.set_num_threads(args.threads)
+    model, batch = build(args)
+    variants = args.loss_variants.split(",")
+    seconds: dict[str, list[float]] = {v: [] for v in variants}
+    with tempfile.TemporaryDirectory() as workdir:
+        steps = {v: make_step(v, copy.deepcopy(model), args, f"{workdir}/{v}") for v in variants}
+        for v in variants:  # warm-up, untimed
+            steps[v](batch)
+        for r in range(args.rounds):
+            for v in variants[r % len(variants) :] + variants[: r % len(variants)]:
+                start = time.perf_counter()
+                steps[v](batch)
+                seconds[v].append(time.perf_counter() - start)
+    base = variants[0]
+    ratios = {f"{v}_over_{base}": spread([a / b for a, b in zip(seconds[v], seconds[base])]) for v in variants[1:]}
+    # EAFT's top-K alone at the response positions of the batch: streamed tiles vs full logits.
+    head = model.get_output_embeddings().weight.detach()
+    with torch.no_grad():
+        hidden = model.model(input_ids=batch["input_ids"]).last_hidden_state[:, :-1]
+        hidden = hidden[batch["labels"][:, 1:] != -100]
+    ways = {
+        "tiles_trainer_cpu_1024x8192": lambda: top_k_entropy_from_hidden(
+            hidden, head, 20, None, HeadTiles(1.0, None, 1024, 8192)
+        ),
+        "tiles_256x2048": lambda: top_k_entropy_from_hidden(hidden, head, 20, None, HeadTiles(1.0, None, 256, 2048)),
+        "full_logits": lambda: top_k_entropy((hidden @ head.T).topk(20, dim=-1).values),
+    }
+    top_k_seconds: dict[str, list[float]] = {w: [] for w in ways}
+    with torch.no_grad():
+        reference = ways["full_logits"]()
+        agreement = {w: float((f() - reference).abs().max()) for w, f in ways.items()}
+        for r in range(args.rounds):
+            for w in list(ways)[r % len(ways) :] + list(ways)[: r % len(ways)]:
+                start = time.perf_counter()
+                ways[w]()
+                top_k_seconds[w].append(time.perf_counter() - start)
+    return {
+        "step_seconds": {v: spread(t) for v, t in seconds.items()},
+        "paired_ratios": ratios,
+        "top_k": {
+            "rows": int(hidden.shape[0]),
+            "seconds": {w: spread(t) for w, t in top_k_seconds.items()},
+            "max_abs_difference_to_full_logits": agreement,
+            "full_logits_bytes": int(hidden.shape[0]) * head.shape[0] * 4,
+            "tile_bytes_trainer_cpu": 1024 * 8192 * 4,
+        },
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vocab", type=int, default=49152)
@@ -152,7 +223,22 @@ def main() -> None:
     parser.add_argument("--variants", default="trl_nll,idft,idft_trl_tiles,naive_fp32")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default="benchmarks/results/train_step.json")
+    parser.add_argument("--alternate", action="store_true", help="nll vs eaft vs asft in one process, in turns.")
+    parser.add_argument("--loss_variants", default="nll,eaft,asft", help="With --alternate; the first is the base.")
+    parser.add_argument("--rounds", type=int, default=5, help="With --alternate: timed rounds.")
     args = parser.parse_args()
+    if args.alternate:
+        result = alternate(args)
+        for v, t in result["step_seconds"].items():
+            print(f"{v:>6}: {t['median']:.3f} s/step (min {t['min']:.3f}, max {t['max']:.3f})")
+        for key, r in result["paired_ratios"].items():
+            print(f"{key}: {r['median']:.3f} (rounds: {r['min']:.3f} .. {r['max']:.3f})")
+        for w, t in result["top_k"]["seconds"].items():
+            print(f"top-K {w}: {t['median']:.3f} s ({result['top_k']['rows']} rows)")
+        settings = {k: v for k, v in vars(args).items() if k not in ("worker", "variants", "repeats")}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"settings": settings, **result}, indent=2))
+        return
     if args.worker:
         print(json.dumps(worker(args.worker, args)))
         return

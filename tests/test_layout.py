@@ -32,7 +32,7 @@ LAYERS = {
     "commands": 6,
     "cli": 7,
 }
-COMMAND_IMPORTS = {"compare": {"audit", "rewrite", "pairs", "train", "eval"}, "demo": {"compare"}}
+COMMAND_IMPORTS = {"compare": {"audit", "data", "rewrite", "pairs", "train", "eval"}, "demo": {"compare"}}
 LINE_LIMIT = 450
 
 

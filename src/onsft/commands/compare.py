@@ -6,10 +6,14 @@ Methods (each a recipe of data + objective, trained by `onsft train`):
     sft, dft, idft           the teacher data with loss nll / dft / idft
     rewrite+sft, rewrite+idft the hinted-decoding rewrite of the teacher data (`onsft rewrite`), nll / idft
     dpo, simpo               preference pairs from the model's own samples (`onsft pairs`), TRL trainers
+    eaft, asft               the teacher data with the entropy-adaptive / anchored losses
+    sft+replay               the teacher data (nll) with the base model's own answers to `replay_prompts`
+                             (`onsft data replay`, options in `replay:`) as a share of every batch
+                             (`replay_share` in `train:` / `method_train:`)
 
 Every step runs in this process from config objects built from the experiment's sections (`onsft.runtime.
-settings.configs_from_dict`): the optional audit (`audit:`), the rewrite and the pairs (built once, shared by
-all seeds), then each cell's training and evaluation.
+settings.configs_from_dict`): the optional audit (`audit:`), the rewrite, the pairs and the replay set (built
+once, shared by all seeds), then each cell's training and evaluation.
 
 Layout of OUT: experiment.json (the resolved settings), data/ (generated sets, rewrite/, pairs.jsonl),
 audit/ (with `audit:`), base/eval.json (the untuned model), cells/<method>-s<seed>/{train/, eval.json},
@@ -33,9 +37,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from onsft.commands import audit as audit_command
+from onsft.commands import data as data_command
 from onsft.commands import pairs as pairs_command
 from onsft.commands import rewrite as rewrite_command
 from onsft.commands import train as train_command
+from onsft.commands.data import ReplayDataConfig
 from onsft.commands.pairs import PairsConfig
 from onsft.commands.train import TrainArguments
 from onsft.data.chat import encode_prompt
@@ -54,7 +60,7 @@ from onsft.formulas.weighting import LossConfig
 from onsft.pipeline.auditing import AuditConfig
 from onsft.pipeline.comparison import plot_results, summarize, table_csv, table_markdown
 from onsft.pipeline.evaluation import evaluate_model
-from onsft.pipeline.experiment import EVAL_SETS, METHODS, Experiment, load_experiment
+from onsft.pipeline.experiment import EVAL_SETS, METHODS, REPLAY_METHODS, Experiment, load_experiment
 from onsft.pipeline.rewriting import RewriteConfig
 from onsft.runtime.models import ModelArguments, load_model, load_tokenizer, resolve_model_path
 from onsft.runtime.records import check_writable, write_json_atomic
@@ -67,8 +73,11 @@ QUIET = RunArguments(progress=False)
 # ------------------------------------------------------------------------------------- step configs
 
 
-def train_configs(exp: Experiment, method: str, seed: int, data: str, output_dir: Path) -> tuple:
-    """(TrainArguments, LoraArguments, trainer config, LossConfig or None) of one cell."""
+def train_configs(
+    exp: Experiment, method: str, seed: int, data: str, output_dir: Path, replay: str | None = None
+) -> tuple:
+    """(TrainArguments, LoraArguments, trainer config, LossConfig or None) of one cell; `replay` is the shared
+    replay set, used by replay methods whose options name no `replay_data` of their own."""
     _, train_method, loss = METHODS[method]
     options = {
         "data": data,
@@ -80,6 +89,8 @@ def train_configs(exp: Experiment, method: str, seed: int, data: str, output_dir
     }
     if loss:
         options["loss"] = loss
+    if method in REPLAY_METHODS and replay and "replay_data" not in options:
+        options["replay_data"] = replay
     if exp.curve_every:
         # Every checkpoint is a curve point, so none may be rotated away.
         options.update(save_steps=exp.curve_every, save_total_limit=None)
@@ -110,6 +121,15 @@ def pairs_configs(exp: Experiment, target: Path, rewrites: str | None) -> tuple:
     return configs_from_dict(options, PairsConfig, OwnSamplingConfig, VerifyConfig, where="experiment (pairs)")
 
 
+def replay_configs(exp: Experiment, target: Path) -> tuple:
+    return configs_from_dict(
+        {**exp.replay, "data": exp.replay_prompts, "out": str(target)},
+        ReplayDataConfig,
+        OwnSamplingConfig,
+        where="experiment (replay)",
+    )
+
+
 def eval_configs(exp: Experiment) -> tuple[SamplingConfig, VerifyConfig]:
     return configs_from_dict(
         {"max_new_tokens": 64, "batch_size": 64, **exp.eval},
@@ -136,7 +156,9 @@ def _needs_rewrite(exp: Experiment) -> bool:
 def check_options(exp: Experiment, out: Path) -> None:
     """Build every step's configs now, so a typo fails before hours of training, not after."""
     for method in exp.methods:
-        train_configs(exp, method, exp.seeds[0], "check", out / "check")
+        train_configs(exp, method, exp.seeds[0], "check", out / "check", "check")
+    if "replay" in exp.sources():
+        replay_configs(exp, out / "check.jsonl")[0].validate()
     if _needs_rewrite(exp):
         rewrite_configs(exp, out / "check")[0].validate()
     if "pairs" in exp.sources():
@@ -160,6 +182,8 @@ def check_data(exp: Experiment) -> None:
     for name in EVAL_SETS:
         if getattr(exp, name):
             load_examples(getattr(exp, name), require_response=False, require_answer=True, offline=offline)
+    if "replay" in sources:
+        load_examples(exp.replay_prompts, require_response=False, offline=offline)
 
 
 # ------------------------------------------------------------------------------------- shared data
@@ -182,6 +206,12 @@ def prepare_shared_data(exp: Experiment, out: Path) -> dict:
         summary = pairs_command.run(config, exp.model, sampling, verify, QUIET)
         paths["pairs"] = str(target)
         timings["pairs"] = summary.get("wall_seconds_this_run", 0.0)
+    if "replay" in exp.sources():
+        target = out / "data" / "replay.jsonl"
+        config, sampling = replay_configs(exp, target)
+        summary = data_command.run_replay(config, exp.model, sampling, QUIET)
+        paths["replay"] = str(target)
+        timings["replay"] = summary.get("wall_seconds", 0.0)
     return {"paths": paths, "timings": timings}
 
 
@@ -252,8 +282,10 @@ class Evaluator:
         }
 
 
-def run_cell(exp: Experiment, method: str, seed: int, data: str, folder: Path, evaluator: Evaluator) -> dict:
-    inputs, lora, args, loss = train_configs(exp, method, seed, data, folder / "train")
+def run_cell(
+    exp: Experiment, method: str, seed: int, data: str, folder: Path, evaluator: Evaluator, replay: str | None = None
+) -> dict:
+    inputs, lora, args, loss = train_configs(exp, method, seed, data, folder / "train", replay)
     settings = {
         "train": json.loads(json.dumps(dataclasses.asdict(inputs) | {"method": method}, default=str)),
         "options": {**exp.train, **exp.method_train.get(method, {})},
@@ -329,8 +361,11 @@ def run(exp: Experiment) -> dict:
         for seed in exp.seeds:
             source = METHODS[method][0]
             print(f"onsft compare: {method} seed {seed}", file=sys.stderr, flush=True)
-            cell = run_cell(exp, method, seed, shared["paths"][source], out / "cells" / f"{method}-s{seed}", evaluator)
+            folder, replay = out / "cells" / f"{method}-s{seed}", shared["paths"].get("replay")
+            cell = run_cell(exp, method, seed, shared["paths"][source], folder, evaluator, replay)
             cell["prep_seconds"] = shared["timings"].get(source, 0.0)
+            if method in REPLAY_METHODS:
+                cell["prep_seconds"] += shared["timings"].get("replay", 0.0)
             cells.append(cell)
     rows = summarize(base, cells, exp.methods)
     markdown = table_markdown(rows)

@@ -4,25 +4,37 @@
     onsft data gym --task chain_sum --size 64 --options max_terms=3 max_digits=2 --out chain.jsonl
     onsft data gym --list_tasks                      # the reasoning-gym task names
     onsft data organism --out data/organism --seed 0
+    onsft data replay --model organism --data other_prompts.jsonl --out replay.jsonl --max_new_tokens 128
 
 `gym` exports a reasoning-gym task (needs `pip install 'onsft[tasks]'`; columns and verifiers in
 `onsft.data.gym`). `organism` writes the embedded model organism's synthetic demo data
 (`onsft.organism.tasks.write_demo_data`: the new skill in five teacher styles, its test and
-out-of-distribution sets, and the retention set).
+out-of-distribution sets, and the retention set). `replay` samples the model's own answer to every prompt
+of a file (one each, `OwnSamplingConfig`: temperature 1 by default) and writes them as training rows
+(prompt, completion, replay_model, finish_reason, ...) for `onsft train --replay_data`; unfinished and empty
+answers are dropped (counted in `<out stem>.summary.json`). It resumes like `onsft pairs`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from onsft.data import gym
+from onsft.data.rows import DataArguments, dataset_identity, load_examples
+from onsft.engine.decoding import OwnSamplingConfig, SamplingConfig
 from onsft.errors import UserError
 from onsft.organism.tasks import write_demo_data
-from onsft.runtime.records import check_writable, write_jsonl_atomic
+from onsft.pipeline.evaluation import check_prompts
+from onsft.pipeline.replay import replay_rows, sample_answers
+from onsft.runtime.models import ModelArguments, configured_context_length, load_model, load_tokenizer
+from onsft.runtime.records import ResumableJsonl, check_writable, write_json_atomic, write_jsonl_atomic
+from onsft.runtime.runs import RunArguments, RunGuard
 from onsft.runtime.settings import parse_command
 
 
@@ -61,9 +73,31 @@ class OrganismDataConfig:
     n_retention: int = field(default=200, metadata={"help": "Rows of the retention (old skills) set."})
 
 
+@dataclass
+class ReplayDataConfig(DataArguments):
+    """Which prompts the model answers for a replay set (the model is ModelArguments', the sampling
+    OwnSamplingConfig's)."""
+
+    out: str = field(default="", metadata={"help": "Output .jsonl of replay rows (prompt, completion, ...)."})
+    limit: int = field(default=0, metadata={"help": "Use only the first N prompts of --data (0 = all)."})
+    keep_unfinished: bool = field(
+        default=False,
+        metadata={"help": "Keep answers cut by the token limit or a repetition loop (dropped by default)."},
+    )
+
+    def validate(self) -> None:
+        if not self.data:
+            raise UserError("no prompts given", where="command line", fix="pass --data FILE (prompt column).")
+        if not self.out:
+            raise UserError("no output file given", where="command line", fix="pass --out FILE.jsonl.")
+        if self.limit < 0:
+            raise UserError("`limit` must be >= 0", where="command line", fix="pass --limit 0 for all rows.")
+
+
 SUBCOMMANDS = {
     "gym": "Export a reasoning-gym task (prompt, answer, task, reference where the task has one).",
     "organism": "Write the model organism's synthetic demo data sets into a folder.",
+    "replay": "Sample the model's own answers to a prompt file: a replay set for `onsft train --replay_data`.",
 }
 
 
@@ -130,14 +164,78 @@ def run_organism(config: OrganismDataConfig) -> int:
     return 0
 
 
-def run(config: GymDataConfig | OrganismDataConfig) -> int:
-    """Write the data set `config` describes (a reasoning-gym task, or the organism's sets)."""
+def run_replay(
+    config: ReplayDataConfig,
+    model_args: ModelArguments | None = None,
+    sampling: SamplingConfig | None = None,
+    run_args: RunArguments | None = None,
+) -> dict:
+    """Sample, keep the finished answers, write; returns the summary (`<out stem>.summary.json`)."""
+    model_args, run_args = model_args or ModelArguments(), run_args or RunArguments()
+    sampling = sampling or OwnSamplingConfig()
+    for part in (config, model_args, sampling):
+        part.validate()
+    out = check_writable(config.out)
+    summary_path = out.with_name(out.stem + ".summary.json")
+    examples = load_examples(config.data, require_response=False, split=config.split, offline=model_args.offline)
+    examples = examples[: config.limit] if config.limit else examples
+    tokenizer = load_tokenizer(model_args)
+    check_prompts(tokenizer, examples, configured_context_length(model_args), config.data)
+    settings = {
+        "replay": {k: v for k, v in dataclasses.asdict(config).items() if k != "out"},
+        "data": dataset_identity(config.data, config.split),
+        "model": {k: v for k, v in dataclasses.asdict(model_args).items() if k not in ("device", "offline")},
+        "sampling": dataclasses.asdict(sampling),
+    }
+    samples_path = out.with_name(out.stem + ".samples.jsonl")
+    with RunGuard(
+        out.with_name(out.stem + ".run.json"),
+        "data replay",
+        settings,
+        [out.name, samples_path.name + "*", summary_path.name],
+        summary_path,
+        overwrite=run_args.overwrite,
+    ) as finished:
+        if finished is not None and out.exists():
+            print(f"onsft: {out} already holds this replay set; nothing to do.", file=sys.stderr)
+            return finished
+        started = time.time()
+        store = ResumableJsonl(samples_path, fingerprint=settings)
+        samples = sample_answers(
+            load_model(model_args), tokenizer, examples, sampling, store, config.data, run_args.progress
+        )
+        rows, dropped = replay_rows(samples, model_args.model, config.keep_unfinished)
+        if not rows:
+            raise UserError(
+                f"none of the {len(examples)} answers is usable ({dropped})",
+                where=config.data,
+                fix="raise --max_new_tokens (answers were cut), or pass --keep_unfinished true.",
+            )
+        write_jsonl_atomic(out, rows)
+        store.finalize(order=[e.index for e in examples])
+        summary = {
+            "prompts": len(examples),
+            "rows": len(rows),
+            "dropped": dropped,
+            "model": model_args.model,
+            "wall_seconds": time.time() - started,
+            "settings": settings,
+        }
+        write_json_atomic(summary_path, summary)
+    return summary
+
+
+def run(config: GymDataConfig | OrganismDataConfig | ReplayDataConfig, *parts) -> int | dict:
+    """Write the data set `config` describes (a reasoning-gym task, the organism's sets, or a replay set, which
+    also takes ModelArguments, SamplingConfig and RunArguments)."""
+    if isinstance(config, ReplayDataConfig):
+        return run_replay(config, *parts)
     return run_gym(config) if isinstance(config, GymDataConfig) else run_organism(config)
 
 
 def _usage() -> str:
     width = max(map(len, SUBCOMMANDS))
-    lines = ["usage: onsft data <gym|organism> [options]   (onsft data <name> --help for its options)", ""]
+    lines = ["usage: onsft data <gym|organism|replay> [options]   (onsft data <name> --help for its options)", ""]
     lines += [f"  {name:<{width}}  {text}" for name, text in SUBCOMMANDS.items()]
     return "\n".join(lines)
 
@@ -154,6 +252,13 @@ def main(argv: list[str] | None = None) -> int:
     if name == "organism":
         (config,) = parse_command(rest, OrganismDataConfig, prog="onsft data organism")
         return run(config)
+    if name == "replay":
+        parts = parse_command(
+            rest, ReplayDataConfig, ModelArguments, OwnSamplingConfig, RunArguments, prog="onsft data replay"
+        )
+        summary = run(*parts)
+        print(f"onsft data: {summary['rows']} replay rows of {summary['prompts']} prompts -> {parts[0].out}")
+        return 0
     raise UserError(f"unknown data set `{name}`", where="onsft data", fix=f"use one of: {', '.join(SUBCOMMANDS)}.")
 
 

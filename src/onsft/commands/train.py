@@ -2,6 +2,9 @@
 
     onsft train --model organism --data teacher.jsonl --loss idft --output_dir runs/idft --max_steps 300
 
+Replay (sft methods): `--replay_data replay.jsonl --replay_share 0.25` fills that share of every optimiser
+batch with the starting model's own answers to other prompts (`onsft data replay`); see `onsft.data.replay`.
+
 Checkpoints go to `<output_dir>/checkpoint-N`; rerunning the same command resumes from the last one
 (step counter, optimiser, scheduler, RNG and IDFT schedule restored). The final model is written to
 `<output_dir>/model` (loadable with `from_pretrained`) under a temporary name and renamed when complete.
@@ -24,6 +27,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from onsft.data.replay import mix_batches, planned_steps, replay_dataset, replay_rows_per_batch
 from onsft.data.rows import DataArguments
 from onsft.data.training_sets import preference_dataset, sft_dataset
 from onsft.engine.lora import LoraArguments
@@ -50,6 +54,17 @@ class TrainArguments(DataArguments):
     method: str = field(default="sft", metadata={"help": "sft (token-weighted: --loss nll|dft|idft), dpo or simpo."})
     overlong: str = field(default="reject", metadata={"help": "Rows over --max_length: reject | truncate | drop."})
     resume: bool = field(default=True, metadata={"help": "Resume from the last checkpoint in output_dir if any."})
+    replay_data: str | None = field(
+        default=None,
+        metadata={
+            "help": "The starting model's own answers to other prompts (`onsft data replay`), mixed into every "
+            "optimiser batch (sft methods; the run then reads its rows in a fixed planned order)."
+        },
+    )
+    replay_share: float = field(
+        default=0.25,
+        metadata={"help": "Share of every optimiser batch taken from --replay_data (rounded to whole rows)."},
+    )
 
 
 def _settings(
@@ -58,8 +73,9 @@ def _settings(
     """Everything that decides the result of a run (the output folder itself excluded)."""
     train_args = {k: v for k, v in args.to_dict().items() if k not in ("output_dir", "logging_dir", "disable_tqdm")}
     model_args = {k: v for k, v in dataclasses.asdict(model).items() if k != "offline"}
+    replay = data_identity(inputs.replay_data) if inputs.replay_data else None
     return {
-        "inputs": {**dataclasses.asdict(inputs), "data": data_identity(inputs.data)},
+        "inputs": {**dataclasses.asdict(inputs), "data": data_identity(inputs.data), "replay_data": replay},
         "model": model_args,
         "lora": dataclasses.asdict(lora),
         "loss": dataclasses.asdict(loss) if loss is not None else None,
@@ -90,6 +106,14 @@ def _check(inputs: TrainArguments, args) -> None:
         raise UserError(
             f"unknown method `{inputs.method}`", where="command line", fix=f"use one of {', '.join(METHODS)}."
         )
+    if inputs.replay_data and inputs.method != "sft":
+        raise UserError(
+            f"--replay_data mixes answers into token-weighted training, not into --method {inputs.method} pairs",
+            where="command line",
+            fix="use --method sft (any --loss), or drop --replay_data.",
+        )
+    if inputs.replay_data:
+        replay_rows_per_batch(inputs.replay_share, _batch_rows(args))
     if not math.isfinite(args.learning_rate) or args.learning_rate < 0:
         # torch's optimiser would refuse it only after the data and the model are loaded, with a traceback.
         raise UserError(
@@ -97,6 +121,23 @@ def _check(inputs: TrainArguments, args) -> None:
             where="command line",
             fix="pass e.g. --learning_rate 1e-5.",
         )
+
+
+def _batch_rows(args) -> int:
+    """Rows of one optimiser batch: per-device batch x accumulation x processes."""
+    return args.per_device_train_batch_size * args.gradient_accumulation_steps * max(1, args.world_size)
+
+
+def _mix_replay(inputs: TrainArguments, args, train_set, replay_set) -> tuple:
+    """The training rows with the replay rows mixed in, in the planned order; the trainer is set to read that
+    order as it is for exactly the planned steps (so resuming keeps the mix)."""
+    batch_rows = _batch_rows(args)
+    train_rows = batch_rows - replay_rows_per_batch(inputs.replay_share, batch_rows)
+    steps = planned_steps(args.max_steps, args.num_train_epochs, len(train_set), train_rows)
+    mixed, info = mix_batches(train_set, replay_set, batch_rows, inputs.replay_share, steps, args.seed)
+    args.max_steps = steps
+    args.train_sampling_strategy = "sequential"
+    return mixed, info
 
 
 def run(
@@ -148,6 +189,11 @@ def run(
             if inputs.eval_data
             else (None, None)
         )
+        if inputs.replay_data:
+            replay_set, replay_stats = replay_dataset(
+                tokenizer, inputs.replay_data, inputs.data, model_args.model, args.max_length, inputs.overlong
+            )
+            stats["replay"] = replay_stats
     settings = _settings(inputs, model_args, lora, loss, args)
     # Checkpoints carry no settings of their own: found without a record they are an unknown earlier run.
     with RunGuard(
@@ -168,6 +214,9 @@ def run(
             check_context(context_length(model), stats["lengths"], inputs.data)
             if eval_stats is not None:
                 check_context(context_length(model), eval_stats["lengths"], inputs.eval_data)
+            if inputs.replay_data:
+                check_context(context_length(model), stats["replay"]["lengths"], inputs.replay_data)
+                train_set, stats["mix"] = _mix_replay(inputs, trl_args, train_set, replay_set)
         summary = _train(
             inputs,
             model_args,
@@ -245,6 +294,7 @@ def _train(
             response_tokens_per_epoch=stats["response_tokens"],
             skipped_nonfinite=trainer.skipped_nonfinite,
             loss_config=dataclasses.asdict(loss),
+            replay=stats.get("mix"),
         )
     if trainer.is_world_process_zero():
         save_final_model(trainer.model, tokenizer, output_dir / "model", lora.lora_r > 0)

@@ -70,6 +70,20 @@ class LMHead:
     softcap: float | None = None
 
 
+def head_transform(model_config) -> tuple[float, float | None]:
+    """(logit scale, soft cap) between a model's LM-head matmul and its logits, read from its config the way
+    TRL's fused head reads it (so the tiled EAFT / ASFT terms see the distribution TRL's log p comes from)."""
+    config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    scale = None
+    for name in ("logit_scale", "output_multiplier", "lm_head_multiplier"):  # Cohere; Muse Glimmer; Falcon-H1
+        if scale is None:
+            scale = getattr(config, name, None)
+    if scale is None and getattr(config, "logits_scaling", None):
+        # Granite and MiniCPM3 divide by logits_scaling, HyperCLOVA X multiplies by it.
+        scale = config.logits_scaling if config.model_type == "hyperclovax" else 1 / config.logits_scaling
+    return (1.0 if scale is None else float(scale)), getattr(config, "final_logit_softcapping", None)
+
+
 def find_head(model) -> LMHead | None:
     """Backbone + LM head of a transformers causal LM, checked against the model's own logits on a probe.
     None (so scoring falls back to full logits) when the split is missing or does not reproduce them."""
@@ -77,11 +91,8 @@ def find_head(model) -> LMHead | None:
     backbone = getattr(model, "base_model", None)
     if not isinstance(head, torch.nn.Linear) or backbone is None or backbone is model:
         return None
-    config = getattr(model.config, "text_config", None) or model.config
-    scale = float(getattr(config, "logit_scale", None) or 1.0)
-    if getattr(config, "logits_scaling", None):  # Granite divides the logits
-        scale /= float(config.logits_scaling)
-    split = LMHead(backbone, head.weight, head.bias, scale, getattr(config, "final_logit_softcapping", None))
+    scale, softcap = head_transform(model.config)
+    split = LMHead(backbone, head.weight, head.bias, scale, softcap)
     device = head.weight.device
     probe = torch.arange(1, 9, device=device).remainder(head.weight.shape[0]).unsqueeze(0)
     with torch.inference_mode():

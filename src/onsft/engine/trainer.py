@@ -1,19 +1,29 @@
-"""`OnPolicySFTTrainer`: TRL's SFTTrainer with one token weighting (SFT, DFT and IDFT are its cases).
+"""`OnPolicySFTTrainer`: TRL's SFTTrainer with one token weighting (SFT, DFT, IDFT, EAFT and ASFT are its cases).
 
 TRL's fused LM head already returns, per token, log p(y_t) (with gradient) and the entropy H(p_t)
-without materialising (batch, length, vocabulary) logits; IDFT needs exactly those two numbers, so the
-only thing this subclass changes is how they are turned into a loss (`onsft.formulas.weighting`).
-Everything else (data collation, accumulation, accelerate / DDP / FSDP / DeepSpeed, checkpoints, resume)
-is TRL's and transformers'.
+without materialising (batch, length, vocabulary) logits; SFT, DFT and IDFT need exactly those two numbers,
+so the main thing this subclass changes is how they are turned into a loss (`onsft.formulas.weighting`).
+EAFT also needs the top-K entropy and ASFT the KL from the frozen starting model; both are computed from the
+backbone's hidden states in vocabulary tiles (`onsft.engine.token_terms`). Everything else (data
+collation, accumulation, accelerate / DDP / FSDP / DeepSpeed, checkpoints, resume) is TRL's and transformers'.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
 from trl import SFTConfig, SFTTrainer
 
+from onsft.engine.token_terms import (
+    StartingModel,
+    causal_lm,
+    head_tiles,
+    last_hidden_states,
+    response_rows,
+    top_k_entropy,
+)
 from onsft.errors import UserError
 from onsft.formulas.weighting import LossConfig, idft_loss, schedule_lambda, weighting_stats
 from onsft.runtime.device import resolve_precision
@@ -67,15 +77,16 @@ class TrainConfig(TrainingDefaults, SFTConfig):
     head_token_chunk: int = field(
         default=0,
         metadata={
-            "help": "Tokens per tile of TRL's fused LM head; 0 = automatic (TRL's 4096 with Triton, 1024 "
-            "on CPU, where its torch fallback makes several tile-sized float32 temporaries)."
+            "help": "Tokens per tile of TRL's fused LM head (and of EAFT's top-K / ASFT's KL tiles); 0 = automatic "
+            "(TRL's 4096 with Triton, 1024 on CPU, where its torch fallback makes several tile-sized float32 "
+            "temporaries)."
         },
     )
     head_vocab_chunk: int = field(
         default=0,
         metadata={
-            "help": "Vocabulary columns per tile of the fused LM head; 0 = automatic (TRL's "
-            "32768 with Triton, 8192 on CPU)."
+            "help": "Vocabulary columns per tile of the fused LM head (and of EAFT's / ASFT's tiles); 0 = "
+            "automatic (TRL's 32768 with Triton, 8192 on CPU)."
         },
     )
     nonfinite: str = field(
@@ -108,17 +119,40 @@ def configure_fused_head_tiles(token_chunk: int, vocab_chunk: int, device_type: 
 
 
 class OnPolicySFTTrainer(SFTTrainer):
-    """SFTTrainer whose loss is `onsft.formulas.weighting.idft_loss` (nll, dft or idft by `loss_config.loss`)."""
+    """SFTTrainer whose loss is `onsft.formulas.weighting.idft_loss` (nll, dft, idft, eaft or asft by
+    `loss_config.loss`)."""
 
     def __init__(self, *args, loss_config: LossConfig | None = None, **kwargs):
         self.loss_config = loss_config or LossConfig()
         self.loss_config.validate()
         self.skipped_nonfinite = 0
         super().__init__(*args, **kwargs)
+        # EAFT's / ASFT's tiles are the fused head's; (0, 0) = `ddt.default_chunks` when TRL's are left alone.
+        self.head_chunks = (0, 0)
         if isinstance(self.args, TrainConfig):
-            configure_fused_head_tiles(
+            self.head_chunks = configure_fused_head_tiles(
                 self.args.head_token_chunk, self.args.head_vocab_chunk, self.accelerator.device.type
             )
+        if self.loss_config.loss == "eaft":
+            self._check_top_k(causal_lm(self.model, self.accelerator).get_output_embeddings().weight.shape[0])
+        # Taken now, before any step: the model as it starts (a resumed run loads its checkpoint later).
+        self.starting_model = StartingModel(self.model, self.accelerator) if self.loss_config.loss == "asft" else None
+
+    def _check_top_k(self, vocab: int) -> None:
+        if self.loss_config.eaft_top_k > vocab:
+            raise UserError(
+                f"eaft_top_k={self.loss_config.eaft_top_k} exceeds the vocabulary ({vocab} tokens)",
+                where="config",
+                fix="pass a smaller --eaft_top_k.",
+            )
+
+    def _get_train_sampler(self, *args, **kwargs):
+        # A planned order (replay's mixed batches, `onsft.data.replay`) is read as it is, also on transformers
+        # versions without a "sequential" train_sampling_strategy of their own.
+        if getattr(self.args, "train_sampling_strategy", None) == "sequential":
+            dataset = args[0] if args and args[0] is not None else kwargs.get("train_dataset") or self.train_dataset
+            return torch.utils.data.SequentialSampler(dataset)
+        return super()._get_train_sampler(*args, **kwargs)
 
     def current_lambda(self) -> float:
         return schedule_lambda(
@@ -128,17 +162,28 @@ class OnPolicySFTTrainer(SFTTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if model.training else "eval"
         inputs["use_cache"] = False
-        outputs = model(**inputs, fused_lm_head=True)
-        mask = outputs.label_mask
         # Validation reports the plain NLL: a weighted loss is not comparable across methods or steps.
         config = self.loss_config if mode == "train" else LossConfig(loss="nll")
+        extra = config.loss in ("eaft", "asft")
+        lm = causal_lm(model, self.accelerator)
+        with last_hidden_states(lm) if extra else contextlib.nullcontext() as kept:
+            outputs = model(**inputs, fused_lm_head=True)
+        mask = outputs.label_mask
+        terms = {}
+        if extra:
+            hidden = response_rows(kept["hidden"], mask, inputs)
+            tiles = head_tiles(lm, *self.head_chunks)
+            if config.loss == "eaft":
+                terms["top_k_entropy"] = top_k_entropy(lm, hidden, mask, config.eaft_top_k, tiles)
+            else:
+                terms["kl"] = self.starting_model.kl(model, hidden, mask, inputs, tiles)
         lam = self.current_lambda() if mode == "train" else 1.0
         num_tokens = mask.sum() if num_items_in_batch is None else num_items_in_batch
-        loss = idft_loss(outputs.log_probs, outputs.entropy, mask, config, lam, num_tokens)
+        loss = idft_loss(outputs.log_probs, outputs.entropy, mask, config, lam, num_tokens, **terms)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # num_items_in_batch counts every rank's tokens while DDP averages gradients over ranks.
             loss = loss * self.accelerator.num_processes
-        self._record_metrics(mode, outputs, mask, lam)
+        self._record_metrics(mode, outputs, mask, lam, terms)
         if not torch.isfinite(loss):
             loss = self._on_nonfinite(loss)
         return (loss, outputs) if return_outputs else loss
@@ -155,8 +200,11 @@ class OnPolicySFTTrainer(SFTTrainer):
             "checkpoint in the output folder resumes the run.",
         )
 
-    def _record_metrics(self, mode, outputs, mask, lam) -> None:
-        stats = weighting_stats(outputs.log_probs, outputs.entropy, mask, self.loss_config, lam)
+    def _record_metrics(self, mode, outputs, mask, lam, terms) -> None:
+        # Validation computes no EAFT / ASFT terms; their weights are then shown as plain NLL's.
+        needs_terms = self.loss_config.loss in ("eaft", "asft")
+        config = LossConfig(loss="nll") if needs_terms and not terms else self.loss_config
+        stats = weighting_stats(outputs.log_probs, outputs.entropy, mask, config, lam, **terms)
         stats["top1"] = (outputs.is_top1 & mask).sum().float() if outputs.is_top1 is not None else None
         stats["entropy"] = (outputs.entropy.detach() * mask).sum()
         names = {
@@ -169,6 +217,8 @@ class OnPolicySFTTrainer(SFTTrainer):
             "at_gamma_max": "frac_gamma_max",
             "top1": "mean_token_accuracy",
             "entropy": "entropy",
+            "top_k_entropy": "mean_top_k_entropy",
+            "kl": "mean_kl_to_start",
         }
         sums = torch.stack([stats["count"]] + [stats[k].float() for k in names if stats.get(k) is not None])
         sums = self.accelerator.gather_for_metrics(sums.unsqueeze(0)).sum(0)

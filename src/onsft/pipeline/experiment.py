@@ -28,10 +28,15 @@ METHODS = {
     "rewrite+idft": ("rewrite", "sft", "idft"),
     "dpo": ("pairs", "dpo", None),
     "simpo": ("pairs", "simpo", None),
+    "eaft": ("teacher", "sft", "eaft"),
+    "asft": ("teacher", "sft", "asft"),
+    "sft+replay": ("teacher", "sft", "nll"),
 }
+# Methods whose batches also hold the starting model's own answers to `replay_prompts` (`--replay_data`).
+REPLAY_METHODS = ("sft+replay",)
 EVAL_SETS = ("in_domain", "ood", "retention")
-DATA_KEYS = ("train_data", *EVAL_SETS, "kl_prompts")
-SECTIONS = ("train", "method_train", "rewrite", "pairs", "eval", "audit")
+DATA_KEYS = ("train_data", *EVAL_SETS, "kl_prompts", "replay_prompts")
+SECTIONS = ("train", "method_train", "rewrite", "pairs", "eval", "audit", "replay")
 
 
 @dataclass
@@ -41,6 +46,13 @@ class Experiment:
     ood: Any = field(default=None, metadata={"help": "Harder / out-of-distribution test set of the skill."})
     retention: Any = field(default=None, metadata={"help": "Old skills to keep (forgetting)."})
     kl_prompts: Any = field(default=None, metadata={"help": "Prompts for KL drift (default: retention)."})
+    replay_prompts: Any = field(
+        default=None,
+        metadata={
+            "help": "Prompts (other than the training and test sets') that the base model answers for replay "
+            "methods (`onsft data replay`, options in `replay:`)."
+        },
+    )
     methods: list[str] = field(
         default_factory=lambda: ["sft", "dft", "idft", "rewrite+sft", "rewrite+idft", "dpo", "simpo"],
         metadata={"help": f"Methods to run, among {', '.join(METHODS)}."},
@@ -55,6 +67,7 @@ class Experiment:
     audit: dict | None = field(
         default=None, metadata={"help": "`onsft audit` options: audit the training data first (None = no audit)."}
     )
+    replay: dict = field(default_factory=dict, metadata={"help": "`onsft data replay` options (replay methods)."})
     kl_limit: int = field(default=64, metadata={"help": "Prompts used for KL drift."})
     curve_every: int = field(default=0, metadata={"help": "Also evaluate checkpoints every N steps (0 = off)."})
     curve_limit: int = field(default=100, metadata={"help": "Rows per test set at curve points."})
@@ -73,11 +86,27 @@ class Experiment:
         bad = [m for m in self.method_train if m not in METHODS]
         if bad:
             raise UserError(f"method_train names unknown method `{bad[0]}`", where=where, fix="use method names.")
+        for method in self.methods:
+            if method in REPLAY_METHODS and not self.replay_prompts and "replay_data" not in self.options(method):
+                raise UserError(
+                    f"method `{method}` needs the base model's answers to other prompts",
+                    where=where,
+                    fix="add `replay_prompts: FILE` (answered by the base model in the shared-data step), or "
+                    f"`method_train: {{{method}: {{replay_data: FILE}}}}`.",
+                )
         self.model.validate()
 
     def sources(self) -> set[str]:
-        """The data sources the methods need: teacher, rewrite, pairs."""
-        return {METHODS[m][0] for m in self.methods}
+        """The data sources the methods need: teacher, rewrite, pairs, and replay (the base model's answers to
+        `replay_prompts`, for replay methods not given a `replay_data` file)."""
+        sources = {METHODS[m][0] for m in self.methods}
+        if any(m in REPLAY_METHODS and "replay_data" not in self.options(m) for m in self.methods):
+            sources.add("replay")
+        return sources
+
+    def options(self, method: str) -> dict:
+        """The `onsft train` options of one method's cells: `train:`, then its `method_train:` entry."""
+        return {**self.train, **self.method_train.get(method, {})}
 
     def data(self) -> dict[str, Any]:
         return {key: getattr(self, key) for key in DATA_KEYS}
