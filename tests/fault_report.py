@@ -8,6 +8,20 @@ from __future__ import annotations
 from collections import Counter
 
 COMMANDS = ("train", "audit", "rewrite", "eval", "pairs", "compare")
+# The fault classes, in the order of the table (see tests/fault_corpus.py and tests/fault_corpus_runs.py).
+KINDS = {
+    "input": "hostile input files and options",
+    "rerun": "a rerun into an output holding other settings (refused); the same command resumes exactly",
+    "lock": "another live process writing the same output",
+    "output": "an output that is (or resolves to) an input",
+    "library": "values the libraries reject late (TrainingArguments, optimiser, peft) and chat templates that "
+    "reject a row",
+    "finite": "NaN / infinite numbers in float options",
+    "early": "inputs checked before the first forward pass (models, lengths)",
+    "useless": "runs that would end with exit 0 on a useless result",
+    "huge": "a 50 MB line: refused from its length, before tokenising",
+    "message": "messages that named the wrong option",
+}
 
 # Where each guarantee is tested (static: the files and test names, checked by hand when tests move).
 GUARANTEES = [
@@ -108,11 +122,31 @@ def render(report: dict) -> str:
             "",
             "A case passes when: the exit code is as expected; stderr holds no traceback; the last line "
             "is the only `onsft: error:` line and names the file (and line) and a fix; cases failing before a "
-            "model loads print nothing else; and no file is left under the output except resumable "
-            "`.partial` files (and torn checkpoints) of a run stopped mid-way.",
+            "model loads print nothing else; no file is left under the output except resumable "
+            "`.partial` files (and torn checkpoints) of a run stopped mid-way; and no file that existed "
+            "before the case was changed or deleted (every file under the case's folder is hashed before and "
+            "after). Cases of a rerun chain (Ctrl-C, exit 130, then the same command) must also end in an "
+            "output byte-identical to an uninterrupted run's; a bounded case (`huge`) must stay within its "
+            "time and peak-memory growth.",
             "",
-            "| case | command | input tried | exit | message (stderr) | left behind | ok |",
-            "|---|---|---|---|---|---|---|",
+            "Cases per class (bad inputs that must exit 2 / all cases):",
+            "",
+            "| class | " + " | ".join(COMMANDS) + " | what |",
+            "|---|" + "---|" * len(COMMANDS) + "---|",
+        ]
+        for kind, what in KINDS.items():
+            mine = [c for c in cases if c.get("kind", "input") == kind]
+            if not mine:
+                continue
+            cells = [
+                f"{sum(c['code'] == 2 for c in mine if c['command'] == name)}/{sum(c['command'] == name for c in mine)}"
+                for name in COMMANDS
+            ]
+            out.append(f"| {kind} | " + " | ".join(cells) + f" | {_cell(what)} |")
+        out += [
+            "",
+            "| case | class | command | input tried | exit | message (stderr) | left behind | ok |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         root = inputs.get("root", "$$")
         for c in cases:
@@ -126,7 +160,7 @@ def render(report: dict) -> str:
                 + "; ".join(c["problems"])
             )
             out.append(
-                f"| {c['name']} | {c['command']} | {_cell(c['input'])} | {c['code']} | "
+                f"| {c['name']} | {c.get('kind', 'input')} | {c['command']} | {_cell(c['input'])} | {c['code']} | "
                 f"{_cell(_message(c, root))} | {_cell(left) or '-'} | {_cell(verdict)} |"
             )
         out.append("")

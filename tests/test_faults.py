@@ -88,15 +88,34 @@ def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.replace("\r", "\n").splitlines() if line.strip()]
 
 
-def judge(case: fault_corpus.Case, result: dict) -> list[str]:
+def judge(case: fault_corpus.Case, result: dict, results: dict | None = None) -> list[str]:
     """Everything wrong with one result (empty: as promised)."""
+    from fnmatch import fnmatch
+
     problems = []
     lines = error_lines(result["stderr"])
     if "Traceback" in result["stderr"] or "Exception ignored" in result["stderr"]:
         problems.append("traceback on stderr")
     if result["code"] != case.code:
         problems.append(f"exit code {result['code']}, expected {case.code}")
+    if case.max_seconds is not None and result["seconds"] > case.max_seconds:
+        problems.append(f"took {result['seconds']} s (at most {case.max_seconds} s)")
+    if case.max_memory_mb is not None and result["peak_memory_growth_mb"] > case.max_memory_mb:
+        problems.append(f"peak memory grew by {result['peak_memory_growth_mb']} MB (at most {case.max_memory_mb})")
+    changed = [path for path in result["changed"] if not any(fnmatch(path, pattern) for pattern in case.allow)]
+    if changed and (case.code != 0 or case.unchanged):
+        problems.append(f"changed or deleted existing output: {changed[:3]}")
+    if case.same_as and (
+        results is None or result["sha256"] is None or result["sha256"] != results[case.same_as]["sha256"]
+    ):
+        problems.append(f"{case.fingerprint} differs from case {case.same_as}'s")
+    if case.code == 130:
+        if not lines or "interrupted" not in lines[-1]:
+            problems.append("no 'interrupted' line")
+        return problems
     if case.code == 0:
+        if case.expect_stderr and case.expect_stderr not in result["stderr"]:
+            problems.append(f"stderr lacks {case.expect_stderr!r}")
         return problems
     errors = [line for line in lines if line.startswith("onsft: error:")]
     if len(errors) != 1 or lines[-1] != errors[0]:
@@ -113,8 +132,6 @@ def judge(case: fault_corpus.Case, result: dict) -> list[str]:
         problems.append(f"message does not give line {case.line}")
     if " Fix: " not in line:
         problems.append("message gives no fix")
-    from fnmatch import fnmatch
-
     left = [path for path in result["created"] if not any(fnmatch(path, pattern) for pattern in case.allow)]
     if left:
         problems.append(f"left output behind: {left[:3]}")
@@ -187,7 +204,7 @@ def test_every_hostile_input_gives_one_line_exit_2_and_no_partial_output(corpus)
     failures, gaps = {}, {}
     reported = {row["name"]: row for row in REPORT["inputs"]["cases"]}
     for case in cases:
-        problems = judge(case, results[case.name])
+        problems = judge(case, results[case.name], results)
         (gaps if case.name in KNOWN_GAPS else failures)[case.name] = problems
         reported[case.name]["problems"] = problems
         reported[case.name]["judged"] = True

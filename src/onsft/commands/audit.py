@@ -46,6 +46,7 @@ from onsft.runtime.device import Processes, resolve_dtype
 from onsft.runtime.models import (
     ModelArguments,
     check_context,
+    check_model,
     context_length,
     load_model,
     load_tokenizer,
@@ -118,6 +119,8 @@ def _sides(config: AuditConfig, model_args: ModelArguments, dtype) -> tuple[_Sid
         if config.compare_data
         else examples
     )
+    if config.compare_model:
+        check_model(other_args)  # its weights load only after the data is scored: a broken copy fails now
     other_tokenizer = load_tokenizer(other_args) if config.compare_model else tokenizer
     where = config.compare_data or config.data
     other_items = encode_items(other_tokenizer, other_examples, config.max_length, config.overlong, where)[0]

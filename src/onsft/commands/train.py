@@ -37,7 +37,7 @@ from onsft.runtime.device import check_device_name, resolve_device, resolve_dtyp
 from onsft.runtime.models import ModelArguments, check_context, context_length, load_model, load_tokenizer
 from onsft.runtime.records import check_writable, dumps, write_json_atomic, write_jsonl_atomic
 from onsft.runtime.runs import RunArguments, RunGuard, data_identity, normalized
-from onsft.runtime.settings import parse_command
+from onsft.runtime.settings import given_options, parse_command
 
 METHODS = ("sft", *PREFERENCE_METHODS)
 OUTPUTS = ["checkpoint-*", "model", ".model.building", "metrics.jsonl", "train_summary.json"]
@@ -161,7 +161,7 @@ def run(
         overwrite=run_args.overwrite,
         active=int(trl_args.process_index) == 0,
         untracked=["checkpoint-*", "model"],
-        inputs={"--data": inputs.data, "--eval_data": inputs.eval_data},
+        inputs={"--data": inputs.data, "--eval_data": inputs.eval_data, "--model": model_args.model},
     ) as finished:
         if finished is not None:
             print(f"onsft: {output_dir} already holds this finished run; nothing to do.", file=sys.stderr)
@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         RunArguments,
         prog="onsft train",
     )
-    changed = [f.name for f in dataclasses.fields(LossConfig) if getattr(loss, f.name) != f.default]
+    changed = given_options(argv, LossConfig)  # given at all, even with its default value
     if preference and changed:
         raise UserError(
             f"--{changed[0]} applies to --method sft only, not to --method {inputs.method}",

@@ -52,7 +52,10 @@ def _render(tokenizer, messages: Messages, where: str, line: int | None, **optio
         text = " ".join(str(error).split()) or type(error).__name__
         roles = ", ".join(m["role"] for m in messages)
         if "system" in text.lower():
-            fix = "this template has no system role: merge the system text into the first user turn"
+            fix = (
+                "this template has no system role: merge the system text into the first user turn (for "
+                "rewrite's hinted context, pass --hint_system '')"
+            )
         elif "alternate" in text.lower():
             fix = "give the turns in the order the template requires (user and assistant alternating)"
         else:
@@ -160,9 +163,11 @@ def check_text_budget(
     budget = char_budget(tokenizer, tokens)
     over = [e for e in examples if text_chars(e.prompt, e.reference if with_reference else None) > budget]
     if over:
+        first = text_chars(over[0].prompt, over[0].reference if with_reference else None)
         raise UserError(
-            f"{len(over)} row(s) have prompts of more than {budget} characters, which cannot fit in the "
-            f"{tokens} tokens allowed (first: {text_chars(over[0].prompt):,} characters)",
+            f"{len(over)} row(s) have more than {budget:,} characters of prompt"
+            + (" and reference" if with_reference else "")
+            + f", which cannot fit in the {tokens} tokens allowed (first: {first:,} characters)",
             where=where,
             line=over[0].line,
             fix="shorten or remove those rows.",
@@ -214,6 +219,7 @@ def encode_examples(
     encoded, stats = [], {"rows": len(examples), "dropped": 0, "truncated": 0}
     too_long: list[tuple[int, str]] = []
     budget = char_budget(tokenizer, max_length)
+    responses: dict[int, str] = {}  # the response text each kept row was encoded from (cut under truncate)
     for example in examples:
         response = example.response or ""
         if text_chars(example.prompt, response) > budget:
@@ -232,6 +238,7 @@ def encode_examples(
                     fix="raise --max_length, shorten the prompt, or use --overlong drop.",
                 )
             response = response[: budget - text_chars(example.prompt)]  # truncated to tokens below anyway
+        responses[example.index] = response
         prompt_ids = encode_prompt(tokenizer, example.prompt, where, example.line)
         response_ids = encode_response(tokenizer, example.prompt, response, prompt_ids, where, example.line)
         total = len(prompt_ids) + len(response_ids)
@@ -254,9 +261,7 @@ def encode_examples(
         )
     if not encoded:
         raise UserError("no rows left after dropping over-long rows", where=where, fix="raise --max_length.")
-    by_index = {e.index: e for e in examples}
-    kept = [by_index[e.index] for e in encoded]
     stats["unknown_only"] = check_known_text(
-        tokenizer, [e.response or "" for e in kept], [e.line for e in kept], where, "response"
+        tokenizer, [responses[e.index] for e in encoded], [e.line for e in encoded], where, "response"
     )
     return encoded, stats
