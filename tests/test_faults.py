@@ -198,6 +198,51 @@ def test_corpus_covers_every_command_with_enough_bad_inputs(corpus):
     assert len(bad) >= 25 and min(per_command.values()) >= 5, per_command
 
 
+# Issue 15's classes and the commands each must cover with cases that exit 2 (at least MIN_PER_COMMAND each).
+CLASSES = {
+    "rerun": ("train", "rewrite", "audit", "eval", "pairs", "compare"),
+    "lock": ("train", "rewrite", "audit", "eval", "pairs", "compare"),
+    "output": ("rewrite", "audit", "eval", "pairs"),
+    "library": ("train", "audit", "eval", "pairs", "rewrite", "compare"),
+    "finite": ("train", "audit", "eval", "pairs", "rewrite", "compare"),
+    "early": ("eval", "pairs", "audit"),
+    "useless": ("train", "audit", "eval", "pairs", "compare"),
+    "huge": ("train", "audit", "eval", "pairs", "rewrite"),
+    "message": ("train", "audit", "eval", "pairs"),
+}
+
+
+@pytest.mark.slow
+def test_corpus_covers_every_class_of_issue_15(corpus):
+    cases, *_ = corpus
+    bad = [c for c in cases if c.code == 2]
+    for kind, commands in CLASSES.items():
+        mine = [c for c in bad if c.kind == kind]
+        per_command = {name: sum(c.command == name for c in mine) for name in commands}
+        assert len(mine) >= 5 and min(per_command.values()) >= 1, (kind, per_command)
+    # Every rerun chain: a reference, Ctrl-C, other settings refused, the same command resumed to the reference.
+    chains = {c.name.rsplit("_rerun_", 1)[0] for c in cases if "_rerun_" in c.name}
+    assert chains == {"train", "rewrite", "audit", "eval", "pairs", "compare"}, chains
+    resumed = [c for c in cases if c.same_as]
+    assert {c.command for c in resumed} == chains and all(c.fingerprint for c in resumed)
+
+
+@pytest.mark.slow
+def test_resumed_training_reports_the_loss_of_the_whole_run(corpus):
+    """After a Ctrl-C and a resume, train_summary.json's train_loss is the mean over all 16 steps (the loss
+    transformers reports covers only the steps since the resume), equal to the uninterrupted run's."""
+    cases, results, *_ = corpus
+    assert results["train_rerun_interrupted"]["code"] == 130
+    folders = {c.name: Path(c.watch) for c in cases}
+    resumed = json.loads((folders["train_rerun_resumed"] / "train_summary.json").read_text())
+    reference = json.loads((folders["train_rerun_reference"] / "train_summary.json").read_text())
+    assert resumed["resumed_from"] is not None and reference["resumed_from"] is None
+    assert resumed["global_step"] == reference["global_step"] == 16
+    assert resumed["train_loss_this_run"] != pytest.approx(reference["train_loss"], rel=1e-3)
+    assert resumed["train_loss"] == pytest.approx(reference["train_loss"], rel=1e-6)
+    assert "resuming from checkpoint-" in results["train_rerun_resumed"]["stderr"]
+
+
 @pytest.mark.slow
 def test_every_hostile_input_gives_one_line_exit_2_and_no_partial_output(corpus):
     cases, results, _, _ = corpus
