@@ -70,6 +70,33 @@ GUARANTEES = [
     ),
     ("Non-finite audit scores stop the run naming the row (never written as scores)", "corpus case nonfinite_scores"),
     ("bf16 agrees with fp32 within the stated tolerance", "tests/test_faults.py::test_bf16_agrees_with_fp32"),
+    (
+        "Every class of issue 15 has bad cases over its commands; a rerun with other settings is refused for train, "
+        "rewrite, audit, eval, pairs and compare cells, and the same command resumes a Ctrl-C'd run to the "
+        "uninterrupted run's bytes",
+        "tests/test_faults.py::test_corpus_covers_every_class_of_issue_15 and the corpus cases *_rerun_* "
+        "(tests/fault_corpus_runs.py)",
+    ),
+    (
+        "A resumed training run reports the loss over all of its steps",
+        "tests/test_faults.py::test_resumed_training_reports_the_loss_of_the_whole_run",
+    ),
+    (
+        "A real second writer (another process) is refused while the first finishes byte-identical to a run alone",
+        "tests/test_guards.py::test_a_second_writer_is_refused_while_the_first_finishes_intact[eval|train]; "
+        "a live lock for every command: corpus cases *_rerun_locked",
+    ),
+    (
+        "No input is overwritten or deleted by an output (named like an output, inside an output folder, through "
+        "a link); every JSON file is valid JSON (non-finite numbers as null)",
+        "tests/test_guards.py::test_the_guard_refuses_inputs_that_an_output_would_replace, "
+        "test_every_json_writer_writes_valid_json; corpus class `output`",
+    ),
+    (
+        "Quiet by default: training shows a bar and step lines on stderr, its result alone on stdout; `--verbose` "
+        "shows the libraries' messages",
+        "tests/test_guards.py::test_train_shows_progress_and_step_lines_on_stderr_and_only_its_result_on_stdout",
+    ),
 ]
 
 

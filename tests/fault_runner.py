@@ -230,6 +230,8 @@ def main(plan_path: str, results_path: str) -> None:
 
     torch.set_num_threads(1)
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past RLIMIT_FSIZE then fails with EFBIG
+    # Ctrl-C must raise KeyboardInterrupt here even when started in the background (where SIGINT is ignored).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     plan = json.loads(Path(plan_path).read_text())
     runner = Runner(mount_file_systems(plan["full_disk"], plan["read_only"]))
     results = [runner.run(case) for case in plan["cases"]]
