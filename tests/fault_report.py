@@ -110,7 +110,9 @@ def _message(result: dict, root: str) -> str:
         return ""
     errors = [line for line in lines if line.startswith("onsft: error:")]
     shown = errors[-1] if errors else ("Traceback ... " + lines[-1] if "Traceback" in result["stderr"] else lines[-1])
-    return shown.replace(root, "$CORPUS")
+    shown = shown.replace(root, "$CORPUS")
+    # A run that succeeds ends with a progress or log line: its start says enough.
+    return shown if errors or len(shown) <= 160 else shown[:160] + " ..."
 
 
 def render(report: dict) -> str:
