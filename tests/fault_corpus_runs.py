@@ -70,11 +70,12 @@ def add_cases(c) -> None:
 # ----------------------------------------------------------------------------------- rerun and lock
 
 
-def _sequence(c, command, folder: Path, argv, target, progress_file, lines, changed, lock, what):
+def _sequence(c, command, folder: Path, argv, target, progress_file, lines, changed, lock, what, data, edited):
     """The rerun and lock cases of one command writing to `target` (a folder, or pairs' file) under `folder`:
     an uninterrupted reference; the same run interrupted (Ctrl-C once `progress_file` holds `lines` lines);
-    other settings into it (refused, nothing changed); a live writer's lock (refused); the same command
-    again (resumes; equals the reference); and once more (finished: nothing to do, nothing changed)."""
+    other settings into it, and the same flags over the `data` file edited in place (refused, nothing
+    changed); a live writer's lock, and one of a writer on another host (refused); the same command again
+    (resumes; equals the reference); and once more over a dead writer's lock (finished: nothing to do)."""
     run, reference = folder / "run", folder / "reference"
 
     def args(where: Path, *extra):
@@ -120,7 +121,34 @@ def _sequence(c, command, folder: Path, argv, target, progress_file, lines, chan
             **common,
         )
     )
+    c.cases.append(
+        c.Case(
+            f"{name}_data_edited",
+            command,
+            "the same command, its data file edited in place since (same path, other rows)",
+            args(run),
+            expect="different settings",
+            where=str(run),
+            watch=str(run),
+            steps=[["replace", data, edited]],
+            after=[["restore", data]],
+            **common,
+        )
+    )
     lock_path = run / lock
+    c.cases.append(
+        c.Case(
+            f"{name}_locked_elsewhere",
+            command,
+            "the same command while a process on another host holds the lock (a shared folder)",
+            args(run),
+            expect="another onsft process (pid 4242 on another-host.example)",
+            watch=str(run),
+            steps=[["lock_elsewhere", str(lock_path)]],
+            after=[["unlock", str(lock_path)]],
+            **{**common, "kind": "lock"},
+        )
+    )
     c.cases.append(
         c.Case(
             f"{name}_locked",
@@ -152,10 +180,12 @@ def _sequence(c, command, folder: Path, argv, target, progress_file, lines, chan
         c.Case(
             f"{name}_finished",
             command,
-            "the same command once more: the finished run is left as it is",
+            "the same command once more, over the lock of a writer that died: the finished run is left as it is",
             args(run),
             code=0,
             watch=str(run),
+            steps=[["stale_lock", str(lock_path)]],
+            allow=["*.lock"],  # the dead writer's lock is taken over and released
             fingerprint=fingerprint,
             same_as=f"{name}_reference",
             unchanged=command != "audit",  # audit rebuilds its summary and report from the kept scores
@@ -164,8 +194,16 @@ def _sequence(c, command, folder: Path, argv, target, progress_file, lines, chan
     )
 
 
+def _edited(c, name: str, path: str) -> str:
+    """`path`'s rows with the first response changed: the same file edited in place, for the `replace` step."""
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines()]
+    rows[0] = {**rows[0], "completion": rows[0]["completion"] + " (edited)"}
+    return c.write(name, rows)
+
+
 def _reruns(c, sixteen: str) -> None:
     tiny, many, out = c.tiny, c.many, c.out
+    sixteen_edited, many_edited = _edited(c, "sixteen_edited.jsonl", sixteen), _edited(c, "many_edited.jsonl", many)
     _sequence(
         c,
         "train",
@@ -204,6 +242,8 @@ def _reruns(c, sixteen: str) -> None:
         ["--learning_rate", "5e-3"],
         ".run.json.lock",
         "train 16 steps",
+        sixteen,
+        sixteen_edited,
     )
     _sequence(
         c,
@@ -237,6 +277,8 @@ def _reruns(c, sixteen: str) -> None:
         ["--beta", "2.0"],
         ".run.json.lock",
         "rewrite 16 rows",
+        sixteen,
+        sixteen_edited,
     )
     _sequence(
         c,
@@ -260,6 +302,8 @@ def _reruns(c, sixteen: str) -> None:
         ["--tau", "0.5"],
         ".run.json.lock",
         "audit 40 rows",
+        many,
+        many_edited,
     )
     _sequence(
         c,
@@ -289,6 +333,8 @@ def _reruns(c, sixteen: str) -> None:
         ["--max_new_tokens", "9"],
         ".run.json.lock",
         "eval 40 rows",
+        many,
+        many_edited,
     )
     _sequence(
         c,
@@ -316,12 +362,16 @@ def _reruns(c, sixteen: str) -> None:
         ["--samples", "3"],
         ".pairs.run.json.lock",
         "pairs 40 rows",
+        many,
+        many_edited,
     )
     # compare: the grid's cell trains through train's guard; other train options refuse that cell.
     grid = out / "rerun_compare"
+    teacher = c.write("compare_teacher.jsonl", fault_corpus.good_rows())
+    teacher_edited = _edited(c, "compare_teacher_edited.jsonl", teacher)
     experiment = {
         "model": tiny,
-        "train_data": c.good,
+        "train_data": teacher,
         "in_domain": c.good,
         "methods": ["sft"],
         "seeds": [0],
@@ -354,6 +404,27 @@ def _reruns(c, sixteen: str) -> None:
             expect="different settings",
             where=str(cell),
             **common,
+        ),
+        c.Case(
+            "compare_rerun_data_edited",
+            "compare",
+            "the first grid again, its train_data edited in place since",
+            ["compare", "--config", first],
+            expect="different settings",
+            where=str(cell),
+            steps=[["replace", teacher, teacher_edited]],
+            after=[["restore", teacher]],
+            **common,
+        ),
+        c.Case(
+            "compare_rerun_locked_elsewhere",
+            "compare",
+            "the grid while a process on another host trains its cell",
+            ["compare", "--config", other, "--overwrite"],
+            expect="another onsft process (pid 4242 on another-host.example)",
+            steps=[["lock_elsewhere", str(cell / ".run.json.lock")]],
+            after=[["unlock", str(cell / ".run.json.lock")]],
+            **{**common, "kind": "lock"},
         ),
         c.Case(
             "compare_rerun_locked",

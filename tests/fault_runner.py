@@ -15,7 +15,9 @@ regular file; the results say which mechanism ran.
 
 Other steps: `interrupt_when` presses Ctrl-C (a KeyboardInterrupt in the main thread, as SIGINT gives) once a
 file appears (and holds enough lines), to leave a run unfinished for the next case to resume; `lock` and
-`unlock` put and take away a lock held by another live process (a `sleep`), as a concurrent writer holds it.
+`unlock` put and take away a lock held by another live process (a `sleep`), as a concurrent writer holds it;
+`lock_elsewhere` and `stale_lock` leave the lock of a writer on another host, or of one that died;
+`replace` and `restore` edit an input file in place and put it back.
 Before and after each case every file under the case's folder is hashed, so a case that changes or deletes
 an existing output is seen; the growth of the runner's peak memory is reported too.
 """
@@ -103,6 +105,7 @@ class Runner:
         self.fsize_limit: int | None = None
         self.interrupter: Interrupter | None = None
         self.holders: dict[str, subprocess.Popen] = {}
+        self.originals: dict[str, bytes] = {}
 
     def step(self, step: list[str]) -> None:
         action, *args = step
@@ -130,10 +133,27 @@ class Runner:
             os.symlink(f"{socket.gethostname()}:{holder.pid}", args[0])
             self.holders[args[0]] = holder
         elif action == "unlock":
-            holder = self.holders.pop(args[0])
-            holder.kill()
-            holder.wait()
-            Path(args[0]).unlink()
+            holder = self.holders.pop(args[0], None)
+            if holder is not None:
+                holder.kill()
+                holder.wait()
+            Path(args[0]).unlink(missing_ok=True)
+        elif action in ("lock_elsewhere", "stale_lock"):
+            # A writer on another machine sharing the folder, or one on this machine that died holding it.
+            if action == "stale_lock":
+                gone = subprocess.Popen(["true"])
+                gone.wait()
+                owner = f"{socket.gethostname()}:{gone.pid}"
+            else:
+                owner = "another-host.example:4242"
+            Path(args[0]).parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(owner, args[0])
+        elif action == "replace":  # edit an input in place (its original is put back by `restore`)
+            path = Path(args[0])
+            self.originals[args[0]] = path.read_bytes()
+            path.write_bytes(Path(args[1]).read_bytes())
+        elif action == "restore":
+            Path(args[0]).write_bytes(self.originals.pop(args[0]))
         elif action == "stale_partial":
             path = Path(args[0])
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -39,7 +39,7 @@ from onsft.commands import train as train_command
 from onsft.commands.pairs import PairsConfig
 from onsft.commands.train import TrainArguments
 from onsft.data.chat import encode_prompt
-from onsft.data.rows import load_examples
+from onsft.data.rows import dataset_identity, load_examples
 from onsft.data.sources import materialize
 from onsft.data.verify import VerifyConfig
 from onsft.engine.decoding import OwnSamplingConfig, SamplingConfig
@@ -206,6 +206,7 @@ class Evaluator:
 
     def __init__(self, exp: Experiment):
         self.exp = exp
+        self._settings: dict | None = None
         self.sampling, self.verify = eval_configs(exp)
         self.verifier = self.verify.build()
         self.sets = {
@@ -248,14 +249,21 @@ class Evaluator:
         return result
 
     def settings(self) -> dict:
-        """What the cached evaluations (base/eval.json, each cell's eval.json) depend on, the base model included."""
-        model = {k: v for k, v in dataclasses.asdict(self.exp.model).items() if k not in ("device", "offline")}
-        return {
-            "model": model,
-            "eval": self.exp.eval,
-            "kl_limit": self.exp.kl_limit,
-            "sets": [str(getattr(self.exp, n)) for n in EVAL_SETS],
-        }
+        """What the cached evaluations (base/eval.json, each cell's eval.json) depend on, the base model included,
+        and the test sets by content (a test file edited in place must not reuse evaluations of the old one)."""
+        if self._settings is None:
+            model = {k: v for k, v in dataclasses.asdict(self.exp.model).items() if k not in ("device", "offline")}
+            self._settings = {
+                "model": model,
+                "eval": self.exp.eval,
+                "kl_limit": self.exp.kl_limit,
+                "sets": {
+                    name: dataset_identity(path)
+                    for name in (*EVAL_SETS, "kl_prompts")
+                    if (path := getattr(self.exp, name))
+                },
+            }
+        return self._settings
 
 
 def run_cell(
@@ -264,6 +272,7 @@ def run_cell(
     inputs, lora, args, loss = train_configs(exp, method, seed, data, folder / "train")
     settings = {
         "train": json.loads(json.dumps(dataclasses.asdict(inputs) | {"method": method}, default=str)),
+        "data": dataset_identity(data),  # by content: an edited file is not the cached cell's data
         "options": {**exp.train, **exp.method_train.get(method, {})},
         "seed": seed,
         "curve": [exp.curve_every, exp.curve_limit],
