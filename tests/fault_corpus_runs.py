@@ -563,6 +563,17 @@ def _outputs(c) -> None:
         where="scores.jsonl",
         **kind,
     )
+    folder = out / "train_data_in_out" / "run"
+    folder.mkdir(parents=True)
+    (folder / "metrics.jsonl").write_text(Path(good).read_text())
+    c.train(
+        "train_data_in_out",
+        "--data: a file inside --output_dir named like one of its outputs (metrics.jsonl)",
+        str(folder / "metrics.jsonl"),
+        "also an output",
+        where="metrics.jsonl",
+        **kind,
+    )
     folder = out / "train_model_in_out" / "run"
     (folder / "model").mkdir(parents=True)
     for item in Path(c.tiny).iterdir():
@@ -720,6 +731,37 @@ def _library(c, models) -> None:
                 ]
             }
         ],
+    )
+    twice_answered = write(
+        "user_twice_answer.jsonl",
+        [{"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "answer": "c"}],
+    )
+    for helper, name in ((c.audit, "audit"), (c.evaluate, "eval"), (c.pairs, "pairs")):
+        helper(
+            f"template_alternation_{name}",
+            f"two user turns in a row, template that needs alternation ({name})",
+            twice if name == "audit" else twice_answered,
+            "roles must alternate",
+            model=models["alternating"],
+            where="user_twice",
+            line=1,
+            **kind,
+        )
+    c.rewrite(
+        "template_alternation_rewrite",
+        "hinted context opening with a system turn, template that needs user first",
+        c.good,
+        "roles must alternate",
+        model=models["alternating"],
+        **kind,
+    )
+    c.compare(
+        "experiment_adam_beta2",
+        "experiment with train: {adam_beta2: 1.0}",
+        {"train": {"max_steps": 1, "use_cpu": True, "adam_beta2": 1.0}},
+        "must be in [0, 1)",
+        where="experiment (train options of sft)",
+        **kind,
     )
     c.train(
         "template_alternation",
@@ -1032,6 +1074,42 @@ def _useless(c) -> None:
         line=1,
         **kind,
     )
+    chat_foreign = write(
+        "unknown_chat.jsonl",
+        [
+            {"messages": [{"role": "user", "content": "Copy."}, {"role": "assistant", "content": "🙂🙂"}]},
+            {"messages": [{"role": "user", "content": "Copy."}, {"role": "assistant", "content": "üé"}]},
+        ],
+    )
+    c.audit(
+        "unknown_tokens_audit_chat",
+        "chat rows whose answers are emoji and accented letters only",
+        chat_foreign,
+        "nothing but unknown tokens",
+        where="unknown_chat.jsonl",
+        line=1,
+        **kind,
+    )
+    c.evaluate(
+        "unknown_tokens_retention",
+        "--retention_data whose prompts are all in an unknown script",
+        good,
+        "nothing but unknown tokens",
+        extra=("--retention_data", asked),
+        where="unknown_prompts.jsonl",
+        line=1,
+        **kind,
+    )
+    emoji = write("emoji_prompts.jsonl", [{"messages": [{"role": "user", "content": "🙂"}], "answer": "x"}])
+    c.pairs(
+        "unknown_tokens_pairs_chat",
+        "chat prompts of emoji only",
+        emoji,
+        "nothing but unknown tokens",
+        where="emoji_prompts.jsonl",
+        line=1,
+        **kind,
+    )
     some = write("some_unknown.jsonl", [*fault_corpus.good_rows(3), foreign[0]])
     c.train(
         "unknown_tokens_some",
@@ -1143,6 +1221,45 @@ def _huge(c) -> None:
         line=1,
         **kind,
     )
+    huge_chat = write("huge_chat.jsonl", [{"messages": [{"role": "user", "content": word}], "answer": "x"}, rows[0]])
+    c.audit(
+        "huge_line_compare_data",
+        "the 50 MB response as --compare_data",
+        c.good,
+        "longer than max_length",
+        extra=("--compare_data", huge_response),
+        where="huge_response.jsonl",
+        line=2,
+        **kind,
+    )
+    c.evaluate(
+        "huge_line_retention",
+        "a 50 MB prompt in --retention_data",
+        c.good,
+        "cannot fit",
+        extra=("--retention_data", huge_prompt),
+        where="huge_prompt.jsonl",
+        line=2,
+        **kind,
+    )
+    c.pairs(
+        "huge_line_pairs_chat",
+        "a 50 MB chat turn",
+        huge_chat,
+        "cannot fit",
+        where="huge_chat.jsonl",
+        line=1,
+        **kind,
+    )
+    c.rewrite(
+        "huge_line_rewrite_prompt",
+        "a 50 MB prompt to rewrite",
+        write("huge_rewrite_prompt.jsonl", [rows[0], {**rows[1], "prompt": word}]),
+        "cannot fit",
+        where="huge_rewrite_prompt.jsonl",
+        line=2,
+        **kind,
+    )
     c.train(
         "huge_line_truncate",
         "--overlong truncate on the 50 MB response: cut before tokenising, trains",
@@ -1189,6 +1306,16 @@ def _messages(c) -> None:
             where="missing.jsonl",
             **kind,
         )
+    c.pairs(
+        "missing_rewrite_field",
+        "--rewrite_field naming a column the --rewrites rows lack",
+        good,
+        "--rewrite_field",
+        extra=("--rewrites", good, "--rewrite_field", "answer_text"),
+        where="good.jsonl",
+        line=1,
+        **kind,
+    )
     pairs = c.write("pairs_loss.jsonl", [{"prompt": "Copy ab.", "chosen": "ab", "rejected": "ba"}])
     c.train(
         "loss_with_dpo",
