@@ -972,6 +972,30 @@ def _early(c, models) -> None:
         line=2,
         **kind,
     )
+    c.pairs(
+        "pairs_model_truncated",
+        "--model: weights cut in half (fails before any sample or output)",
+        good,
+        "cannot load the model",
+        model=models["truncated_weights"],
+        where="truncated_weights",
+        **{**kind, "early": False},
+    )
+    c.audit(
+        "compare_data_over_context",
+        "--compare_model with a 32-position context and --compare_data past it (checked before scoring)",
+        good,
+        "longer than the model's context",
+        extra=(
+            "--compare_model",
+            models["short_context"],
+            "--compare_data",
+            c.write("long_compare.jsonl", [{"prompt": "a", "completion": "b" * 60}]),
+        ),
+        where="long_compare.jsonl",
+        line=1,
+        **{**kind, "early": False},
+    )
     c.audit(
         "compare_model_truncated",
         "--compare_model: weights cut in half (checked before scoring)",
