@@ -10,8 +10,14 @@
   - `code` 0: input that is odd but valid (a byte-order mark, an answer math-verify cannot parse), or a
     rerun after a fault, which must succeed.
 `early` cases fail before any model is loaded, so stderr must hold that one line and nothing else.
-`steps` are actions of tests/fault_runner.py around a case: fill or free the small file system that
-simulates a full disk, or write a stale partial file.
+`steps` are actions of tests/fault_runner.py before a case (`after`: after it): fill or free the small file
+system that simulates a full disk, write a stale partial file, press Ctrl-C part-way (code 130: a run left
+unfinished for the next case), or hold the output's lock from another live process.
+A bad case must also leave every file that existed under `watch` unchanged (`unchanged` asks the same of a
+case that succeeds); `same_as` names a case whose `fingerprint` file must be byte-identical to this one's;
+`expect_stderr` is a fragment a succeeding case must print; `max_seconds` and `max_memory_mb` bound the
+case's time and the growth of the runner's peak memory. `kind` is the class of fault (tests/fault_corpus_runs.py
+adds the classes of issue 15; "input" is a hostile input file or option).
 """
 
 from __future__ import annotations
@@ -20,10 +26,12 @@ import json
 import string
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+import fault_corpus_runs
 from tiny import tiny_tokenizer
 
 
@@ -42,6 +50,13 @@ class Case:
     early: bool = True
     steps: list[list[str]] = field(default_factory=list)  # runner actions before the case
     fingerprint: str = ""  # output file whose sha256 the runner reports (for comparisons)
+    kind: str = "input"
+    after: list[list[str]] = field(default_factory=list)  # runner actions after the case
+    unchanged: bool = False  # a succeeding case must not change existing files either
+    same_as: str = ""  # a case whose fingerprint must equal this one's
+    expect_stderr: str = ""  # printed by a succeeding case
+    max_seconds: float | None = None
+    max_memory_mb: int | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -878,6 +893,26 @@ def build(root: Path, full_disk: str, read_only: str) -> tuple[list[Case], dict[
         "",
         code=0,
         early=False,
+    )
+    fault_corpus_runs.add_cases(
+        SimpleNamespace(
+            Case=Case,
+            cases=cases,
+            case=case,
+            audit=audit,
+            train=train,
+            evaluate=evaluate,
+            rewrite=rewrite,
+            pairs=pairs,
+            compare=compare,
+            write=write,
+            models=models,
+            root=root,
+            out=out,
+            good=good,
+            many=many,
+            tiny=tiny,
+        )
     )
     for c in cases:
         for s in c.steps:

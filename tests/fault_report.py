@@ -8,6 +8,20 @@ from __future__ import annotations
 from collections import Counter
 
 COMMANDS = ("train", "audit", "rewrite", "eval", "pairs", "compare")
+# The fault classes, in the order of the table (see tests/fault_corpus.py and tests/fault_corpus_runs.py).
+KINDS = {
+    "input": "hostile input files and options",
+    "rerun": "a rerun into an output holding other settings (refused); the same command resumes exactly",
+    "lock": "another live process writing the same output",
+    "output": "an output that is (or resolves to) an input",
+    "library": "values the libraries reject late (TrainingArguments, optimiser, peft) and chat templates that "
+    "reject a row",
+    "finite": "NaN / infinite numbers in float options",
+    "early": "inputs checked before the first forward pass (models, lengths)",
+    "useless": "runs that would end with exit 0 on a useless result",
+    "huge": "a 50 MB line: refused from its length, before tokenising",
+    "message": "messages that named the wrong option",
+}
 
 # Where each guarantee is tested (static: the files and test names, checked by hand when tests move).
 GUARANTEES = [
@@ -56,6 +70,33 @@ GUARANTEES = [
     ),
     ("Non-finite audit scores stop the run naming the row (never written as scores)", "corpus case nonfinite_scores"),
     ("bf16 agrees with fp32 within the stated tolerance", "tests/test_faults.py::test_bf16_agrees_with_fp32"),
+    (
+        "Every class of issue 15 has bad cases over its commands; a rerun with other settings is refused for train, "
+        "rewrite, audit, eval, pairs and compare cells, and the same command resumes a Ctrl-C'd run to the "
+        "uninterrupted run's bytes",
+        "tests/test_faults.py::test_corpus_covers_every_class_of_issue_15 and the corpus cases *_rerun_* "
+        "(tests/fault_corpus_runs.py)",
+    ),
+    (
+        "A resumed training run reports the loss over all of its steps",
+        "tests/test_faults.py::test_resumed_training_reports_the_loss_of_the_whole_run",
+    ),
+    (
+        "A real second writer (another process) is refused while the first finishes byte-identical to a run alone",
+        "tests/test_guards.py::test_a_second_writer_is_refused_while_the_first_finishes_intact[eval|train]; "
+        "a live lock for every command: corpus cases *_rerun_locked",
+    ),
+    (
+        "No input is overwritten or deleted by an output (named like an output, inside an output folder, through "
+        "a link); every JSON file is valid JSON (non-finite numbers as null)",
+        "tests/test_guards.py::test_the_guard_refuses_inputs_that_an_output_would_replace, "
+        "test_every_json_writer_writes_valid_json; corpus class `output`",
+    ),
+    (
+        "Quiet by default: training shows a bar and step lines on stderr, its result alone on stdout; `--verbose` "
+        "shows the libraries' messages",
+        "tests/test_guards.py::test_train_shows_progress_and_step_lines_on_stderr_and_only_its_result_on_stdout",
+    ),
 ]
 
 
@@ -69,7 +110,9 @@ def _message(result: dict, root: str) -> str:
         return ""
     errors = [line for line in lines if line.startswith("onsft: error:")]
     shown = errors[-1] if errors else ("Traceback ... " + lines[-1] if "Traceback" in result["stderr"] else lines[-1])
-    return shown.replace(root, "$CORPUS")
+    shown = shown.replace(root, "$CORPUS")
+    # A run that succeeds ends with a progress or log line: its start says enough.
+    return shown if errors or len(shown) <= 160 else shown[:160] + " ..."
 
 
 def render(report: dict) -> str:
@@ -108,11 +151,31 @@ def render(report: dict) -> str:
             "",
             "A case passes when: the exit code is as expected; stderr holds no traceback; the last line "
             "is the only `onsft: error:` line and names the file (and line) and a fix; cases failing before a "
-            "model loads print nothing else; and no file is left under the output except resumable "
-            "`.partial` files (and torn checkpoints) of a run stopped mid-way.",
+            "model loads print nothing else; no file is left under the output except resumable "
+            "`.partial` files (and torn checkpoints) of a run stopped mid-way; and no file that existed "
+            "before the case was changed or deleted (every file under the case's folder is hashed before and "
+            "after). Cases of a rerun chain (Ctrl-C, exit 130, then the same command) must also end in an "
+            "output byte-identical to an uninterrupted run's; a bounded case (`huge`) must stay within its "
+            "time and peak-memory growth.",
             "",
-            "| case | command | input tried | exit | message (stderr) | left behind | ok |",
-            "|---|---|---|---|---|---|---|",
+            "Cases per class (bad inputs that must exit 2 / all cases):",
+            "",
+            "| class | " + " | ".join(COMMANDS) + " | what |",
+            "|---|" + "---|" * len(COMMANDS) + "---|",
+        ]
+        for kind, what in KINDS.items():
+            mine = [c for c in cases if c.get("kind", "input") == kind]
+            if not mine:
+                continue
+            cells = [
+                f"{sum(c['code'] == 2 for c in mine if c['command'] == name)}/{sum(c['command'] == name for c in mine)}"
+                for name in COMMANDS
+            ]
+            out.append(f"| {kind} | " + " | ".join(cells) + f" | {_cell(what)} |")
+        out += [
+            "",
+            "| case | class | command | input tried | exit | message (stderr) | left behind | ok |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         root = inputs.get("root", "$$")
         for c in cases:
@@ -126,7 +189,7 @@ def render(report: dict) -> str:
                 + "; ".join(c["problems"])
             )
             out.append(
-                f"| {c['name']} | {c['command']} | {_cell(c['input'])} | {c['code']} | "
+                f"| {c['name']} | {c.get('kind', 'input')} | {c['command']} | {_cell(c['input'])} | {c['code']} | "
                 f"{_cell(_message(c, root))} | {_cell(left) or '-'} | {_cell(verdict)} |"
             )
         out.append("")

@@ -88,15 +88,34 @@ def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.replace("\r", "\n").splitlines() if line.strip()]
 
 
-def judge(case: fault_corpus.Case, result: dict) -> list[str]:
+def judge(case: fault_corpus.Case, result: dict, results: dict | None = None) -> list[str]:
     """Everything wrong with one result (empty: as promised)."""
+    from fnmatch import fnmatch
+
     problems = []
     lines = error_lines(result["stderr"])
     if "Traceback" in result["stderr"] or "Exception ignored" in result["stderr"]:
         problems.append("traceback on stderr")
     if result["code"] != case.code:
         problems.append(f"exit code {result['code']}, expected {case.code}")
+    if case.max_seconds is not None and result["seconds"] > case.max_seconds:
+        problems.append(f"took {result['seconds']} s (at most {case.max_seconds} s)")
+    if case.max_memory_mb is not None and result["peak_memory_growth_mb"] > case.max_memory_mb:
+        problems.append(f"peak memory grew by {result['peak_memory_growth_mb']} MB (at most {case.max_memory_mb})")
+    changed = [path for path in result["changed"] if not any(fnmatch(path, pattern) for pattern in case.allow)]
+    if changed and (case.code != 0 or case.unchanged):
+        problems.append(f"changed or deleted existing output: {changed[:3]}")
+    if case.same_as and (
+        results is None or result["sha256"] is None or result["sha256"] != results[case.same_as]["sha256"]
+    ):
+        problems.append(f"{case.fingerprint} differs from case {case.same_as}'s")
+    if case.code == 130:
+        if not lines or "interrupted" not in lines[-1]:
+            problems.append("no 'interrupted' line")
+        return problems
     if case.code == 0:
+        if case.expect_stderr and case.expect_stderr not in result["stderr"]:
+            problems.append(f"stderr lacks {case.expect_stderr!r}")
         return problems
     errors = [line for line in lines if line.startswith("onsft: error:")]
     if len(errors) != 1 or lines[-1] != errors[0]:
@@ -113,8 +132,6 @@ def judge(case: fault_corpus.Case, result: dict) -> list[str]:
         problems.append(f"message does not give line {case.line}")
     if " Fix: " not in line:
         problems.append("message gives no fix")
-    from fnmatch import fnmatch
-
     left = [path for path in result["created"] if not any(fnmatch(path, pattern) for pattern in case.allow)]
     if left:
         problems.append(f"left output behind: {left[:3]}")
@@ -181,13 +198,58 @@ def test_corpus_covers_every_command_with_enough_bad_inputs(corpus):
     assert len(bad) >= 25 and min(per_command.values()) >= 5, per_command
 
 
+# Issue 15's classes and the commands each must cover with cases that exit 2 (at least MIN_PER_COMMAND each).
+CLASSES = {
+    "rerun": ("train", "rewrite", "audit", "eval", "pairs", "compare"),
+    "lock": ("train", "rewrite", "audit", "eval", "pairs", "compare"),
+    "output": ("rewrite", "audit", "eval", "pairs"),
+    "library": ("train", "audit", "eval", "pairs", "rewrite", "compare"),
+    "finite": ("train", "audit", "eval", "pairs", "rewrite", "compare"),
+    "early": ("eval", "pairs", "audit"),
+    "useless": ("train", "audit", "eval", "pairs", "compare"),
+    "huge": ("train", "audit", "eval", "pairs", "rewrite"),
+    "message": ("train", "eval", "pairs"),
+}
+
+
+@pytest.mark.slow
+def test_corpus_covers_every_class_of_issue_15(corpus):
+    cases, *_ = corpus
+    bad = [c for c in cases if c.code == 2]
+    for kind, commands in CLASSES.items():
+        mine = [c for c in bad if c.kind == kind]
+        per_command = {name: sum(c.command == name for c in mine) for name in commands}
+        assert len(mine) >= 6 and min(per_command.values()) >= 2, (kind, per_command)
+    # Every rerun chain: a reference, Ctrl-C, other settings refused, the same command resumed to the reference.
+    chains = {c.name.rsplit("_rerun_", 1)[0] for c in cases if "_rerun_" in c.name}
+    assert chains == {"train", "rewrite", "audit", "eval", "pairs", "compare"}, chains
+    resumed = [c for c in cases if c.same_as]
+    assert {c.command for c in resumed} == chains and all(c.fingerprint for c in resumed)
+
+
+@pytest.mark.slow
+def test_resumed_training_reports_the_loss_of_the_whole_run(corpus):
+    """After a Ctrl-C and a resume, train_summary.json's train_loss is the mean over all 16 steps (the loss
+    transformers reports covers only the steps since the resume), equal to the uninterrupted run's."""
+    cases, results, *_ = corpus
+    assert results["train_rerun_interrupted"]["code"] == 130
+    folders = {c.name: Path(c.watch) for c in cases}
+    resumed = json.loads((folders["train_rerun_resumed"] / "train_summary.json").read_text())
+    reference = json.loads((folders["train_rerun_reference"] / "train_summary.json").read_text())
+    assert resumed["resumed_from"] is not None and reference["resumed_from"] is None
+    assert resumed["global_step"] == reference["global_step"] == 16
+    assert resumed["train_loss_this_run"] != pytest.approx(reference["train_loss"], rel=1e-3)
+    assert resumed["train_loss"] == pytest.approx(reference["train_loss"], rel=1e-6)
+    assert "resuming from checkpoint-" in results["train_rerun_resumed"]["stderr"]
+
+
 @pytest.mark.slow
 def test_every_hostile_input_gives_one_line_exit_2_and_no_partial_output(corpus):
     cases, results, _, _ = corpus
     failures, gaps = {}, {}
     reported = {row["name"]: row for row in REPORT["inputs"]["cases"]}
     for case in cases:
-        problems = judge(case, results[case.name])
+        problems = judge(case, results[case.name], results)
         (gaps if case.name in KNOWN_GAPS else failures)[case.name] = problems
         reported[case.name]["problems"] = problems
         reported[case.name]["judged"] = True

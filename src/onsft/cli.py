@@ -6,13 +6,16 @@ because every writer in onsft writes under a temporary name and renames on succe
 
 from __future__ import annotations
 
+import argparse
 import errno
 import importlib
 import os
 import sys
+from pathlib import Path
 
 from onsft import __version__
 from onsft.errors import EXIT_USER_ERROR, UserError
+from onsft.runtime.progress import configure_output
 from onsft.runtime.records import output_error
 
 DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
@@ -38,6 +41,24 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def _verbose(argv: list[str]) -> bool:
+    """`--verbose` from the command line or its --config file, read before the command's own parser (which
+    reports any problem with it): how quiet the libraries are is set before the command imports them."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
+    parser.add_argument("--verbose", nargs="?", const="true", default=None)
+    parser.add_argument("--config", default=None)
+    try:
+        known, _ = parser.parse_known_args(argv)
+        value = known.verbose
+        if value is None and known.config and Path(known.config).is_file():
+            import yaml
+
+            value = (yaml.safe_load(Path(known.config).read_text(encoding="utf-8")) or {}).get("verbose")
+    except (Exception, SystemExit):  # noqa: BLE001 - any problem is the command parser's to report
+        return False
+    return str(value).strip().lower() in ("true", "yes", "1", "t", "y")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -50,11 +71,14 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(str(UserError(f"unknown command `{name}`", fix=f"use one of: {', '.join(COMMANDS)}.")), file=sys.stderr)
         return EXIT_USER_ERROR
-    # Quiet the libraries' start-up chatter; users of the CLI read our progress bars and summaries.
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # Quiet the libraries' chatter (their warnings, loading bars) unless --verbose; users of the CLI read our
+    # progress bars and summaries. The environment covers what the command's imports print, the call the rest.
+    verbose = _verbose(rest)
+    os.environ["TRANSFORMERS_VERBOSITY"] = "warning" if verbose else "error"
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         module = importlib.import_module(f"onsft.commands.{name}")
+        configure_output(verbose)
         return int(module.main(rest) or 0)
     except UserError as error:
         print(str(error), file=sys.stderr)

@@ -29,3 +29,11 @@ class UserError(Exception):
             text += f" Fix: {self.fix}"
         # One line, always: multi-line messages from libraries are folded.
         return " ".join(text.split())
+
+
+def warn(message: str, where: str | None = None, line: int | None = None) -> None:
+    """A problem worth a user's attention that does not stop the run: one line on stderr, `onsft: warning:`."""
+    import sys
+
+    location = "" if where is None else (f"{where}:{line}: " if line is not None else f"{where}: ")
+    print(" ".join(f"onsft: warning: {location}{message}".split()), file=sys.stderr, flush=True)

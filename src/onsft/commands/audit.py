@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from onsft.data.rows import Example, dataset_identity, load_examples
+from onsft.data.rows import Example, check_sources, dataset_identity, load_examples
 from onsft.engine.scoring import Item, ScoringConfig, encode_items
 from onsft.pipeline.audit_report import write_report
 from onsft.pipeline.auditing import (
@@ -46,6 +46,7 @@ from onsft.runtime.device import Processes, resolve_dtype
 from onsft.runtime.models import (
     ModelArguments,
     check_context,
+    check_model,
     context_length,
     load_model,
     load_tokenizer,
@@ -87,6 +88,7 @@ class _Side:
 
 def _sides(config: AuditConfig, model_args: ModelArguments, dtype) -> tuple[_Side, _Side | None, dict]:
     """Both sides read, tokenised and fingerprinted (every user error surfaces here), and the encoding counts."""
+    check_sources({"--data": config.data, "--compare_data": config.compare_data})
     examples = load_examples(config.data, split=config.split, offline=model_args.offline)
     tokenizer = load_tokenizer(model_args)
     items, encoding = encode_items(tokenizer, examples, config.max_length, config.overlong, config.data)
@@ -113,10 +115,12 @@ def _sides(config: AuditConfig, model_args: ModelArguments, dtype) -> tuple[_Sid
         else model_args
     )
     other_examples = (
-        load_examples(config.compare_data, split=config.split, offline=model_args.offline)
+        load_examples(config.compare_data, split=config.split, offline=model_args.offline, flag="--compare_data")
         if config.compare_data
         else examples
     )
+    if config.compare_model:
+        check_model(other_args)  # its weights load only after the data is scored: a broken copy fails now
     other_tokenizer = load_tokenizer(other_args) if config.compare_model else tokenizer
     where = config.compare_data or config.data
     other_items = encode_items(other_tokenizer, other_examples, config.max_length, config.overlong, where)[0]
@@ -164,6 +168,7 @@ def run(
         overwrite=run_args.overwrite,
         active=procs.main,
         reuse=False,
+        inputs={"--data": config.data, "--compare_data": config.compare_data},
     ):
         model = load_model(model_args, device=procs.device, dtype=dtype)
         other_model = (

@@ -15,7 +15,7 @@ Every step runs in this process from config objects built from the experiment's 
 settings.configs_from_dict`): the optional audit (`audit:`), the rewrite, the pairs and the replay set (built
 once, shared by all seeds), then each cell's training and evaluation.
 
-Layout of OUT: experiment.json (the resolved settings), data/ (generated sets, rewrite/, pairs.jsonl),
+Layout of OUT: experiment.json (the resolved settings of the grid in results.json), data/ (generated sets, rewrite/, pairs.jsonl),
 audit/ (with `audit:`), base/eval.json (the untuned model), cells/<method>-s<seed>/{train/, eval.json},
 and results.json, table.md, table.csv, skill_vs_retention.png, curves.png, training.png.
 
@@ -45,7 +45,7 @@ from onsft.commands.data import ReplayDataConfig
 from onsft.commands.pairs import PairsConfig
 from onsft.commands.train import TrainArguments
 from onsft.data.chat import encode_prompt
-from onsft.data.rows import load_examples
+from onsft.data.rows import dataset_identity, load_examples
 from onsft.data.sources import materialize
 from onsft.data.verify import VerifyConfig
 from onsft.engine.decoding import OwnSamplingConfig, SamplingConfig
@@ -156,7 +156,13 @@ def _needs_rewrite(exp: Experiment) -> bool:
 def check_options(exp: Experiment, out: Path) -> None:
     """Build every step's configs now, so a typo fails before hours of training, not after."""
     for method in exp.methods:
-        train_configs(exp, method, exp.seeds[0], "check", out / "check", "check")
+        _, lora, _, loss = train_configs(exp, method, exp.seeds[0], "check", out / "check", "check")
+        try:
+            lora.validate()
+            if loss is not None:
+                loss.validate()
+        except UserError as error:  # named as the experiment's option, not the command line's
+            raise dataclasses.replace(error, where=f"experiment (train options of {method})") from None
     if "replay" in exp.sources():
         replay_configs(exp, out / "check.jsonl")[0].validate()
     if _needs_rewrite(exp):
@@ -189,37 +195,37 @@ def check_data(exp: Experiment) -> None:
 # ------------------------------------------------------------------------------------- shared data
 
 
-def prepare_shared_data(exp: Experiment, out: Path) -> dict:
+def prepare_shared_data(exp: Experiment, out: Path, steps: RunArguments = QUIET) -> dict:
     """Build the rewrite and the preference pairs once (seed-independent), return data path per source and
     the seconds each took (from its own summary, so a cached step still reports what it cost)."""
     paths, timings = {"teacher": exp.train_data}, {}
     if _needs_rewrite(exp):
         folder = out / "data" / "rewrite"
         config, hinted, scoring, verify = rewrite_configs(exp, folder)
-        summary = rewrite_command.run(config, exp.model, hinted, scoring, verify, QUIET)
+        summary = rewrite_command.run(config, exp.model, hinted, scoring, verify, steps)
         paths["rewrite"] = summary["files"]["train"]
         timings["rewrite"] = summary.get("wall_seconds", 0.0)
     if "pairs" in exp.sources():
         target = out / "data" / "pairs.jsonl"
         rewrites = paths.get("rewrite") if exp.pairs.get("rewrites", True) else None
         config, sampling, verify = pairs_configs(exp, target, rewrites)
-        summary = pairs_command.run(config, exp.model, sampling, verify, QUIET)
+        summary = pairs_command.run(config, exp.model, sampling, verify, steps)
         paths["pairs"] = str(target)
         timings["pairs"] = summary.get("wall_seconds_this_run", 0.0)
     if "replay" in exp.sources():
         target = out / "data" / "replay.jsonl"
         config, sampling = replay_configs(exp, target)
-        summary = data_command.run_replay(config, exp.model, sampling, QUIET)
+        summary = data_command.run_replay(config, exp.model, sampling, steps)
         paths["replay"] = str(target)
         timings["replay"] = summary.get("wall_seconds", 0.0)
     return {"paths": paths, "timings": timings}
 
 
-def run_audit(exp: Experiment, out: Path) -> dict | None:
+def run_audit(exp: Experiment, out: Path, steps: RunArguments = QUIET) -> dict | None:
     if exp.audit is None:
         return None
     config, scoring = audit_configs(exp, out / "audit")
-    return audit_command.run(config, exp.model, scoring, QUIET)
+    return audit_command.run(config, exp.model, scoring, steps)
 
 
 # ------------------------------------------------------------------------------------- evaluation
@@ -230,6 +236,7 @@ class Evaluator:
 
     def __init__(self, exp: Experiment):
         self.exp = exp
+        self._settings: dict | None = None
         self.sampling, self.verify = eval_configs(exp)
         self.verifier = self.verify.build()
         self.sets = {
@@ -272,22 +279,37 @@ class Evaluator:
         return result
 
     def settings(self) -> dict:
-        """What the cached evaluations (base/eval.json, each cell's eval.json) depend on, the base model included."""
-        model = {k: v for k, v in dataclasses.asdict(self.exp.model).items() if k not in ("device", "offline")}
-        return {
-            "model": model,
-            "eval": self.exp.eval,
-            "kl_limit": self.exp.kl_limit,
-            "sets": [str(getattr(self.exp, n)) for n in EVAL_SETS],
-        }
+        """What the cached evaluations (base/eval.json, each cell's eval.json) depend on, the base model included,
+        and the test sets by content (a test file edited in place must not reuse evaluations of the old one)."""
+        if self._settings is None:
+            model = {k: v for k, v in dataclasses.asdict(self.exp.model).items() if k not in ("device", "offline")}
+            self._settings = {
+                "model": model,
+                "eval": self.exp.eval,
+                "kl_limit": self.exp.kl_limit,
+                "sets": {
+                    name: dataset_identity(path)
+                    for name in (*EVAL_SETS, "kl_prompts")
+                    if (path := getattr(self.exp, name))
+                },
+            }
+        return self._settings
 
 
 def run_cell(
-    exp: Experiment, method: str, seed: int, data: str, folder: Path, evaluator: Evaluator, replay: str | None = None
+    exp: Experiment,
+    method: str,
+    seed: int,
+    data: str,
+    folder: Path,
+    evaluator: Evaluator,
+    replay: str | None = None,
+    steps: RunArguments = QUIET,
 ) -> dict:
     inputs, lora, args, loss = train_configs(exp, method, seed, data, folder / "train", replay)
     settings = {
         "train": json.loads(json.dumps(dataclasses.asdict(inputs) | {"method": method}, default=str)),
+        "data": dataset_identity(data),  # by content: an edited file is not the cached cell's data
         "options": {**exp.train, **exp.method_train.get(method, {})},
         "seed": seed,
         "curve": [exp.curve_every, exp.curve_limit],
@@ -299,7 +321,7 @@ def run_cell(
         if cached.get("settings") == settings:
             return cached
     started = time.time()
-    summary = train_command.run(inputs, exp.model, lora, args, loss, QUIET)
+    summary = train_command.run(inputs, exp.model, lora, args, loss, steps)
     train_seconds = summary.get("wall_seconds_this_run", time.time() - started)
     model = evaluator.load(folder / "train" / "model")
     result = {
@@ -335,8 +357,11 @@ def _curve(train_dir: Path, evaluator: Evaluator) -> list[dict]:
 # ------------------------------------------------------------------------------------- the command
 
 
-def run(exp: Experiment) -> dict:
-    """Audit (optional), shared data, base evaluation, every cell, then the table and plots."""
+def run(exp: Experiment, run_args: RunArguments | None = None) -> dict:
+    """Audit (optional), shared data, base evaluation, every cell, then the table and plots. `run_args` go to
+    every step: `overwrite` lets a step start over where an earlier grid left outputs made with other
+    settings (each step refuses them otherwise, naming its folder), `progress` shows the steps' bars."""
+    steps = run_args or QUIET
     out = Path(exp.out)
     check_writable(out / "results.json")
     resolve_model_path(exp.model.model, revision=exp.model.model_revision, offline=exp.model.offline)
@@ -345,9 +370,8 @@ def run(exp: Experiment) -> dict:
     check_data(exp)
     check_options(exp, out)
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "experiment.json", dataclasses.asdict(exp))
-    audit_summary = run_audit(exp, out)
-    shared = prepare_shared_data(exp, out)
+    audit_summary = run_audit(exp, out, steps)
+    shared = prepare_shared_data(exp, out, steps)
     evaluator = Evaluator(exp)
     base_path = out / "base" / "eval.json"
     base = json.loads(base_path.read_text()) if base_path.exists() else None
@@ -362,7 +386,7 @@ def run(exp: Experiment) -> dict:
             source = METHODS[method][0]
             print(f"onsft compare: {method} seed {seed}", file=sys.stderr, flush=True)
             folder, replay = out / "cells" / f"{method}-s{seed}", shared["paths"].get("replay")
-            cell = run_cell(exp, method, seed, shared["paths"][source], folder, evaluator, replay)
+            cell = run_cell(exp, method, seed, shared["paths"][source], folder, evaluator, replay, steps)
             cell["prep_seconds"] = shared["timings"].get(source, 0.0)
             if method in REPLAY_METHODS:
                 cell["prep_seconds"] += shared["timings"].get("replay", 0.0)
@@ -380,6 +404,9 @@ def run(exp: Experiment) -> dict:
         "data_prep_seconds": shared["timings"],
         "audit": audit_summary,
     }
+    # Written with the results they produced: a grid refused half-way (a step's outputs hold other settings)
+    # leaves the earlier grid's record as it was.
+    write_json_atomic(out / "experiment.json", dataclasses.asdict(exp))
     write_json_atomic(out / "results.json", results)
     print(markdown)
     return results
@@ -402,7 +429,9 @@ class CompareArgs:
 def main(argv: list[str] | None = None) -> int:
     argv = list(argv or [])
     # `--config` is the experiment here, not a YAML of flags: it is read by load_experiment.
-    args, model_args = parse_command(argv, CompareArgs, ModelArguments, prog="onsft compare", yaml_config=False)
+    args, model_args, run_args = parse_command(
+        argv, CompareArgs, ModelArguments, RunArguments, prog="onsft compare", yaml_config=False
+    )
     if not args.config:
         raise UserError("no experiment given", where="command line", fix="pass --config experiment.yaml.")
     given = {
@@ -411,5 +440,5 @@ def main(argv: list[str] | None = None) -> int:
         if any(a == f"--{f.name}" or a.startswith(f"--{f.name}=") for a in argv)
     }
     overrides = {"out": args.out, "seeds": args.seeds or None, "methods": args.methods or None, **given}
-    run(load_experiment(args.config, overrides))
+    run(load_experiment(args.config, overrides), run_args)
     return 0

@@ -37,23 +37,37 @@ From Python: `run(EvalConfig(data=...), ModelArguments(model=...), OwnSamplingCo
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from onsft.data.chat import encode_prompt
-from onsft.data.rows import DataArguments, Example, dataset_identity, load_examples
+from onsft.data.rows import DataArguments, Example, check_sources, dataset_identity, load_examples
 from onsft.data.verify import VerifyConfig
 from onsft.engine.decoding import OwnSamplingConfig, SamplingConfig
 from onsft.engine.kl import KL_CONTINUATIONS, kl_drift
 from onsft.errors import UserError
-from onsft.pipeline.evaluation import aggregate, check_answers, default_ks, evaluate_rows, plot_accuracy
+from onsft.pipeline.evaluation import (
+    aggregate,
+    check_answers,
+    check_prompt_set,
+    check_prompts,
+    default_ks,
+    evaluate_rows,
+    plot_accuracy,
+)
 from onsft.runtime.device import stream_seed
-from onsft.runtime.models import ModelArguments, load_model, load_tokenizer, resolve_model_path
+from onsft.runtime.models import (
+    ModelArguments,
+    check_model,
+    context_length,
+    load_model,
+    load_tokenizer,
+    vocabulary_size,
+)
 from onsft.runtime.progress import progress
-from onsft.runtime.records import ResumableJsonl, check_writable, write_json_atomic
+from onsft.runtime.records import ResumableJsonl, check_writable, dumps, write_json_atomic
 from onsft.runtime.runs import RunArguments, RunGuard
 from onsft.runtime.settings import parse_command
 
@@ -114,8 +128,8 @@ class EvalConfig(DataArguments):
         return sorted(set(self.pass_k)) if self.pass_k else default_ks(self.samples)
 
 
-def _load(path: str, config: EvalConfig, model: ModelArguments, need_answer: bool) -> list[Example]:
-    examples = load_examples(path, require_response=False, split=config.split, offline=model.offline)
+def _load(path: str, config: EvalConfig, model: ModelArguments, need_answer: bool, flag: str) -> list[Example]:
+    examples = load_examples(path, require_response=False, split=config.split, offline=model.offline, flag=flag)
     if config.limit:
         examples = examples[: config.limit]
     if need_answer:
@@ -153,22 +167,51 @@ def run(
     out = Path(config.out)
     check_writable(out / "metrics.json")
     verifier = verify.build()
-    examples = _load(config.data, config, model_args, need_answer=True)
-    retention = _load(config.retention_data, config, model_args, True) if config.retention_data else None
-    kl_source = config.kl_data or config.retention_data or config.data
-    kl_examples = _load(kl_source, config, model_args, need_answer=False) if config.base_model else None
+    kl_flag = next(f for f in ("kl_data", "retention_data", "data") if getattr(config, f))
+    kl_source = getattr(config, kl_flag)
+    inputs = {"--data": config.data, "--retention_data": config.retention_data}
+    inputs["--kl_data"] = config.kl_data if config.base_model else None
+    check_sources(inputs)
+    examples = _load(config.data, config, model_args, True, "--data")
+    retention = (
+        _load(config.retention_data, config, model_args, True, "--retention_data") if config.retention_data else None
+    )
+    kl_examples = _load(kl_source, config, model_args, False, f"--{kl_flag}") if config.base_model else None
     tokenizer = load_tokenizer(model_args)
-    # A tokenizer without a chat template fails here, before any model loads and any output file exists.
-    encode_prompt(tokenizer, examples[0].prompt, config.data)
     base_args = (
         dataclasses.replace(model_args, model=config.base_model, model_revision=None) if config.base_model else None
     )
+    # Every input is checked now, before any model loads and any output file exists: both models (the base
+    # is loaded only when the KL part starts, hours later), every prompt against the context and the template.
+    model_config = check_model(model_args)
+    context = context_length(model_config) if model_config is not None else None
+    kl_context = context
     if base_args is not None:
-        # The base model is checked now, not after hours of generation (it is loaded when the KL part starts).
-        resolve_model_path(base_args.model, offline=base_args.offline)
+        base_config = check_model(base_args)
+        sizes = [vocabulary_size(c) if c is not None else None for c in (base_config, model_config)]
+        if None not in sizes and sizes[0] != sizes[1]:
+            raise UserError(
+                f"the base model has a vocabulary of {sizes[0]} tokens, the model {sizes[1]}; KL drift compares "
+                "the two distributions over one vocabulary",
+                where=config.base_model,
+                fix="pass the model this one was tuned from (same tokenizer) as --base_model.",
+            )
+        base_context = context_length(base_config) if base_config is not None else None
+        kl_context = min((c for c in (context, base_context) if c), default=None)
+    for rows, where, limit in ((examples, config.data, context), (retention, config.retention_data, context)):
+        if rows is not None:
+            check_prompt_set(tokenizer, rows, limit, where)
+    if kl_examples is not None:  # (their unknown tokens were counted above when they are the data's prompts)
+        (check_prompt_set if kl_flag == "kl_data" else check_prompts)(tokenizer, kl_examples, kl_context, kl_source)
     settings = _settings(config, model_args, sampling, verify)
     with RunGuard(
-        out / "run.json", "eval", settings, OUTPUTS, out / "metrics.json", overwrite=run_args.overwrite
+        out / "run.json",
+        "eval",
+        settings,
+        OUTPUTS,
+        out / "metrics.json",
+        overwrite=run_args.overwrite,
+        inputs=inputs,
     ) as finished:
         if finished is not None:
             print(f"onsft: {out} already holds this finished evaluation; nothing to do.", file=sys.stderr)
@@ -303,5 +346,5 @@ def main(argv: list[str] | None = None) -> int:
         shown["retention_accuracy"] = metrics["retention"].get("accuracy")
     if "kl" in metrics:
         shown["kl_drift"] = metrics["kl"]["mean_kl_per_token"]
-    print(json.dumps(shown))
+    print(dumps(shown))
     return 0

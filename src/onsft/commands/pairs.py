@@ -30,21 +30,20 @@ From Python: `run(PairsConfig(data=...), ModelArguments(model=...), OwnSamplingC
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from onsft.data.rows import DataArguments, dataset_identity, load_examples
+from onsft.data.rows import DataArguments, check_sources, dataset_identity, load_examples
 from onsft.data.verify import VerifyConfig
 from onsft.engine.decoding import OwnSamplingConfig, SamplingConfig
 from onsft.errors import UserError
-from onsft.pipeline.evaluation import check_answers, check_prompts, evaluate_rows
+from onsft.pipeline.evaluation import check_answers, check_prompt_set, evaluate_rows
 from onsft.pipeline.pairing import FORMATS, chosen_candidates, load_rewrites, make_pairs
 from onsft.runtime.models import ModelArguments, configured_context_length, load_model, load_tokenizer
-from onsft.runtime.records import ResumableJsonl, check_writable, write_json_atomic, write_jsonl_atomic
+from onsft.runtime.records import ResumableJsonl, check_writable, dumps, write_json_atomic, write_jsonl_atomic
 from onsft.runtime.runs import RunArguments, RunGuard
 from onsft.runtime.settings import parse_command
 
@@ -109,6 +108,8 @@ def run(
     samples_path, summary_path = _paths(out)
     check_writable(out)
     verifier = verify.build()
+    inputs = {"--data": config.data, "--rewrites": config.rewrites}
+    check_sources(inputs)
     examples = load_examples(config.data, require_response=False, split=config.split, offline=model_args.offline)
     if config.limit:
         examples = examples[: config.limit]
@@ -116,7 +117,7 @@ def run(
     rewrites = load_rewrites(config.rewrites, config.rewrite_field) if config.rewrites else {}
     tokenizer = load_tokenizer(model_args)
     # Every prompt is encoded now: a missing chat template or a prompt over the context fails before sampling.
-    check_prompts(tokenizer, examples, configured_context_length(model_args), config.data)
+    check_prompt_set(tokenizer, examples, configured_context_length(model_args), config.data)
     settings = {
         "pairs": {k: v for k, v in dataclasses.asdict(config).items() if k != "out"},
         "data": dataset_identity(config.data, config.split),
@@ -126,7 +127,13 @@ def run(
     }
     outputs = [out.name, samples_path.name + "*", summary_path.name]
     with RunGuard(
-        out.with_name(out.stem + ".run.json"), "pairs", settings, outputs, summary_path, overwrite=run_args.overwrite
+        out.with_name(out.stem + ".run.json"),
+        "pairs",
+        settings,
+        outputs,
+        summary_path,
+        overwrite=run_args.overwrite,
+        inputs=inputs,
     ) as finished:
         if finished is not None and out.exists():
             print(f"onsft: {out} already holds these pairs; nothing to do.", file=sys.stderr)
@@ -191,5 +198,5 @@ def main(argv: list[str] | None = None) -> int:
         argv, PairsConfig, ModelArguments, OwnSamplingConfig, VerifyConfig, RunArguments, prog="onsft pairs"
     )
     summary = run(config, model_args, sampling, verify, run_args)
-    print(json.dumps({k: summary[k] for k in ("prompts", "pairs", "outcomes", "chosen_sources")}))
+    print(dumps({k: summary[k] for k in ("prompts", "pairs", "outcomes", "chosen_sources")}))
     return 0

@@ -70,6 +70,7 @@ from pathlib import Path
 
 from accelerate.utils import gather_object
 
+from onsft.data.chat import check_text_budget
 from onsft.data.rows import dataset_identity, load_examples
 from onsft.data.verify import VerifyConfig
 from onsft.engine.hinted import HintedConfig
@@ -150,6 +151,8 @@ def run(
     procs = Processes(model_args.device)
     dtype = resolve_dtype(model_args.dtype, procs.device)
     context = configured_context_length(model_args)
+    # (issue 15) Rows far past the token budget by their characters alone are refused before tokenising.
+    check_text_budget(tokenizer, examples, max(config.max_length, context or 0), config.data, with_reference=True)
     prepared = prepare(tokenizer, examples, hint, config.max_length, context, config.data)
     settings = normalized(_settings(config, model_args, hinted, verify, hint, dtype))
     with RunGuard(
@@ -160,6 +163,8 @@ def run(
         out / "summary.json",
         overwrite=run_args.overwrite,
         active=procs.main,
+        inputs={"--data": config.data},  # (issue 15) no output may replace the input
+        files=[train_out],
     ) as finished:
         procs.barrier()
         if finished is not None:

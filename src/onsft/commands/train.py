@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,19 +28,20 @@ import torch
 import yaml
 
 from onsft.data.replay import mix_batches, planned_steps, replay_dataset, replay_rows_per_batch
-from onsft.data.rows import DataArguments
+from onsft.data.rows import DataArguments, check_sources
 from onsft.data.training_sets import preference_dataset, sft_dataset
 from onsft.engine.lora import LoraArguments
 from onsft.engine.preference import PREFERENCE_METHODS, PreferenceTrainConfig, build_preference_trainer, trainer_args
+from onsft.engine.train_progress import attach_progress
 from onsft.engine.trainer import OnPolicySFTTrainer, TrainConfig
 from onsft.errors import UserError
 from onsft.formulas.weighting import LossConfig
 from onsft.runtime.checkpoints import last_checkpoint, save_final_model, write_failures_as_user_errors
 from onsft.runtime.device import check_device_name, resolve_device, resolve_dtype
 from onsft.runtime.models import ModelArguments, check_context, context_length, load_model, load_tokenizer
-from onsft.runtime.records import check_writable, write_json_atomic, write_jsonl_atomic
+from onsft.runtime.records import check_writable, dumps, write_json_atomic, write_jsonl_atomic
 from onsft.runtime.runs import RunArguments, RunGuard, data_identity, normalized
-from onsft.runtime.settings import parse_command
+from onsft.runtime.settings import given_options, parse_command
 
 METHODS = ("sft", *PREFERENCE_METHODS)
 OUTPUTS = ["checkpoint-*", "model", ".model.building", "metrics.jsonl", "train_summary.json"]
@@ -121,6 +122,7 @@ def _check(inputs: TrainArguments, args) -> None:
             where="command line",
             fix="pass e.g. --learning_rate 1e-5.",
         )
+    check_sources({"--data": inputs.data, "--eval_data": inputs.eval_data})
 
 
 def _batch_rows(args) -> int:
@@ -205,9 +207,10 @@ def run(
         overwrite=run_args.overwrite,
         active=int(trl_args.process_index) == 0,
         untracked=["checkpoint-*", "model"],
+        inputs={"--data": inputs.data, "--eval_data": inputs.eval_data, "--model": model_args.model},
     ) as finished:
         if finished is not None:
-            print(f"onsft: {output_dir} already holds this finished run; nothing to do.")
+            print(f"onsft: {output_dir} already holds this finished run; nothing to do.", file=sys.stderr)
             return finished
         model = load_model(model_args, device="cpu", dtype=dtype)
         if not preference:
@@ -260,6 +263,7 @@ def _train(
             fix="pass --lora_target_modules with module names of this model, or all-linear.",
         ) from None
     resume_from = last_checkpoint(output_dir) if inputs.resume else None
+    shown = attach_progress(trainer, not trl_args.disable_tqdm)
     started = time.time()
     with write_failures_as_user_errors(output_dir):
         result = trainer.train(resume_from_checkpoint=resume_from)
@@ -269,7 +273,8 @@ def _train(
         "data": inputs.data,
         "global_step": trainer.state.global_step,
         "resumed_from": resume_from,
-        "train_loss": result.training_loss,
+        "train_loss": shown.whole_run_loss(trainer.state, result.training_loss),  # every step, resumes included
+        "train_loss_this_run": result.training_loss,
         "wall_seconds_this_run": time.time() - started,
         "tokens_seen": trainer.state.num_input_tokens_seen,
         "trainer": type(trainer).__name__,
@@ -335,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         RunArguments,
         prog="onsft train",
     )
-    changed = [f.name for f in dataclasses.fields(LossConfig) if getattr(loss, f.name) != f.default]
+    changed = given_options(argv, LossConfig)  # given at all, even with its default value
     if preference and changed:
         raise UserError(
             f"--{changed[0]} applies to --method sft only, not to --method {inputs.method}",
@@ -343,5 +348,5 @@ def main(argv: list[str] | None = None) -> int:
             fix=f"drop --{changed[0]}, or use --method sft.",
         )
     summary = run(inputs, model_args, lora, args, None if preference else loss, run_args)
-    print(json.dumps({k: summary[k] for k in ("global_step", "train_loss") if k in summary}))
+    print(dumps({k: summary[k] for k in ("global_step", "train_loss") if k in summary}))
     return 0

@@ -235,13 +235,24 @@ def is_hub_dataset(source: str | Path) -> bool:
     return not Path(text).exists() and hub.looks_like_repo_id(parse_hub_spec(text)[0])
 
 
-def read_rows(source: str | Path, split: str = "train", offline: bool = False) -> list[tuple[int, Any]]:
-    """Raw rows with their line numbers (1-based rows for tables). Rows are not validated here."""
+def check_sources(sources: dict[str, str | None]) -> None:
+    """Every local dataset a command will read exists, checked up front; a missing one is named with the
+    option that gave it (`--retention_data`, not `--data`). Hub names are looked up when read."""
+    for flag, source in sources.items():
+        if source and not is_hub_dataset(source) and not Path(source).exists():
+            raise UserError("dataset not found", where=str(source), fix=f"check the path given to {flag}.")
+
+
+def read_rows(
+    source: str | Path, split: str = "train", offline: bool = False, flag: str = "--data"
+) -> list[tuple[int, Any]]:
+    """Raw rows with their line numbers (1-based rows for tables). Rows are not validated here. `flag` is the
+    option that named the source, for the message when it is missing."""
     path = Path(source)
     if is_hub_dataset(source):
         return _read_hub(str(source), split, offline)
     if not path.exists():
-        raise UserError("dataset not found", where=str(path), fix="check the path given to --data.")
+        raise UserError("dataset not found", where=str(path), fix=f"check the path given to {flag}.")
     if path.is_dir():
         return _read_table(path, split)
     suffix = path.suffix.lower()
@@ -390,10 +401,11 @@ def load_examples(
     require_reference: bool = False,
     split: str = "train",
     offline: bool = False,
+    flag: str = "--data",
 ) -> list[Example]:
     """Read and validate every row; the first problem stops with a `UserError` naming its line."""
     where = str(source)
-    rows = read_rows(source, split, offline)
+    rows = read_rows(source, split, offline, flag)
     if not rows:
         raise UserError("dataset has no rows", where=where, fix="pass a file with at least one example.")
     examples = [parse_example(row, i, line, where, require_response) for i, (line, row) in enumerate(rows)]

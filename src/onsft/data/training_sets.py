@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from collections import Counter
 
-from onsft.data.chat import encode_examples, encode_prompt, encode_response
+from onsft.data.chat import char_budget, encode_examples, encode_prompt, encode_response
 from onsft.data.rows import load_examples, read_rows
-from onsft.errors import UserError
+from onsft.errors import UserError, warn
 
 
 def sft_dataset(tokenizer, path: str, max_length: int, overlong: str):
@@ -57,7 +57,7 @@ def preference_dataset(path: str, tokenizer, max_length: int | None, overlong: s
         )
     table = {"prompt": [], "chosen": [], "rejected": []}
     stats = Counter(rows=len(rows))
-    too_long: list[tuple[int, int]] = []
+    too_long: list[tuple[int, str]] = []
     standard = None
     for line, row in rows:
         if not isinstance(row, dict) or any(row.get(k) is None for k in table):
@@ -78,6 +78,14 @@ def preference_dataset(path: str, tokenizer, max_length: int | None, overlong: s
                 line=line,
                 fix="write every row in one format.",
             )
+        size = max(len(str(row["prompt"])) + len(str(row[k])) for k in ("chosen", "rejected"))
+        if max_length is not None and size > char_budget(tokenizer, max_length):
+            # Far past max_length by its characters alone: never tokenised (a huge row would take gigabytes).
+            if overlong == "reject":
+                too_long.append((line, f"{size:,} characters"))
+            else:
+                stats["dropped"] += 1
+            continue
         if is_standard:
             prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
             ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -99,10 +107,13 @@ def preference_dataset(path: str, tokenizer, max_length: int | None, overlong: s
                 line=line,
                 fix="remove the row or give it non-empty responses.",
             )
-        stats["identical"] += int(texts[0] == texts[1])
+        if texts[0] == texts[1]:  # a pair whose chosen is its rejected has zero gradient: it teaches nothing
+            stats["identical"] += 1
+            stats.setdefault("first_identical", line)
+            continue
         if max_length is not None and max(lengths) > max_length:
             if overlong == "reject":
-                too_long.append((line, max(lengths)))
+                too_long.append((line, f"{max(lengths)} tokens"))
                 continue
             if overlong == "drop" or len(ids) >= max_length:
                 stats["dropped"] += 1
@@ -114,10 +125,23 @@ def preference_dataset(path: str, tokenizer, max_length: int | None, overlong: s
     if too_long:
         line, n = too_long[0]
         raise UserError(
-            f"{len(too_long)} of {len(rows)} pairs are longer than max_length={max_length} (first: {n} tokens)",
+            f"{len(too_long)} of {len(rows)} pairs are longer than max_length={max_length} (first: {n})",
             where=path,
             line=line,
             fix="raise --max_length, or pass --overlong truncate (cut responses) or drop (skip pairs).",
+        )
+    if stats["identical"]:
+        if stats["identical"] == len(rows):
+            raise UserError(
+                f"every pair ({len(rows)}) has chosen equal to rejected: nothing to prefer",
+                where=path,
+                line=stats["first_identical"],
+                fix="rebuild the pairs (`onsft pairs` never writes such a pair) or fix the rejected responses.",
+            )
+        warn(
+            f"{stats['identical']} of {len(rows)} pairs have chosen equal to rejected (first on line "
+            f"{stats['first_identical']}); they teach nothing and are left out",
+            where=path,
         )
     if not table["prompt"]:
         raise UserError(

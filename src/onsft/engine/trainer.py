@@ -11,6 +11,7 @@ collation, accumulation, accelerate / DDP / FSDP / DeepSpeed, checkpoints, resum
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -57,6 +58,9 @@ class TrainingDefaults:
             "true on CPU for ~2x speed on small models, at some numeric cost)."
         },
     )
+    disable_tqdm: bool | None = field(
+        default=False, metadata={"help": "Hide the training progress bar (steps, rate, ETA; on stderr)."}
+    )
     # `ModelArguments` (composed with these configs in `onsft train`) owns --trust_remote_code; TRL's field
     # of the same name is not an option of its own (two would clash in one parser) and is copied from it.
     trust_remote_code: bool = field(
@@ -66,6 +70,48 @@ class TrainingDefaults:
     def __post_init__(self):
         resolve_precision(self)
         super().__post_init__()
+        check_training_values(self)
+
+
+def check_training_values(args) -> None:
+    """Refuse values that TrainingArguments accepts but torch, the data loader or the trainer reject only
+    after the data and the model are loaded (with a traceback), or that make a run train nothing. Raises
+    ValueError, which the settings parser reports as one line naming the option's source."""
+
+    def need(ok: bool, name: str, why: str, example: str) -> None:
+        value = getattr(args, name)
+        if isinstance(value, float) and not math.isfinite(value):
+            return  # named as non-finite by the settings parser (onsft.runtime.settings.check_finite)
+        if not ok:
+            raise ValueError(f"`{name}` {why}, got {getattr(args, name)} (pass e.g. --{name} {example})")
+
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        need(getattr(args, name) >= 1, name, "must be at least 1", "8" if "batch" in name else "1")
+    if args.max_steps <= 0:
+        need(
+            args.num_train_epochs > 0,
+            "num_train_epochs",
+            "must be > 0 unless --max_steps is set (nothing would train)",
+            "1",
+        )
+    for name in ("weight_decay", "adam_epsilon", "max_grad_norm", "warmup_steps"):
+        need(
+            getattr(args, name) >= 0,
+            name,
+            "must be >= 0",
+            "1e-8" if name == "adam_epsilon" else "0",
+        )
+    for name in ("adam_beta1", "adam_beta2"):
+        need(0 <= getattr(args, name) < 1, name, "must be in [0, 1)", "0.9" if name == "adam_beta1" else "0.999")
+    need(0 <= args.label_smoothing_factor < 1, "label_smoothing_factor", "must be in [0, 1)", "0")
+    need(args.dataloader_num_workers >= 0, "dataloader_num_workers", "must be >= 0", "0")
+    for name in ("seed", "data_seed"):
+        if getattr(args, name) is not None:
+            need(0 <= getattr(args, name) < 2**32, name, "must be in [0, 2**32)", "42")
+    if str(getattr(args.save_strategy, "value", args.save_strategy)) == "steps":
+        need(args.save_steps > 0, "save_steps", "must be > 0 (or pass --save_strategy no)", "50")
+    if getattr(args, "max_length", None) is not None:
+        need(args.max_length >= 1, "max_length", "must be at least 1", "1024")
 
 
 @dataclass

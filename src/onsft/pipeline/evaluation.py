@@ -13,7 +13,7 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
-from onsft.data.chat import encode_prompt
+from onsft.data.chat import check_known_text, check_text_budget, encode_prompt
 from onsft.data.rows import Example
 from onsft.data.verify import Verifier, VerifyConfig
 from onsft.engine.decoding import SamplingConfig, generate
@@ -77,8 +77,10 @@ def check_answers(examples: Sequence[Example], where: str) -> None:
 
 
 def check_prompts(tokenizer, examples: Sequence[Example], context: int | None, where: str) -> list[list[int]]:
-    """Every prompt's token ids, refusing (before anything is generated) a prompt that fills the context."""
-    prompts = [encode_prompt(tokenizer, e.prompt, where) for e in examples]
+    """Every prompt's token ids, refusing (before anything is generated) a prompt that fills the context, a
+    prompt far past it by its characters alone (never tokenised), and one the chat template rejects."""
+    check_text_budget(tokenizer, examples, context, where)
+    prompts = [encode_prompt(tokenizer, e.prompt, where, e.line) for e in examples]
     for example, prompt in zip(examples, prompts):
         if context and len(prompt) >= context:
             raise UserError(
@@ -87,6 +89,15 @@ def check_prompts(tokenizer, examples: Sequence[Example], context: int | None, w
                 line=example.line,
                 fix="shorten the prompt, or leave the row out (e.g. --limit).",
             )
+    return prompts
+
+
+def check_prompt_set(tokenizer, examples: Sequence[Example], context: int | None, where: str) -> list[list[int]]:
+    """`check_prompts` for a whole input set before a run, plus the count of prompts the tokenizer maps to
+    nothing but unknown tokens (an error when every prompt is like that)."""
+    prompts = check_prompts(tokenizer, examples, context, where)
+    texts = ["\n".join(m["content"] for m in e.prompt) for e in examples]
+    check_known_text(tokenizer, texts, [e.line for e in examples], where, "prompt")
     return prompts
 
 

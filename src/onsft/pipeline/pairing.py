@@ -18,7 +18,7 @@ def prompt_key(example: Example) -> str:
 
 def load_rewrites(path: str, column: str | None) -> dict[str, list[str]]:
     """Rewritten responses by key: `id:<id>` and `prompt:<turns>` (a row may carry several)."""
-    examples = load_examples(path, require_response=column is None)
+    examples = load_examples(path, require_response=column is None, flag="--rewrites")
     found: dict[str, list[str]] = {}
     for example in examples:
         response = example.response if column is None else example.record.get(column)

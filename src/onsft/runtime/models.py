@@ -214,6 +214,33 @@ def load_model(
     return loaded
 
 
+def check_model(model: ModelArguments | str):
+    """A model checked without loading its weights, for one a command loads only after hours of other work:
+    the name resolves, config.json reads, and every safetensors file's header is complete (a copy cut
+    short fails here). Returns its config (None for a .gguf file)."""
+    from safetensors import SafetensorError, safe_open
+    from transformers import AutoConfig
+
+    args = _args(model)
+    path = resolve_model_path(args.model, revision=args.model_revision, offline=args.offline)
+    folder, gguf = _gguf_location(path)
+    if gguf is not None:
+        return None
+    try:
+        config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=args.trust_remote_code)
+        for weights in sorted(Path(folder).glob("*.safetensors")):
+            with safe_open(str(weights), "pt"):
+                pass
+    except (OSError, ValueError, KeyError, SafetensorError) as error:
+        raise _load_error(error, path, "model") from None
+    return config
+
+
+def vocabulary_size(config) -> int | None:
+    config = getattr(config, "text_config", None) or config
+    return getattr(config, "vocab_size", None)
+
+
 def context_length(model_or_config) -> int | None:
     """The most positions the model has (max_position_embeddings of its text config), or None if unknown."""
     config = getattr(model_or_config, "config", model_or_config)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 from collections.abc import Iterator
@@ -75,8 +76,7 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     """Write JSON to a temporary file beside `path`, then rename: readers see the old file or the new one."""
 
     def write(handle):
-        json.dump(obj, handle, indent=2, default=_json_default)
-        handle.write("\n")
+        handle.write(dumps(obj, indent=2) + "\n")
 
     _write_atomic(path, write)
 
@@ -84,15 +84,32 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
 def write_jsonl_atomic(path: str | os.PathLike, rows: list[dict]) -> None:
     def write(handle):
         for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False, default=_json_default) + "\n")
+            handle.write(dumps(row, ensure_ascii=False) + "\n")
 
     _write_atomic(path, write)
 
 
+def finite_json(value: Any) -> Any:
+    """`value` as plain JSON values, with NaN and infinities as None. JSON has no literal for them: Python's
+    `NaN` / `Infinity` extensions make a file that strict readers (jq, JavaScript, most other languages)
+    reject, so every file and line onsft writes goes through here."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v) for v in value]
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
+        return finite_json(value.tolist())  # numpy / torch scalars and arrays end up in records
+    return value
+
+
+def dumps(value: Any, **kwargs) -> str:
+    """json.dumps of `finite_json(value)`: always valid JSON (allow_nan=False would catch a miss)."""
+    return json.dumps(finite_json(value), allow_nan=False, default=_json_default, **kwargs)
+
+
 def _json_default(value: Any) -> Any:
-    # numpy / torch scalars and arrays end up in records; JSON has no type for them.
-    if hasattr(value, "tolist"):
-        return value.tolist()
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
@@ -127,7 +144,7 @@ class ResumableJsonl:
         except OSError as error:
             raise output_error(error, self.partial) from None
         if self._handle.tell() == 0:
-            self._write(json.dumps({"_fingerprint": self.fingerprint}, default=_json_default) + "\n")
+            self._write(dumps({"_fingerprint": self.fingerprint}) + "\n")
 
     def _write(self, text: str) -> None:
         try:
@@ -153,7 +170,7 @@ class ResumableJsonl:
             return
         header = json.loads(lines[0])
         stored = header.get("_fingerprint", {})
-        if json.loads(json.dumps(self.fingerprint, default=_json_default)) != stored:
+        if json.loads(dumps(self.fingerprint)) != stored:
             raise UserError(
                 "an unfinished earlier run with different settings left this partial output",
                 where=str(self.partial),
@@ -166,7 +183,7 @@ class ResumableJsonl:
     def append(self, row: dict) -> None:
         if row["_index"] in self.done:
             return
-        self._write(json.dumps(row, ensure_ascii=False, default=_json_default) + "\n")
+        self._write(dumps(row, ensure_ascii=False) + "\n")
         self.done[row["_index"]] = row
 
     def append_many(self, rows: list[dict]) -> None:
@@ -174,9 +191,7 @@ class ResumableJsonl:
         for row in rows:
             if row["_index"] not in self.done:
                 fresh[row["_index"]] = row
-        self._write(
-            "".join(json.dumps(row, ensure_ascii=False, default=_json_default) + "\n" for row in fresh.values())
-        )
+        self._write("".join(dumps(row, ensure_ascii=False) + "\n" for row in fresh.values()))
         self.done.update(fresh)
 
     def rows(self, order) -> list[dict]:

@@ -7,7 +7,9 @@ the model, the dtype; not the output path, progress bars or batch sizes that do 
   - the same settings, unfinished: lets the command resume from what it wrote;
   - other settings: refuses with one line naming what changed (`--overwrite` deletes that run's outputs
     and starts over), so a run never mixes two settings into one output;
-  - another live process writing there: refuses (a lock holds the owner's pid and host).
+  - another live process writing there: refuses (a lock holds the owner's pid and host);
+  - an input file that is (or resolves to) one of the outputs: refuses, before anything is written, so a
+    run never replaces or deletes the data it reads (`pairs --out data.jsonl --data data.jsonl`).
 Used as a context manager, it claims on entry (the value is the finished summary, or None), marks the run
 finished when the block completes and releases the lock however the block ends:
 
@@ -20,6 +22,7 @@ finished when the block completes and releases the lock however the block ends:
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import hashlib
 import json
 import os
@@ -82,6 +85,8 @@ class RunGuard:
     the record's folder) of what the command writes, deleted by `--overwrite`; `untracked` are those whose
     presence without a record means an unknown earlier run (outputs that carry no fingerprint of their
     own, like checkpoints); `summary` is the file whose JSON a finished run returns when `reuse` is on.
+    `inputs` maps each input's flag to its path (refused when an output would replace it); `files` are
+    outputs outside the record's folder (`rewrite --train_out`).
     `active=False` (non-main processes of a launch) makes every method a no-op."""
 
     def __init__(
@@ -96,11 +101,14 @@ class RunGuard:
         active: bool = True,
         untracked: list[str] = (),
         reuse: bool = True,
+        inputs: dict[str, str | None] | None = None,
+        files: list[Path] = (),
     ):
         self.record, self.command, self.summary = Path(record), command, Path(summary)
         self.settings = normalized(settings)
         self.outputs, self.overwrite, self.active = outputs, overwrite, active
         self.untracked, self.reuse = list(untracked), reuse
+        self.inputs, self.files = dict(inputs or {}), [Path(f) for f in files]
         self.lock = self.record.with_name(f".{self.record.name}.lock")
         self.locked = self.created = self.finished = False
         self.reused: dict | None = None
@@ -111,6 +119,7 @@ class RunGuard:
         """Take the lock and check the folder: the finished run's summary, or None to (re)start."""
         if not self.active:
             return None
+        self._check_inputs()
         self._acquire()
         try:
             saved = self._saved()
@@ -177,6 +186,28 @@ class RunGuard:
             self.locked = False
 
     # -- internals ------------------------------------------------------------------------------
+
+    def _check_inputs(self) -> None:
+        """Refuse an input that this run would overwrite, or delete under --overwrite: a file named like one
+        of the outputs in the output folder (or inside such a folder), or one of the outputs elsewhere."""
+        folder = self.record.parent.resolve()
+        patterns = [*self.outputs, self.record.name, self.lock.name]
+        elsewhere = {f.resolve(): f for f in self.files}
+        for flag, given in self.inputs.items():
+            if not given or not Path(given).exists():
+                continue  # a Hub dataset name, or a missing file the command reports itself
+            real = Path(given).resolve()
+            hit = elsewhere.get(real)
+            for path in (real, *real.parents):
+                if hit is None and path.parent == folder and any(fnmatch.fnmatch(path.name, p) for p in patterns):
+                    hit = self.record.parent / path.name
+            if hit is not None:
+                raise UserError(
+                    f"this input (given to {flag}) is also an output of this run ({hit}); writing it would "
+                    "destroy the data",
+                    where=str(given),
+                    fix="write the output somewhere else, or copy the input elsewhere first.",
+                )
 
     def _saved(self) -> dict | None:
         try:

@@ -142,6 +142,25 @@ def parse_command(
     return configs
 
 
+def given_options(argv: list[str] | None, config_type: type) -> list[str]:
+    """The fields of `config_type` set on the command line or in its --config file, whatever their value (a
+    flag given with its default value is still given: `--loss idft` where it does not apply is an error)."""
+    argv = list(argv or [])
+    names = [f.name for f in dataclasses.fields(config_type)]
+    given = {n for n in names for a in argv if a == f"--{n}" or a.startswith(f"--{n}=")}
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--config", default=None)
+    config = pre.parse_known_args(argv)[0].config
+    if config and Path(config).is_file():
+        try:
+            values = yaml.safe_load(Path(config).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            values = None  # parse_command reports the broken file itself
+        if isinstance(values, dict):
+            given |= {n for n in names if n in values}
+    return [n for n in names if n in given]
+
+
 def check_finite(configs, where: str) -> None:
     """Refuse NaN and infinite values in any float setting: a NaN compares false with every bound, so it
     would pass range checks and turn into garbage (or invalid JSON) far from the flag that caused it."""
