@@ -26,7 +26,9 @@ def chat(system: str, user: str) -> list[int]:
 
 
 PLAIN = [chat(SYSTEM, q) for q in QUESTIONS]
-HINTED = [chat("Rewrite the reference in your own words, then answer.", f"{q}\nReference: {q[::-1]}") for q in QUESTIONS]
+HINTED = [
+    chat("Rewrite the reference in your own words, then answer.", f"{q}\nReference: {q[::-1]}") for q in QUESTIONS
+]
 
 
 def one_at_a_time(decode, prompts, config, **options):
