@@ -79,10 +79,14 @@ def base_args(saved, data="data.jsonl"):
         10,
         "--own_samples",
         2,
-        "--hinted_samples",
+        "--samples_per_prompt",
         2,
         "--chunk_size",
         3,
+        # The random tiny model rarely ends a response within 10 tokens: keep cut responses (see
+        # test_truncated_responses_are_dropped_unless_asked_for).
+        "--keep_truncated",
+        "true",
     ]
 
 
@@ -176,7 +180,9 @@ def test_provenance_own_hinted_dropped_with_a_scripted_verifier():
     rows = ROWS[:6]
     examples = [parse_example(r, i, i + 1, "rows", False) for i, r in enumerate(rows)]
     k, tries = 2, 2
-    config = rewriting.RewriteConfig(data="d", own_samples=k, hinted_samples=tries, chunk_size=6)
+    config = rewriting.RewriteConfig(
+        data="d", own_samples=k, samples_per_prompt=tries, chunk_size=6, keep_truncated=True
+    )
     hinted_config = HintedConfig(max_new_tokens=10)
 
     def rewrite_with(verifier, **overrides):
@@ -259,7 +265,7 @@ def test_analyze_first_extends_the_hinted_context_or_drops_the_row():
     model, tokenizer = untied_model(), tiny_tokenizer()
     examples = [parse_example(r, i, i + 1, "rows", False) for i, r in enumerate(ROWS[:3])]
     config = rewriting.RewriteConfig(
-        data="d", own_samples=0, analyze_first=True, analyze_max_new_tokens=8, chunk_size=3
+        data="d", own_samples=0, analyze_first=True, analyze_max_new_tokens=8, chunk_size=3, keep_truncated=True
     )
     hinted_config = HintedConfig(max_new_tokens=6)
     # A marker the random model cannot write: every row is dropped before hinted decoding.
@@ -287,6 +293,44 @@ def test_analyze_first_extends_the_hinted_context_or_drops_the_row():
     )
     assert records[0]["analysis"] == analysis[: analysis.index(marker) + 1]
     assert records[0]["provenance"] == "hinted" and records[0]["response"] is not None
+
+
+def test_truncated_responses_are_dropped_unless_asked_for():
+    """A verified response cut by the decoder (the token limit) is not a finished solution: not kept by
+    default (own answers then go to hinted decoding, hinted ones are dropped as `truncated`), kept and marked
+    with --keep_truncated; the finish reason is recorded as it was."""
+    model, tokenizer = untied_model(), tiny_tokenizer()
+    examples = [parse_example(r, i, i + 1, "rows", False) for i, r in enumerate(ROWS[:8])]
+    # Hinted tries end at a frequent character ('stop') or at the limit ('length'); own samples at the limit.
+    hinted_config = HintedConfig(max_new_tokens=10, stop_strings=["`"])
+
+    def rewrite_with(**overrides):
+        config = rewriting.RewriteConfig(data="d", own_samples=2, chunk_size=8, **overrides)
+        return rewriting.rewrite_examples(
+            model, tokenizer, examples, config, hinted_config, verifier=lambda response, answer: True
+        )
+
+    records = rewrite_with()
+    assert all(r["own_correct"] == 2 for r in records)  # verified, and counted, but cut: not kept
+    reasons = [r["finish_reason"] for r in records]
+    assert {"stop", "length"} <= set(reasons), reasons  # both cases occur on this data
+    for record in records:
+        ended = record["finish_reason"] in ("stop", "eos")
+        assert (record["provenance"] != "dropped") == ended
+        assert record["provenance"] != "own" or record["finish_reason"] == "eos"  # own samples have no stop string
+        assert record["truncated"] is (not ended)
+        assert record["response"].endswith("`") == (record["finish_reason"] == "stop")
+        assert record.get("drop_reason") == (None if ended else "truncated")
+    summary = rewrite_summary.summarize(records)
+    assert summary["truncated"] == {"kept": 0, "dropped": reasons.count("length")}
+    assert summary["drop_reasons"] == {"truncated": reasons.count("length")}
+    assert len(rewrite_summary.train_rows(records)) == 8 - reasons.count("length")
+
+    kept = rewrite_with(keep_truncated=True)
+    assert [r["provenance"] for r in kept] == ["own"] * 8  # the first verified own sample, cut or not
+    assert all(r["truncated"] is (r["finish_reason"] == "length") for r in kept)
+    cut = sum(r["truncated"] for r in kept)
+    assert cut >= 6 and rewrite_summary.summarize(kept)["truncated"] == {"kept": cut, "dropped": 0}
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -390,6 +434,27 @@ def test_bad_input_is_one_line_exit_2_and_no_output(case, saved, tmp_path, capsy
     assert len(err.strip().splitlines()) == 1 and err.startswith("onsft: error:") and where in err, err
     assert what in err and "Fix:" in err
     assert not out.exists()
+
+
+def test_a_rewrite_that_keeps_nothing_is_exit_2_without_a_training_file(saved, tmp_path, capsys, monkeypatch):
+    (tmp_path / "never.py").write_text("def check(response, answer):\n    return False\n")
+    out = tmp_path / "out"
+    args = [*base_args(saved), "--verifier", f"{tmp_path / 'never.py'}:check", "--out", out]
+    code, err = run(args, capsys)
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("onsft: error:"), err
+    assert "kept 0 of 10 rows (10 not verified)" in err and "records.jsonl.partial" in err and "Fix:" in err
+    assert "--samples_per_prompt" in err and "--beta" in err and "--verifier" in err
+    assert not (out / "train.jsonl").exists() and not (out / "summary.json").exists()
+    assert not (out / "records.jsonl").exists()
+    assert len((out / "records.jsonl.partial").read_text().splitlines()) == 1 + 10  # fingerprint + every row
+    # The same command decodes nothing again and fails the same way; a training file elsewhere is not made.
+    chunks = []
+    monkeypatch.setattr(rewriting.Rewriter, "chunk", lambda self, rows, progress=None: chunks.append(rows) or [])
+    elsewhere = tmp_path / "kept.jsonl"
+    code, again = run([*args, "--train_out", elsewhere], capsys)
+    assert code == 2 and again == err and chunks == [] and not elsewhere.exists()
 
 
 def test_resume_after_a_simulated_kill_and_refusal_of_other_settings(saved, tmp_path, capsys, monkeypatch):

@@ -74,6 +74,13 @@ def summarize(records: Sequence[dict]) -> dict:
             "kept": _phi_stats([r for r in records if r["provenance"] != "dropped"]),
             "dropped": _phi_stats([r for r in records if r["provenance"] == "dropped"]),
         },
+        "drop_reasons": dict(sorted(Counter(r["drop_reason"] for r in records if r.get("drop_reason")).items())),
+        # Responses that did not end by themselves: kept only with --keep_truncated, else the row is
+        # dropped when its only verified responses were cut.
+        "truncated": {
+            "kept": sum(r["provenance"] != "dropped" and bool(r["truncated"]) for r in records),
+            "dropped": sum(r.get("drop_reason") == "truncated" for r in records),
+        },
         "finish_reasons": dict(sorted(Counter(r["finish_reason"] for r in records if r["finish_reason"]).items())),
         "verify_methods": dict(sorted(Counter(r["verify_method"] for r in records if r["verify_method"]).items())),
         "generated_tokens": sum(r["generated_tokens"] for r in records),

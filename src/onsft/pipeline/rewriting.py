@@ -25,6 +25,10 @@ from onsft.runtime.device import stream_seed
 from onsft.runtime.models import context_length, pad_token_id
 
 PROVENANCES = ("own", "hinted", "dropped")
+# Finish reasons of a response the model ended itself; the others (the token limit, a repetition loop) were
+# cut by the decoder: not a finished solution, and training on it with the chat template's end of turn
+# appended would teach an ending the model did not choose.
+ENDED = ("eos", "stop")
 # Fields this command adds to every record; an input column with one of these names is refused.
 ADDED_FIELDS = (
     "response",
@@ -46,6 +50,7 @@ ADDED_FIELDS = (
     "verify_method",
     "generated_tokens",
     "truncated",
+    "score_truncated",
     "analysis",
     "drop_reason",
 )
@@ -79,7 +84,15 @@ class RewriteConfig(DataArguments):
             "(false: rewrite every prompt; own samples are only counted)."
         },
     )
-    hinted_samples: int = field(
+    keep_truncated: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep verified responses that did not end (cut at --max_new_tokens or at a repetition "
+            "loop; `truncated: true` in records.jsonl). Default: such a response is not a finished "
+            "solution and is not kept."
+        },
+    )
+    samples_per_prompt: int = field(
         default=1,
         metadata={
             "help": "Hinted-decoding tries per prompt the model fails, decoded together; the first verified "
@@ -125,7 +138,7 @@ class RewriteConfig(DataArguments):
         checks = [
             (bool(self.data), "data", "is required", "pass --data FILE."),
             (self.own_samples >= 0, "own_samples", "must be >= 0", "pass 0 or more."),
-            (self.hinted_samples >= 1, "hinted_samples", "must be >= 1", "pass 1 or more."),
+            (self.samples_per_prompt >= 1, "samples_per_prompt", "must be >= 1", "pass 1 or more."),
             (
                 self.own_temperature >= 0 and 0 < self.own_top_p <= 1,
                 "own_temperature/own_top_p",
@@ -227,7 +240,8 @@ class Rewriter:
                 state["generated_tokens"] += sample.n_tokens
                 if verdict.correct:
                     state["own_correct"] += 1
-                    state["own"] = state["own"] or (sample, verdict)
+                    if state["own"] is None and self.usable(sample):
+                        state["own"] = (sample, verdict)
         rewrite = [j for j, state in enumerate(states) if not (config.keep_own and state["own"])]
         if progress is not None:
             progress(len(rows) - len(rewrite))
@@ -236,26 +250,36 @@ class Rewriter:
         if config.analyze_first and rewrite:
             rewrite = self._analyze(rows, rewrite, states, hinted_ids)
         if rewrite:
-            tries = config.hinted_samples
+            tries = config.samples_per_prompt
             plain = [rows[j].plain_ids for j in rewrite for _ in range(tries)]
             hinted = [hinted_ids[j] for j in rewrite for _ in range(tries)]
             hd = dataclasses.replace(self.hinted, seed=stream_seed("rewrite", "hinted", self.hinted.seed, start))
             outputs = hinted_decode(self.model, self.tokenizer, plain, hinted, hd)
             for slot, j in enumerate(rewrite):
-                chosen = None
-                for t, output in enumerate(outputs[slot * tries : (slot + 1) * tries]):
+                chosen, looked = None, 0
+                for output in outputs[slot * tries : (slot + 1) * tries]:
                     states[j]["generated_tokens"] += output.n_tokens
-                    if chosen is None or not chosen[1].correct:
-                        verdict = self.verifier.check(output.text, rows[j].example.answer)
-                        # The first verified try wins; without one the last try is shown (dropped).
-                        chosen = (output, verdict, t + 1)
-                states[j]["hinted"] = chosen
+                    if chosen is not None and chosen[1].correct and self.usable(chosen[0]):
+                        continue
+                    verdict = self.verifier.check(output.text, rows[j].example.answer)
+                    looked += 1
+                    # The first verified, finished try wins; without one a verified try that was cut is
+                    # shown (dropped, "truncated"), else the last try ("not verified").
+                    if chosen is None or verdict.correct or not chosen[1].correct:
+                        chosen = (output, verdict)
+                if chosen[1].correct and not self.usable(chosen[0]):
+                    states[j]["drop_reason"] = "truncated"
+                states[j]["hinted"] = (*chosen, looked)
         if progress is not None and pending:
             progress(pending)
         records = [self._record(row, state) for row, state in zip(rows, states)]
         self.generated += sum(state["generated_tokens"] for state in states)
         self._score(rows, records)
         return records
+
+    def usable(self, generation) -> bool:
+        """A verified response is kept only when the model ended it (or --keep_truncated)."""
+        return self.config.keep_truncated or generation.finish_reason in ENDED
 
     def _analyze(self, rows, rewrite: list[int], states, hinted_ids: dict[int, list[int]]) -> list[int]:
         """Greedy analysis from the hinted context up to the first marker; it joins the hinted context.
@@ -289,7 +313,7 @@ class Rewriter:
             provenance = "own"
         elif state.get("hinted"):
             response, verdict, tries = state["hinted"]
-            provenance = "hinted" if verdict.correct else "dropped"
+            provenance = "hinted" if verdict.correct and self.usable(response) else "dropped"
             mean_lambda = response.mean_lambda
         record.update(
             response=response.text if response is not None else None,
@@ -310,7 +334,9 @@ class Rewriter:
             extracted_answer=verdict.extracted if verdict is not None else None,
             verify_method=verdict.method if verdict is not None else None,
             generated_tokens=state["generated_tokens"],
-            truncated=False,
+            # The response did not end by itself (the token limit or a repetition loop; see finish_reason).
+            truncated=response is not None and response.finish_reason not in ENDED,
+            score_truncated=False,
         )
         if config.analyze_first:
             record["analysis"] = state.get("analysis")
@@ -339,7 +365,7 @@ class Rewriter:
                 record[prefix + "mean_phi"], record[prefix + "z"] = score["mean_phi"], score["z"]
                 if not prefix:
                     record.update(
-                        p_value=score["p_value"], scored_tokens=score["n_tokens"], truncated=items[i].truncated
+                        p_value=score["p_value"], scored_tokens=score["n_tokens"], score_truncated=items[i].truncated
                     )
 
 
