@@ -217,3 +217,34 @@ def test_frontier_report_on_synthetic_curves(tmp_path):
     assert "| idft | dpo | in-domain @ retention 80% | +30.0 [+30.0, +30.0] |" in text
     assert (tmp_path / "frontier_in_domain.png").stat().st_size > 1000
     assert len((tmp_path / "curves.csv").read_text().splitlines()) == 1 + 3 + 3 + 2 + 3
+
+
+def test_variants_run_the_experiment_once_each_and_compare_them(experiment):
+    root, config = experiment
+    spec = yaml.safe_load(config.read_text())
+    other = [{"prompt": f"Copy {w}.", "completion": f"{w} \\boxed{{{w}}}", "answer": w} for w in WORDS]
+    spec.update(
+        out=str(root / "variants"),
+        methods=["sft", "idft"],
+        method_seeds={},
+        sweep={},
+        audit={},
+        variants={
+            "long": {"train_data": spec["train_data"]},
+            "short": {"train_data": write_jsonl(root / "o.jsonl", other)},
+        },
+    )
+    path = root / "variants.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert main(["compare", "--config", str(path)]) == 0
+    out = root / "variants"
+    summary = json.loads((out / "variants.json").read_text())
+    assert list(summary) == ["long", "short"]
+    for name in summary:
+        audit = json.loads((out / name / "audit" / "summary.json").read_text())
+        assert summary[name]["mean_phi"] == audit["sets"]["scores"]["mean_phi_token_weighted"]
+        assert (out / name / "frontier.md").is_file()
+    assert summary["long"]["mean_phi"] != summary["short"]["mean_phi"]
+    text = (out / "variants.md").read_text()
+    assert "| long |" in text and "| short |" in text and "idft - sft" in text
+    assert (out / "variants.png").stat().st_size > 1000

@@ -63,6 +63,7 @@ from onsft.pipeline.experiment_eval import Evaluator
 from onsft.pipeline.frontier_report import write_frontier
 from onsft.pipeline.rewriting import RewriteConfig
 from onsft.pipeline.sweep import base_point, grid, measured, sweep_points
+from onsft.pipeline.variants_report import run_variants
 from onsft.runtime.models import ModelArguments, resolve_model_path
 from onsft.runtime.records import check_writable, write_json_atomic
 from onsft.runtime.runs import RunArguments
@@ -361,6 +362,8 @@ def run(exp: Experiment, run_args: RunArguments | None = None) -> dict:
     every step: `overwrite` lets a step start over where an earlier grid left outputs made with other
     settings (each step refuses them otherwise, naming its folder), `progress` shows the steps' bars."""
     steps = run_args or QUIET
+    if exp.variants:  # each variant is a whole experiment of its own, in OUT/<name>
+        return run_variants(exp, lambda variant: run(variant, run_args))
     out = Path(exp.out)
     check_writable(out / "results.json")
     resolve_model_path(exp.model.model, revision=exp.model.model_revision, offline=exp.model.offline)

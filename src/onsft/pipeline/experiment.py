@@ -37,7 +37,7 @@ REPLAY_METHODS = ("sft+replay",)
 EVAL_SETS = ("in_domain", "ood", "retention")
 DATA_KEYS = ("train_data", *EVAL_SETS, "kl_prompts", "replay_prompts")
 SECTIONS = ("train", "method_train", "rewrite", "pairs", "eval", "audit", "replay")
-SWEEP_SECTIONS = ("sweep", "method_sweep", "method_seeds", "matched")
+SWEEP_SECTIONS = ("sweep", "method_sweep", "method_seeds", "matched", "variants")
 # Axes a matched level can name (`matched:`): a curve's accuracy on that test set.
 MATCHED_AXES = EVAL_SETS
 
@@ -109,6 +109,13 @@ class Experiment:
         default_factory=list,
         metadata={"help": "Pairs [A, B] of methods whose matched readings are compared seed by seed (A - B)."},
     )
+    variants: dict = field(
+        default_factory=dict,
+        metadata={
+            "help": "Runs of the whole experiment, one per entry, each with some keys replaced, e.g. {native: "
+            "{train_data: organism:new_skill_train.native}}: each in OUT/<name>/, compared in OUT/variants.md."
+        },
+    )
     keep_checkpoints: bool = field(
         default=False,
         metadata={
@@ -168,8 +175,16 @@ class Experiment:
         for pair in self.contrasts:
             if not (isinstance(pair, list) and len(pair) == 2 and all(m in self.methods for m in pair)):
                 refuse(f"contrast {pair} must be two of the experiment's methods", "write e.g. [[idft, sft]].")
+        allowed = {f.name for f in dataclasses.fields(self)} - {"variants", "out", "model"}
+        for name, keys in self.variants.items():
+            if not isinstance(keys, dict) or not keys or set(keys) - allowed:
+                refuse(f"variant `{name}` must be a mapping of experiment keys", "e.g. {train_data: FILE}.")
         if self.eval_every < 0 or (self.eval_every and self.curve_every):
             refuse("`eval_every` must be >= 0 and not combined with `curve_every`", "use eval_every for sweeps.")
+
+    def variant(self, name: str) -> Experiment:
+        """The experiment of one variant: its keys replaced, its output in OUT/<name>."""
+        return dataclasses.replace(self, **self.variants[name], variants={}, out=str(Path(self.out) / name))
 
     def sweeping(self) -> bool:
         """A sweep: every cell traces a curve of fully evaluated checkpoints, and the frontier is reported."""
