@@ -63,6 +63,7 @@ def add_cases(c) -> None:
     _finite(c)
     _early(c, models)
     _useless(c)
+    _rewrite_options(c)
     _huge(c)
     _messages(c)
 
@@ -204,6 +205,8 @@ def _edited(c, name: str, path: str) -> str:
 def _reruns(c, sixteen: str) -> None:
     tiny, many, out = c.tiny, c.many, c.out
     sixteen_edited, many_edited = _edited(c, "sixteen_edited.jsonl", sixteen), _edited(c, "many_edited.jsonl", many)
+    lenient = c.write("lenient_verifier.py", "def check(response, answer):\n    return len(response) % 3 != 0\n")
+    lenient += ":check"
     _sequence(
         c,
         "train",
@@ -262,8 +265,12 @@ def _reruns(c, sixteen: str) -> None:
             "2",
             "--max_new_tokens",
             "8",
+            # The tiny model answers nothing right and rarely ends within 8 tokens: a verifier that accepts
+            # some of its responses, cut ones included, so the run keeps rows (keeping none is exit 2).
             "--verifier",
-            "exact",
+            lenient,
+            "--keep_truncated",
+            "true",
             "--hint_template",
             "Q: {question} R: {reference}",
             "--hint_system",
@@ -1183,6 +1190,59 @@ def _useless(c) -> None:
         early=False,
         expect_stderr="1 of 2 pairs have chosen equal to rejected",
         **kind,
+    )
+    never = c.write("never_verifier.py", "def check(response, answer):\n    return False\n") + ":check"
+    nothing = c.out / "rewrite_keeps_nothing"
+    c.rewrite(
+        "rewrite_keeps_nothing",
+        "a rewrite in which no response verifies (0 rows kept)",
+        good,
+        "the rewrite kept 0 of 8 rows (8 not verified)",
+        extra=("--verifier", never, *SHORT_HINT),
+        where="records.jsonl.partial",
+        early=False,
+        allow=["rewrite/records.jsonl.partial", "rewrite/run.json"],  # the finished rows, for inspection
+        **kind,
+    )
+    c.rewrite(
+        "rewrite_keeps_nothing_again",
+        "the same command again: fails at once, nothing written",
+        good,
+        "the rewrite kept 0 of 8 rows (8 not verified)",
+        extra=("--verifier", never, *SHORT_HINT, "--out", str(nothing / "rewrite")),
+        where="records.jsonl.partial",
+        early=False,
+        watch=str(nothing),
+        **kind,
+    )
+
+
+def _rewrite_options(c) -> None:
+    """Bad values of the rewrite's options (truncation, best-of-n, step check): one line naming the option."""
+    for name, what, extra, expect in (
+        ("keep_truncated_not_bool", "--keep_truncated maybe", ("--keep_truncated", "maybe"), "keep_truncated"),
+        ("samples_per_prompt_0", "--samples_per_prompt 0", ("--samples_per_prompt", "0"), "`samples_per_prompt`"),
+        ("step_check_unknown", "--step_check maybe", ("--step_check", "maybe"), "step_check"),
+    ):
+        # Values argparse rejects are the command line's; values a settings group rejects are its `config`'s.
+        where = "config" if name == "samples_per_prompt_0" else "command line"
+        c.rewrite(f"rewrite_{name}", what, c.good, expect, extra=extra, where=where)
+    c.rewrite(
+        "rewrite_step_checker_unknown",
+        "--step_checker sympy",
+        c.good,
+        "unknown step checker `sympy`",
+        extra=("--step_checker", "sympy"),
+        where="--step_checker",
+    )
+    missing = str(c.root / "data" / "no_steps.py") + ":check"
+    c.rewrite(
+        "rewrite_step_checker_missing",
+        "--step_checker naming a missing file",
+        c.good,
+        "step checker file not found",
+        extra=("--step_checker", missing),
+        where="no_steps.py",
     )
 
 

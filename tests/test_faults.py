@@ -364,6 +364,10 @@ def kill_runs(tmp_path_factory):
     data.write_text(fault_corpus.jsonl(rows))
     short = root / "short.jsonl"
     short.write_text(fault_corpus.jsonl(rows[:16]))
+    # The tiny model answers nothing right and rarely ends within 12 tokens: a rewrite keeping none is exit 2,
+    # so this verifier accepts some of its responses (cut ones kept).
+    lenient = root / "lenient.py"
+    lenient.write_text("def check(response, answer):\n    return len(response) % 3 != 0\n")
     common = ["--model", model]
     jobs = [
         Job(
@@ -429,7 +433,9 @@ def kill_runs(tmp_path_factory):
                 "--max_new_tokens",
                 "12",
                 "--verifier",
-                "exact",
+                f"{lenient}:check",
+                "--keep_truncated",
+                "true",
                 "--hint_template",
                 "Q: {question} R: {reference}",
                 "--hint_system",

@@ -132,7 +132,7 @@ def test_tasks_are_deterministic_per_seed(tmp_path):
         assert build(40, 7) != build(40, 8), name
     a = tasks.write_demo_data(tmp_path / "a", seed=3, n_train=30, n_test=20, n_ood=20, n_retention=20)
     b = tasks.write_demo_data(tmp_path / "b", seed=3, n_train=30, n_test=20, n_ood=20, n_retention=20)
-    assert sorted(a) == sorted(b) and len(a) == 4 + len(tasks.STYLE_NAMES)
+    assert sorted(a) == sorted(b) and len(a) == 5 + len(tasks.STYLE_NAMES)
     for name in a:
         assert a[name].read_bytes() == b[name].read_bytes()
     rng_a, rng_b = random.Random(9), random.Random(9)
@@ -163,6 +163,11 @@ def test_columns_and_splits(tmp_path):
     assert all(len(set(r["answer"])) == len(r["answer"]) for r in test + ood)  # distinct characters
     assert all(any(c not in string.ascii_lowercase for c in r["answer"]) for r in ood if r["shift"] == "symbols")
     assert {r["task"] for r in retention} == set(tasks.OLD_TASKS)
+    # Replay prompts: old skills from the pretraining distribution, never a held-out (test) prompt.
+    replay = tasks.replay_prompts(100)
+    assert {r["task"] for r in replay} == set(tasks.OLD_TASKS) and len({r["prompt"] for r in replay}) == 100
+    assert not any(tasks.is_held_out(r["prompt"]) for r in replay)
+    assert not {r["prompt"] for r in replay} & {r["prompt"] for r in retention + test + ood + train}
     paths = tasks.write_demo_data(tmp_path, seed=0, n_train=10, n_test=5, n_ood=4, n_retention=8)
     rows = [json.loads(line) for line in paths["new_skill_train.solution"].read_text().splitlines()]
     assert len(rows) == 10 and all(r["style"] == "solution" for r in rows)

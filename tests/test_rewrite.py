@@ -22,7 +22,7 @@ from onsft.data.rows import load_examples, parse_example
 from onsft.engine.hinted import HintedConfig
 from onsft.errors import UserError
 from onsft.formulas import ddt
-from onsft.pipeline import hints, rewrite_summary, rewriting
+from onsft.pipeline import hints, rewrite_config, rewrite_summary, rewriting
 from onsft.runtime.models import load_model, load_tokenizer, read_model_info
 from tiny import tiny_tokenizer, untied_model
 
@@ -79,10 +79,14 @@ def base_args(saved, data="data.jsonl"):
         10,
         "--own_samples",
         2,
-        "--hinted_samples",
+        "--samples_per_prompt",
         2,
         "--chunk_size",
         3,
+        # The random tiny model rarely ends a response within 10 tokens: keep cut responses (see
+        # test_truncated_responses_are_dropped_unless_asked_for).
+        "--keep_truncated",
+        "true",
     ]
 
 
@@ -176,7 +180,9 @@ def test_provenance_own_hinted_dropped_with_a_scripted_verifier():
     rows = ROWS[:6]
     examples = [parse_example(r, i, i + 1, "rows", False) for i, r in enumerate(rows)]
     k, tries = 2, 2
-    config = rewriting.RewriteConfig(data="d", own_samples=k, hinted_samples=tries, chunk_size=6)
+    config = rewriting.RewriteConfig(
+        data="d", own_samples=k, samples_per_prompt=tries, chunk_size=6, keep_truncated=True
+    )
     hinted_config = HintedConfig(max_new_tokens=10)
 
     def rewrite_with(verifier, **overrides):
@@ -259,7 +265,7 @@ def test_analyze_first_extends_the_hinted_context_or_drops_the_row():
     model, tokenizer = untied_model(), tiny_tokenizer()
     examples = [parse_example(r, i, i + 1, "rows", False) for i, r in enumerate(ROWS[:3])]
     config = rewriting.RewriteConfig(
-        data="d", own_samples=0, analyze_first=True, analyze_max_new_tokens=8, chunk_size=3
+        data="d", own_samples=0, analyze_first=True, analyze_max_new_tokens=8, chunk_size=3, keep_truncated=True
     )
     hinted_config = HintedConfig(max_new_tokens=6)
     # A marker the random model cannot write: every row is dropped before hinted decoding.
@@ -289,6 +295,102 @@ def test_analyze_first_extends_the_hinted_context_or_drops_the_row():
     assert records[0]["provenance"] == "hinted" and records[0]["response"] is not None
 
 
+def test_truncated_responses_are_dropped_unless_asked_for():
+    """A verified response cut by the decoder (the token limit) is not a finished solution: not kept by
+    default (own answers then go to hinted decoding, hinted ones are dropped as `truncated`), kept and marked
+    with --keep_truncated; the finish reason is recorded as it was."""
+    model, tokenizer = untied_model(), tiny_tokenizer()
+    examples = [parse_example(r, i, i + 1, "rows", False) for i, r in enumerate(ROWS[:8])]
+    # Hinted tries end at a frequent character ('stop') or at the limit ('length'); own samples at the limit.
+    hinted_config = HintedConfig(max_new_tokens=10, stop_strings=["`"])
+
+    def rewrite_with(**overrides):
+        config = rewriting.RewriteConfig(data="d", own_samples=2, chunk_size=8, **overrides)
+        return rewriting.rewrite_examples(
+            model, tokenizer, examples, config, hinted_config, verifier=lambda response, answer: True
+        )
+
+    records = rewrite_with()
+    assert all(r["own_correct"] == 2 for r in records)  # verified, and counted, but cut: not kept
+    reasons = [r["finish_reason"] for r in records]
+    assert {"stop", "length"} <= set(reasons), reasons  # both cases occur on this data
+    for record in records:
+        ended = record["finish_reason"] in ("stop", "eos")
+        assert (record["provenance"] != "dropped") == ended
+        assert record["provenance"] != "own" or record["finish_reason"] == "eos"  # own samples have no stop string
+        assert record["truncated"] is (not ended)
+        assert record["response"].endswith("`") == (record["finish_reason"] == "stop")
+        assert record.get("drop_reason") == (None if ended else "truncated")
+    summary = rewrite_summary.summarize(records)
+    assert summary["truncated"] == {"kept": 0, "dropped": reasons.count("length")}
+    assert summary["drop_reasons"] == {"truncated": reasons.count("length")}
+    assert len(rewrite_summary.train_rows(records)) == 8 - reasons.count("length")
+
+    kept = rewrite_with(keep_truncated=True)
+    assert [r["provenance"] for r in kept] == ["own"] * 8  # the first verified own sample, cut or not
+    assert all(r["truncated"] is (r["finish_reason"] == "length") for r in kept)
+    cut = sum(r["truncated"] for r in kept)
+    assert cut >= 6 and rewrite_summary.summarize(kept)["truncated"] == {"kept": cut, "dropped": 0}
+
+
+def test_step_check_flags_or_drops_responses_with_a_false_step(tmp_path):
+    """--step_check flag keeps every verified row and lists its false steps; drop takes another verified try
+    without one, or drops the row (`false step`); off checks nothing."""
+    model, tokenizer = untied_model(), tiny_tokenizer()
+    examples = [parse_example(r, i, i + 1, "rows", False) for i, r in enumerate(ROWS[:8])]
+    # A checker that calls any line holding a '7' false (frequent in the tiny model's text).
+    (tmp_path / "steps.py").write_text(
+        "def sevens(text):\n    return [line for line in text.splitlines() if '7' in line]\n"
+    )
+
+    def rewrite_with(mode):
+        config = rewriting.RewriteConfig(
+            data="d",
+            own_samples=0,
+            samples_per_prompt=2,
+            keep_truncated=True,
+            chunk_size=8,
+            step_check=mode,
+            step_checker=f"{tmp_path / 'steps.py'}:sevens",
+        )
+        return rewriting.rewrite_examples(
+            model, tokenizer, examples, config, HintedConfig(max_new_tokens=10), verifier=lambda r, a: True
+        )
+
+    flagged = rewrite_with("flag")
+    assert [r["provenance"] for r in flagged] == ["hinted"] * 8 and all(r["hinted_tries"] == 1 for r in flagged)
+    sevens = [r["response"] for r in flagged if "7" in r["response"]]
+    assert 1 <= len(sevens) <= 6, sevens  # both cases occur
+    for record in flagged:
+        assert record["false_steps"] == [line for line in record["response"].splitlines() if "7" in line]
+    summary = rewrite_summary.summarize(flagged)["step_check"]
+    assert summary == {
+        "rows_checked": 8,
+        "steps_checked": summary["steps_checked"],
+        "flagged": len(sevens),
+        "dropped": 0,
+    }
+    train = rewrite_summary.train_rows(flagged)
+    assert [t["false_steps"] for t in train] == [r["false_steps"] for r in flagged]
+
+    dropped = rewrite_with("drop")
+    for first, record in zip(flagged, dropped):
+        if "7" not in first["response"]:
+            assert record["response"] == first["response"] and record["hinted_tries"] == 1
+        elif record["provenance"] == "hinted":  # the second try, sound
+            assert record["hinted_tries"] == 2 and "7" not in record["response"] and record["false_steps"] == []
+        else:
+            assert record["drop_reason"] == "false step" and "7" in record["response"]
+    reasons = [r.get("drop_reason") for r in dropped]
+    assert rewrite_summary.summarize(dropped)["step_check"]["dropped"] == reasons.count("false step") >= 1
+    assert rewrite_summary.summarize(dropped)["step_check"]["flagged"] == 0
+
+    off = rewrite_with("off")
+    assert [r["response"] for r in off] == [r["response"] for r in flagged]
+    assert all(r["false_steps"] is None and r["steps_checked"] is None for r in off)
+    assert "false_steps" not in rewrite_summary.train_rows(off)[0]
+
+
 # ------------------------------------------------------------------------------------------------ CLI
 
 
@@ -301,10 +403,10 @@ def test_cli_end_to_end_and_a_finished_rerun_does_nothing(saved, tmp_path, capsy
     assert [r["id"] for r in records] == list(range(10))
     for record, row in zip(records, ROWS):
         assert {key: record[key] for key in row} == row
-        assert set(rewriting.ADDED_FIELDS) - {"analysis", "drop_reason"} <= record.keys()
-        assert record["provenance"] in rewriting.PROVENANCES
+        assert set(rewrite_config.ADDED_FIELDS) - {"analysis", "drop_reason"} <= record.keys()
+        assert record["provenance"] in rewrite_config.PROVENANCES
         assert record["verified"] == (record["provenance"] != "dropped")
-    counts = {p: sum(r["provenance"] == p for r in records) for p in rewriting.PROVENANCES}
+    counts = {p: sum(r["provenance"] == p for r in records) for p in rewrite_config.PROVENANCES}
     assert min(counts.values()) >= 1, counts  # the hash verifier gives every outcome on this data
 
     train = rows_of(out / "train.jsonl")
@@ -390,6 +492,27 @@ def test_bad_input_is_one_line_exit_2_and_no_output(case, saved, tmp_path, capsy
     assert len(err.strip().splitlines()) == 1 and err.startswith("onsft: error:") and where in err, err
     assert what in err and "Fix:" in err
     assert not out.exists()
+
+
+def test_a_rewrite_that_keeps_nothing_is_exit_2_without_a_training_file(saved, tmp_path, capsys, monkeypatch):
+    (tmp_path / "never.py").write_text("def check(response, answer):\n    return False\n")
+    out = tmp_path / "out"
+    args = [*base_args(saved), "--verifier", f"{tmp_path / 'never.py'}:check", "--out", out]
+    code, err = run(args, capsys)
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("onsft: error:"), err
+    assert "kept 0 of 10 rows (10 not verified)" in err and "records.jsonl.partial" in err and "Fix:" in err
+    assert "--samples_per_prompt" in err and "--beta" in err and "--verifier" in err
+    assert not (out / "train.jsonl").exists() and not (out / "summary.json").exists()
+    assert not (out / "records.jsonl").exists()
+    assert len((out / "records.jsonl.partial").read_text().splitlines()) == 1 + 10  # fingerprint + every row
+    # The same command decodes nothing again and fails the same way; a training file elsewhere is not made.
+    chunks = []
+    monkeypatch.setattr(rewriting.Rewriter, "chunk", lambda self, rows, progress=None: chunks.append(rows) or [])
+    elsewhere = tmp_path / "kept.jsonl"
+    code, again = run([*args, "--train_out", elsewhere], capsys)
+    assert code == 2 and again == err and chunks == [] and not elsewhere.exists()
 
 
 def test_resume_after_a_simulated_kill_and_refusal_of_other_settings(saved, tmp_path, capsys, monkeypatch):

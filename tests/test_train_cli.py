@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -78,6 +79,25 @@ def test_train_writes_a_loadable_model_and_metrics(tmp_path, tiny_dir):
     # Rerunning the finished command resumes from its last checkpoint and does no extra step.
     assert main(train_args(tiny_dir, data, out, "--loss", "idft")) == 0
     assert json.loads((out / "train_summary.json").read_text())["global_step"] == 3
+
+
+def test_killed_after_its_last_checkpoint_resumes_to_the_same_model_without_an_extra_step(tmp_path, tiny_dir):
+    """A run killed between its final checkpoint and its summary: the rerun must not train one step past
+    max_steps (transformers would: it skips the seen batches of the epoch, then trains one more)."""
+    data = write_jsonl(tmp_path / "d.jsonl", ROWS)  # 8 rows, batch 2: 4 steps per epoch > max_steps
+    out = tmp_path / "run"
+    args = train_args(tiny_dir, data, out, "--max_steps", "2", "--per_device_train_batch_size", "2")
+    assert main(args) == 0
+    finished = AutoModelForCausalLM.from_pretrained(out / "model")
+    loss = json.loads((out / "train_summary.json").read_text())["train_loss"]
+    (out / "train_summary.json").unlink()  # what a kill after checkpoint-2 leaves
+    shutil.rmtree(out / "model")
+    assert main(args) == 0
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["global_step"] == 2 and summary["resumed_from"].endswith("checkpoint-2")
+    assert summary["train_loss"] == pytest.approx(loss, rel=1e-6)
+    resumed = AutoModelForCausalLM.from_pretrained(out / "model")
+    assert all(torch.equal(a, b) for a, b in zip(finished.state_dict().values(), resumed.state_dict().values()))
 
 
 def test_lora_training_saves_adapter_and_merged_model(tmp_path, tiny_dir):

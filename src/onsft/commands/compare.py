@@ -44,25 +44,27 @@ from onsft.commands import train as train_command
 from onsft.commands.data import ReplayDataConfig
 from onsft.commands.pairs import PairsConfig
 from onsft.commands.train import TrainArguments
-from onsft.data.chat import encode_prompt
 from onsft.data.rows import dataset_identity, load_examples
 from onsft.data.sources import materialize
 from onsft.data.verify import VerifyConfig
 from onsft.engine.decoding import OwnSamplingConfig, SamplingConfig
 from onsft.engine.hinted import HintedConfig
-from onsft.engine.kl import kl_drift
 from onsft.engine.lora import LoraArguments
 from onsft.engine.preference import PreferenceTrainConfig
 from onsft.engine.scoring import ScoringConfig
 from onsft.engine.trainer import TrainConfig
 from onsft.errors import UserError
 from onsft.formulas.weighting import LossConfig
+from onsft.pipeline import sweep
 from onsft.pipeline.auditing import AuditConfig
 from onsft.pipeline.comparison import plot_results, summarize, table_csv, table_markdown
-from onsft.pipeline.evaluation import evaluate_model
 from onsft.pipeline.experiment import EVAL_SETS, METHODS, REPLAY_METHODS, Experiment, load_experiment
+from onsft.pipeline.experiment_eval import Evaluator
+from onsft.pipeline.frontier_report import write_frontier
 from onsft.pipeline.rewriting import RewriteConfig
-from onsft.runtime.models import ModelArguments, load_model, load_tokenizer, resolve_model_path
+from onsft.pipeline.sweep import base_point, grid, measured, sweep_points
+from onsft.pipeline.variants_report import run_variants
+from onsft.runtime.models import ModelArguments, resolve_model_path
 from onsft.runtime.records import check_writable, write_json_atomic
 from onsft.runtime.runs import RunArguments
 from onsft.runtime.settings import configs_from_dict, parse_command
@@ -74,10 +76,17 @@ QUIET = RunArguments(progress=False)
 
 
 def train_configs(
-    exp: Experiment, method: str, seed: int, data: str, output_dir: Path, replay: str | None = None
+    exp: Experiment,
+    method: str,
+    seed: int,
+    data: str,
+    output_dir: Path,
+    replay: str | None = None,
+    point: dict | None = None,
 ) -> tuple:
     """(TrainArguments, LoraArguments, trainer config, LossConfig or None) of one cell; `replay` is the shared
-    replay set, used by replay methods whose options name no `replay_data` of their own."""
+    replay set, used by replay methods whose options name no `replay_data` of their own; `point` holds the
+    cell's swept options (over `train:` and `method_train:`)."""
     _, train_method, loss = METHODS[method]
     options = {
         "data": data,
@@ -86,14 +95,15 @@ def train_configs(
         "method": train_method,
         **exp.train,
         **exp.method_train.get(method, {}),
+        **(point or {}),
     }
     if loss:
         options["loss"] = loss
     if method in REPLAY_METHODS and replay and "replay_data" not in options:
         options["replay_data"] = replay
-    if exp.curve_every:
+    if exp.curve_every or exp.eval_every:
         # Every checkpoint is a curve point, so none may be rotated away.
-        options.update(save_steps=exp.curve_every, save_total_limit=None)
+        options.update(save_steps=exp.curve_every or exp.eval_every, save_total_limit=None)
     where = f"experiment (train options of {method})"
     if train_method == "sft":
         inputs, lora, loss_config, args = configs_from_dict(
@@ -155,8 +165,8 @@ def _needs_rewrite(exp: Experiment) -> bool:
 
 def check_options(exp: Experiment, out: Path) -> None:
     """Build every step's configs now, so a typo fails before hours of training, not after."""
-    for method in exp.methods:
-        _, lora, _, loss = train_configs(exp, method, exp.seeds[0], "check", out / "check", "check")
+    for method, point in ((m, p) for m in exp.methods for p in sweep_points(exp, m)):
+        _, lora, _, loss = train_configs(exp, method, exp.seeds[0], "check", out / "check", "check", dict(point))
         try:
             lora.validate()
             if loss is not None:
@@ -196,29 +206,36 @@ def check_data(exp: Experiment) -> None:
 
 
 def prepare_shared_data(exp: Experiment, out: Path, steps: RunArguments = QUIET) -> dict:
-    """Build the rewrite and the preference pairs once (seed-independent), return data path per source and
-    the seconds each took (from its own summary, so a cached step still reports what it cost)."""
-    paths, timings = {"teacher": exp.train_data}, {}
+    """Build the rewrite and the preference pairs once (seed-independent), return data path per source, the
+    seconds each took (from its own summary, so a cached step still reports what it cost), and its measured
+    wall and CPU seconds (`costs`, recorded in data/costs.json the first time the step runs)."""
+    paths, timings, costs = {"teacher": exp.train_data}, {}, {}
+    record = out / "data" / "costs.json"
+
+    def step(name: str, configs: tuple, work):
+        settings = json.loads(json.dumps([dataclasses.asdict(c) for c in (*configs, exp.model)], default=str))
+        summary, costs[name] = measured(record, name, [settings, dataset_identity(exp.train_data)], work)
+        return summary
+
     if _needs_rewrite(exp):
-        folder = out / "data" / "rewrite"
-        config, hinted, scoring, verify = rewrite_configs(exp, folder)
-        summary = rewrite_command.run(config, exp.model, hinted, scoring, verify, steps)
+        configs = rewrite_configs(exp, out / "data" / "rewrite")
+        summary = step("rewrite", configs, lambda: rewrite_command.run(configs[0], exp.model, *configs[1:], steps))
         paths["rewrite"] = summary["files"]["train"]
         timings["rewrite"] = summary.get("wall_seconds", 0.0)
     if "pairs" in exp.sources():
         target = out / "data" / "pairs.jsonl"
         rewrites = paths.get("rewrite") if exp.pairs.get("rewrites", True) else None
-        config, sampling, verify = pairs_configs(exp, target, rewrites)
-        summary = pairs_command.run(config, exp.model, sampling, verify, steps)
+        configs = pairs_configs(exp, target, rewrites)
+        summary = step("pairs", configs, lambda: pairs_command.run(configs[0], exp.model, *configs[1:], steps))
         paths["pairs"] = str(target)
         timings["pairs"] = summary.get("wall_seconds_this_run", 0.0)
     if "replay" in exp.sources():
         target = out / "data" / "replay.jsonl"
-        config, sampling = replay_configs(exp, target)
-        summary = data_command.run_replay(config, exp.model, sampling, steps)
+        configs = replay_configs(exp, target)
+        summary = step("replay", configs, lambda: data_command.run_replay(configs[0], exp.model, *configs[1:], steps))
         paths["replay"] = str(target)
         timings["replay"] = summary.get("wall_seconds", 0.0)
-    return {"paths": paths, "timings": timings}
+    return {"paths": paths, "timings": timings, "costs": costs}
 
 
 def run_audit(exp: Experiment, out: Path, steps: RunArguments = QUIET) -> dict | None:
@@ -231,69 +248,18 @@ def run_audit(exp: Experiment, out: Path, steps: RunArguments = QUIET) -> dict |
 # ------------------------------------------------------------------------------------- evaluation
 
 
-class Evaluator:
-    """Loads each test set once and evaluates models on them, in process."""
-
-    def __init__(self, exp: Experiment):
-        self.exp = exp
-        self._settings: dict | None = None
-        self.sampling, self.verify = eval_configs(exp)
-        self.verifier = self.verify.build()
-        self.sets = {
-            name: load_examples(
-                getattr(exp, name), require_response=False, require_answer=True, offline=exp.model.offline
-            )
-            for name in EVAL_SETS
-            if getattr(exp, name)
-        }
-        self.tokenizer = load_tokenizer(exp.model)
-        self.base = load_model(exp.model)
-        kl_source = exp.kl_prompts or exp.retention or exp.in_domain
-        kl_examples = load_examples(kl_source, require_response=False, offline=exp.model.offline)[: exp.kl_limit]
-        self.kl_prompts = [encode_prompt(self.tokenizer, e.prompt, kl_source) for e in kl_examples]
-
-    def load(self, path: Path):
-        """A trained model (or checkpoint) on the experiment's device and dtype."""
-        return load_model(dataclasses.replace(self.exp.model, model=str(path), model_revision=None))
-
-    def accuracy(self, model, limit: int = 0) -> dict[str, float]:
-        result = {}
-        for name, examples in self.sets.items():
-            rows = examples[:limit] if limit else examples
-            metrics = evaluate_model(model, self.tokenizer, rows, self.sampling, self.verifier)
-            result[name] = metrics["accuracy"]
-            if metrics.get("by_task") and not limit:
-                result[f"{name}_by_task"] = {t: m["accuracy"] for t, m in metrics["by_task"].items()}
-        return result
-
-    def full(self, model) -> dict:
-        result = self.accuracy(model)
-        result["kl_drift"] = kl_drift(
-            self.base,
-            model,
-            self.tokenizer,
-            self.kl_prompts,
-            max_new_tokens=self.sampling.max_new_tokens,
-            batch_size=self.sampling.batch_size,
-        )
-        return result
-
-    def settings(self) -> dict:
-        """What the cached evaluations (base/eval.json, each cell's eval.json) depend on, the base model included,
-        and the test sets by content (a test file edited in place must not reuse evaluations of the old one)."""
-        if self._settings is None:
-            model = {k: v for k, v in dataclasses.asdict(self.exp.model).items() if k not in ("device", "offline")}
-            self._settings = {
-                "model": model,
-                "eval": self.exp.eval,
-                "kl_limit": self.exp.kl_limit,
-                "sets": {
-                    name: dataset_identity(path)
-                    for name in (*EVAL_SETS, "kl_prompts")
-                    if (path := getattr(self.exp, name))
-                },
-            }
-        return self._settings
+def cell_settings(
+    exp: Experiment, method: str, seed: int, data: str, inputs, evaluator: Evaluator, point: dict | None = None
+) -> dict:
+    """What a cell's cached result depends on."""
+    return {
+        "train": json.loads(json.dumps(dataclasses.asdict(inputs) | {"method": method}, default=str)),
+        "data": dataset_identity(data),  # by content: an edited file is not the cached cell's data
+        "options": {**exp.train, **exp.method_train.get(method, {}), **(point or {})},
+        "seed": seed,
+        "curve": [exp.curve_every or exp.eval_every, exp.curve_limit],
+        **evaluator.settings(),
+    }
 
 
 def run_cell(
@@ -307,14 +273,7 @@ def run_cell(
     steps: RunArguments = QUIET,
 ) -> dict:
     inputs, lora, args, loss = train_configs(exp, method, seed, data, folder / "train", replay)
-    settings = {
-        "train": json.loads(json.dumps(dataclasses.asdict(inputs) | {"method": method}, default=str)),
-        "data": dataset_identity(data),  # by content: an edited file is not the cached cell's data
-        "options": {**exp.train, **exp.method_train.get(method, {})},
-        "seed": seed,
-        "curve": [exp.curve_every, exp.curve_limit],
-        **evaluator.settings(),
-    }
+    settings = cell_settings(exp, method, seed, data, inputs, evaluator)
     done = folder / "eval.json"
     if done.exists():
         cached = json.loads(done.read_text())
@@ -354,6 +313,47 @@ def _curve(train_dir: Path, evaluator: Evaluator) -> list[dict]:
     return points
 
 
+def run_sweep(exp: Experiment, out: Path, shared: dict, evaluator: Evaluator, steps: RunArguments) -> tuple:
+    """Every cell of the sweep (`onsft.pipeline.sweep`): (the base model's point, the cells' results)."""
+    base = base_point(exp, out, evaluator)
+    cells = []
+    for cell in grid(exp):
+        source, folder = METHODS[cell.method][0], out / "cells" / cell.name
+        data, replay = shared["paths"][source], shared["paths"].get("replay")
+        configs = train_configs(exp, cell.method, cell.seed, data, folder / "train", replay, cell.options)
+        settings = cell_settings(exp, cell.method, cell.seed, data, configs[0], evaluator, cell.options)
+        print(f"onsft compare: {cell.method} {cell.label} seed {cell.seed}", file=sys.stderr, flush=True)
+
+        def train(configs=configs) -> dict:
+            return train_command.run(configs[0], exp.model, configs[1], configs[2], configs[3], steps)
+
+        cells.append(sweep.run_cell(exp, cell, folder, evaluator, base, settings, train))
+    return base, cells
+
+
+def _base_eval(out: Path, evaluator: Evaluator) -> dict:
+    base_path = out / "base" / "eval.json"
+    base = json.loads(base_path.read_text()) if base_path.exists() else None
+    if base is None or base.get("settings") != evaluator.settings():
+        base = {**evaluator.full(evaluator.base), "settings": evaluator.settings()}
+        write_json_atomic(base_path, base)
+    return base
+
+
+def run_grid(exp: Experiment, out: Path, shared: dict, evaluator: Evaluator, steps: RunArguments) -> list[dict]:
+    """Methods x seeds without a sweep: each cell's final model evaluated fully (and its `curve_every` points)."""
+    cells = []
+    # Method-major: an interrupted grid has every seed of its first methods (a mean and a spread), rather
+    # than one seed of everything.
+    for method in exp.methods:
+        for seed in exp.seeds_of(method):
+            print(f"onsft compare: {method} seed {seed}", file=sys.stderr, flush=True)
+            folder, replay = out / "cells" / f"{method}-s{seed}", shared["paths"].get("replay")
+            data = shared["paths"][METHODS[method][0]]
+            cells.append(run_cell(exp, method, seed, data, folder, evaluator, replay, steps))
+    return cells
+
+
 # ------------------------------------------------------------------------------------- the command
 
 
@@ -362,6 +362,8 @@ def run(exp: Experiment, run_args: RunArguments | None = None) -> dict:
     every step: `overwrite` lets a step start over where an earlier grid left outputs made with other
     settings (each step refuses them otherwise, naming its folder), `progress` shows the steps' bars."""
     steps = run_args or QUIET
+    if exp.variants:  # each variant is a whole experiment of its own, in OUT/<name>
+        return run_variants(exp, lambda variant: run(variant, run_args))
     out = Path(exp.out)
     check_writable(out / "results.json")
     resolve_model_path(exp.model.model, revision=exp.model.model_revision, offline=exp.model.offline)
@@ -372,37 +374,35 @@ def run(exp: Experiment, run_args: RunArguments | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     audit_summary = run_audit(exp, out, steps)
     shared = prepare_shared_data(exp, out, steps)
-    evaluator = Evaluator(exp)
-    base_path = out / "base" / "eval.json"
-    base = json.loads(base_path.read_text()) if base_path.exists() else None
-    if base is None or base.get("settings") != evaluator.settings():
-        base = {**evaluator.full(evaluator.base), "settings": evaluator.settings()}
-        write_json_atomic(base_path, base)
-    cells = []
-    # Method-major: an interrupted grid has every seed of its first methods (a mean and a spread), rather
-    # than one seed of everything.
-    for method in exp.methods:
-        for seed in exp.seeds:
-            source = METHODS[method][0]
-            print(f"onsft compare: {method} seed {seed}", file=sys.stderr, flush=True)
-            folder, replay = out / "cells" / f"{method}-s{seed}", shared["paths"].get("replay")
-            cell = run_cell(exp, method, seed, shared["paths"][source], folder, evaluator, replay, steps)
-            cell["prep_seconds"] = shared["timings"].get(source, 0.0)
-            if method in REPLAY_METHODS:
-                cell["prep_seconds"] += shared["timings"].get("replay", 0.0)
-            cells.append(cell)
-    rows = summarize(base, cells, exp.methods)
+    evaluator = Evaluator(exp, *eval_configs(exp))
+    frontier = None
+    if exp.sweeping():
+        base, cells = run_sweep(exp, out, shared, evaluator, steps)
+    else:
+        base, cells = _base_eval(out, evaluator), run_grid(exp, out, shared, evaluator, steps)
+    for cell in cells:
+        source = METHODS[cell["method"]][0]
+        cell["prep_seconds"] = shared["timings"].get(source, 0.0)
+        if cell["method"] in REPLAY_METHODS:
+            cell["prep_seconds"] += shared["timings"].get("replay", 0.0)
+    labels = [f"{c['method']} {c['setting']}" if exp.sweeping() else c["method"] for c in cells]
+    rows = summarize(base, [{**c, "method": label} for c, label in zip(cells, labels)], list(dict.fromkeys(labels)))
     markdown = table_markdown(rows)
     write_text(out / "table.md", markdown)
     write_text(out / "table.csv", table_csv(rows))
-    plots = plot_results(rows, cells, out)
+    plots = plot_results(rows, [{**c, "method": label} for c, label in zip(cells, labels)], out)
+    if exp.sweeping():
+        frontier = write_frontier(exp, base, cells, shared["costs"], out)
+        plots += frontier["plots"]
     results = {
         "rows": rows,
         "cells": [{k: v for k, v in c.items() if k != "training_log"} for c in cells],
         "plots": plots,
         "data": shared["paths"],
         "data_prep_seconds": shared["timings"],
+        "data_prep_costs": shared["costs"],
         "audit": audit_summary,
+        "frontier": frontier and frontier["summary"],
     }
     # Written with the results they produced: a grid refused half-way (a step's outputs hold other settings)
     # leaves the earlier grid's record as it was.

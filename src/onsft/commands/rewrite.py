@@ -6,13 +6,20 @@
 The pipeline (spec section 3, "The data pipeline around it"), for every prompt:
   1. sample `--own_samples` (k) answers of the model itself from the plain context (the ordinary chat
      prompt) and verify them against the `answer` column; with `--keep_own` (default) the first
-     verified one is kept as it is: provenance `own` (it is on-policy already);
+     verified one that ended by itself is kept as it is: provenance `own` (it is on-policy already);
   2. otherwise run hinted decoding (`onsft.engine.hinted`): one response shared by the plain context and a
      hinted context (the hint template filled with the question and the `reference` column, under the
-     chat template), `--hinted_samples` tries decoded together; the first verified try is kept:
+     chat template), `--samples_per_prompt` tries decoded together; the first verified try is kept:
      provenance `hinted`; when none verifies: `dropped` (the last try is shown, not trained on);
+     a response cut by the decoder (`--max_new_tokens`, a repetition loop) is not a finished solution
+     and is not kept unless `--keep_truncated` (`drop_reason: truncated` when it was the only verified);
   3. score every response, and the original reference, with DDT under the plain context (the audit's
-     streamed scorer): mean phi, Z and p-value, so the summary shows how far rewriting moved the data.
+     streamed scorer): mean phi, Z and p-value, so the summary shows how far rewriting moved the data;
+  4. check the steps each kept response states (`--step_check flag|drop|off`, default flag, with
+     `--step_checker arithmetic`: every stated `a op b = c` between numbers, `onsft.data.step_check`): a
+     verified answer can follow a false step copied around the reference's numbers. flag keeps the row
+     and lists its `false_steps`; drop takes another verified try without one, else drops the row
+     (`drop_reason: false step`).
 
 Outputs in --out:
   records.jsonl  every input row once, in input order, its fields untouched, plus: response, provenance
@@ -20,13 +27,20 @@ Outputs in --out:
                  n_tokens (generated tokens of the response), reference_mean_phi, reference_z,
                  own_correct (verified own samples of k), own_samples, hinted_tries, mean_lambda,
                  extracted_answer, verify_method, generated_tokens (all tokens decoded for the row),
-                 truncated, and `analysis` with --analyze_first. An input column of one of these names
+                 truncated (the response did not end by itself: finish_reason length or repetition),
+                 score_truncated (scored up to --max_length only), false_steps / steps_checked (the
+                 step check; null when off), drop_reason for dropped rows, and
+                 `analysis` with --analyze_first. An input column of one of these names
                  is an error (rename it), never silently replaced.
   train.jsonl    (or --train_out) the kept rows only (own + hinted), training-ready: `prompt` (as given)
-                 + `completion` = the response, plus answer, provenance, mean_phi and the other input
-                 columns; `onsft train --data` reads it directly.
-  summary.json   counts own-correct / rewritten / dropped, mean phi of the references vs the rewritten
-                 responses vs the own answers, throughput, wall time and the settings.
+                 + `completion` = the response, plus answer, provenance, mean_phi, false_steps (when
+                 the step check ran) and the other input columns; `onsft train --data` reads it directly.
+  summary.json   counts own-correct / rewritten / dropped (and why: drop_reasons, truncated, step_check:
+                 rows checked, flagged, dropped), mean phi of
+                 the references vs the rewritten responses vs the own answers, throughput, wall time and
+                 the settings.
+A rewrite that keeps no row is an error (exit 2): no train.jsonl or summary.json is written, and the
+finished rows stay in records.jsonl.partial for inspection (the same command fails again at once).
 
 Resuming: rows are appended to records.jsonl.partial after every chunk of `--chunk_size` prompts
 (flushed and fsynced); a killed run (even SIGKILL) rerun with the same command skips the finished rows,
@@ -77,8 +91,9 @@ from onsft.engine.hinted import HintedConfig
 from onsft.engine.scoring import ScoringConfig
 from onsft.errors import UserError
 from onsft.pipeline.hints import resolve_hint
+from onsft.pipeline.rewrite_config import RewriteConfig, check_columns
 from onsft.pipeline.rewrite_summary import summarize, train_rows
-from onsft.pipeline.rewriting import RewriteConfig, Rewriter, check_columns, chunks, prepare
+from onsft.pipeline.rewriting import Rewriter, chunks, prepare
 from onsft.runtime.device import Processes, resolve_dtype
 from onsft.runtime.models import (
     ModelArguments,
@@ -136,6 +151,7 @@ def run(
     train_out = Path(config.train_out) if config.train_out else out / "train.jsonl"
     # Everything a user can get wrong is checked before anything is written.
     verifier = verify.build()
+    step_checker = config.build_step_checker()
     examples = load_examples(config.data, require_response=False, split=config.split, offline=model_args.offline)
     check_columns(examples, config.data)
     tokenizer = load_tokenizer(model_args)
@@ -182,7 +198,7 @@ def run(
         model = load_model(model_args, device=procs.device, dtype=dtype)
         if context is None and context_length(model):
             prepared = prepare(tokenizer, examples, hint, config.max_length, context_length(model), config.data)
-        rewriter = Rewriter(model, tokenizer, config, hinted, scoring, hint, verifier)
+        rewriter = Rewriter(model, tokenizer, config, hinted, scoring, hint, verifier, step_checker)
         summary = _rewrite(config, model_args, run_args, procs, rewriter, prepared, settings, train_out, started)
     return summary
 
@@ -220,11 +236,13 @@ def _rewrite(config, model_args, run_args, procs, rewriter, prepared, settings, 
                 refresh=False,
             )
     decode_seconds = time.time() - decode_start
-    throughput = (
-        gather_object([(rewriter.generated, decode_seconds)])
-        if procs.world > 1
-        else [(rewriter.generated, decode_seconds)]
-    )
+    mine = [(rewriter.generated, decode_seconds, Counter(_outcome(r) for r in store.done.values()))]
+    gathered = gather_object(mine) if procs.world > 1 else mine
+    throughput = [(tokens, seconds) for tokens, seconds, _ in gathered]
+    outcomes = sum((counts for _, _, counts in gathered), Counter())
+    if not outcomes["kept"]:
+        store.store.close()
+        raise _nothing_kept(outcomes, store.store.partial, procs.world)
     merged = store.merge()
     if not procs.main:
         return None
@@ -248,6 +266,26 @@ def _rewrite(config, model_args, run_args, procs, rewriter, prepared, settings, 
     }
     write_json_atomic(out / "summary.json", summary)
     return summary
+
+
+def _outcome(record: dict) -> str:
+    return "kept" if record["provenance"] != "dropped" else record.get("drop_reason") or "not verified"
+
+
+def _nothing_kept(outcomes: Counter, partial: Path, world: int) -> UserError:
+    """(issue 15) A rewrite that keeps no row is a failed run, not an empty training file: no train.jsonl
+    or summary.json; the finished rows stay in the .partial file(s), so the same command fails again at
+    once and another one (with --overwrite) starts over."""
+    reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(outcomes.items()))
+    shown = partial if world == 1 else partial.parent / "records.rank*.jsonl.partial"
+    return UserError(
+        f"the rewrite kept 0 of {sum(outcomes.values())} rows ({reasons}): no prompt got a response that verifies "
+        "against its `answer` and ends by itself, even with the reference in context, so there is nothing to "
+        "train on; each row's last try (extracted_answer, finish_reason, drop_reason) is in this file",
+        where=str(shown),
+        fix="try more samples (--own_samples, --samples_per_prompt), a higher --beta, another --verifier (exact, "
+        "file.py:function), or a larger --max_new_tokens when rows were cut (truncated); rerun with --overwrite.",
+    )
 
 
 def _warn_other_shards(out: Path, world: int) -> None:

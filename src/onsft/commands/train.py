@@ -33,10 +33,15 @@ from onsft.data.training_sets import preference_dataset, sft_dataset
 from onsft.engine.lora import LoraArguments
 from onsft.engine.preference import PREFERENCE_METHODS, PreferenceTrainConfig, build_preference_trainer, trainer_args
 from onsft.engine.train_progress import attach_progress
-from onsft.engine.trainer import OnPolicySFTTrainer, TrainConfig
+from onsft.engine.trainer import OnPolicySFTTrainer, TrainConfig, restore_finished
 from onsft.errors import UserError
 from onsft.formulas.weighting import LossConfig
-from onsft.runtime.checkpoints import last_checkpoint, save_final_model, write_failures_as_user_errors
+from onsft.runtime.checkpoints import (
+    checkpoint_step,
+    last_checkpoint,
+    save_final_model,
+    write_failures_as_user_errors,
+)
 from onsft.runtime.device import check_device_name, resolve_device, resolve_dtype
 from onsft.runtime.models import ModelArguments, check_context, context_length, load_model, load_tokenizer
 from onsft.runtime.records import check_writable, dumps, write_json_atomic, write_jsonl_atomic
@@ -266,15 +271,21 @@ def _train(
     shown = attach_progress(trainer, not trl_args.disable_tqdm)
     started = time.time()
     with write_failures_as_user_errors(output_dir):
-        result = trainer.train(resume_from_checkpoint=resume_from)
+        if resume_from is not None and checkpoint_step(resume_from) >= trl_args.max_steps:
+            # Killed after its last checkpoint: transformers would resume into one step past max_steps
+            # (it skips the batches already seen, then trains one before checking the limit).
+            training_loss = restore_finished(trainer, resume_from)
+            shown.start_step = trainer.state.global_step  # no step runs now: the whole loss is in the logs
+        else:
+            training_loss = trainer.train(resume_from_checkpoint=resume_from).training_loss
     summary = {
         "method": inputs.method,
         "model": model_args.model,
         "data": inputs.data,
         "global_step": trainer.state.global_step,
         "resumed_from": resume_from,
-        "train_loss": shown.whole_run_loss(trainer.state, result.training_loss),  # every step, resumes included
-        "train_loss_this_run": result.training_loss,
+        "train_loss": shown.whole_run_loss(trainer.state, training_loss),  # every step, resumes included
+        "train_loss_this_run": training_loss,
         "wall_seconds_this_run": time.time() - started,
         "tokens_seen": trainer.state.num_input_tokens_seen,
         "trainer": type(trainer).__name__,

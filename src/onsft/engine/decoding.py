@@ -1,21 +1,25 @@
 """Batched decoding with a KV cache: sampling rules, stop rules, and the loop hinted decoding shares.
 
-One loop serves plain generation and hinted decoding. Every example owns one or two *contexts*
-(token rows): a plain prompt, and optionally a hinted prompt. All rows of a batch run through the
-model together, left-padded, with one KV cache. At each step the loop turns the rows' next-token
-log-probs into one distribution per example (plain generation: the plain row's; hinted decoding: a
-mixture, see `onsft.engine.hinted`), samples one token per example, appends it to every row of that example,
-and drops rows that are no longer needed (finished examples; hinted rows after the hand-over), so
-they stop costing compute. Plain `generate` is this loop with no hinted rows.
+One loop (`onsft.engine.decode_loop`) serves plain generation and hinted decoding. Every example owns
+one or two *contexts* (token rows): a plain prompt, and optionally a hinted prompt. The rows of the
+examples being decoded run through the model together, left-padded, with one KV cache. At each step
+the loop turns the rows' next-token log-probs into one distribution per example (plain generation:
+the plain row's; hinted decoding: a mixture, see `onsft.engine.hinted`), samples one token per
+example, appends it to every row of that example, and retires rows that are no longer needed
+(finished examples; hinted rows after the hand-over), so they stop costing compute; with the default
+continuous schedule the freed slots take the next pending examples at once. Plain `generate` is this
+loop with no hinted rows.
 
-Sampling is deterministic for a seed and independent of batching: each example draws from its own
-`torch.Generator`, seeded from (seed, the example's index in the input list).
+Sampling is deterministic for a seed and independent of batching and scheduling: each example draws
+from its own `torch.Generator`, seeded from (seed, the example's index in the input list, or its
+given id).
 
 What keeps a step cheap (a decoding step mostly reads weights and the KV cache): a prefix shared by
-a group's prompts is prefilled once; the cache grows in place instead of being concatenated every
-step; rows that finish or hand over leave the batch, and columns that are padding for every row are
-cut; with `sdpa` models, attention runs per span of rows (hinted, plain) from the span's first used
-column, so short plain rows do not read the hinted rows' long padding.
+all prompts of a context is prefilled once per call; the cache grows in place instead of being
+concatenated every step; a row leaves by having one other row moved into its slot, not by copying
+the cache; columns that are padding for every row are cut; with `sdpa` models, attention runs per
+span of rows (hinted, plain) from the span's first used column, so short plain rows do not read the
+hinted rows' long padding.
 """
 
 from __future__ import annotations
@@ -25,12 +29,27 @@ from dataclasses import dataclass, field
 
 import torch
 
+from onsft.engine.decode_loop import SCHEDULES, DecodeStats, Mixer, Trace, run_examples, stop_token_ids
 from onsft.engine.kv_cache import span_attention
-from onsft.engine.rows import RowBatch
+from onsft.engine.rows import group_prefix
 from onsft.errors import UserError
-from onsft.formulas.sampling import RepetitionDetector, example_generator, sample_tokens
 
 FINISH_REASONS = ("eos", "stop", "length", "repetition")
+# The loop's pieces that callers of this module use (Trace, Mixer, stop_token_ids) live in decode_loop.
+__all__ = [
+    "FINISH_REASONS",
+    "SCHEDULES",
+    "DecodeStats",
+    "Generation",
+    "Mixer",
+    "OwnSamplingConfig",
+    "SamplingConfig",
+    "Trace",
+    "decode_examples",
+    "generate",
+    "sample_own",
+    "stop_token_ids",
+]
 
 
 @dataclass
@@ -127,37 +146,6 @@ class Generation:
     n_tokens: int
 
 
-# ---------------------------------------------------------------------------------------------
-# The decoding loop shared by `generate` and `onsft.engine.hinted.hinted_decode`
-# ---------------------------------------------------------------------------------------------
-
-# mixer(hinted_logprobs [N, V], plain_logprobs [N, V]) -> (mixed scores [N, V], lambda [N])
-Mixer = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-
-
-@dataclass
-class Trace:
-    """What the loop records per example; `generate` and `hinted_decode` turn it into their results."""
-
-    token_ids: list[int] = field(default_factory=list)
-    finish_reason: str = "length"
-    lambdas: list[float] = field(default_factory=list)
-    handover_step: int | None = None
-
-
-def stop_token_ids(model, tokenizer) -> list[int]:
-    """EOS ids from the model's generation config (may be several) and the tokenizer."""
-    ids: set[int] = set()
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if isinstance(configured, int):
-        ids.add(configured)
-    elif configured:
-        ids.update(int(i) for i in configured)
-    if getattr(tokenizer, "eos_token_id", None) is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    return sorted(ids)
-
-
 def decode_examples(
     model,
     tokenizer,
@@ -168,6 +156,12 @@ def decode_examples(
     answer_marker: str = "",
     hinted_first: bool = True,
     progress: Callable[[int], None] | None = None,
+    *,
+    schedule: str = "continuous",
+    shared_prefix: str | list[int] = "auto",
+    example_ids: list[int] | None = None,
+    token_limits: list[int] | None = None,
+    stats: DecodeStats | None = None,
 ) -> list[Trace]:
     """Decode every example; returns traces in input order.
 
@@ -175,16 +169,33 @@ def decode_examples(
     `mixer(hinted, plain)`, except the first step (hinted alone, when `hinted_first`) and every step
     after `answer_marker` appeared in the generated text (plain alone; the hinted row is dropped).
     Without `hinted_ids` each example has its plain row only: ordinary decoding.
+
+    Keyword options, none of which changes a token: `schedule` "continuous" refills freed row slots
+    with pending examples, "static" waits for the whole batch (see `decode_loop`); `shared_prefix`
+    "auto" prefills the longest token prefix shared by all hinted (and, apart, all plain) prompts once
+    per call, "off" never, or a given token list when every prompt of a context extends it;
+    `example_ids[i]` seeds example i's random stream with (seed, example_ids[i]) instead of (seed, i),
+    so the same ids give the same samples in any input order; `token_limits[i]` caps example i below
+    `config.max_new_tokens`; `stats` collects counts (`DecodeStats`).
     """
     config.validate()
     if hinted_ids is not None and mixer is None:
         raise ValueError("decoding with hinted contexts needs a mixer (see onsft.engine.hinted.make_mixer)")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, not {schedule!r}")
     if hinted_ids is not None and len(hinted_ids) != len(plain_ids):
         raise UserError(
             f"{len(hinted_ids)} hinted prompts for {len(plain_ids)} plain prompts",
             where="hinted decoding",
             fix="pass one hinted prompt per plain prompt.",
         )
+    for name, values in (("example_ids", example_ids), ("token_limits", token_limits)):
+        if values is not None and len(values) != len(plain_ids):
+            raise ValueError(f"{len(values)} {name} for {len(plain_ids)} examples")
+    if token_limits is not None and min(token_limits, default=1) < 1:
+        raise ValueError("every token limit must be at least 1")
+    if example_ids is not None and len(set(example_ids)) != len(example_ids):
+        raise ValueError("example_ids must be distinct: equal ids would sample from the same random stream")
     limit = getattr(model.config, "max_position_embeddings", None)
     for name, prompts in (("plain", plain_ids), ("hinted", hinted_ids or [])):
         for i, prompt in enumerate(prompts):
@@ -196,116 +207,40 @@ def decode_examples(
                     where="generation",
                     fix="shorten the prompt or drop the example.",
                 )
-    # Similar lengths together waste less padding; results do not depend on the grouping.
+    if not plain_ids:
+        return []
+    # Similar lengths together waste less padding, and the longest first make room for the rest;
+    # results do not depend on the order.
     lead = hinted_ids if hinted_ids is not None else plain_ids
     order = sorted(range(len(plain_ids)), key=lambda i: (-len(lead[i]), -len(plain_ids[i]), i))
-    traces: list[Trace | None] = [None] * len(plain_ids)
+    groups = [hinted_ids, plain_ids] if hinted_ids is not None else [plain_ids]
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode(), span_attention(model):
-            for start in range(0, len(order), config.batch_size):
-                batch = order[start : start + config.batch_size]
-                done = _decode_batch(
-                    model, tokenizer, batch, plain_ids, hinted_ids, config, mixer, answer_marker, hinted_first, limit
-                )
-                for i, trace in zip(batch, done):
-                    traces[i] = trace
-                if progress is not None:
-                    progress(len(batch))
+            traces = run_examples(
+                model,
+                tokenizer,
+                order,
+                plain_ids,
+                hinted_ids,
+                config,
+                mixer=mixer,
+                answer_marker=answer_marker,
+                hinted_first=hinted_first,
+                context=limit,
+                schedule=schedule,
+                prefixes=[group_prefix(prompts, shared_prefix) for prompts in groups],
+                seeds=list(example_ids) if example_ids is not None else list(range(len(plain_ids))),
+                limits=[
+                    min(config.max_new_tokens, n) for n in token_limits or [config.max_new_tokens] * len(plain_ids)
+                ],
+                progress=progress,
+                stats=stats if stats is not None else DecodeStats(),
+            )
     finally:
         model.train(was_training)
-    return traces  # type: ignore[return-value]
-
-
-def _decode_batch(
-    model, tokenizer, batch, plain_ids, hinted_ids, config, mixer, answer_marker, hinted_first, limit
-) -> list[Trace]:
-    n = len(batch)
-    hinted = hinted_ids is not None
-    prompts = ([hinted_ids[i] for i in batch] if hinted else []) + [plain_ids[i] for i in batch]
-    groups = [range(0, n), range(n, 2 * n)] if hinted else [range(n)]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    rows = RowBatch(model, prompts, use_cache=config.use_cache, pad_id=pad_id, prefill_groups=groups)
-    device = rows.logprobs.device
-    stops = torch.tensor(stop_token_ids(model, tokenizer), dtype=torch.long, device=device)
-    stop_set = set(stops.tolist())
-    generators = [example_generator(config.seed, i, device) for i in batch]
-    detectors = [RepetitionDetector(config.repetition_window, config.repetition_count) for _ in batch]
-    traces = [Trace() for _ in batch]
-    # A row's positions grow from its own prompt length; the longest row of an example meets the
-    # model's context first.
-    room = [max(len(plain_ids[i]), len(hinted_ids[i]) if hinted else 0) for i in batch]
-    # Row of each context of each example in the current RowBatch (-1 = that row is gone).
-    hinted_row = list(range(n)) if hinted else [-1] * n
-    plain_row = [j + n for j in range(n)] if hinted else list(range(n))
-    active = list(range(n))
-    # Tokens decoded to look for the marker and stop strings: each token is >= 1 character, plus margin.
-    text_tail = max([len(answer_marker), *map(len, config.stop_strings)]) + 32
-    for step in range(config.max_new_tokens):
-        h_rows = torch.tensor([hinted_row[j] for j in active], device=device)
-        p_rows = torch.tensor([plain_row[j] for j in active], device=device)
-        plain_lp = rows.logprobs[p_rows]
-        has_hint = h_rows >= 0
-        if bool(has_hint.any()):
-            hint_lp = rows.logprobs[torch.where(has_hint, h_rows, p_rows)]
-            if step == 0 and hinted_first:
-                scores, lam = hint_lp, torch.zeros(len(active), device=device)
-            else:
-                scores, lam = mixer(hint_lp, plain_lp)
-            # Examples whose hinted row is gone decode the plain context alone.
-            scores = torch.where(has_hint[:, None], scores, plain_lp)
-            lam = torch.where(has_hint, lam, torch.ones_like(lam))
-        else:
-            scores, lam = plain_lp, torch.ones(len(active), device=device)
-        if step < config.min_new_tokens and stops.numel():
-            scores = scores.index_fill(-1, stops, float("-inf"))
-        tokens = sample_tokens(scores, config, [generators[j] for j in active]).tolist()
-        lam_list = lam.tolist()
-
-        still = []
-        for slot, j in enumerate(active):
-            token, trace = tokens[slot], traces[j]
-            trace.token_ids.append(token)
-            trace.lambdas.append(lam_list[slot])
-            watch_marker = hinted_row[j] >= 0 and bool(answer_marker)
-            # Strings are looked for in the decoded tail only: they first appear ending at this token.
-            tail = (
-                tokenizer.decode(trace.token_ids[-text_tail:], skip_special_tokens=False)
-                if watch_marker or config.stop_strings
-                else ""
-            )
-            reason = None
-            if token in stop_set:
-                reason = "eos"
-            elif any(stop in tail for stop in config.stop_strings):
-                reason = "stop"
-            elif len(trace.token_ids) >= config.max_new_tokens or (limit and room[j] + len(trace.token_ids) >= limit):
-                reason = "length"
-            elif detectors[j].push(token):
-                reason = "repetition"
-            if reason is not None:
-                trace.finish_reason = reason
-                continue
-            still.append(j)
-            if watch_marker:
-                if answer_marker in tail:
-                    trace.handover_step = step + 1  # the first step decoded by the plain context alone
-                    hinted_row[j] = -1
-        if not still:
-            break
-        # Surviving rows keep their relative order, so selecting them is one sorted index_select.
-        pairs = sorted(
-            (row, traces[j].token_ids[-1]) for j in still for row in (hinted_row[j], plain_row[j]) if row >= 0
-        )
-        renumber = {old: new for new, (old, _) in enumerate(pairs)}
-        for j in still:
-            hinted_row[j] = renumber[hinted_row[j]] if hinted_row[j] >= 0 else -1
-            plain_row[j] = renumber[plain_row[j]]
-        keep = None if len(pairs) == rows.rows else torch.tensor([row for row, _ in pairs])
-        rows.advance(keep, torch.tensor([token for _, token in pairs]))
-        active = still
-    return traces
+    return [traces[i] for i in range(len(plain_ids))]
 
 
 def generate(
@@ -314,12 +249,14 @@ def generate(
     prompt_ids: list[list[int]],
     config: SamplingConfig | None = None,
     progress: Callable[[int], None] | None = None,
+    **options,
 ) -> list[Generation]:
     """Sample one continuation per prompt (token ids), batched, stopping per row at EOS, a stop string,
-    `max_new_tokens` or a repetition loop. Results do not depend on `batch_size` (nor, for greedy
-    decoding, on the order of the prompts)."""
+    `max_new_tokens` or a repetition loop. Results do not depend on `batch_size` or the schedule (nor,
+    for greedy decoding or with `example_ids`, on the order of the prompts). `options`: the keyword
+    options of `decode_examples`."""
     config = config or SamplingConfig()
-    traces = decode_examples(model, tokenizer, prompt_ids, None, config, progress=progress)
+    traces = decode_examples(model, tokenizer, prompt_ids, None, config, progress=progress, **options)
     return [
         Generation(
             token_ids=t.token_ids,
@@ -331,9 +268,12 @@ def generate(
     ]
 
 
-def sample_own(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, seed: int) -> list[Generation]:
+def sample_own(
+    model, tokenizer, prompts: list[list[int]], max_new_tokens: int, seed: int, **options
+) -> list[Generation]:
     """The model's own samples at temperature 1 over the full vocabulary, with no stop rule but EOS and the
-    limit (the on-policy baseline of DDT). Sample i depends only on (seed, i)."""
+    limit (the on-policy baseline of DDT). Sample i depends only on (seed, i). `options`: the keyword
+    options of `decode_examples`."""
     config = SamplingConfig(
         max_new_tokens=max_new_tokens,
         temperature=1.0,
@@ -343,4 +283,4 @@ def sample_own(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, 
         repetition_count=0,
         batch_size=max(1, len(prompts)),
     )
-    return generate(model, tokenizer, prompts, config)
+    return generate(model, tokenizer, prompts, config, **options)

@@ -142,10 +142,12 @@ def hinted_decode(
     hinted_ids: list[list[int]],
     config: HintedConfig | None = None,
     progress: Callable[[int], None] | None = None,
+    **options,
 ) -> list[HintedGeneration]:
     """Decode one response per example shared by its plain and hinted prompts (token ids, already
     templated; any "analyse the reference first" prefix belongs to the hinted prompt). Batched with
-    KV caches; results are in input order and do not depend on `batch_size`."""
+    KV caches; results are in input order and do not depend on `batch_size` or the schedule.
+    `options`: the keyword options of `decode_examples` (schedule, shared_prefix, example_ids, ...)."""
     config = config or HintedConfig()
     config.validate()
     traces = decode_examples(
@@ -158,6 +160,7 @@ def hinted_decode(
         answer_marker=ANSWER_MARKER if config.answer_marker is None else config.answer_marker,
         hinted_first=config.lambda_override is None,
         progress=progress,
+        **options,
     )
     results = []
     for trace in traces:

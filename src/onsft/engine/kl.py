@@ -71,6 +71,60 @@ def _kl_sums(
 
 
 @torch.inference_mode()
+def base_continuations(
+    base_model,
+    tokenizer,
+    prompts_ids: list[list[int]],
+    *,
+    continuation: str = "greedy",
+    max_new_tokens: int = 128,
+    temperature: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 16,
+) -> list[list[int]]:
+    """The base model's continuations of `prompts_ids` (greedy or sampled), each returned whole: prompt and
+    continuation. They depend on the base model only, so many models can be scored on one set of them."""
+    if continuation not in KL_CONTINUATIONS:
+        raise UserError(f"unknown continuation `{continuation}`", where="kl_drift", fix="use greedy or sampled.")
+    sampling = SamplingConfig(
+        max_new_tokens=max_new_tokens,
+        temperature=0.0 if continuation == "greedy" else temperature,
+        seed=seed,
+        batch_size=batch_size,
+    )
+    continuations = generate(base_model, tokenizer, prompts_ids, sampling)
+    return [list(p) + list(g.token_ids) for p, g in zip(prompts_ids, continuations)]
+
+
+@torch.inference_mode()
+def kl_on_continuations(
+    base_model,
+    model,
+    tokenizer,
+    prompts_ids: list[list[int]],
+    sequences: list[list[int]],
+    *,
+    batch_size: int = 16,
+    max_logits: int = 2**27,
+) -> tuple[float, list[tuple[float, int]]]:
+    """Mean KL(base || model) per continuation token of `sequences` (from `base_continuations`), and
+    [(kl_sum, tokens)] per prompt."""
+    pad_id = pad_token_id(tokenizer)
+    was_training = (base_model.training, model.training)
+    base_model.eval()
+    model.eval()
+    try:
+        per_prompt = _kl_sums(
+            base_model, model, sequences, [len(p) for p in prompts_ids], pad_id, batch_size, max_logits
+        )
+    finally:
+        base_model.train(was_training[0])
+        model.train(was_training[1])
+    total = sum(s for s, _ in per_prompt)
+    tokens = sum(n for _, n in per_prompt)
+    return (total / tokens if tokens else 0.0), per_prompt
+
+
 def kl_drift(
     base_model,
     model,
@@ -88,28 +142,17 @@ def kl_drift(
     """Mean over continuation tokens of KL(base || model), on the base model's own continuations of
     `prompts_ids` (greedy or sampled). With `return_per_prompt`, also [(kl_sum, tokens)] per prompt.
     `max_logits` bounds the logits held at once per model (rows x kept positions x vocabulary)."""
-    if continuation not in KL_CONTINUATIONS:
-        raise UserError(f"unknown continuation `{continuation}`", where="kl_drift", fix="use greedy or sampled.")
-    sampling = SamplingConfig(
+    sequences = base_continuations(
+        base_model,
+        tokenizer,
+        prompts_ids,
+        continuation=continuation,
         max_new_tokens=max_new_tokens,
-        temperature=0.0 if continuation == "greedy" else temperature,
+        temperature=temperature,
         seed=seed,
         batch_size=batch_size,
     )
-    continuations = generate(base_model, tokenizer, prompts_ids, sampling)
-    sequences = [list(p) + list(g.token_ids) for p, g in zip(prompts_ids, continuations)]
-    pad_id = pad_token_id(tokenizer)
-    was_training = (base_model.training, model.training)
-    base_model.eval()
-    model.eval()
-    try:
-        per_prompt = _kl_sums(
-            base_model, model, sequences, [len(p) for p in prompts_ids], pad_id, batch_size, max_logits
-        )
-    finally:
-        base_model.train(was_training[0])
-        model.train(was_training[1])
-    total = sum(s for s, _ in per_prompt)
-    tokens = sum(n for _, n in per_prompt)
-    mean = total / tokens if tokens else 0.0
+    mean, per_prompt = kl_on_continuations(
+        base_model, model, tokenizer, prompts_ids, sequences, batch_size=batch_size, max_logits=max_logits
+    )
     return (mean, per_prompt) if return_per_prompt else mean

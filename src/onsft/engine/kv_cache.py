@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass
 
 import torch
 from transformers import AttentionInterface, AttentionMaskInterface
@@ -90,85 +91,159 @@ def row_spans(first_columns: list[int], width: int, min_saving: float = 0.1) -> 
     return [(0, split, prefix_min[split - 1]), (split, rows, suffix_min[split])]
 
 
+@dataclass
+class CopyCounter:
+    """Key/value bytes a `GrowingCache` copied besides the column each step writes. A row move copies
+    one row of one layer; a whole copy copies every live row of one layer (a buffer that grows, a
+    whole-batch select)."""
+
+    row_moves: int = 0
+    moved_bytes: int = 0
+    whole_copies: int = 0
+    whole_bytes: int = 0
+
+
 class GrowingLayer(DynamicLayer):
-    """A `DynamicLayer` whose keys and values live in a buffer with spare room along the sequence.
+    """A `DynamicLayer` whose keys and values live in a buffer with spare rows and columns.
 
     `DynamicLayer` concatenates at every step, copying the whole cache each time; with long hinted
-    prompts that copy costs as much as the attention itself. Here a step writes one column in place
-    and the buffer grows by `reserve` columns when full. `keys`/`values` are views of the used part,
-    so everything that reads a `DynamicLayer` (mask sizes, sequence length) works unchanged.
+    prompts that copy costs as much as the attention itself. Here a step writes one column in place,
+    and the buffer grows by `reserve` columns when full. The used part is rows [0, rows) and columns
+    [begin, end); columns dropped on the left stay allocated, so a longer prompt admitted later takes
+    them back without moving anything. `keys`/`values` are views of the used part, so everything that
+    reads a `DynamicLayer` (mask sizes, sequence length) works unchanged.
     """
 
-    def __init__(self, reserve: int = 256):
+    def __init__(self, reserve: int = 256, copies: CopyCounter | None = None):
         super().__init__()
         self.reserve = reserve
+        self.copies = copies if copies is not None else CopyCounter()
         self.key_buffer = self.value_buffer = None
-        self.length = 0
+        self.rows = self.begin = self.end = 0
 
-    def allocate(self, like: torch.Tensor, rows: int, width: int) -> None:
-        shape = (rows, like.shape[1], width + self.reserve, like.shape[3])
+    def allocate(self, like: torch.Tensor, capacity: int, width: int) -> None:
+        shape = (capacity, like.shape[1], width + self.reserve, like.shape[3])
         self.key_buffer = like.new_zeros(shape)
         self.value_buffer = like.new_zeros(shape)
         self.dtype, self.device, self.is_initialized = like.dtype, like.device, True
-        self.length = width
+        self.begin, self.end = 0, width
         self._refresh()
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         new = key_states.shape[-2]
-        if self.length + new > self.key_buffer.shape[-2]:
-            room = self.length + new + self.reserve
-            self.key_buffer = _widen(self.key_buffer, room)
-            self.value_buffer = _widen(self.value_buffer, room)
-        self.key_buffer[:, :, self.length : self.length + new] = key_states
-        self.value_buffer[:, :, self.length : self.length + new] = value_states
-        self.length += new
+        if self.end + new > self.key_buffer.shape[-2]:
+            self._reallocate(left=0, right=new + self.reserve)
+        self.key_buffer[: self.rows, :, self.end : self.end + new] = key_states
+        self.value_buffer[: self.rows, :, self.end : self.end + new] = value_states
+        self.end += new
         self._refresh()
         return self.keys, self.values
 
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self.key_buffer = self.key_buffer.index_select(0, indices)
-        self.value_buffer = self.value_buffer.index_select(0, indices)
+    def row_bytes(self) -> int:
+        """Bytes of one row's used keys and values."""
+        if self.key_buffer is None:
+            return 0
+        return 2 * self.key_buffer[0, :, self.begin : self.end].numel() * self.key_buffer.element_size()
+
+    def move_row(self, source: int, target: int) -> None:
+        for buffer in (self.key_buffer, self.value_buffer):
+            buffer[target, :, self.begin : self.end] = buffer[source, :, self.begin : self.end]
+        self.copies.row_moves += 1
+        self.copies.moved_bytes += self.row_bytes()
+
+    def write(self, keys: torch.Tensor, values: torch.Tensor, at: int) -> None:
+        """Rows at..at+n-1 take `keys`/`values` (n rows, at most the used width), right-aligned."""
+        rows, columns = keys.shape[0], keys.shape[-2]
+        self.key_buffer[at : at + rows, :, self.end - columns : self.end] = keys
+        self.value_buffer[at : at + rows, :, self.end - columns : self.end] = values
+
+    def grow_left(self, columns: int) -> None:
+        """Add `columns` on the left; their content is stale and the mask hides it. Copies the used
+        part only when no room is left of `begin`."""
+        if self.begin < columns:
+            self._reallocate(left=columns, right=self.reserve)
+        else:
+            self.begin -= columns
         self._refresh()
 
     def drop_left(self, columns: int) -> None:
-        self.key_buffer = self.key_buffer[:, :, columns:]
-        self.value_buffer = self.value_buffer[:, :, columns:]
-        self.length -= columns
+        self.begin += columns
         self._refresh()
 
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep rows `indices` in that order: a copy of every kept row (the way to drop rows in bulk)."""
+        for buffer in (self.key_buffer, self.value_buffer):
+            buffer[: len(indices), :, self.begin : self.end] = buffer[indices, :, self.begin : self.end]
+        self.rows = len(indices)
+        self._count_whole_copy()
+        self._refresh()
+
+    def _reallocate(self, left: int, right: int) -> None:
+        width = self.end - self.begin
+        for name in ("key_buffer", "value_buffer"):
+            old = getattr(self, name)
+            new = old.new_zeros(old.shape[0], old.shape[1], left + width + right, old.shape[3])
+            new[: self.rows, :, left : left + width] = old[: self.rows, :, self.begin : self.end]
+            setattr(self, name, new)
+        self.begin, self.end = 0, left + width
+        self._count_whole_copy()
+
+    def _count_whole_copy(self) -> None:
+        self.copies.whole_copies += 1
+        self.copies.whole_bytes += self.row_bytes() * self.rows
+
     def _refresh(self) -> None:
-        self.keys = self.key_buffer[:, :, : self.length]
-        self.values = self.value_buffer[:, :, : self.length]
+        self.keys = self.key_buffer[: self.rows, :, self.begin : self.end]
+        self.values = self.value_buffer[: self.rows, :, self.begin : self.end]
 
 
 class GrowingCache(DynamicCache):
-    """A `DynamicCache` of `GrowingLayer`s, filled by placing separately prefilled chunks of rows."""
+    """A `DynamicCache` of `GrowingLayer`s with `capacity` row slots.
 
-    def __init__(self, config, reserve: int = 256):
+    Rows are filled by writing separately prefilled chunks (`write`) and leave by having another row
+    moved into their slot (`move_row`: one row of every layer is copied, never the whole cache);
+    `copies` counts every copy, so a test can check that retiring a row stays cheap.
+    """
+
+    def __init__(self, config, reserve: int = 256, capacity: int = 0):
         super().__init__(config=config)
-        self.layers = [GrowingLayer(reserve) for _ in self.layers]
+        self.copies = CopyCounter()
+        self.layers = [GrowingLayer(reserve, self.copies) for _ in self.layers]
+        self.capacity = capacity
 
     @staticmethod
     def supports(config) -> bool:
         layers = DynamicCache(config=config).layers
         return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
 
-    def place(self, part: DynamicCache, start: int, stop: int, rows: int, width: int) -> None:
-        """Copy `part` (rows start..stop-1, left-padded to its own width) right-aligned into rows
-        start..stop-1 of a `rows` x `width` cache."""
+    @property
+    def width(self) -> int:
+        return self.layers[0].end - self.layers[0].begin
+
+    def live_bytes(self) -> int:
+        """Bytes of the used keys and values of every live row: what copying the whole cache moves."""
+        return sum(layer.row_bytes() * layer.rows for layer in self.layers)
+
+    def set_rows(self, rows: int) -> None:
+        for layer in self.layers:
+            layer.rows = rows
+            if layer.key_buffer is not None:
+                layer._refresh()
+
+    def move_row(self, source: int, target: int) -> None:
+        for layer in self.layers:
+            layer.move_row(source, target)
+
+    def write(self, part: DynamicCache, at: int, width: int) -> None:
+        """Copy `part` (the rows of one prefill chunk, left-padded to its own width) right-aligned into
+        rows at.. of this cache, first widening it on the left to `width` columns if narrower."""
         for layer, source in zip(self.layers, part.layers):
             if layer.key_buffer is None:
-                layer.allocate(source.keys, rows, width)
-            columns = source.keys.shape[-2]
-            layer.key_buffer[start:stop, :, width - columns : width] = source.keys
-            layer.value_buffer[start:stop, :, width - columns : width] = source.values
+                layer.allocate(source.keys, self.capacity, width)
+            elif width > layer.end - layer.begin:
+                layer.grow_left(width - (layer.end - layer.begin))
+            layer.write(source.keys, source.values, at)
 
     def drop_left(self, columns: int) -> None:
         for layer in self.layers:
             layer.drop_left(columns)
-
-
-def _widen(buffer: torch.Tensor, width: int) -> torch.Tensor:
-    wider = buffer.new_zeros(buffer.shape[0], buffer.shape[1], width, buffer.shape[3])
-    wider[:, :, : buffer.shape[2]] = buffer
-    return wider

@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+from transformers import TrainerState
 from trl import SFTConfig, SFTTrainer
 
 from onsft.engine.token_terms import (
@@ -276,3 +277,11 @@ class OnPolicySFTTrainer(SFTTrainer):
         if mode == "train":
             self._metrics[mode]["idft_lambda"].append(lam)
             self._metrics[mode]["skipped_nonfinite"] = [self.skipped_nonfinite]
+
+
+def restore_finished(trainer, checkpoint: str) -> float:
+    """Load a checkpoint that already holds every planned step into `trainer` (weights and state) without
+    training; returns this call's training loss, which is none: 0.0 over 0 steps."""
+    trainer._load_from_checkpoint(checkpoint)
+    trainer.state = TrainerState.load_from_json(f"{checkpoint}/trainer_state.json")
+    return 0.0

@@ -337,6 +337,22 @@ def retention_test(n: int = 200, seed: int = 0) -> list[dict]:
     return rows
 
 
+def replay_prompts(n: int = 200, seed: int = 0) -> list[dict]:
+    """Old-skill questions from the pretraining distribution (never the held-out prompts the retention test
+    draws), equal shares per task: prompts a replay method has the starting model answer itself."""
+    rng = _rng(seed, "replay")
+    rows = []
+    for i, task in enumerate(OLD_TASKS):
+        share = n // len(OLD_TASKS) + (1 if i < n % len(OLD_TASKS) else 0)
+
+        def draw(r: random.Random, task=task) -> dict:
+            prompt, _, answer = make_question(task, r)
+            return {"prompt": prompt, "answer": answer, "task": task}
+
+        rows += _unique(rng, share, draw, held_out=False)
+    return rows
+
+
 def hinted_old_test(n: int = 200, seed: int = 0) -> list[dict]:
     """Held-out old-skill and opaque questions in the hinted format (question + foreign reference).
 
@@ -364,6 +380,7 @@ DATASETS: dict[str, tuple[Callable[..., list[dict]], int]] = {
     "new_skill_test": (new_skill_test, 200),
     "new_skill_ood": (new_skill_ood, 200),
     "retention_test": (retention_test, 200),
+    "replay_prompts": (replay_prompts, 200),
 }
 
 
@@ -373,7 +390,7 @@ def write_demo_data(
     """Write the demo data sets as JSONL under `out_dir`; returns {name: path}.
 
     Files: new_skill_train.jsonl (all styles), new_skill_train.<style>.jsonl (one per teacher style),
-    new_skill_test.jsonl, new_skill_ood.jsonl, retention_test.jsonl.
+    new_skill_test.jsonl, new_skill_ood.jsonl, retention_test.jsonl, replay_prompts.jsonl.
     """
     out = Path(out_dir)
     train = new_skill_train(n_train, seed)
@@ -383,6 +400,7 @@ def write_demo_data(
     sets["new_skill_test"] = new_skill_test(n_test, seed)
     sets["new_skill_ood"] = new_skill_ood(n_ood, seed)
     sets["retention_test"] = retention_test(n_retention, seed)
+    sets["replay_prompts"] = replay_prompts(n_retention, seed)
     paths = {}
     for name, rows in sets.items():
         paths[name] = out / f"{name}.jsonl"

@@ -37,6 +37,9 @@ REPLAY_METHODS = ("sft+replay",)
 EVAL_SETS = ("in_domain", "ood", "retention")
 DATA_KEYS = ("train_data", *EVAL_SETS, "kl_prompts", "replay_prompts")
 SECTIONS = ("train", "method_train", "rewrite", "pairs", "eval", "audit", "replay")
+SWEEP_SECTIONS = ("sweep", "method_sweep", "method_seeds", "matched", "variants")
+# Axes a matched level can name (`matched:`): a curve's accuracy on that test set.
+MATCHED_AXES = EVAL_SETS
 
 
 @dataclass
@@ -70,7 +73,56 @@ class Experiment:
     replay: dict = field(default_factory=dict, metadata={"help": "`onsft data replay` options (replay methods)."})
     kl_limit: int = field(default=64, metadata={"help": "Prompts used for KL drift."})
     curve_every: int = field(default=0, metadata={"help": "Also evaluate checkpoints every N steps (0 = off)."})
-    curve_limit: int = field(default=100, metadata={"help": "Rows per test set at curve points."})
+    curve_limit: int = field(
+        default=100, metadata={"help": "Rows per test set at curve points (every point of a sweep; 0 = all)."}
+    )
+    sweep: dict = field(
+        default_factory=dict,
+        metadata={
+            "help": "`onsft train` options to sweep, each a list of values, crossed with each other, the methods and "
+            "the seeds, e.g. {learning_rate: [5.0e-5, 2.0e-4, 8.0e-4]}. With `sweep` or `eval_every`, every cell "
+            "traces a curve and the frontier report is written (frontier.md, frontier_*.png, curves.csv)."
+        },
+    )
+    method_sweep: dict = field(
+        default_factory=dict, metadata={"help": "Per-method sweeps replacing `sweep` for that method (e.g. dpo's lrs)."}
+    )
+    method_seeds: dict = field(
+        default_factory=dict,
+        metadata={"help": "Per-method seed lists replacing `seeds` (spend 3 seeds where the comparison is decided)."},
+    )
+    eval_every: int = field(
+        default=0,
+        metadata={
+            "help": "Sweep curves: save a checkpoint every N steps and evaluate each one fully (in-domain, OOD, "
+            "retention on `curve_limit` rows, KL on `kl_limit` prompts); 0 = only the start and the end."
+        },
+    )
+    matched: dict = field(
+        default_factory=lambda: {"in_domain": 0.5, "retention": 0.8},
+        metadata={
+            "help": "Levels of the frontier's matched readings: retention at in-domain accuracy `in_domain`, and "
+            "in-domain accuracy at retention `retention` (accuracies in [0, 1])."
+        },
+    )
+    contrasts: list = field(
+        default_factory=list,
+        metadata={"help": "Pairs [A, B] of methods whose matched readings are compared seed by seed (A - B)."},
+    )
+    variants: dict = field(
+        default_factory=dict,
+        metadata={
+            "help": "Runs of the whole experiment, one per entry, each with some keys replaced, e.g. {native: "
+            "{train_data: organism:new_skill_train.native}}: each in OUT/<name>/, compared in OUT/variants.md."
+        },
+    )
+    keep_checkpoints: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep the optimiser state of sweep checkpoints (default: dropped once a cell finished training; "
+            "the weights stay, so a changed evaluation can be rerun)."
+        },
+    )
     data_seed: int = field(default=0, metadata={"help": "Seed of built-in data (`organism:NAME` paths)."})
     model: ModelArguments = field(default_factory=ModelArguments, metadata={"help": "The base model's settings."})
 
@@ -94,7 +146,52 @@ class Experiment:
                     fix="add `replay_prompts: FILE` (answered by the base model in the shared-data step), or "
                     f"`method_train: {{{method}: {{replay_data: FILE}}}}`.",
                 )
+        self._validate_sweep(where)
         self.model.validate()
+
+    def _validate_sweep(self, where: str) -> None:
+        def refuse(what: str, fix: str):
+            raise UserError(what, where=where, fix=fix)
+
+        for name, sweep in [("sweep", self.sweep), *((f"method_sweep.{m}", s) for m, s in self.method_sweep.items())]:
+            if not isinstance(sweep, dict):
+                refuse(
+                    f"`{name}` must be a mapping of option: [values]", "write e.g. {learning_rate: [1.0e-4, 4.0e-4]}."
+                )
+            for option, values in sweep.items():
+                if not isinstance(values, list) or not values or len(set(map(str, values))) != len(values):
+                    refuse(f"`{name}.{option}` must be a non-empty list of distinct values", f"write {option}: [a, b].")
+        for table in ("method_sweep", "method_seeds"):
+            if bad := [m for m in getattr(self, table) if m not in METHODS]:
+                refuse(f"{table} names unknown method `{bad[0]}`", "use method names.")
+        for method, seeds in self.method_seeds.items():
+            if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
+                refuse(f"`method_seeds.{method}` must be a non-empty list of integers", "write e.g. [0, 1, 2].")
+        for axis, level in self.matched.items():
+            if axis not in MATCHED_AXES or not isinstance(level, (int, float)) or not 0 <= level <= 1:
+                refuse(
+                    f"`matched.{axis}` must name a test set with a level in [0, 1]", f"use {', '.join(MATCHED_AXES)}."
+                )
+        for pair in self.contrasts:
+            if not (isinstance(pair, list) and len(pair) == 2 and all(m in self.methods for m in pair)):
+                refuse(f"contrast {pair} must be two of the experiment's methods", "write e.g. [[idft, sft]].")
+        allowed = {f.name for f in dataclasses.fields(self)} - {"variants", "out", "model"}
+        for name, keys in self.variants.items():
+            if not isinstance(keys, dict) or not keys or set(keys) - allowed:
+                refuse(f"variant `{name}` must be a mapping of experiment keys", "e.g. {train_data: FILE}.")
+        if self.eval_every < 0 or (self.eval_every and self.curve_every):
+            refuse("`eval_every` must be >= 0 and not combined with `curve_every`", "use eval_every for sweeps.")
+
+    def variant(self, name: str) -> Experiment:
+        """The experiment of one variant: its keys replaced, its output in OUT/<name>."""
+        return dataclasses.replace(self, **self.variants[name], variants={}, out=str(Path(self.out) / name))
+
+    def sweeping(self) -> bool:
+        """A sweep: every cell traces a curve of fully evaluated checkpoints, and the frontier is reported."""
+        return bool(self.sweep or self.method_sweep or self.eval_every)
+
+    def seeds_of(self, method: str) -> list[int]:
+        return list(self.method_seeds.get(method, self.seeds))
 
     def sources(self) -> set[str]:
         """The data sources the methods need: teacher, rewrite, pairs, and replay (the base model's answers to
@@ -150,7 +247,9 @@ def experiment_from_dict(raw: dict, where: str, base: Path | None = None) -> Exp
                 where=where,
                 fix=f"valid keys: {', '.join([*known, *sorted(model_keys)])}.",
             )
-        expected = dict if key in SECTIONS else list if key in ("methods", "seeds") else None
+        expected = (
+            dict if key in SECTIONS + SWEEP_SECTIONS else list if key in ("methods", "seeds", "contrasts") else None
+        )
         if expected and value is not None and not isinstance(value, expected):
             raise UserError(
                 f"`{key}` must be a {'mapping' if expected is dict else 'list'}",

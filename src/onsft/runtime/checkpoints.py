@@ -47,6 +47,11 @@ def last_checkpoint(output_dir: str | Path) -> str | None:
     return None
 
 
+def checkpoint_step(path: str | Path) -> int:
+    """The optimiser step a checkpoint folder holds (`checkpoint-N` -> N)."""
+    return int(Path(path).name.rsplit("-", 1)[1])
+
+
 def is_write_failure(error: BaseException) -> bool:
     """True when a library error is a failed write (a full disk, mostly)."""
     return any(mark in str(error) for mark in _WRITE_FAILURES)

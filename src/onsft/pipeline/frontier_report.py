@@ -1,0 +1,278 @@
+"""The frontier report of a sweep: curves.csv/json, frontier plots per pair of axes, and frontier.md.
+
+Readings (`onsft.formulas.frontier`): for a matched level on an axis (`matched:` in the experiment), each curve
+is read where it first reaches the level (linear between the two checkpoints that bracket it, never
+extrapolated); per seed a method's reading is the best over its swept settings; over seeds, the mean with a
+95% percentile-bootstrap interval. Matched in-domain (or OOD) accuracy reads retention; matched retention
+reads in-domain accuracy.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import statistics
+from pathlib import Path
+
+from matplotlib import colormaps
+
+from onsft.formulas.frontier import (
+    Matched,
+    best_reading,
+    level_side,
+    matched_over_seeds,
+    paired_contrast,
+    pareto_set,
+    reading_at_level,
+)
+from onsft.pipeline.experiment import METHODS, REPLAY_METHODS, Experiment
+from onsft.pipeline.report import figure_png, new_figure, save_png
+from onsft.runtime.records import dumps, write_json_atomic
+
+METRICS = ("in_domain", "ood", "retention", "kl_drift")
+NAMES = {"in_domain": "in-domain", "ood": "OOD", "retention": "retention"}
+BOOTSTRAP_SEED = 0
+LINESTYLES = ("-", "--", ":", "-.")
+
+
+def read_axis(axis: str) -> str:
+    """The axis a matched level on `axis` reads: retention for a skill level, in-domain for a retention one."""
+    return "in_domain" if axis == "retention" else "retention"
+
+
+def curve_rows(cells: list[dict]) -> list[dict]:
+    """One row per (method, setting, seed, step): the point's measurements."""
+    rows = []
+    for cell in cells:
+        for point in cell["curve"]:
+            rows.append(
+                {
+                    "method": cell["method"],
+                    "setting": cell["setting"],
+                    **{f"opt_{k}": v for k, v in cell["options"].items()},
+                    "seed": cell["seed"],
+                    "step": point["step"],
+                    **{m: point.get(m) for m in METRICS},
+                    "eval_seconds": point.get("eval_seconds"),
+                }
+            )
+    return rows
+
+
+def _csv(rows: list[dict]) -> str:
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def _series(cell: dict, x: str, y: str) -> tuple[list[float], list[float]] | None:
+    points = [p for p in cell["curve"] if p.get(x) is not None and p.get(y) is not None]
+    return ([p[x] for p in points], [p[y] for p in points]) if points else None
+
+
+def method_readings(exp: Experiment, cells: list[dict], method: str, axis: str) -> Matched:
+    """Per seed, the best reading of the method's curves at the matched level of `axis`; bootstrapped."""
+    level, y = float(exp.matched[axis]), read_axis(axis)
+    per_seed = {}
+    for seed in dict.fromkeys(c["seed"] for c in cells if c["method"] == method):
+        curves = [s for c in cells if c["method"] == method and c["seed"] == seed if (s := _series(c, axis, y))]
+        per_seed[seed] = best_reading(curves, level)
+    return matched_over_seeds(per_seed, BOOTSTRAP_SEED)
+
+
+def prep_cost(exp: Experiment, method: str, costs: dict) -> dict:
+    """CPU and wall seconds of the shared data steps a method's data needs (paid once for all its runs)."""
+    source = METHODS[method][0]
+    steps = [source]
+    if source == "pairs" and exp.pairs.get("rewrites", True):
+        steps.append("rewrite")
+    if method in REPLAY_METHODS:
+        steps.append("replay")
+    known = [costs[s] for s in steps if s in costs]
+    return {k: sum(c[k] for c in known) for k in ("cpu_seconds", "wall_seconds")}
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def _matched_text(m: dict) -> str:
+    """A method's matched reading (`_matched_json`'s form) as "mean [low, high]" in %."""
+    if m["interval"] is None:
+        return f"not reached ({m['reached']}/{m['seeds']} seeds)"
+    i = m["interval"]
+    return f"{100 * i['mean']:.1f} [{100 * i['low']:.1f}, {100 * i['high']:.1f}]"
+
+
+def pareto_points(cells: list[dict], base: dict, x: str, y: str) -> list[dict]:
+    """The checkpoints (the base model once, as step 0) no other checkpoint beats on both axes."""
+    points = [{"method": "base", "setting": "-", "seed": "-", "step": 0, x: base.get(x), y: base.get(y)}]
+    for cell in cells:
+        for p in cell["curve"][1:]:
+            points.append({"method": cell["method"], "setting": cell["setting"], "seed": cell["seed"], **p})
+    points = [p for p in points if p.get(x) is not None and p.get(y) is not None]
+    return [points[i] for i in pareto_set([(p[x], p[y]) for p in points])]
+
+
+def plot_frontier(exp: Experiment, cells: list[dict], front: list[dict], x: str, y: str, path: Path) -> None:
+    """Each method one colour, one line per setting (line style) and seed, Pareto points ringed, levels dashed."""
+    fig, ax = new_figure(width=7.5, height=5.5)
+    palette = colormaps["tab10"].colors
+    methods = list(dict.fromkeys(c["method"] for c in cells))
+    settings = list(dict.fromkeys(c["setting"] for c in cells))
+    for cell in cells:
+        series = _series(cell, x, y)
+        if series is None:
+            continue
+        color = palette[methods.index(cell["method"]) % len(palette)]
+        style = LINESTYLES[settings.index(cell["setting"]) % len(LINESTYLES)]
+        ax.plot([100 * v for v in series[0]], [100 * v for v in series[1]], style, color=color, marker=".", lw=1)
+    for i, method in enumerate(methods):
+        ax.plot([], [], "-", color=palette[i % len(palette)], label=method)
+    for i, setting in enumerate(settings):
+        ax.plot([], [], LINESTYLES[i % len(LINESTYLES)], color="grey", label=setting)
+    ax.scatter(
+        [100 * p[x] for p in front],
+        [100 * p[y] for p in front],
+        s=70,
+        facecolors="none",
+        edgecolors="black",
+        label="Pareto set",
+        zorder=3,
+    )
+    if x in exp.matched:
+        ax.axvline(100 * exp.matched[x], color="grey", ls="--", lw=0.8)
+    if y in exp.matched:
+        ax.axhline(100 * exp.matched[y], color="grey", ls="--", lw=0.8)
+    ax.set_xlabel(f"skill gained: {NAMES[x]} accuracy (%)")
+    ax.set_ylabel(f"skill kept: {NAMES[y]} accuracy (%)")
+    ax.set_title("Frontier: every checkpoint of every run (start: the base model)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    save_png(figure_png(fig), path)
+
+
+def write_frontier(exp: Experiment, base: dict, cells: list[dict], costs: dict, out: Path) -> dict:
+    """curves.csv, curves.json, frontier_<axis>.png, frontier.md; returns {"plots", "summary"}."""
+    rows = curve_rows(cells)
+    (out / "curves.csv").write_text(_csv(rows), encoding="utf-8")
+    write_json_atomic(out / "curves.json", rows)
+    axes = [a for a in ("in_domain", "ood") if any(p.get(a) is not None for c in cells for p in c["curve"])]
+    plots, fronts = [], {}
+    for x in axes:
+        fronts[x] = pareto_points(cells, base, x, "retention")
+        plot_frontier(exp, cells, fronts[x], x, "retention", out / f"frontier_{x}.png")
+        plots.append(f"frontier_{x}.png")
+    methods = list(dict.fromkeys(c["method"] for c in cells))
+    levels = [a for a in exp.matched if any(p.get(a) is not None for c in cells for p in c["curve"])]
+    summary = {"levels": {a: exp.matched[a] for a in levels}, "methods": {}, "contrasts": [], "pareto": fronts}
+    for method in methods:
+        mine = [c for c in cells if c["method"] == method]
+        summary["methods"][method] = {
+            "matched": {a: _matched_json(method_readings(exp, cells, method, a)) for a in levels},
+            "runs": len(mine),
+            "tokens_per_run": statistics.fmean(c["tokens"] for c in mine),
+            "train_cpu_seconds_per_run": statistics.fmean(c["train_cpu_seconds"] for c in mine),
+            "train_wall_seconds_per_run": statistics.fmean(c["train_seconds"] for c in mine),
+            "eval_seconds_per_run": statistics.fmean(c["eval_seconds"] for c in mine),
+            "data_prep": prep_cost(exp, method, costs),
+        }
+    for a, b in exp.contrasts:
+        for axis in levels:
+            ra, rb = (method_readings(exp, cells, m, axis).values for m in (a, b))
+            diff = paired_contrast(ra, rb, BOOTSTRAP_SEED)
+            summary["contrasts"].append({"a": a, "b": b, "axis": axis, "difference": diff and diff.__dict__})
+    (out / "frontier.md").write_text(frontier_markdown(exp, cells, summary), encoding="utf-8")
+    return {"plots": plots, "summary": json.loads(dumps(summary))}
+
+
+def _matched_json(m: Matched) -> dict:
+    return {"interval": m.interval and m.interval.__dict__, "reached": m.reached, "seeds": m.seeds, "values": m.values}
+
+
+def _interval_text(d: dict | None) -> str:
+    if d is None:
+        return "not reached by both in a shared seed"
+    return f"{100 * d['mean']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]"
+
+
+def frontier_markdown(exp: Experiment, cells: list[dict], summary: dict) -> str:
+    levels = summary["levels"]
+    heads = [f"{NAMES[read_axis(a)]} @ {NAMES[a]} {100 * lv:.0f}%" for a, lv in levels.items()]
+    lines = [
+        "# Frontier: skill gained vs skill kept",
+        "",
+        f"{len(cells)} runs (method x setting x seed), each a curve from the base model (step 0) through every "
+        "checkpoint. A reading at a matched level is taken where a curve first reaches the level, linearly "
+        "between the two checkpoints that bracket it (never extrapolated); per seed a method's reading is its "
+        "best swept setting's; shown: mean over seeds [95% percentile-bootstrap interval over seeds], in %. "
+        "`not reached (k/n seeds)`: in n - k seeds no setting's curve reached the level.",
+        "",
+        "## Matched readings and compute",
+        "",
+        "| method | runs | " + " | ".join(heads) + " | tokens / run | train CPU s / run | data prep CPU s | "
+        "train wall s / run | eval s / run |",
+        "|---|---|" + "---|" * (len(heads) + 5),
+    ]
+    for method, m in summary["methods"].items():
+        readings = [_matched_text(m["matched"][a]) for a in levels]
+        lines.append(
+            f"| {method} | {m['runs']} | " + " | ".join(readings) + f" | {m['tokens_per_run'] / 1000:.0f}k | "
+            f"{m['train_cpu_seconds_per_run']:.0f} | {m['data_prep']['cpu_seconds']:.0f} | "
+            f"{m['train_wall_seconds_per_run']:.0f} | {m['eval_seconds_per_run']:.0f} |"
+        )
+    lines += [
+        "",
+        "Compute: CPU seconds are `time.process_time` of this process (all its threads) while training; data prep "
+        "is the shared step the method's data needs (rewrite, pairs, replay answers), paid once for all its runs. "
+        "A run resumed after a kill counts only its resumed part.",
+        "",
+        "## Per setting",
+        "",
+        "| method | setting | seeds | " + " | ".join(heads) + " | final in-domain | final retention |",
+        "|---|---|---|" + "---|" * (len(heads) + 2),
+    ]
+    for method in summary["methods"]:
+        for setting in dict.fromkeys(c["setting"] for c in cells if c["method"] == method):
+            mine = [c for c in cells if c["method"] == method and c["setting"] == setting]
+            texts = []
+            for axis, level in levels.items():
+                found = [
+                    reading_at_level(*s, level) if (s := _series(c, axis, read_axis(axis))) else None for c in mine
+                ]
+                reached = [v for v in found if v is not None]
+                side = {level_side(s[0], level) for c in mine if (s := _series(c, axis, read_axis(axis)))}
+                texts.append(
+                    f"{100 * statistics.fmean(reached):.1f} ({len(reached)}/{len(mine)})"
+                    if reached
+                    else f"not reached: stays {'/'.join(sorted(side))}"
+                )
+            finals = [statistics.fmean(c.get(k) or 0.0 for c in mine) for k in ("in_domain", "retention")]
+            lines.append(
+                f"| {method} | {setting} | {len(mine)} | " + " | ".join(texts) + f" | {_pct(finals[0])} | "
+                f"{_pct(finals[1])} |"
+            )
+    if summary["contrasts"]:
+        lines += ["", "## Contrasts (A - B, paired by seed, in points of %)", "", "| A | B | reading | A - B |"]
+        lines.append("|---|---|---|---|")
+        for c in summary["contrasts"]:
+            head = heads[list(levels).index(c["axis"])]
+            lines.append(f"| {c['a']} | {c['b']} | {head} | {_interval_text(c['difference'])} |")
+    for x, front in summary["pareto"].items():
+        lines += [
+            "",
+            f"## Pareto set: {NAMES[x]} vs retention",
+            "",
+            f"| method | setting | seed | step | {NAMES[x]} | ",
+        ]
+        lines[-1] += "retention |"
+        lines.append("|---|---|---|---|---|---|")
+        for p in sorted(front, key=lambda p: p[x]):
+            lines.append(
+                f"| {p['method']} | {p['setting']} | {p['seed']} | {p['step']} | {_pct(p[x])} | {_pct(p['retention'])} |"
+            )
+    return "\n".join(lines) + "\n"

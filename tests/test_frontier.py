@@ -1,0 +1,111 @@
+"""Frontier statistics on synthetic curves with known answers."""
+
+import itertools
+import math
+import statistics
+
+import pytest
+
+from onsft.formulas.frontier import (
+    Interval,
+    best_reading,
+    bootstrap_interval,
+    level_side,
+    matched_over_seeds,
+    paired_contrast,
+    pareto_set,
+    reading_at_level,
+)
+
+
+def test_reading_interpolates_between_the_bracketing_checkpoints():
+    # in-domain 0 -> 0.4 -> 0.8, retention 0.9 -> 0.8 -> 0.6: at 0.6 halfway between 0.8 and 0.6.
+    assert reading_at_level([0.0, 0.4, 0.8], [0.9, 0.8, 0.6], 0.6) == pytest.approx(0.7, abs=1e-15)
+    # A quarter of the way: 0.5 lies 1/4 from 0.4 to 0.8.
+    assert reading_at_level([0.0, 0.4, 0.8], [0.9, 0.8, 0.6], 0.5) == pytest.approx(0.75, abs=1e-15)
+    # A checkpoint exactly at the level is read as it is.
+    assert reading_at_level([0.0, 0.6, 0.9], [1.0, 0.5, 0.1], 0.6) == 0.5
+    # A falling axis (retention reaching 0.8 from above), read as in-domain accuracy.
+    assert reading_at_level([0.96, 0.9, 0.7], [0.0, 0.5, 0.9], 0.8) == pytest.approx(0.7, abs=1e-15)
+
+
+def test_reading_takes_the_first_crossing_in_step_order():
+    # Up through 0.5 (between steps 0 and 1), down, up again: the first crossing counts.
+    xs, ys = [0.0, 1.0, 0.0, 1.0], [1.0, 0.0, 0.2, 0.4]
+    assert reading_at_level(xs, ys, 0.5) == pytest.approx(0.5)
+    # Order matters: the same points in another order give another reading.
+    assert reading_at_level(xs[::-1], ys[::-1], 0.5) == pytest.approx(0.3)
+
+
+def test_not_reached_is_none_never_extrapolated():
+    assert reading_at_level([0.0, 0.3, 0.5], [0.9, 0.8, 0.7], 0.6) is None  # stops short of the level
+    assert reading_at_level([0.7, 0.9], [0.5, 0.4], 0.6) is None  # starts past it: never crosses
+    assert level_side([0.0, 0.3, 0.5], 0.6) == "below"
+    assert level_side([0.7, 0.9], 0.6) == "above"
+    assert level_side([0.0, 0.9], 0.6) == "crossed"
+    assert reading_at_level([], [], 0.5) is None
+    with pytest.raises(ValueError):
+        reading_at_level([0.0, math.nan], [0.1, 0.2], 0.5)
+
+
+def test_best_reading_over_settings():
+    slow = ([0.0, 0.3], [0.95, 0.9])  # never reaches 0.6
+    fast = ([0.0, 0.8], [0.95, 0.55])  # at 0.6: 0.95 - 0.75 * 0.4 = 0.65
+    mid = ([0.0, 0.4, 0.8], [0.95, 0.9, 0.8])  # at 0.6: 0.85
+    assert best_reading([slow, fast, mid], 0.6) == pytest.approx(0.85)
+    assert best_reading([slow], 0.6) is None
+
+
+def test_pareto_set_maximises_both_axes():
+    points = [(0.1, 0.9), (0.5, 0.5), (0.4, 0.4), (0.9, 0.1), (0.5, 0.5), (0.2, 0.8), (0.1, 0.85)]
+    # (0.4, 0.4) is dominated by (0.5, 0.5); (0.1, 0.85) by (0.1, 0.9); the duplicates are both kept.
+    assert pareto_set(points) == [0, 1, 3, 4, 5]
+    assert pareto_set([]) == []
+    # Brute force on a grid: a kept point has no strictly better point, a dropped one has.
+    grid = [(x / 4, y / 4) for x, y in itertools.product(range(5), range(5)) if x + y <= 5]
+    kept = set(pareto_set(grid))
+    for i, (x, y) in enumerate(grid):
+        better = [q for q in grid if q[0] >= x and q[1] >= y and q != (x, y)]
+        assert (i in kept) == (not better)
+    assert sorted(grid[i] for i in kept) == [(0.25 * a, 0.25 * (5 - a)) for a in range(1, 5)]
+
+
+def test_bootstrap_is_deterministic_for_a_seed_and_brackets_the_mean():
+    values = [0.61, 0.72, 0.58, 0.66, 0.70]
+    a, b = bootstrap_interval(values, seed=3), bootstrap_interval(values, seed=3)
+    assert a == b
+    assert a.mean == pytest.approx(statistics.fmean(values), abs=1e-15)
+    assert min(values) <= a.low < a.mean < a.high <= max(values)
+    # Few resamples: the seed visibly picks the stream (with 10k both converge to the same quantiles).
+    assert bootstrap_interval(values, seed=4, resamples=20) != bootstrap_interval(values, seed=3, resamples=20)
+    assert bootstrap_interval(values, seed=4, resamples=20) == bootstrap_interval(values, seed=4, resamples=20)
+    assert bootstrap_interval([0.4], seed=0) == Interval(0.4, 0.4, 0.4, 1)
+    assert bootstrap_interval([0.3, 0.3, 0.3]) == Interval(0.3, 0.3, 0.3, 3)
+
+
+def test_bootstrap_matches_the_exact_resampling_distribution():
+    # Two values: each resample's mean is 0 (1/4), 0.5 (1/2) or 1 (1/4). The 2.5% and 97.5% quantiles of
+    # many draws are 0 and 1; the median 0.5.
+    wide = bootstrap_interval([0.0, 1.0], seed=0, resamples=4000, confidence=0.95)
+    assert (wide.low, wide.high) == (0.0, 1.0)
+    narrow = bootstrap_interval([0.0, 1.0], seed=0, resamples=4000, confidence=0.4)  # 30% .. 70% quantiles
+    assert (narrow.low, narrow.high) == (0.5, 0.5)
+
+
+def test_matched_over_seeds_reports_not_reached():
+    done = matched_over_seeds({0: 0.8, 1: 0.7, 2: 0.9})
+    assert done.reached == 3 and done.interval.mean == pytest.approx(0.8)
+    missing = matched_over_seeds({0: 0.8, 1: None, 2: 0.9})
+    assert missing.interval is None and (missing.reached, missing.seeds) == (2, 3)
+    assert matched_over_seeds({0: None}).interval is None
+
+
+def test_paired_contrast_uses_shared_seeds_as_pairs():
+    a = {0: 0.8, 1: 0.7, 2: 0.9, 3: 0.5}
+    b = {0: 0.6, 1: 0.5, 2: 0.7}  # a - b = 0.2 on every shared seed: a zero-width interval
+    contrast = paired_contrast(a, b, seed=1)
+    assert contrast.n == 3
+    assert contrast.mean == pytest.approx(0.2) and contrast.low == pytest.approx(0.2)
+    assert contrast.high == pytest.approx(0.2)
+    assert paired_contrast(a, {0: None, 1: 0.5}) is None
+    assert paired_contrast(a, {7: 0.5}) is None

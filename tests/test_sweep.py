@@ -1,0 +1,250 @@
+"""A sweep in `onsft compare` end to end on a tiny model: the grid, every checkpoint evaluated, the cache (a rerun
+trains and evaluates nothing), resume of deleted parts, curves, plots and frontier.md."""
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from onsft.cli import main
+from onsft.commands import train as train_command
+from onsft.formulas.frontier import best_reading
+from onsft.pipeline.experiment import Experiment
+from onsft.pipeline.experiment_eval import Evaluator
+from onsft.pipeline.frontier_report import write_frontier
+from tiny import tiny_model, tiny_tokenizer
+
+WORDS = ["ab", "cd", "ef", "gh", "ij", "kl", "mn", "op"]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Counts of `onsft train` runs that trained (not a finished run found again) and of model evaluations."""
+    counts = {"train": 0, "eval": 0}
+    real_train, real_full = train_command.run, Evaluator.full
+
+    def train(inputs, model_args, lora, trainer, *rest):
+        counts["train"] += not (Path(trainer.output_dir) / "train_summary.json").exists()
+        return real_train(inputs, model_args, lora, trainer, *rest)
+
+    def full(self, model, limit=0):
+        counts["eval"] += 1
+        return real_full(self, model, limit)
+
+    monkeypatch.setattr(train_command, "run", train)
+    monkeypatch.setattr(Evaluator, "full", full)
+    return counts
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    tiny_model(tied=False).save_pretrained(root / "model")
+    tiny_tokenizer().save_pretrained(root / "model")
+    teacher = [{"prompt": f"Copy {w}.", "completion": f"It is {w}. \\boxed{{{w}}}", "answer": w} for w in WORDS]
+    tests = [{"prompt": f"Copy {w}.", "answer": w} for w in WORDS[:4]]
+    spec = {
+        "model": str(root / "model"),
+        "train_data": write_jsonl(root / "train.jsonl", teacher),
+        "in_domain": write_jsonl(root / "test.jsonl", tests),
+        "ood": write_jsonl(root / "ood.jsonl", tests[:2]),
+        "retention": write_jsonl(root / "keep.jsonl", tests),
+        "methods": ["sft", "idft"],
+        "seeds": [0],
+        "method_seeds": {"sft": [0, 1]},
+        "sweep": {"learning_rate": [0.01, 0.001]},
+        "eval_every": 1,
+        "curve_limit": 0,
+        "matched": {"in_domain": 0.5, "retention": 0.5},
+        "contrasts": [["idft", "sft"]],
+        "kl_limit": 2,
+        "train": {"max_steps": 2, "per_device_train_batch_size": 4, "use_cpu": True, "max_length": 64},
+        "eval": {"max_new_tokens": 6, "verifier": "exact", "batch_size": 8},
+        "out": str(root / "out"),
+    }
+    config = root / "sweep.yaml"
+    config.write_text(yaml.safe_dump(spec))
+    return root, config
+
+
+def test_sweep_grid_cache_resume_and_frontier(experiment, counted):
+    root, config = experiment
+    out = root / "out"
+    assert main(["compare", "--config", str(config)]) == 0
+    # sft: 2 lrs x 2 seeds, idft: 2 lrs x 1 seed; each trained once; the base, 2 points per cell.
+    assert counted == {"train": 6, "eval": 1 + 6 * 2}
+    results = json.loads((out / "results.json").read_text())
+    assert [(c["method"], c["setting"], c["seed"]) for c in results["cells"]] == [
+        ("sft", "lr=0.01", 0),
+        ("sft", "lr=0.01", 1),
+        ("sft", "lr=0.001", 0),
+        ("sft", "lr=0.001", 1),
+        ("idft", "lr=0.01", 0),
+        ("idft", "lr=0.001", 0),
+    ]
+    for cell in results["cells"]:
+        assert [p["step"] for p in cell["curve"]] == [0, 1, 2]
+        assert cell["curve"][0]["kl_drift"] == 0.0  # the base model against itself
+        assert cell["curve"][-1]["kl_drift"] > 0 and cell["tokens"] > 0 and cell["train_cpu_seconds"] > 0
+        for point in cell["curve"]:
+            assert all(0.0 <= point[k] <= 1.0 for k in ("in_domain", "ood", "retention"))
+        # The final point is the cell's result.
+        assert cell["in_domain"] == cell["curve"][-1]["in_domain"]
+    assert (out / "cells" / "sft-lr0.01-s1" / "points" / "step-1.json").is_file()
+    with open(out / "curves.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 6 * 3 and {r["opt_learning_rate"] for r in rows} == {"0.01", "0.001"}
+    # The frontier summary holds what the formulas give on the curves.
+    summary = results["frontier"]
+    for method in ("sft", "idft"):
+        mine = [c for c in results["cells"] if c["method"] == method]
+        for seed in {c["seed"] for c in mine}:
+            curves = [
+                ([p["in_domain"] for p in c["curve"]], [p["retention"] for p in c["curve"]])
+                for c in mine
+                if c["seed"] == seed
+            ]
+            assert summary["methods"][method]["matched"]["in_domain"]["values"][str(seed)] == best_reading(curves, 0.5)
+        assert summary["methods"][method]["runs"] == len(mine)
+    assert {(c["a"], c["b"]) for c in summary["contrasts"]} == {("idft", "sft")}
+    text = (out / "frontier.md").read_text()
+    for part in ("| sft | 4 |", "| idft | 2 |", "retention @ in-domain 50%", "in-domain @ retention 50%"):
+        assert part in text
+    assert "## Pareto set: in-domain vs retention" in text and "## Pareto set: OOD vs retention" in text
+    for plot in ("frontier_in_domain.png", "frontier_ood.png", "curves.png", "skill_vs_retention.png"):
+        assert (out / plot).stat().st_size > 1000
+    # Finished cells keep their checkpoints' weights, not their optimiser state.
+    checkpoint = out / "cells" / "sft-lr0.01-s0" / "train" / "checkpoint-1"
+    assert any(checkpoint.glob("*.safetensors")) and not (checkpoint / "optimizer.pt").exists()
+
+    # A rerun trains nothing and evaluates nothing: every cell and point is cached.
+    counted.update(train=0, eval=0)
+    assert main(["compare", "--config", str(config)]) == 0
+    assert counted == {"train": 0, "eval": 0}
+    assert json.loads((out / "results.json").read_text())["cells"] == results["cells"]
+
+    # Resume: a deleted cell is trained and evaluated again; a cell whose result alone is gone is rebuilt from
+    # its finished training and cached points; a deleted point is evaluated again.
+    shutil.rmtree(out / "cells" / "idft-lr0.001-s0")
+    (out / "cells" / "sft-lr0.001-s1" / "eval.json").unlink()
+    (out / "cells" / "idft-lr0.01-s0" / "eval.json").unlink()
+    (out / "cells" / "idft-lr0.01-s0" / "points" / "step-1.json").unlink()
+    counted.update(train=0, eval=0)
+    assert main(["compare", "--config", str(config)]) == 0
+    assert counted == {"train": 1, "eval": 2 + 1}
+    again = json.loads((out / "results.json").read_text())["cells"]
+
+    def measured(cells):  # the time an evaluation took is not a measurement of the model
+        return [[{k: v for k, v in p.items() if k != "eval_seconds"} for p in c["curve"]] for c in cells]
+
+    assert measured(again[:4]) == measured(results["cells"][:4])  # untouched or rebuilt from cached points
+    for new, old in zip(sum(measured(again), []), sum(measured(results["cells"]), [])):
+        assert new == pytest.approx(old, abs=1e-5)  # re-evaluated: the same numbers
+
+
+def test_sweep_settings_are_checked_before_training(experiment, capsys):
+    root, config = experiment
+    spec = yaml.safe_load(config.read_text())
+    for change, expected in [
+        ({"sweep": {"learning_rat": [0.1]}}, "unknown option `--learning_rat`"),
+        ({"sweep": {"learning_rate": []}}, "non-empty list"),
+        ({"method_seeds": {"ppo": [0]}}, "unknown method `ppo`"),
+        ({"matched": {"in_domain": 1.5}}, "level in [0, 1]"),
+        ({"contrasts": [["sft", "dpo"]]}, "two of the experiment's methods"),
+    ]:
+        bad = root / "bad.yaml"
+        bad.write_text(yaml.safe_dump({**spec, **change, "out": str(root / "bad")}))
+        assert main(["compare", "--config", str(bad)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and expected in err, err
+        assert not (root / "bad" / "cells").exists()
+
+
+def test_frontier_report_on_synthetic_curves(tmp_path):
+    def cell(method, lr, seed, points):
+        curve = [{"step": 100 * i, "in_domain": x, "retention": y, "kl_drift": 0.0} for i, (x, y) in enumerate(points)]
+        return {
+            "method": method,
+            "setting": f"lr={lr}",
+            "options": {"learning_rate": lr},
+            "seed": seed,
+            "curve": curve,
+            "tokens": 1000,
+            "train_cpu_seconds": 2.0,
+            "train_seconds": 1.0,
+            "eval_seconds": 0.5,
+            **curve[-1],
+        }
+
+    cells = [
+        cell("idft", 0.1, 0, [(0.0, 0.96), (0.4, 0.9), (0.8, 0.7)]),  # retention 0.8 at 0.6; in-domain 0.6 at 0.8
+        cell("idft", 0.1, 1, [(0.0, 0.96), (0.4, 0.9), (0.8, 0.5)]),  # 0.7 at 0.6; 0.5 at 0.8
+        cell("idft", 0.01, 0, [(0.0, 0.96), (0.2, 0.95)]),  # reaches neither level
+        cell("dpo", 0.1, 0, [(0.0, 0.96), (0.3, 0.8), (0.5, 0.6)]),  # never in-domain 0.6; exactly 0.8 at step 1
+    ]
+    exp = Experiment(methods=["idft", "dpo"], matched={"in_domain": 0.6, "retention": 0.8}, contrasts=[["idft", "dpo"]])
+    costs = {"pairs": {"cpu_seconds": 5.0, "wall_seconds": 4.0}, "rewrite": {"cpu_seconds": 3.0, "wall_seconds": 2.0}}
+    report = write_frontier(exp, {"in_domain": 0.0, "retention": 0.96}, cells, costs, tmp_path)
+    a, b = (report["summary"]["methods"][m]["matched"] for m in ("idft", "dpo"))
+    assert a["in_domain"]["values"] == {"0": pytest.approx(0.8), "1": pytest.approx(0.7)}
+    assert a["in_domain"]["interval"]["mean"] == pytest.approx(0.75)
+    assert (a["in_domain"]["interval"]["low"], a["in_domain"]["interval"]["high"]) == pytest.approx((0.7, 0.8))
+    assert a["retention"]["values"] == {"0": pytest.approx(0.6), "1": pytest.approx(0.5)}
+    assert b["in_domain"] == {"interval": None, "reached": 0, "seeds": 1, "values": {"0": None}}
+    assert b["retention"]["values"] == {"0": pytest.approx(0.3)}
+    contrasts = {c["axis"]: c["difference"] for c in report["summary"]["contrasts"]}
+    assert contrasts["in_domain"] is None and contrasts["retention"]["mean"] == pytest.approx(0.3)
+    front = report["summary"]["pareto"]["in_domain"]
+    assert sorted((p["in_domain"], p["retention"]) for p in front) == [
+        (0.0, 0.96),
+        (0.2, 0.95),
+        (0.4, 0.9),
+        (0.4, 0.9),
+        (0.8, 0.7),
+    ]
+    text = (tmp_path / "frontier.md").read_text()
+    assert "| idft | 3 | 75.0 [70.0, 80.0] | 55.0 [50.0, 60.0] | 1k | 2 | 0 | 1 | 0 |" in text
+    assert "| dpo | 1 | not reached (0/1 seeds) | 30.0 [30.0, 30.0] | 1k | 2 | 8 | 1 | 0 |"  # pairs + rewrite in text
+    assert "| idft | lr=0.01 | 1 | not reached: stays below | not reached: stays above |" in text
+    assert "| idft | dpo | in-domain @ retention 80% | +30.0 [+30.0, +30.0] |" in text
+    assert (tmp_path / "frontier_in_domain.png").stat().st_size > 1000
+    assert len((tmp_path / "curves.csv").read_text().splitlines()) == 1 + 3 + 3 + 2 + 3
+
+
+def test_variants_run_the_experiment_once_each_and_compare_them(experiment):
+    root, config = experiment
+    spec = yaml.safe_load(config.read_text())
+    other = [{"prompt": f"Copy {w}.", "completion": f"{w} \\boxed{{{w}}}", "answer": w} for w in WORDS]
+    spec.update(
+        out=str(root / "variants"),
+        methods=["sft", "idft"],
+        method_seeds={},
+        sweep={},
+        audit={},
+        variants={
+            "long": {"train_data": spec["train_data"]},
+            "short": {"train_data": write_jsonl(root / "o.jsonl", other)},
+        },
+    )
+    path = root / "variants.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert main(["compare", "--config", str(path)]) == 0
+    out = root / "variants"
+    summary = json.loads((out / "variants.json").read_text())
+    assert list(summary) == ["long", "short"]
+    for name in summary:
+        audit = json.loads((out / name / "audit" / "summary.json").read_text())
+        assert summary[name]["mean_phi"] == audit["sets"]["scores"]["mean_phi_token_weighted"]
+        assert (out / name / "frontier.md").is_file()
+    assert summary["long"]["mean_phi"] != summary["short"]["mean_phi"]
+    text = (out / "variants.md").read_text()
+    assert "| long |" in text and "| short |" in text and "idft - sft" in text
+    assert (out / "variants.png").stat().st_size > 1000
