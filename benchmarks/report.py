@@ -97,8 +97,8 @@ def audit(r: dict) -> list[str]:
         "",
     ]
     labels = {
-        "audit_all": f"**audit on every position / forward** (equal token counts: {pos['audit_all']} vs "
-        f"{pos['forward']} positions)",
+        "audit_all": f"**audit on every position / forward** (equal token counts: {pos['audit_all']} real "
+        f"positions vs the forward's {pos['forward']} padded ones)",
         "audit": f"**audit on response positions / forward** (what `onsft audit` does: {pos['audit']} positions)",
         "audit_fused": f"audit, torch.compile-fused tiles / forward ({pos['audit']} positions)",
         "naive_ddt": "naive fp32 full-logit DDT / forward",
