@@ -1222,10 +1222,28 @@ def _rewrite_options(c) -> None:
     for name, what, extra, expect in (
         ("keep_truncated_not_bool", "--keep_truncated maybe", ("--keep_truncated", "maybe"), "keep_truncated"),
         ("samples_per_prompt_0", "--samples_per_prompt 0", ("--samples_per_prompt", "0"), "`samples_per_prompt`"),
+        ("step_check_unknown", "--step_check maybe", ("--step_check", "maybe"), "step_check"),
     ):
         # Values argparse rejects are the command line's; values a settings group rejects are its `config`'s.
-        where = "command line" if name.endswith("not_bool") else "config"
+        where = "config" if name == "samples_per_prompt_0" else "command line"
         c.rewrite(f"rewrite_{name}", what, c.good, expect, extra=extra, where=where)
+    c.rewrite(
+        "rewrite_step_checker_unknown",
+        "--step_checker sympy",
+        c.good,
+        "unknown step checker `sympy`",
+        extra=("--step_checker", "sympy"),
+        where="--step_checker",
+    )
+    missing = str(c.root / "data" / "no_steps.py") + ":check"
+    c.rewrite(
+        "rewrite_step_checker_missing",
+        "--step_checker naming a missing file",
+        c.good,
+        "step checker file not found",
+        extra=("--step_checker", missing),
+        where="no_steps.py",
+    )
 
 
 # ----------------------------------------------------------------------------------- a 50 MB line

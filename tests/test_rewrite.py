@@ -22,7 +22,7 @@ from onsft.data.rows import load_examples, parse_example
 from onsft.engine.hinted import HintedConfig
 from onsft.errors import UserError
 from onsft.formulas import ddt
-from onsft.pipeline import hints, rewrite_summary, rewriting
+from onsft.pipeline import hints, rewrite_config, rewrite_summary, rewriting
 from onsft.runtime.models import load_model, load_tokenizer, read_model_info
 from tiny import tiny_tokenizer, untied_model
 
@@ -333,6 +333,64 @@ def test_truncated_responses_are_dropped_unless_asked_for():
     assert cut >= 6 and rewrite_summary.summarize(kept)["truncated"] == {"kept": cut, "dropped": 0}
 
 
+def test_step_check_flags_or_drops_responses_with_a_false_step(tmp_path):
+    """--step_check flag keeps every verified row and lists its false steps; drop takes another verified try
+    without one, or drops the row (`false step`); off checks nothing."""
+    model, tokenizer = untied_model(), tiny_tokenizer()
+    examples = [parse_example(r, i, i + 1, "rows", False) for i, r in enumerate(ROWS[:8])]
+    # A checker that calls any line holding a '7' false (frequent in the tiny model's text).
+    (tmp_path / "steps.py").write_text(
+        "def sevens(text):\n    return [line for line in text.splitlines() if '7' in line]\n"
+    )
+
+    def rewrite_with(mode):
+        config = rewriting.RewriteConfig(
+            data="d",
+            own_samples=0,
+            samples_per_prompt=2,
+            keep_truncated=True,
+            chunk_size=8,
+            step_check=mode,
+            step_checker=f"{tmp_path / 'steps.py'}:sevens",
+        )
+        return rewriting.rewrite_examples(
+            model, tokenizer, examples, config, HintedConfig(max_new_tokens=10), verifier=lambda r, a: True
+        )
+
+    flagged = rewrite_with("flag")
+    assert [r["provenance"] for r in flagged] == ["hinted"] * 8 and all(r["hinted_tries"] == 1 for r in flagged)
+    sevens = [r["response"] for r in flagged if "7" in r["response"]]
+    assert 1 <= len(sevens) <= 6, sevens  # both cases occur
+    for record in flagged:
+        assert record["false_steps"] == [line for line in record["response"].splitlines() if "7" in line]
+    summary = rewrite_summary.summarize(flagged)["step_check"]
+    assert summary == {
+        "rows_checked": 8,
+        "steps_checked": summary["steps_checked"],
+        "flagged": len(sevens),
+        "dropped": 0,
+    }
+    train = rewrite_summary.train_rows(flagged)
+    assert [t["false_steps"] for t in train] == [r["false_steps"] for r in flagged]
+
+    dropped = rewrite_with("drop")
+    for first, record in zip(flagged, dropped):
+        if "7" not in first["response"]:
+            assert record["response"] == first["response"] and record["hinted_tries"] == 1
+        elif record["provenance"] == "hinted":  # the second try, sound
+            assert record["hinted_tries"] == 2 and "7" not in record["response"] and record["false_steps"] == []
+        else:
+            assert record["drop_reason"] == "false step" and "7" in record["response"]
+    reasons = [r.get("drop_reason") for r in dropped]
+    assert rewrite_summary.summarize(dropped)["step_check"]["dropped"] == reasons.count("false step") >= 1
+    assert rewrite_summary.summarize(dropped)["step_check"]["flagged"] == 0
+
+    off = rewrite_with("off")
+    assert [r["response"] for r in off] == [r["response"] for r in flagged]
+    assert all(r["false_steps"] is None and r["steps_checked"] is None for r in off)
+    assert "false_steps" not in rewrite_summary.train_rows(off)[0]
+
+
 # ------------------------------------------------------------------------------------------------ CLI
 
 
@@ -345,10 +403,10 @@ def test_cli_end_to_end_and_a_finished_rerun_does_nothing(saved, tmp_path, capsy
     assert [r["id"] for r in records] == list(range(10))
     for record, row in zip(records, ROWS):
         assert {key: record[key] for key in row} == row
-        assert set(rewriting.ADDED_FIELDS) - {"analysis", "drop_reason"} <= record.keys()
-        assert record["provenance"] in rewriting.PROVENANCES
+        assert set(rewrite_config.ADDED_FIELDS) - {"analysis", "drop_reason"} <= record.keys()
+        assert record["provenance"] in rewrite_config.PROVENANCES
         assert record["verified"] == (record["provenance"] != "dropped")
-    counts = {p: sum(r["provenance"] == p for r in records) for p in rewriting.PROVENANCES}
+    counts = {p: sum(r["provenance"] == p for r in records) for p in rewrite_config.PROVENANCES}
     assert min(counts.values()) >= 1, counts  # the hash verifier gives every outcome on this data
 
     train = rows_of(out / "train.jsonl")

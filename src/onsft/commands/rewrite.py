@@ -14,7 +14,12 @@ The pipeline (spec section 3, "The data pipeline around it"), for every prompt:
      a response cut by the decoder (`--max_new_tokens`, a repetition loop) is not a finished solution
      and is not kept unless `--keep_truncated` (`drop_reason: truncated` when it was the only verified);
   3. score every response, and the original reference, with DDT under the plain context (the audit's
-     streamed scorer): mean phi, Z and p-value, so the summary shows how far rewriting moved the data.
+     streamed scorer): mean phi, Z and p-value, so the summary shows how far rewriting moved the data;
+  4. check the steps each kept response states (`--step_check flag|drop|off`, default flag, with
+     `--step_checker arithmetic`: every stated `a op b = c` between numbers, `onsft.data.step_check`): a
+     verified answer can follow a false step copied around the reference's numbers. flag keeps the row
+     and lists its `false_steps`; drop takes another verified try without one, else drops the row
+     (`drop_reason: false step`).
 
 Outputs in --out:
   records.jsonl  every input row once, in input order, its fields untouched, plus: response, provenance
@@ -23,13 +28,15 @@ Outputs in --out:
                  own_correct (verified own samples of k), own_samples, hinted_tries, mean_lambda,
                  extracted_answer, verify_method, generated_tokens (all tokens decoded for the row),
                  truncated (the response did not end by itself: finish_reason length or repetition),
-                 score_truncated (scored up to --max_length only), drop_reason for dropped rows, and
+                 score_truncated (scored up to --max_length only), false_steps / steps_checked (the
+                 step check; null when off), drop_reason for dropped rows, and
                  `analysis` with --analyze_first. An input column of one of these names
                  is an error (rename it), never silently replaced.
   train.jsonl    (or --train_out) the kept rows only (own + hinted), training-ready: `prompt` (as given)
-                 + `completion` = the response, plus answer, provenance, mean_phi and the other input
-                 columns; `onsft train --data` reads it directly.
-  summary.json   counts own-correct / rewritten / dropped (and why: drop_reasons, truncated), mean phi of
+                 + `completion` = the response, plus answer, provenance, mean_phi, false_steps (when
+                 the step check ran) and the other input columns; `onsft train --data` reads it directly.
+  summary.json   counts own-correct / rewritten / dropped (and why: drop_reasons, truncated, step_check:
+                 rows checked, flagged, dropped), mean phi of
                  the references vs the rewritten responses vs the own answers, throughput, wall time and
                  the settings.
 A rewrite that keeps no row is an error (exit 2): no train.jsonl or summary.json is written, and the
@@ -84,8 +91,9 @@ from onsft.engine.hinted import HintedConfig
 from onsft.engine.scoring import ScoringConfig
 from onsft.errors import UserError
 from onsft.pipeline.hints import resolve_hint
+from onsft.pipeline.rewrite_config import RewriteConfig, check_columns
 from onsft.pipeline.rewrite_summary import summarize, train_rows
-from onsft.pipeline.rewriting import RewriteConfig, Rewriter, check_columns, chunks, prepare
+from onsft.pipeline.rewriting import Rewriter, chunks, prepare
 from onsft.runtime.device import Processes, resolve_dtype
 from onsft.runtime.models import (
     ModelArguments,
@@ -143,6 +151,7 @@ def run(
     train_out = Path(config.train_out) if config.train_out else out / "train.jsonl"
     # Everything a user can get wrong is checked before anything is written.
     verifier = verify.build()
+    step_checker = config.build_step_checker()
     examples = load_examples(config.data, require_response=False, split=config.split, offline=model_args.offline)
     check_columns(examples, config.data)
     tokenizer = load_tokenizer(model_args)
@@ -189,7 +198,7 @@ def run(
         model = load_model(model_args, device=procs.device, dtype=dtype)
         if context is None and context_length(model):
             prepared = prepare(tokenizer, examples, hint, config.max_length, context_length(model), config.data)
-        rewriter = Rewriter(model, tokenizer, config, hinted, scoring, hint, verifier)
+        rewriter = Rewriter(model, tokenizer, config, hinted, scoring, hint, verifier, step_checker)
         summary = _rewrite(config, model_args, run_args, procs, rewriter, prepared, settings, train_out, started)
     return summary
 

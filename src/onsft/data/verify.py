@@ -321,19 +321,27 @@ class CallableVerifier(Verifier):
         return Verdict(score >= self.threshold, "custom", None, score)
 
 
-def _load_function(spec: str) -> Callable:
+def load_function(
+    spec: str,
+    flag: str = "--verifier",
+    builtin: tuple[str, ...] = BUILTIN,
+    signature: str = "fn(response, answer) -> bool | float",
+) -> Callable:
+    """The function a "module:function" or "path/file.py:function" spec names (user verifiers, step checkers);
+    every way it can fail is a UserError naming `flag`."""
+    what = flag.lstrip("-").replace("_", " ")
     target, _, function_name = spec.rpartition(":")
     if not target or not function_name.isidentifier():
         raise UserError(
-            f"verifier `{spec}` is not `module:function` or `file.py:function`",
-            where="--verifier",
-            fix=f"use one of {', '.join(BUILTIN)}, `package.module:function` or `path/to/file.py:function`.",
+            f"{what} `{spec}` is not `module:function` or `file.py:function`",
+            where=flag,
+            fix=f"use one of {', '.join(builtin)}, `package.module:function` or `path/to/file.py:function`.",
         )
     if target.endswith(".py") or "/" in target or "\\" in target:
         path = Path(target)
         if not path.is_file():
-            raise UserError("verifier file not found", where=str(path), fix="check the path before `:function`.")
-        module_name = f"onsft_user_verifier_{abs(hash(str(path.resolve())))}"
+            raise UserError(f"{what} file not found", where=str(path), fix="check the path before `:function`.")
+        module_name = f"onsft_user_{what.replace(' ', '_')}_{abs(hash(str(path.resolve())))}"
         module_spec = importlib.util.spec_from_file_location(module_name, path)
         module = importlib.util.module_from_spec(module_spec)
         try:
@@ -342,7 +350,7 @@ def _load_function(spec: str) -> Callable:
         except Exception as error:
             sys.modules.pop(module_name, None)
             raise UserError(
-                f"cannot import the verifier file ({type(error).__name__}: {error})",
+                f"cannot import the {what} file ({type(error).__name__}: {error})",
                 where=str(path),
                 fix="fix the file so that it imports cleanly.",
             ) from None
@@ -352,15 +360,15 @@ def _load_function(spec: str) -> Callable:
         except Exception as error:
             raise UserError(
                 f"cannot import module `{target}` ({type(error).__name__}: {error})",
-                where="--verifier",
+                where=flag,
                 fix="check the module name and that it is importable (on PYTHONPATH).",
             ) from None
     function = getattr(module, function_name, None)
     if not callable(function):
         raise UserError(
             f"`{function_name}` is not a function in `{target}`",
-            where="--verifier",
-            fix="name a function fn(response, answer) -> bool | float defined there.",
+            where=flag,
+            fix=f"name a function {signature} defined there.",
         )
     return function
 
@@ -388,7 +396,7 @@ def get_verifier(spec: str | Callable | Verifier, timeout_seconds: int = 5) -> V
             where="--verifier",
             fix=f"use one of {', '.join(BUILTIN)}, `module:function` or `file.py:function`.",
         )
-    return CallableVerifier(_load_function(spec), spec)
+    return CallableVerifier(load_function(spec), spec)
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 
-from onsft.pipeline.rewriting import ADDED_FIELDS
+from onsft.pipeline.rewrite_config import ADDED_FIELDS
 
 
 def train_rows(records: Sequence[dict]) -> list[dict]:
@@ -22,15 +22,16 @@ def train_rows(records: Sequence[dict]) -> list[dict]:
         else:
             prompt = record["prompt"]
         base = {k: v for k, v in record.items() if k not in ("messages", "prompt", "completion", *ADDED_FIELDS)}
-        rows.append(
-            {
-                "prompt": prompt,
-                "completion": record["response"],
-                **base,
-                "provenance": record["provenance"],
-                "mean_phi": record["mean_phi"],
-            }
-        )
+        row = {
+            "prompt": prompt,
+            "completion": record["response"],
+            **base,
+            "provenance": record["provenance"],
+            "mean_phi": record["mean_phi"],
+        }
+        if record.get("false_steps") is not None:  # the step check's flags (--step_check flag), to filter on
+            row["false_steps"] = record["false_steps"]
+        rows.append(row)
     return rows
 
 
@@ -45,6 +46,18 @@ def _phi_stats(records: Sequence[dict], key: str = "mean_phi", tokens: str = "sc
     z_key = key.replace("mean_phi", "z")
     stats["mean_z"] = sum(r[z_key] for r in scored) / len(scored)
     return stats
+
+
+def _step_check(records: Sequence[dict]) -> dict:
+    """Kept rows whose steps were checked, how many steps, the rows flagged for a false one (kept, with
+    --step_check flag) and the rows dropped for one (--step_check drop)."""
+    kept = [r for r in records if r["provenance"] != "dropped" and r.get("false_steps") is not None]
+    return {
+        "rows_checked": len(kept),
+        "steps_checked": sum(r["steps_checked"] for r in kept),
+        "flagged": sum(bool(r["false_steps"]) for r in kept),
+        "dropped": sum(r.get("drop_reason") == "false step" for r in records),
+    }
 
 
 def summarize(records: Sequence[dict]) -> dict:
@@ -81,6 +94,7 @@ def summarize(records: Sequence[dict]) -> dict:
             "kept": sum(r["provenance"] != "dropped" and bool(r["truncated"]) for r in records),
             "dropped": sum(r.get("drop_reason") == "truncated" for r in records),
         },
+        "step_check": _step_check(records),
         "finish_reasons": dict(sorted(Counter(r["finish_reason"] for r in records if r["finish_reason"]).items())),
         "verify_methods": dict(sorted(Counter(r["verify_method"] for r in records if r["verify_method"]).items())),
         "generated_tokens": sum(r["generated_tokens"] for r in records),

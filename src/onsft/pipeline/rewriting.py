@@ -11,157 +11,20 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from onsft.data.chat import encode_prompt, encode_response
-from onsft.data.rows import DataArguments, Example
+from onsft.data.rows import Example
+from onsft.data.step_check import StepChecker
 from onsft.data.verify import Verifier, get_verifier
 from onsft.engine.decoding import SamplingConfig, generate
 from onsft.engine.hinted import HintedConfig, hinted_decode
 from onsft.engine.scoring import Item, ScoringConfig
 from onsft.errors import UserError
 from onsft.pipeline.hints import HintSettings, hinted_messages, resolve_hint
+from onsft.pipeline.rewrite_config import ENDED, RewriteConfig, check_columns
 from onsft.runtime.device import stream_seed
 from onsft.runtime.models import context_length, pad_token_id
-
-PROVENANCES = ("own", "hinted", "dropped")
-# Finish reasons of a response the model ended itself; the others (the token limit, a repetition loop) were
-# cut by the decoder: not a finished solution, and training on it with the chat template's end of turn
-# appended would teach an ending the model did not choose.
-ENDED = ("eos", "stop")
-# Fields this command adds to every record; an input column with one of these names is refused.
-ADDED_FIELDS = (
-    "response",
-    "provenance",
-    "verified",
-    "mean_phi",
-    "z",
-    "p_value",
-    "scored_tokens",
-    "finish_reason",
-    "n_tokens",
-    "reference_mean_phi",
-    "reference_z",
-    "own_correct",
-    "own_samples",
-    "hinted_tries",
-    "mean_lambda",
-    "extracted_answer",
-    "verify_method",
-    "generated_tokens",
-    "truncated",
-    "score_truncated",
-    "analysis",
-    "drop_reason",
-)
-
-
-@dataclass
-class RewriteConfig(DataArguments):
-    """The rewrite pipeline's own settings (the data: rows with a prompt, an `answer` and a `reference`
-    solution); hinted decoding's are `HintedConfig`'s (also the own samples' token limit and seed),
-    scoring's `ScoringConfig`'s, checking `VerifyConfig`'s."""
-
-    out: str = field(default="", metadata={"help": "Output folder: records.jsonl, train.jsonl, summary.json."})
-    train_out: str = field(
-        default="", metadata={"help": "Training-ready file of the kept rows (default: OUT/train.jsonl)."}
-    )
-    own_samples: int = field(
-        default=4,
-        metadata={
-            "help": "k: own answers sampled per prompt (plain context) before rewriting; 0 = rewrite every prompt."
-        },
-    )
-    own_temperature: float = field(
-        default=1.0, metadata={"help": "Temperature of the own samples (1 = the model's distribution itself)."}
-    )
-    own_top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling of the own samples (1 = off)."})
-    own_batch_size: int = field(default=32, metadata={"help": "Own samples decoded together (rows)."})
-    keep_own: bool = field(
-        default=True,
-        metadata={
-            "help": "Keep a verified own answer as it is (provenance own) instead of rewriting that prompt "
-            "(false: rewrite every prompt; own samples are only counted)."
-        },
-    )
-    keep_truncated: bool = field(
-        default=False,
-        metadata={
-            "help": "Keep verified responses that did not end (cut at --max_new_tokens or at a repetition "
-            "loop; `truncated: true` in records.jsonl). Default: such a response is not a finished "
-            "solution and is not kept."
-        },
-    )
-    samples_per_prompt: int = field(
-        default=1,
-        metadata={
-            "help": "Hinted-decoding tries per prompt the model fails, decoded together; the first verified "
-            "try is kept."
-        },
-    )
-    hint_template: str | None = field(
-        default=None,
-        metadata={
-            "help": "User message of the hinted context with {question} and {reference}. Default: the "
-            "model's onsft.json, else a generic rewrite instruction."
-        },
-    )
-    hint_system: str | None = field(
-        default=None,
-        metadata={
-            "help": "System message of the hinted context ('' = none). Default: the model's onsft.json (none "
-            "if it has no hint_system), else a generic rewrite instruction."
-        },
-    )
-    analyze_first: bool = field(
-        default=False,
-        metadata={
-            "help": "Let the model first write an '# Analyze' part greedily from the hinted context; the "
-            "response starts after its --analyze_marker. Rows that never reach the marker are dropped."
-        },
-    )
-    analyze_marker: str = field(default="# CoT", metadata={"help": "End of the analysis (--analyze_first)."})
-    analyze_max_new_tokens: int = field(default=1024, metadata={"help": "Most tokens of the analysis."})
-    chunk_size: int = field(
-        default=16,
-        metadata={"help": "Prompts processed (and written) together; results depend on it through the seeding."},
-    )
-    max_length: int = field(
-        default=4096,
-        metadata={
-            "help": "Most tokens of plain prompt + response when scoring (longer responses are scored "
-            "truncated, flagged)."
-        },
-    )
-
-    def validate(self) -> None:
-        checks = [
-            (bool(self.data), "data", "is required", "pass --data FILE."),
-            (self.own_samples >= 0, "own_samples", "must be >= 0", "pass 0 or more."),
-            (self.samples_per_prompt >= 1, "samples_per_prompt", "must be >= 1", "pass 1 or more."),
-            (
-                self.own_temperature >= 0 and 0 < self.own_top_p <= 1,
-                "own_temperature/own_top_p",
-                "must be >= 0 and in (0, 1]",
-                "pass valid own-sample settings.",
-            ),
-            (
-                self.analyze_max_new_tokens >= 1 and bool(self.analyze_marker),
-                "analyze_max_new_tokens/analyze_marker",
-                "must be >= 1 and non-empty",
-                "pass a positive token count and a marker.",
-            ),
-            (
-                min(self.chunk_size, self.own_batch_size) >= 1,
-                "chunk_size/own_batch_size",
-                "must be >= 1",
-                "pass positive sizes.",
-            ),
-            (self.max_length >= 2, "max_length", "must be >= 2", "pass a larger --max_length."),
-        ]
-        for ok, name, why, fix in checks:
-            if not ok:
-                raise UserError(f"`{name}` {why}", where="config", fix=fix)
 
 
 @dataclass
@@ -209,8 +72,10 @@ class Rewriter:
         scoring: ScoringConfig,
         hint: HintSettings,
         verifier: Verifier,
+        step_checker: StepChecker | None = None,
     ):
         self.model, self.tokenizer, self.config, self.hint, self.verifier = model, tokenizer, config, hint, verifier
+        self.step_checker = step_checker
         self.hinted = dataclasses.replace(hinted, answer_marker=hint.answer_marker)
         self.context = context_length(model)
         self.scorer = scoring.scorer(model, pad_token_id(tokenizer))
@@ -240,7 +105,7 @@ class Rewriter:
                 state["generated_tokens"] += sample.n_tokens
                 if verdict.correct:
                     state["own_correct"] += 1
-                    if state["own"] is None and self.usable(sample):
+                    if state["own"] is None and self.usable(sample) and self.sound(sample):
                         state["own"] = (sample, verdict)
         rewrite = [j for j, state in enumerate(states) if not (config.keep_own and state["own"])]
         if progress is not None:
@@ -259,7 +124,7 @@ class Rewriter:
                 chosen, looked = None, 0
                 for output in outputs[slot * tries : (slot + 1) * tries]:
                     states[j]["generated_tokens"] += output.n_tokens
-                    if chosen is not None and chosen[1].correct and self.usable(chosen[0]):
+                    if chosen is not None and chosen[1].correct and self.keepable(chosen[0]):
                         continue
                     verdict = self.verifier.check(output.text, rows[j].example.answer)
                     looked += 1
@@ -269,6 +134,8 @@ class Rewriter:
                         chosen = (output, verdict)
                 if chosen[1].correct and not self.usable(chosen[0]):
                     states[j]["drop_reason"] = "truncated"
+                elif chosen[1].correct and not self.sound(chosen[0]):
+                    states[j]["drop_reason"] = "false step"
                 states[j]["hinted"] = (*chosen, looked)
         if progress is not None and pending:
             progress(pending)
@@ -280,6 +147,13 @@ class Rewriter:
     def usable(self, generation) -> bool:
         """A verified response is kept only when the model ended it (or --keep_truncated)."""
         return self.config.keep_truncated or generation.finish_reason in ENDED
+
+    def sound(self, generation) -> bool:
+        """With --step_check drop, a response stating a false step is not kept either."""
+        return self.config.step_check != "drop" or not self.step_checker(generation.text).false
+
+    def keepable(self, generation) -> bool:
+        return self.usable(generation) and self.sound(generation)
 
     def _analyze(self, rows, rewrite: list[int], states, hinted_ids: dict[int, list[int]]) -> list[int]:
         """Greedy analysis from the hinted context up to the first marker; it joins the hinted context.
@@ -313,7 +187,7 @@ class Rewriter:
             provenance = "own"
         elif state.get("hinted"):
             response, verdict, tries = state["hinted"]
-            provenance = "hinted" if verdict.correct and self.usable(response) else "dropped"
+            provenance = "hinted" if verdict.correct and self.keepable(response) else "dropped"
             mean_lambda = response.mean_lambda
         record.update(
             response=response.text if response is not None else None,
@@ -338,6 +212,11 @@ class Rewriter:
             truncated=response is not None and response.finish_reason not in ENDED,
             score_truncated=False,
         )
+        if self.step_checker is not None and response is not None:
+            report = self.step_checker(response.text)
+            record.update(false_steps=report.false, steps_checked=report.checked)
+        else:
+            record.update(false_steps=None, steps_checked=None)
         if config.analyze_first:
             record["analysis"] = state.get("analysis")
         if provenance == "dropped":
@@ -411,32 +290,10 @@ def rewrite_examples(
         config.hint_template, config.hint_system, hinted.answer_marker, config.analyze_first, info or {}
     )
     verifier = get_verifier(verifier or "math")
+    step_checker = config.build_step_checker()
     prepared = prepare(tokenizer, examples, hint, config.max_length, context_length(model), "examples")
-    rewriter = Rewriter(model, tokenizer, config, hinted, scoring or ScoringConfig(), hint, verifier)
+    rewriter = Rewriter(model, tokenizer, config, hinted, scoring or ScoringConfig(), hint, verifier, step_checker)
     records: list[dict] = []
     for span in chunks(len(prepared), config.chunk_size):
         records += rewriter.chunk([prepared[i] for i in span])
     return [{k: v for k, v in r.items() if k != "_index"} for r in records]
-
-
-def check_columns(examples: Sequence[Example], where: str) -> None:
-    for column in ("answer", "reference"):
-        missing = [e for e in examples if getattr(e, column) is None or not str(getattr(e, column)).strip()]
-        if missing:
-            raise UserError(
-                f"{len(missing)} row(s) have no `{column}`, which rewriting needs",
-                where=where,
-                line=missing[0].line,
-                fix=f"add a non-empty `{column}` column to every row"
-                + (" (e.g. copy the teacher's `completion`)." if column == "reference" else "."),
-            )
-    clashes = sorted({key for e in examples for key in e.record if key in ADDED_FIELDS})
-    if clashes:
-        first = next(e for e in examples if clashes[0] in e.record)
-        raise UserError(
-            f"input column(s) {', '.join(f'`{c}`' for c in clashes)} would be overwritten by this "
-            "command's output fields",
-            where=where,
-            line=first.line,
-            fix="rename or drop those columns (e.g. when rewriting a previous records.jsonl).",
-        )

@@ -1,0 +1,213 @@
+"""Skewed lengths: continuous batching against the static schedule and a uniform workload.
+
+64 examples decoded 16 at a time (`generate`, the loop hinted decoding shares): 56 stop after 16 tokens
+and 8 run to 256. The long ones are every 8th example in admission order (`--long-at spread`), so every
+static batch of 16 holds two; no schedule can know which examples will be long, and where they arrive
+bounds what any first-come schedule reaches (`--long-at first|last` measure the two extremes). Three
+variants, each timed in every round, in a rotating order, in one process:
+
+    static      the skewed workload, `schedule="static"`: finished rows leave the batch but their slots
+                stay empty until the whole batch has finished (the loop before continuous batching,
+                though with its cheaper row retirement)
+    continuous  the same workload, `schedule="continuous"` (the default): a freed slot takes the next
+                example at once
+    uniform     64 examples of 46 tokens each: the same 2944 tokens with no skew (continuous schedule)
+
+Lengths are forced: EOS is suppressed (`min_new_tokens`) and every example has its own token limit
+(`token_limits`), so the token counts are exact whatever the model writes. Rates are generated tokens
+per second of process CPU time with one torch thread (other jobs on a shared machine do not decide
+them); wall-clock rates are reported beside them. Ratios are computed within each round, then the
+median and the range over rounds are reported. Static and continuous must give identical tokens
+(checked every round).
+
+A decoding step costs nearly the same with 8 rows as with 16 (it is dominated by reading the weights
+and by per-call overhead), so tokens per second follow the number of forward passes: the uniform
+workload needs 45 steps per wave of 16 examples (180 in all), the skewed one at least 255 steps for a
+long example plus the steps before the last long example is admitted. At a constant step cost the
+skewed workload can reach at most 180/256 = 0.70x of the uniform one (long examples first) and about
+180/320 = 0.56x with them spread; the counts in the output (decode steps, idle slot share) show where
+a run stands.
+
+Model: the embedded organism (Llama, 4 layers, hidden 256, ~3M parameters, float32), greedy, on its
+own retention-test prompts (chat template applied).
+
+    .venv/bin/python benchmarks/skewed.py [--rounds 5 --out benchmarks/results/skewed.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+from onsft.data.chat import encode_prompt
+from onsft.engine.decoding import DecodeStats, SamplingConfig, generate
+from onsft.organism.tasks import retention_test
+from onsft.runtime.models import load_model, load_tokenizer
+from onsft.runtime.records import write_json_atomic
+
+
+def workload(args) -> dict[str, list[int]]:
+    short, long = args.short_tokens, args.long_tokens
+    n, n_long = args.examples, args.long_examples
+    total = (n - n_long) * short + n_long * long
+    if total % n:
+        sys.exit(f"the uniform workload needs {total} tokens to split evenly over {n} examples")
+    if args.long_at == "spread":
+        every = n // n_long
+        skewed = [long if position % every == every - 1 else short for position in range(n)]
+    else:
+        skewed = [long] * n_long + [short] * (n - n_long)
+        skewed = skewed if args.long_at == "first" else skewed[::-1]
+    return {"skewed": skewed, "uniform": [total // n] * n}
+
+
+def spread(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "rounds": values}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--examples", type=int, default=64)
+    parser.add_argument("--long-examples", type=int, default=8)
+    parser.add_argument("--short-tokens", type=int, default=16)
+    parser.add_argument("--long-tokens", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument(
+        "--long-at",
+        choices=("spread", "first", "last"),
+        default="spread",
+        help="where the long examples are in admission order: every 8th (the headline), all first (the best "
+        "case for a first-come schedule: their 256 steps overlap everything else), or all last",
+    )
+    parser.add_argument("--rounds", type=int, default=5, help="every variant is timed once per round (>= 3)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (0 = torch's default)")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "skewed.json"))
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    tokenizer = load_tokenizer("organism")
+    model = load_model("organism")
+    rows = retention_test(args.examples, seed=0)
+    prompts = [encode_prompt(tokenizer, [{"role": "user", "content": row["prompt"]}]) for row in rows]
+    # Admission goes by prompt length (longest first, ties by index); lengths are assigned in that order.
+    admission = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
+    lengths = workload(args)
+    limits = {name: [0] * len(prompts) for name in lengths}
+    for name, per_position in lengths.items():
+        for position, i in enumerate(admission):
+            limits[name][i] = per_position[position]
+    config = SamplingConfig(
+        max_new_tokens=args.long_tokens,
+        min_new_tokens=args.long_tokens,
+        temperature=0.0,
+        batch_size=args.batch,
+        repetition_count=0,
+    )
+    variants = {
+        "static": ("skewed", "static"),
+        "continuous": ("skewed", "continuous"),
+        "uniform": ("uniform", "continuous"),
+    }
+    n_params = sum(p.numel() for p in model.parameters())
+    print(
+        f"organism: {n_params / 1e6:.1f}M params; {args.examples} examples, batch {args.batch}; skewed "
+        f"{args.examples - args.long_examples} x {args.short_tokens} + {args.long_examples} x {args.long_tokens} "
+        f"tokens (long ones {args.long_at}), uniform {args.examples} x {lengths['uniform'][0]}; prompts {min(map(len, prompts))}-"
+        f"{max(map(len, prompts))} tokens; torch threads {torch.get_num_threads()}"
+    )
+
+    def run(name: str):
+        workload_name, schedule = variants[name]
+        stats = DecodeStats()
+        start_cpu, start_wall = time.process_time(), time.perf_counter()
+        out = generate(
+            model, tokenizer, prompts, config, schedule=schedule, token_limits=limits[workload_name], stats=stats
+        )
+        cpu, wall = time.process_time() - start_cpu, time.perf_counter() - start_wall
+        tokens = sum(g.n_tokens for g in out)
+        assert tokens == sum(limits[workload_name]), (name, tokens)
+        return out, tokens, cpu, wall, stats
+
+    run("uniform")  # warm-up (allocator, first calls)
+    names = list(variants)
+    rates = {name: [] for name in names}
+    wall_rates = {name: [] for name in names}
+    ratios = {"continuous/static": [], "continuous/uniform": [], "static/uniform": []}
+    counts = {}
+    for round_index in range(args.rounds):
+        order = names[round_index % len(names) :] + names[: round_index % len(names)]
+        outputs = {}
+        for name in order:
+            out, tokens, cpu, wall, stats = run(name)
+            outputs[name] = [g.token_ids for g in out]
+            rates[name].append(tokens / cpu)
+            wall_rates[name].append(tokens / wall)
+            counts[name] = {
+                "tokens": tokens,
+                "decode_steps": stats.decode_steps,
+                "row_steps": stats.row_steps,
+                "idle_slot_share": round(stats.idle_share, 4),
+                "admissions": stats.admissions,
+                "row_moves": stats.copies.row_moves,
+                "moved_mb": round(stats.copies.moved_bytes / 2**20, 2),
+                "whole_copies": stats.copies.whole_copies,
+                "whole_copy_mb": round(stats.copies.whole_bytes / 2**20, 2),
+            }
+        if outputs["static"] != outputs["continuous"]:
+            sys.exit("static and continuous schedules gave different tokens")
+        ratios["continuous/static"].append(rates["continuous"][-1] / rates["static"][-1])
+        ratios["continuous/uniform"].append(rates["continuous"][-1] / rates["uniform"][-1])
+        ratios["static/uniform"].append(rates["static"][-1] / rates["uniform"][-1])
+        print(
+            f"round {round_index + 1}: "
+            + ", ".join(f"{name} {rates[name][-1]:.0f} tok/s" for name in names)
+            + f"; continuous/static {ratios['continuous/static'][-1]:.2f}x"
+            + f", continuous/uniform {ratios['continuous/uniform'][-1]:.2f}x",
+            flush=True,
+        )
+
+    print("\ntokens per CPU second, median [min, max] over rounds:")
+    for name in names:
+        s = spread(rates[name])
+        c = counts[name]
+        print(
+            f"  {name:10s} {s['median']:8.0f} [{s['min']:.0f}, {s['max']:.0f}]   {c['decode_steps']} steps, "
+            f"{c['idle_slot_share']:.0%} of slot-steps idle, {c['admissions']} admissions"
+        )
+    print("ratios, median [min, max] over rounds (target: continuous/static >= 2.5, continuous/uniform >= 0.85):")
+    for name, values in ratios.items():
+        s = spread(values)
+        print(f"  {name:20s} {s['median']:.2f}x [{s['min']:.2f}, {s['max']:.2f}]")
+
+    result = {
+        "benchmark": "skewed",
+        "settings": {**vars(args), "model": "organism", "params": n_params, "greedy": True},
+        "timing": "process CPU time, one torch thread; wall-clock rates beside",
+        "tokens_per_cpu_second": {name: spread(values) for name, values in rates.items()},
+        "tokens_per_wall_second": {name: spread(values) for name, values in wall_rates.items()},
+        "ratios": {name: spread(values) for name, values in ratios.items()},
+        "targets": {"continuous/static": 2.5, "continuous/uniform": 0.85},
+        "counts": counts,
+        "static_equals_continuous": True,
+        "environment": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "machine": platform.machine(),
+        },
+    }
+    write_json_atomic(args.out, result)
+    print(f"wrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,176 @@
+"""The rewrite pipeline's settings (`RewriteConfig`), the fields it adds to every record, and the check of the
+input columns it needs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from onsft.data.rows import DataArguments, Example
+from onsft.data.step_check import StepCheckConfig
+from onsft.errors import UserError
+
+PROVENANCES = ("own", "hinted", "dropped")
+# Finish reasons of a response the model ended itself; the others (the token limit, a repetition loop) were
+# cut by the decoder: not a finished solution, and training on it with the chat template's end of turn
+# appended would teach an ending the model did not choose.
+ENDED = ("eos", "stop")
+# Fields this command adds to every record; an input column with one of these names is refused.
+ADDED_FIELDS = (
+    "response",
+    "provenance",
+    "verified",
+    "mean_phi",
+    "z",
+    "p_value",
+    "scored_tokens",
+    "finish_reason",
+    "n_tokens",
+    "reference_mean_phi",
+    "reference_z",
+    "own_correct",
+    "own_samples",
+    "hinted_tries",
+    "mean_lambda",
+    "extracted_answer",
+    "verify_method",
+    "generated_tokens",
+    "truncated",
+    "score_truncated",
+    "false_steps",
+    "steps_checked",
+    "analysis",
+    "drop_reason",
+)
+
+
+@dataclass
+class RewriteConfig(StepCheckConfig, DataArguments):
+    """The rewrite pipeline's own settings (the data: rows with a prompt, an `answer` and a `reference`
+    solution; the step check of kept responses: `StepCheckConfig`); hinted decoding's are `HintedConfig`'s
+    (also the own samples' token limit and seed), scoring's `ScoringConfig`'s, checking `VerifyConfig`'s."""
+
+    out: str = field(default="", metadata={"help": "Output folder: records.jsonl, train.jsonl, summary.json."})
+    train_out: str = field(
+        default="", metadata={"help": "Training-ready file of the kept rows (default: OUT/train.jsonl)."}
+    )
+    own_samples: int = field(
+        default=4,
+        metadata={
+            "help": "k: own answers sampled per prompt (plain context) before rewriting; 0 = rewrite every prompt."
+        },
+    )
+    own_temperature: float = field(
+        default=1.0, metadata={"help": "Temperature of the own samples (1 = the model's distribution itself)."}
+    )
+    own_top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling of the own samples (1 = off)."})
+    own_batch_size: int = field(default=32, metadata={"help": "Own samples decoded together (rows)."})
+    keep_own: bool = field(
+        default=True,
+        metadata={
+            "help": "Keep a verified own answer as it is (provenance own) instead of rewriting that prompt "
+            "(false: rewrite every prompt; own samples are only counted)."
+        },
+    )
+    keep_truncated: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep verified responses that did not end (cut at --max_new_tokens or at a repetition "
+            "loop; `truncated: true` in records.jsonl). Default: such a response is not a finished "
+            "solution and is not kept."
+        },
+    )
+    samples_per_prompt: int = field(
+        default=1,
+        metadata={
+            "help": "Hinted-decoding tries per prompt the model fails, decoded together; the first verified "
+            "try is kept."
+        },
+    )
+    hint_template: str | None = field(
+        default=None,
+        metadata={
+            "help": "User message of the hinted context with {question} and {reference}. Default: the "
+            "model's onsft.json, else a generic rewrite instruction."
+        },
+    )
+    hint_system: str | None = field(
+        default=None,
+        metadata={
+            "help": "System message of the hinted context ('' = none). Default: the model's onsft.json (none "
+            "if it has no hint_system), else a generic rewrite instruction."
+        },
+    )
+    analyze_first: bool = field(
+        default=False,
+        metadata={
+            "help": "Let the model first write an '# Analyze' part greedily from the hinted context; the "
+            "response starts after its --analyze_marker. Rows that never reach the marker are dropped."
+        },
+    )
+    analyze_marker: str = field(default="# CoT", metadata={"help": "End of the analysis (--analyze_first)."})
+    analyze_max_new_tokens: int = field(default=1024, metadata={"help": "Most tokens of the analysis."})
+    chunk_size: int = field(
+        default=16,
+        metadata={"help": "Prompts processed (and written) together; results depend on it through the seeding."},
+    )
+    max_length: int = field(
+        default=4096,
+        metadata={
+            "help": "Most tokens of plain prompt + response when scoring (longer responses are scored "
+            "truncated, flagged)."
+        },
+    )
+
+    def validate(self) -> None:
+        StepCheckConfig.validate(self)
+        checks = [
+            (bool(self.data), "data", "is required", "pass --data FILE."),
+            (self.own_samples >= 0, "own_samples", "must be >= 0", "pass 0 or more."),
+            (self.samples_per_prompt >= 1, "samples_per_prompt", "must be >= 1", "pass 1 or more."),
+            (
+                self.own_temperature >= 0 and 0 < self.own_top_p <= 1,
+                "own_temperature/own_top_p",
+                "must be >= 0 and in (0, 1]",
+                "pass valid own-sample settings.",
+            ),
+            (
+                self.analyze_max_new_tokens >= 1 and bool(self.analyze_marker),
+                "analyze_max_new_tokens/analyze_marker",
+                "must be >= 1 and non-empty",
+                "pass a positive token count and a marker.",
+            ),
+            (
+                min(self.chunk_size, self.own_batch_size) >= 1,
+                "chunk_size/own_batch_size",
+                "must be >= 1",
+                "pass positive sizes.",
+            ),
+            (self.max_length >= 2, "max_length", "must be >= 2", "pass a larger --max_length."),
+        ]
+        for ok, name, why, fix in checks:
+            if not ok:
+                raise UserError(f"`{name}` {why}", where="config", fix=fix)
+
+
+def check_columns(examples: Sequence[Example], where: str) -> None:
+    for column in ("answer", "reference"):
+        missing = [e for e in examples if getattr(e, column) is None or not str(getattr(e, column)).strip()]
+        if missing:
+            raise UserError(
+                f"{len(missing)} row(s) have no `{column}`, which rewriting needs",
+                where=where,
+                line=missing[0].line,
+                fix=f"add a non-empty `{column}` column to every row"
+                + (" (e.g. copy the teacher's `completion`)." if column == "reference" else "."),
+            )
+    clashes = sorted({key for e in examples for key in e.record if key in ADDED_FIELDS})
+    if clashes:
+        first = next(e for e in examples if clashes[0] in e.record)
+        raise UserError(
+            f"input column(s) {', '.join(f'`{c}`' for c in clashes)} would be overwritten by this "
+            "command's output fields",
+            where=where,
+            line=first.line,
+            fix="rename or drop those columns (e.g. when rewriting a previous records.jsonl).",
+        )
