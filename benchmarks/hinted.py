@@ -1,35 +1,43 @@
-"""Throughput of batched hinted decoding against two baselines measured in the same run.
+"""Hinted decoding's throughput against two baselines, measured in the same run, in turns.
 
-(a) `onsft.engine.hinted.hinted_decode`: the batch's hinted and plain contexts as one padded batch of 2B rows
-    through one copy of the weights with one KV cache (the hinted prompts' shared instruction is
-    prefilled once per batch; `--instruction-len 0` measures prompts with nothing shared).
-(b) `transformers` `model.generate` on the plain contexts alone (same batch, same model, same sampling):
-    the cost of ordinary sampling, which hinted decoding must stay within a small factor of.
-(c) The reference algorithm re-implemented faithfully (github.com/zhangmiaosen2000/Towards-On-Policy-SFT,
-    HintedDecoding/sampling/hinted_decoding.py): one example at a time, two model copies, no KV cache
-    (both contexts recomputed in full at every step), its nucleus-then-temperature processor, per-token
-    text decoding for the marker check and a repetition scan every 100 tokens.
-    (c) is slow, so it runs on fewer examples and two short segments: from the prompt, and from a
-    prefix of (new_tokens - segment) tokens. Its per-step cost grows linearly with the sequence, so
-    the mean of the two segments' per-token times estimates the per-token time over all new_tokens.
+Variants (every rate is generated tokens per second; EOS is suppressed, so every row makes exactly L tokens):
+  batched@L    `onsft.engine.hinted.hinted_decode`: the batch's hinted and plain contexts (2 x `--batch` rows)
+               through one copy of the weights with one KV cache
+  single@L     the same code with batch_size 1, on the first `--ref-examples` examples: caching, no batching
+  reference    the reference algorithm (github.com/zhangmiaosen2000/Towards-On-Policy-SFT,
+               HintedDecoding/sampling/hinted_decoding.py), re-implemented faithfully: one example at a time,
+               two model copies, no KV cache (both contexts recomputed in full every step), its
+               nucleus-then-temperature processor, per-token text decoding for the marker check and a
+               repetition scan every 100 tokens; on the same examples as single@L. It is quadratic in the
+               length, so it runs two `--ref-segment`-token stretches per example: from the prompt
+               (reference_early) and after a prefix of L - segment tokens (reference_late@L); its cost per
+               token grows linearly along the sequence, so the mean of the two stretches' per-token times is
+               the mean over all L tokens
+  hf_generate@L, ours_generate@L   (at the largest L) transformers `model.generate` and onsft's `generate` on
+               the plain contexts alone (same batch, model and sampling): the cost of ordinary sampling
 
-Every rate is generated tokens per second. EOS is suppressed (min_new_tokens in (a) and (b), a masked
-EOS in (c)) so every row generates exactly new_tokens tokens. A random model falls into loops that a
-trained one would not, so the repetition detector runs (its cost counts) with a count no loop reaches.
-Timing: one torch thread and process CPU time by default, so that other jobs on a shared machine do
-not decide the ratios; wall-clock rates are reported beside them. (a) and (b) are repeated and the
-best run counts.
+The variants take turns in this one process, `--rounds` rounds with the order rotated (benchmarks/rounds.py);
+every ratio is computed within a round and reported as the median over rounds with range and IQR. The factor
+over the reference is split, at each length L of `--lengths`, into
+    caching   = reference / single@L      (same examples, same tokens)
+    batching  = single@L / batched@L      (per generated token)
+    total     = caching x batching        (batched@L over the reference, per generated token)
+single@L's tokens are checked identical to batched@L's for its examples (results do not depend on the
+batch size, so both do the same work). Clock: this process's CPU time at one torch thread (default), so other
+jobs on a shared machine do not decide the ratios; wall times are in the JSON.
 
-Model: a randomly initialised Llama of a realistic shape for a CPU (hidden 512, 4 layers, 8 heads with
-4 KV heads, MLP 1408, vocabulary 4096: 16M parameters, float32): big enough that matrix products and
-KV-cache reads, not Python overhead, dominate a step, as they do for real models; small enough for a
-2-core run. Its head is scaled 10x so next-token distributions are peaked like a trained model's
-(~2.2 nats), which makes lambda vary and keeps top-p nuclei small. Prompts are random token ids shaped
+Model: a randomly initialised Llama of a realistic shape for a CPU (hidden 512, 4 layers, 8 heads with 4 KV
+heads, MLP 1408, vocabulary 4096: 16M parameters, float32): big enough that matrix products and KV-cache
+reads, not Python overhead, dominate a step, as they do for real models; small enough for a 2-core run. Its
+head is scaled 10x so next-token distributions are peaked like a trained model's (~2.2 nats), which makes
+lambda vary and keeps top-p nuclei small. A random model falls into loops that a trained one would not, so the
+repetition detector runs (its cost counts) with a count no loop reaches. Prompts are random token ids shaped
 like the rewrite pipeline's: plain = question (48-160 tokens); hinted = a shared 384-token rewriting
-instruction + the question + a 128-384-token reference (the reference code's instruction alone is
-~700 tokens), so hinted prompts are ~7x longer than plain ones.
+instruction + the question + a 128-384-token reference (the reference code's instruction alone is ~700
+tokens), so hinted prompts are ~7x longer than plain ones.
 
-    .venv/bin/python benchmarks/hinted.py [--batch 16 --new-tokens 256 --out benchmarks/results/hinted.json]
+    python benchmarks/hinted.py [--batch 16 --lengths 64 256 --rounds 5 --out benchmarks/results/hinted.json]
+    python benchmarks/hinted.py --quick      # tiny sizes, a few seconds (tests/test_benchmarks.py)
 """
 
 from __future__ import annotations
@@ -37,24 +45,23 @@ from __future__ import annotations
 import argparse
 import copy
 import itertools
-import os
-import platform
 import random
 import string
 import sys
-import time
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import transformers
 from tokenizers import Tokenizer, decoders, models
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from onsft.engine.decoding import SamplingConfig, generate
 from onsft.engine.hinted import HintedConfig, hinted_decode
 from onsft.runtime.records import write_json_atomic
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import rounds  # noqa: E402
 
 SPECIALS = ["<pad>", "<eos>", "<system>", "<user>", "<assistant>"]
 
@@ -184,86 +191,17 @@ def reference_hinted(
 # ---------------------------------------------------------------------------------------------
 
 
-def timed(fn):
-    """(CPU seconds of this process, wall seconds, result)."""
-    cpu, wall = time.process_time(), time.perf_counter()
-    result = fn()
-    return time.process_time() - cpu, time.perf_counter() - wall, result
+def variants(model, tokenizer, plain, hinted, args) -> tuple[dict, dict]:
+    """{name: a function decoding that variant} and {name: tokens it generates}."""
+    k, seg, top = args.ref_examples, args.ref_segment, max(args.lengths)
 
-
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--new-tokens", type=int, default=256)
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--intermediate", type=int, default=1408)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--kv-heads", type=int, default=4)
-    parser.add_argument("--vocab", type=int, default=4096)
-    parser.add_argument("--head-scale", type=float, default=10.0, help="lm_head multiplier (peakedness)")
-    parser.add_argument("--question-len", type=int, nargs=2, default=[48, 160])
-    parser.add_argument("--reference-len", type=int, nargs=2, default=[128, 384])
-    parser.add_argument("--instruction-len", type=int, default=384, help="shared rewriting instruction")
-    parser.add_argument(
-        "--repeats",
-        type=int,
-        default=2,
-        help="(a) and (b) are timed this many times (interleaved); the best time counts.",
-    )
-    parser.add_argument("--ref-examples", type=int, default=2, help="examples timed for baseline (c)")
-    parser.add_argument("--ref-segment", type=int, default=16, help="tokens per timed segment of (c)")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch threads (0 = torch's default). One thread and CPU time make the ratios "
-        "robust to other processes on a shared machine; wall times are reported too.",
-    )
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "hinted.json"))
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    tokenizer = build_tokenizer(args.vocab)
-    model = build_model(args)
-    plain, hinted = make_prompts(args, args.batch)
-    n_params = sum(p.numel() for p in model.parameters())
-    print(
-        f"model: {n_params / 1e6:.1f}M params, hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}; "
-        f"batch {args.batch}, {args.new_tokens} new tokens, torch threads {torch.get_num_threads()}"
-    )
-    print(
-        f"prompt tokens: plain mean {sum(map(len, plain)) / len(plain):.0f}, "
-        f"hinted mean {sum(map(len, hinted)) / len(hinted):.0f}"
-    )
-
-    # Reference demo settings: beta 3, temperature 0.3, top-p 0.95, the "\boxed{" marker. A random
-    # model falls into loops that a trained one would not; the repetition detector still runs (its
-    # per-step cost is part of the measurement) but with a count no loop reaches, so no row stops early.
-    hd_config = HintedConfig(
-        max_new_tokens=args.new_tokens,
-        min_new_tokens=args.new_tokens,
-        batch_size=args.batch,
-        seed=0,
-        repetition_count=10**9,
-    )
-
-    def run_hinted():
-        return hinted_decode(model, tokenizer, plain, hinted, hd_config)
-
-    def run_ours_plain():
-        config = SamplingConfig(
-            max_new_tokens=args.new_tokens,
-            min_new_tokens=args.new_tokens,
-            temperature=0.3,
-            top_p=0.95,
-            batch_size=args.batch,
-            repetition_count=10**9,
+    def hinted_config(length: int, batch_size: int) -> HintedConfig:
+        # Reference demo settings: beta 3, temperature 0.3, top-p 0.95, the "\boxed{" marker.
+        return HintedConfig(
+            max_new_tokens=length, min_new_tokens=length, batch_size=batch_size, seed=0, repetition_count=10**9
         )
-        return generate(model, tokenizer, plain, config)
 
-    def run_hf():
+    def hf(length: int):
         width = max(map(len, plain))
         ids = torch.tensor([[0] * (width - len(p)) + p for p in plain])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in plain])
@@ -275,127 +213,173 @@ def main(argv=None) -> dict:
                 temperature=0.3,
                 top_p=0.95,
                 top_k=None,
-                max_new_tokens=args.new_tokens,
-                min_new_tokens=args.new_tokens,
+                max_new_tokens=length,
+                min_new_tokens=length,
                 pad_token_id=0,
             )
+        assert out.shape == (len(plain), width + length)
         return out[:, width:]
 
-    # Warm-up: first calls pay for lazy initialisation (kernels, allocator).
-    warm = HintedConfig(**{**hd_config.__dict__, "max_new_tokens": 4, "min_new_tokens": 4})
-    hinted_decode(model, tokenizer, plain[:2], hinted[:2], warm)
-    run_hf_small = model.generate(torch.tensor([plain[0]]), max_new_tokens=4, do_sample=False, pad_token_id=0)
-    del run_hf_small
+    def ours_plain(length: int):
+        config = SamplingConfig(
+            max_new_tokens=length,
+            min_new_tokens=length,
+            temperature=0.3,
+            top_p=0.95,
+            batch_size=args.batch,
+            repetition_count=10**9,
+        )
+        return generate(model, tokenizer, plain, config)
 
-    # With one thread, CPU time is what the work costs, whatever else runs on the machine; with more,
-    # idle-waiting threads blur it, so wall time is used.
-    clock = "cpu" if torch.get_num_threads() == 1 else "wall"
-    times: dict[str, dict[str, list[float]]] = defaultdict(lambda: {"cpu": [], "wall": []})
-
-    def record(name, fn):
-        cpu, wall, result = timed(fn)
-        times[name]["cpu"].append(cpu)
-        times[name]["wall"].append(wall)
-        return result
-
-    for _ in range(args.repeats):
-        results = record("hinted", run_hinted)
-        hf_out = record("hf_generate", run_hf)
-        ours_plain = record("ours_generate", run_ours_plain)
-    counts = [r.n_tokens for r in results]
-    assert counts == [args.new_tokens] * args.batch, ("rows stopped early", [r.finish_reason for r in results])
-    assert hf_out.shape == (args.batch, args.new_tokens)
-    assert all(g.n_tokens == args.new_tokens for g in ours_plain)
-    generated = args.batch * args.new_tokens
-
-    # (c): separate copies of the weights, as the reference loads the model twice.
+    # The reference loads the model twice: separate copies of the weights.
     hinted_copy, plain_copy = copy.deepcopy(model), copy.deepcopy(model)
-    seg = args.ref_segment
+    ref = dict(beta=3.0, temperature=0.3, top_p=0.95, marker="\\boxed{", eos=1, repetition_count=10**9)
     rng = random.Random(1)
-    kwargs = dict(beta=3.0, temperature=0.3, top_p=0.95, marker="\\boxed{", eos=1, repetition_count=10**9)
-    for i in range(args.ref_examples):
-        prefix = [rng.randrange(5, args.vocab) for _ in range(args.new_tokens - seg)]
-        record(
-            "reference_early",
-            lambda i=i: reference_hinted(hinted_copy, plain_copy, tokenizer, hinted[i], plain[i], seg, **kwargs),
-        )
-        record(
-            "reference_late",
-            lambda i=i, prefix=prefix: reference_hinted(
-                hinted_copy, plain_copy, tokenizer, hinted[i], plain[i], seg, prefix=prefix, **kwargs
-            ),
-        )
+    prefixes = {length: [rng.randrange(5, args.vocab) for _ in range(length - seg)] for length in args.lengths}
 
-    def rate(name, tokens, best=True, which=clock):
-        values = times[name][which]
-        return tokens / (min(values) if best else sum(values))
+    def reference(length: int | None):
+        prefix = prefixes[length] if length else None
+        return [
+            reference_hinted(hinted_copy, plain_copy, tokenizer, hinted[i], plain[i], seg, prefix=prefix, **ref)
+            for i in range(k)
+        ]
 
-    ref_tokens = seg * args.ref_examples
-    rates, wall_rates = {}, {}
-    for which, out in ((clock, rates), ("wall", wall_rates)):
-        early = rate("reference_early", ref_tokens, best=False, which=which)
-        late = rate("reference_late", ref_tokens, best=False, which=which)
-        out.update(
-            {
-                "hinted_tokens_per_s": rate("hinted", generated, which=which),
-                "hf_generate_plain_tokens_per_s": rate("hf_generate", generated, which=which),
-                "ours_generate_plain_tokens_per_s": rate("ours_generate", generated, which=which),
-                # Mean per-token time of the first and last segments = the mean over all new tokens.
-                "reference_tokens_per_s": 2 / (1 / early + 1 / late),
-                "reference_early_segment_tokens_per_s": early,
-                "reference_late_segment_tokens_per_s": late,
-            }
+    fns, tokens = {"reference_early": lambda: reference(None)}, {"reference_early": k * seg}
+    for length in args.lengths:
+        fns[f"batched@{length}"] = lambda n=length: hinted_decode(
+            model, tokenizer, plain, hinted, hinted_config(n, args.batch)
         )
-    ratios = {
-        "hinted_vs_hf_generate": rates["hinted_tokens_per_s"] / rates["hf_generate_plain_tokens_per_s"],
-        "hinted_vs_reference": rates["hinted_tokens_per_s"] / rates["reference_tokens_per_s"],
-        "ours_generate_vs_hf_generate": rates["ours_generate_plain_tokens_per_s"]
-        / rates["hf_generate_plain_tokens_per_s"],
+        fns[f"single@{length}"] = lambda n=length: hinted_decode(
+            model, tokenizer, plain[:k], hinted[:k], hinted_config(n, 1)
+        )
+        fns[f"reference_late@{length}"] = lambda n=length: reference(n)
+        tokens.update({f"batched@{length}": args.batch * length, f"single@{length}": k * length})
+        tokens[f"reference_late@{length}"] = k * seg
+    fns[f"hf_generate@{top}"] = lambda: hf(top)
+    fns[f"ours_generate@{top}"] = lambda: ours_plain(top)
+    tokens[f"hf_generate@{top}"] = tokens[f"ours_generate@{top}"] = args.batch * top
+    return fns, tokens
+
+
+def factors(times: dict, args, clock: str) -> dict:
+    """Per-round ratios (as spreads): the split of the factor over the reference, and vs generate."""
+    k, seg, top, b = args.ref_examples, args.ref_segment, max(args.lengths), args.batch
+    c = {name: t[clock] for name, t in times.items()}
+    out = {}
+    for n in args.lengths:
+        # The reference's time for k examples x n tokens: the mean per-token time of its two stretches x n.
+        ref = [n * (e + late) / (2 * seg) for e, late in zip(c["reference_early"], c[f"reference_late@{n}"])]
+        single = c[f"single@{n}"]
+        per_token_batched = [t / (b * n) for t in c[f"batched@{n}"]]
+        out[f"caching@{n}"] = rounds.spread([r / s for r, s in zip(ref, single)])
+        out[f"batching@{n}"] = rounds.spread([s / (k * n) / p for s, p in zip(single, per_token_batched)])
+        out[f"total@{n}"] = rounds.spread([r / (k * n) / p for r, p in zip(ref, per_token_batched)])
+    # Same batch, same tokens (b x top each): a ratio of times is the inverse ratio of tokens/s.
+    out["hinted_vs_hf_generate"] = rounds.speedup(times, f"batched@{top}", f"hf_generate@{top}", clock)
+    out["ours_generate_vs_hf_generate"] = rounds.speedup(times, f"ours_generate@{top}", f"hf_generate@{top}", clock)
+    out["hinted_vs_ours_generate"] = rounds.speedup(times, f"batched@{top}", f"ours_generate@{top}", clock)
+    return out
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[64, 256], help="new tokens per row (L)")
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--intermediate", type=int, default=1408)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--kv-heads", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=4096)
+    parser.add_argument("--head-scale", type=float, default=10.0, help="lm_head multiplier (peakedness)")
+    parser.add_argument("--question-len", type=int, nargs=2, default=[48, 160])
+    parser.add_argument("--reference-len", type=int, nargs=2, default=[128, 384])
+    parser.add_argument("--instruction-len", type=int, default=384, help="shared rewriting instruction")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--ref-examples", type=int, default=2, help="examples of single@L and the reference")
+    parser.add_argument("--ref-segment", type=int, default=16, help="tokens per timed stretch of the reference")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads; 1 = CPU-time clock, else wall")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes and 2 rounds: checks the script runs")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "hinted.json"))
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.batch, args.lengths, args.hidden, args.intermediate, args.layers = 4, [8, 16], 64, 128, 2
+        args.vocab, args.question_len, args.reference_len, args.instruction_len = 512, [8, 16], [8, 16], 16
+        args.rounds, args.ref_examples, args.ref_segment = 2, 1, 4
+    if min(args.lengths) <= args.ref_segment:
+        parser.error("every --lengths value must exceed --ref-segment")
+    torch.set_num_threads(args.threads)
+    clock = rounds.clock_for(args.threads)
+    tokenizer = build_tokenizer(args.vocab)
+    model = build_model(args)
+    plain, hinted = make_prompts(args, args.batch)
+    n_params = sum(p.numel() for p in model.parameters())
+
+    # Warm-up: first calls pay for lazy initialisation (kernels, allocator).
+    warm = HintedConfig(max_new_tokens=4, min_new_tokens=4, seed=0, repetition_count=10**9)
+    hinted_decode(model, tokenizer, plain[:2], hinted[:2], warm)
+    model.generate(torch.tensor([plain[0]]), max_new_tokens=4, do_sample=False, pad_token_id=0)
+
+    fns, tokens = variants(model, tokenizer, plain, hinted, args)
+    times, last = rounds.in_turns(fns, args.rounds)
+    k = args.ref_examples
+    same_tokens, counts_ok = {}, True
+    for n in args.lengths:
+        batched, single = last[f"batched@{n}"], last[f"single@{n}"]
+        counts_ok &= all(r.n_tokens == n for r in batched + single)
+        same_tokens[n] = [r.token_ids for r in single] == [r.token_ids for r in batched[:k]]
+    assert counts_ok, "rows stopped before the token limit"
+    ratios = factors(times, args, clock)
+    top = max(args.lengths)
+    rates = {
+        name: rounds.spread([tokens[name] / t for t in times[name][clock]])
+        for name in times
+        if not name.startswith("reference")
     }
-    print(f"rates from {clock} time (tokens/s); wall-time rates in brackets")
-    for name, value in rates.items():
-        print(f"{name:40s} {value:10.1f}   [{wall_rates[name]:.1f}]")
-    for name, value in ratios.items():
-        print(f"{name:40s} {value:10.2f}x")
-    targets = {
-        "hinted_vs_hf_generate >= 0.5": ratios["hinted_vs_hf_generate"] >= 0.5,
-        "hinted_vs_reference >= 20": ratios["hinted_vs_reference"] >= 20,
-    }
-    for name, ok in targets.items():
-        print(f"target {name}: {'met' if ok else 'MISSED'}")
-    report = {
+    result = {
         "benchmark": "hinted decoding throughput (generated tokens/s)",
-        "settings": {
-            **vars(args),
-            "params_millions": round(n_params / 1e6, 2),
-            "plain_prompt_mean": sum(map(len, plain)) / len(plain),
-            "hinted_prompt_mean": sum(map(len, hinted)) / len(hinted),
-            "hinted_config": {k: v for k, v in hd_config.__dict__.items()},
-        },
         "clock": clock,
-        "times_s": dict(times),
-        "rates": rates,
-        "wall_rates": wall_rates,
+        "clock_words": rounds.clock_words(clock, args.threads),
         "ratios": ratios,
-        "targets_met": targets,
+        "tokens_per_s": rates,
+        "single_tokens_equal_batched": same_tokens,
+        "prompt_mean_tokens": {
+            "plain": sum(map(len, plain)) / len(plain),
+            "hinted": sum(map(len, hinted)) / len(hinted),
+            "plain_reference_examples": sum(map(len, plain[:k])) / k,
+            "hinted_reference_examples": sum(map(len, hinted[:k])) / k,
+        },
+        "tokens_per_call": tokens,
+        "times": times,
         "hinted_stats": {
-            "handovers": sum(r.handed_over for r in results),
-            "mean_lambda": sum(r.mean_lambda for r in results) / len(results),
-            "finish_reasons": sorted({r.finish_reason for r in results}),
+            "handovers": sum(r.handed_over for r in last[f"batched@{top}"]),
+            "mean_lambda": sum(r.mean_lambda for r in last[f"batched@{top}"]) / args.batch,
         },
-        "environment": {
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "python": sys.version.split()[0],
-            "machine": platform.machine(),
-            "cpus": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "load_average": os.getloadavg(),
-        },
+        "settings": {**vars(args), "params_millions": round(n_params / 1e6, 2)},
+        "machine": rounds.machine(),
     }
-    write_json_atomic(args.out, report)
+    p = result["prompt_mean_tokens"]
+    print(
+        f"model {n_params / 1e6:.1f}M params, vocab {args.vocab}; batch {args.batch}; prompts: plain mean "
+        f"{p['plain']:.0f}, hinted mean {p['hinted']:.0f} tokens (the {k} examples of single/reference: "
+        f"{p['plain_reference_examples']:.0f} / {p['hinted_reference_examples']:.0f}); {args.rounds} rounds in turns; "
+        f"clock: {result['clock_words']}"
+    )
+    for name, r in rates.items():
+        print(f"  {name:<22} {r['median']:9.1f} tokens/s [{r['min']:.1f}-{r['max']:.1f}]")
+    print("factor over the reference algorithm, per generated token (median of per-round ratios [range] (IQR)):")
+    for n in args.lengths:
+        print(
+            f"  at L = {n} new tokens: caching {rounds.show(ratios[f'caching@{n}'], 1)}; "
+            f"batching {rounds.show(ratios[f'batching@{n}'], 2)}; total {rounds.show(ratios[f'total@{n}'], 1)}"
+            f"; single tokens == batched: {same_tokens[n]}"
+        )
+    print(f"at L = {top}, batch {args.batch}, tokens/s ratios:")
+    for name in ("hinted_vs_hf_generate", "ours_generate_vs_hf_generate", "hinted_vs_ours_generate"):
+        print(f"  {name:<30} {rounds.show(ratios[name], 2)}")
+    write_json_atomic(args.out, result)
     print(f"wrote {args.out}")
-    return report
+    return result
 
 
 if __name__ == "__main__":

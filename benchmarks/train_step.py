@@ -1,44 +1,55 @@
-"""Training-step cost of onsft's IDFT against TRL's own SFTTrainer (nll) and a naive full-logit IDFT.
+"""Training-step cost of onsft's losses against TRL's own SFTTrainer (`loss_type="nll"`), measured fairly.
 
-Each variant runs in a fresh subprocess on the same model (Llama built from a config with a real
-vocabulary) and the same batch; we report the median forward+backward time over repeats and the peak
-memory of the step above the process's memory just before it (ru_maxrss delta), then ratios:
+Every variant is a trainer on its own copy of one model (a Llama built from a config with a real
+vocabulary), stepping (forward + backward, no optimiser) on the same batch. The variants take turns in
+this one process, round after round with the order rotated (benchmarks/rounds.py), so every ratio is
+paired within a round; each is reported as the median of its per-round ratios with the range and IQR.
+Clock: this process's CPU time at one torch thread (default), so other jobs on the machine do not decide
+the ratios; wall times are in the JSON.
 
-    idft / trl_nll time   (target <= 1.05)     idft / trl_nll memory (target <= 1.02)
-    naive / idft memory   (target >= 3 at sequence length 2048)
+Variants (name@tiles; tiles are the token x vocabulary tiles of TRL's fused LM head, which TRL reads
+from two module constants at call time, `trl.kernels.chunked_logprob.TOKEN_CHUNK_SIZE` and
+`trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE`, so they are set before each step):
+  trl_nll@trl    TRL's SFTTrainer, nll, TRL's default tiles 4096 x 32768
+  trl_nll@cpu    the same at 1024 x 8192 (what onsft picks on CPU; any TRL user could set it)
+  nll|dft|idft|eaft|asft@cpu   onsft's trainer at 1024 x 8192;  idft@trl  at TRL's tiles
+  naive_fp32     IDFT from fp32 full-vocabulary logits (what the reference code does)
 
-    python benchmarks/train_step.py --out benchmarks/results/train_step.json
+Headlines: idft / trl_nll at the SAME tiles (the weighting's cost alone), at both tile choices; the tile
+choice itself (trl_nll@cpu vs trl_nll@trl) on its own line. Each variant's loss is recorded: nll@cpu
+must equal trl_nll@cpu (same formula, same tiles), and a loss must not depend on the tiles.
 
-`--alternate` measures what EAFT and ASFT add to a plain nll step of the same trainer: the three trainers
-(each on its own copy of one model) take turns on the same batch inside one process, round after round
-(the order rotated each round), so drift of the shared machine hits all three alike; each round gives a
-paired ratio eaft/nll and asft/nll, reported as the median over rounds with its range. It also times
-EAFT's top-K alone, streamed over vocabulary tiles vs from full logits (the cost the tiles avoid):
+Step memory: each variant in a fresh subprocess (MALLOC_MMAP_THRESHOLD_ fixed, so freed tensors go back
+to the system): one warm-up step, then the rise of the resident-set high-water mark (VmHWM, reset through
+/proc/self/clear_refs) over one more step; parameter gradients exist before it and are not counted.
 
-    python benchmarks/train_step.py --alternate --out benchmarks/results/train_step_losses.json
+    python benchmarks/train_step.py [--rounds 6 --seq 2048] [--out benchmarks/results/train_step.json]
+    python benchmarks/train_step.py --quick      # tiny sizes, a few seconds (tests/test_benchmarks.py)
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import os
-import resource
-import statistics
 import subprocess
 import sys
-import time
+import tempfile
 from pathlib import Path
 
+import torch
 
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import rounds  # noqa: E402
+
+TILES = {"trl": (4096, 32768), "cpu": (1024, 8192)}
+VARIANTS = "trl_nll@trl,trl_nll@cpu,idft@trl,idft@cpu,dft@cpu,nll@cpu,eaft@cpu,asft@cpu,naive_fp32"
 
 
 def build(args):
-    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -60,14 +71,37 @@ def build(args):
     return model, batch
 
 
-def make_step(variant: str, model, args, workdir: str):
-    import datasets
-    import torch
+def set_tiles(variant: str) -> None:
+    """The process-wide tiles of TRL's fused head for this variant (read by TRL at call time)."""
+    from onsft.engine.trainer import configure_fused_head_tiles
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    if "@" in variant:
+        configure_fused_head_tiles(*TILES[variant.split("@")[1]], "cpu")
+
+
+def make_step(variant: str, model, workdir: str):
+    """A function running one forward + backward of `variant` on a batch; returns the loss."""
+    import datasets
+
+    from onsft.formulas.weighting import LossConfig, idft_loss
     from tiny import tiny_tokenizer  # any tokenizer will do: the batch is pre-tokenised
 
-    tokenizer = tiny_tokenizer()
+    name, _, tiles = variant.partition("@")
+    if name == "naive_fp32":
+        config = LossConfig(loss="idft")
+
+        def naive(batch):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+            logp_all = torch.log_softmax(logits[:, :-1], -1)
+            labels = batch["labels"][:, 1:]
+            mask = labels != -100
+            logp = logp_all.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            entropy = -(logp_all.exp() * logp_all).sum(-1)
+            loss = idft_loss(logp, entropy, mask, config)
+            loss.backward()
+            return float(loss.detach())
+
+        return naive
     dummy = datasets.Dataset.from_dict({"input_ids": [[1, 2, 3]], "labels": [[-100, 2, 3]]})
     common = dict(
         output_dir=workdir,
@@ -78,219 +112,197 @@ def make_step(variant: str, model, args, workdir: str):
         dataset_kwargs={"skip_prepare_dataset": True},
         remove_unused_columns=False,
         max_steps=1,
+        gradient_checkpointing=False,
     )
-    if variant == "naive_fp32":
-        from onsft.formulas.weighting import LossConfig, idft_loss
-
-        config = LossConfig(loss="idft")
-
-        def step(batch):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-            logp_all = torch.log_softmax(logits[:, :-1], -1)
-            labels = batch["labels"][:, 1:]
-            mask = labels != -100
-            logp = logp_all.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-            entropy = -(logp_all.exp() * logp_all).sum(-1)
-            idft_loss(logp, entropy, mask, config).backward()
-
-        return step
-    if variant == "trl_nll":
+    if name == "trl_nll":
         from trl import SFTConfig, SFTTrainer
 
         trainer = SFTTrainer(
             model=model,
-            args=SFTConfig(loss_type="nll", gradient_checkpointing=False, **common),
+            args=SFTConfig(loss_type="nll", **common),
             train_dataset=dummy,
-            processing_class=tokenizer,
+            processing_class=tiny_tokenizer(),
         )
     else:
         from onsft.engine.trainer import OnPolicySFTTrainer, TrainConfig
-        from onsft.formulas.weighting import LossConfig
 
-        tiles = {"head_token_chunk": 4096, "head_vocab_chunk": 32768} if variant == "idft_trl_tiles" else {}
-        loss = "idft" if variant.startswith("idft") else variant
+        token_chunk, vocab_chunk = TILES[tiles]
         trainer = OnPolicySFTTrainer(
             model=model,
-            args=TrainConfig(**common, **tiles),
+            args=TrainConfig(**common, head_token_chunk=token_chunk, head_vocab_chunk=vocab_chunk),
             train_dataset=dummy,
-            processing_class=tokenizer,
-            loss_config=LossConfig(loss=loss),
+            processing_class=tiny_tokenizer(),
+            loss_config=LossConfig(loss=name),
         )
     trainer.model.train()
-    trainer.current_gradient_accumulation_steps = 1  # set by train(); we call training_step directly
+    trainer.current_gradient_accumulation_steps = 1  # set by train(); training_step is called directly
 
     def step(batch):
-        trainer.training_step(trainer.model, dict(batch))
+        return float(trainer.training_step(trainer.model, dict(batch)))
 
     return step
 
 
-def worker(variant: str, args) -> dict:
-    import tempfile
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
-    import torch
 
+def step_memory(variant: str, args) -> dict:
+    """In a fresh process (see the module docstring): MiB the step adds to the resident set at its peak."""
     torch.set_num_threads(args.threads)
     model, batch = build(args)
     with tempfile.TemporaryDirectory() as workdir:
-        step = make_step(variant, model, args, workdir)
-        before = rss_bytes()
-        times = []
-        for _ in range(args.repeats + 1):
-            model.zero_grad(set_to_none=True)
-            start = time.perf_counter()
-            step(batch)
-            times.append(time.perf_counter() - start)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {
-        "variant": variant,
-        "step_seconds": statistics.median(times[1:]),
-        "all_seconds": times,
-        "peak_step_bytes": max(0, peak - before),
-    }
+        step = make_step(variant, model, workdir)
+        set_tiles(variant)
+        step(batch)  # warm-up: lazy initialisation, and the parameter gradients, which stay allocated
+        model.zero_grad(set_to_none=False)
+        gc.collect()
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+        before = _status_kb("VmRSS")
+        step(batch)
+        peak = _status_kb("VmHWM")
+    return {"variant": variant, "step_mib": (peak - before) / 1024}
 
 
-def spread(values: list[float]) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "all": values}
-
-
-def alternate(args) -> dict:
-    """nll, eaft and asft steps in turn in this process (module docstring), then EAFT's top-K alone."""
-    import tempfile
-
-    import torch
-
+def top_k_alone(model, batch, args) -> dict:
+    """EAFT's top-K entropy alone at the batch's response positions: streamed over tiles vs full logits."""
     from onsft.formulas.tiled_head import HeadTiles, top_k_entropy, top_k_entropy_from_hidden
 
-    torch.set_num_threads(args.threads)
-    model, batch = build(args)
-    variants = args.loss_variants.split(",")
-    seconds: dict[str, list[float]] = {v: [] for v in variants}
-    with tempfile.TemporaryDirectory() as workdir:
-        steps = {v: make_step(v, copy.deepcopy(model), args, f"{workdir}/{v}") for v in variants}
-        for v in variants:  # warm-up, untimed
-            steps[v](batch)
-        for r in range(args.rounds):
-            for v in variants[r % len(variants) :] + variants[: r % len(variants)]:
-                start = time.perf_counter()
-                steps[v](batch)
-                seconds[v].append(time.perf_counter() - start)
-    base = variants[0]
-    ratios = {f"{v}_over_{base}": spread([a / b for a, b in zip(seconds[v], seconds[base])]) for v in variants[1:]}
-    # EAFT's top-K alone at the response positions of the batch: streamed tiles vs full logits.
     head = model.get_output_embeddings().weight.detach()
     with torch.no_grad():
         hidden = model.model(input_ids=batch["input_ids"]).last_hidden_state[:, :-1]
         hidden = hidden[batch["labels"][:, 1:] != -100]
     ways = {
-        "tiles_trainer_cpu_1024x8192": lambda: top_k_entropy_from_hidden(
-            hidden, head, 20, None, HeadTiles(1.0, None, 1024, 8192)
-        ),
-        "tiles_256x2048": lambda: top_k_entropy_from_hidden(hidden, head, 20, None, HeadTiles(1.0, None, 256, 2048)),
+        "tiles_1024x8192": lambda: top_k_entropy_from_hidden(hidden, head, 20, None, HeadTiles(1.0, None, 1024, 8192)),
         "full_logits": lambda: top_k_entropy((hidden @ head.T).topk(20, dim=-1).values),
     }
-    top_k_seconds: dict[str, list[float]] = {w: [] for w in ways}
     with torch.no_grad():
         reference = ways["full_logits"]()
-        agreement = {w: float((f() - reference).abs().max()) for w, f in ways.items()}
-        for r in range(args.rounds):
-            for w in list(ways)[r % len(ways) :] + list(ways)[: r % len(ways)]:
-                start = time.perf_counter()
-                ways[w]()
-                top_k_seconds[w].append(time.perf_counter() - start)
+        agreement = float((ways["tiles_1024x8192"]() - reference).abs().max())
+        times, _ = rounds.in_turns(ways, args.rounds)
     return {
-        "step_seconds": {v: spread(t) for v, t in seconds.items()},
-        "paired_ratios": ratios,
-        "top_k": {
-            "rows": int(hidden.shape[0]),
-            "seconds": {w: spread(t) for w, t in top_k_seconds.items()},
-            "max_abs_difference_to_full_logits": agreement,
-            "full_logits_bytes": int(hidden.shape[0]) * head.shape[0] * 4,
-            "tile_bytes_trainer_cpu": 1024 * 8192 * 4,
-        },
+        "rows": int(hidden.shape[0]),
+        "seconds": {w: rounds.spread(t[args.clock]) for w, t in times.items()},
+        "tiles_over_full_logits": rounds.paired(times, "tiles_1024x8192", "full_logits", args.clock),
+        "max_abs_difference_to_full_logits": agreement,
+        "full_logits_mib": int(hidden.shape[0]) * head.shape[0] * 4 / 2**20,
+        "tile_mib": 1024 * 8192 * 4 / 2**20,
     }
 
 
-def main() -> None:
+def measure(args) -> dict:
+    torch.set_num_threads(args.threads)
+    variants = args.variants.split(",")
+    model, batch = build(args)
+    with tempfile.TemporaryDirectory() as workdir:
+        steps = {v: make_step(v, copy.deepcopy(model), f"{workdir}/{i}") for i, v in enumerate(variants)}
+        losses = {}
+        for v in variants:  # warm-up, untimed; the loss of each variant (constant: no optimiser step)
+            set_tiles(v)
+            losses[v] = steps[v](batch)
+        times, _ = rounds.in_turns({v: lambda v=v: steps[v](batch) for v in variants}, args.rounds, between=set_tiles)
+    result = {
+        "clock": args.clock,
+        "clock_words": rounds.clock_words(args.clock, args.threads),
+        "losses": losses,
+        "step_seconds": {v: rounds.spread(t[args.clock]) for v, t in times.items()},
+        "times": times,
+        "ratios": {},
+    }
+    pairs = {
+        "idft@cpu / trl_nll@cpu (same tiles 1024x8192)": ("idft@cpu", "trl_nll@cpu"),
+        "idft@trl / trl_nll@trl (same tiles 4096x32768)": ("idft@trl", "trl_nll@trl"),
+        "trl_nll@cpu / trl_nll@trl (tile choice alone, TRL's loss)": ("trl_nll@cpu", "trl_nll@trl"),
+        "idft@cpu / trl_nll@trl (onsft as shipped vs TRL as shipped)": ("idft@cpu", "trl_nll@trl"),
+        "nll@cpu / trl_nll@cpu": ("nll@cpu", "trl_nll@cpu"),
+        "dft@cpu / trl_nll@cpu": ("dft@cpu", "trl_nll@cpu"),
+        "eaft@cpu / nll@cpu": ("eaft@cpu", "nll@cpu"),
+        "asft@cpu / nll@cpu": ("asft@cpu", "nll@cpu"),
+        "naive_fp32 / idft@cpu": ("naive_fp32", "idft@cpu"),
+    }
+    for label, (over, base) in pairs.items():
+        if over in times and base in times:
+            result["ratios"][label] = rounds.paired(times, over, base, args.clock)
+    if "eaft@cpu" in variants:
+        result["top_k"] = top_k_alone(model, batch, args)
+    return result
+
+
+def memory(args) -> dict:
+    names = [v for v in args.memory_variants.split(",") if v]
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1] / "src"), env.get("PYTHONPATH", "")])
+    sizes = [f"--{k}={getattr(args, k)}" for k in ("vocab", "hidden", "layers", "seq", "batch", "threads")]
+    out = {}
+    for v in names:
+        if args.quick:  # in this process (no fresh interpreter to start): checks the code, not the memory
+            out[v] = step_memory(v, args)["step_mib"]
+            continue
+        done = subprocess.run(
+            [sys.executable, __file__, *sizes, "--memory_of", v], capture_output=True, text=True, check=True, env=env
+        )
+        out[v] = json.loads(done.stdout.strip().splitlines()[-1])["step_mib"]
+    ratios = {}
+    for over, base in (("idft@cpu", "trl_nll@cpu"), ("trl_nll@cpu", "trl_nll@trl"), ("naive_fp32", "idft@cpu")):
+        if over in out and base in out:
+            ratios[f"{over} / {base}"] = out[over] / out[base]
+    return {"step_mib": out, "ratios": ratios}
+
+
+def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vocab", type=int, default=49152)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--variants", default="trl_nll,idft,idft_trl_tiles,naive_fp32")
-    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--out", default="benchmarks/results/train_step.json")
-    parser.add_argument("--alternate", action="store_true", help="nll vs eaft vs asft in one process, in turns.")
-    parser.add_argument("--loss_variants", default="nll,eaft,asft", help="With --alternate; the first is the base.")
-    parser.add_argument("--rounds", type=int, default=5, help="With --alternate: timed rounds.")
-    args = parser.parse_args()
-    if args.alternate:
-        result = alternate(args)
-        for v, t in result["step_seconds"].items():
-            print(f"{v:>6}: {t['median']:.3f} s/step (min {t['min']:.3f}, max {t['max']:.3f})")
-        for key, r in result["paired_ratios"].items():
-            print(f"{key}: {r['median']:.3f} (rounds: {r['min']:.3f} .. {r['max']:.3f})")
-        for w, t in result["top_k"]["seconds"].items():
-            print(f"top-K {w}: {t['median']:.3f} s ({result['top_k']['rows']} rows)")
-        settings = {k: v for k, v in vars(args).items() if k not in ("worker", "variants", "repeats")}
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"settings": settings, **result}, indent=2))
-        return
-    if args.worker:
-        print(json.dumps(worker(args.worker, args)))
-        return
-    results = {}
-    passthrough = [a for a in sys.argv[1:] if not a.startswith("--out") and a != args.out]
-    for variant in args.variants.split(","):
-        out = subprocess.run(
-            [sys.executable, __file__, *passthrough, "--worker", variant], capture_output=True, text=True, check=True
-        )
-        results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
-        r = results[variant]
-        print(f"{variant:>16}: {r['step_seconds']:.3f} s/step, step memory {r['peak_step_bytes'] / 2**20:.0f} MiB")
-    ratios = {}
-    if "trl_nll" in results and "idft" in results:
-        base, ours = results["trl_nll"], results["idft"]
-        ratios["idft_over_trl_time"] = ours["step_seconds"] / base["step_seconds"]
-        ratios["idft_over_trl_memory"] = ours["peak_step_bytes"] / max(1, base["peak_step_bytes"])
-    if "naive_fp32" in results and "idft" in results:
-        ratios["naive_over_idft_memory"] = results["naive_fp32"]["peak_step_bytes"] / max(
-            1, results["idft"]["peak_step_bytes"]
-        )
-        ratios["naive_over_idft_time"] = results["naive_fp32"]["step_seconds"] / results["idft"]["step_seconds"]
-    targets = {
-        "idft_over_trl_time": ("<=", 1.05),
-        "idft_over_trl_memory": ("<=", 1.02),
-        "naive_over_idft_memory": (">=", 3.0),
-    }
-    verdict = {}
-    for key, value in ratios.items():
-        if key in targets:
-            op, bound = targets[key]
-            verdict[key] = value <= bound if op == "<=" else value >= bound
-        print(
-            f"{key}: {value:.3f}"
-            + (
-                f"  (target {targets[key][0]} {targets[key][1]}: {'met' if verdict[key] else 'NOT met'})"
-                if key in targets
-                else ""
-            )
-        )
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(
-        json.dumps(
-            {
-                "settings": {k: v for k, v in vars(args).items() if k != "worker"},
-                "results": results,
-                "ratios": ratios,
-                "targets_met": verdict,
-            },
-            indent=2,
-        )
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads; 1 = CPU-time clock, else wall")
+    parser.add_argument("--variants", default=VARIANTS)
+    parser.add_argument("--memory_variants", default="trl_nll@trl,trl_nll@cpu,idft@trl,idft@cpu,naive_fp32")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes and 2 rounds: checks the script runs")
+    parser.add_argument("--memory_of", default=None, help=argparse.SUPPRESS)  # internal: the child process
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "train_step.json"))
+    args = parser.parse_args(argv)
+    if args.memory_of:
+        print(json.dumps(step_memory(args.memory_of, args)))
+        return {}
+    if args.quick:
+        args.vocab, args.hidden, args.seq, args.rounds, args.memory_variants = 4096, 64, 256, 2, "idft@cpu"
+    args.clock = rounds.clock_for(args.threads)
+
+    from onsft.runtime.records import write_json_atomic
+
+    result = measure(args)
+    result["memory"] = memory(args)
+    result["settings"] = {k: v for k, v in vars(args).items() if k not in ("memory_of", "out")}
+    result["machine"] = rounds.machine()
+    print(
+        f"Llama vocab {args.vocab}, hidden {args.hidden}, {args.layers} layers, batch {args.batch} x {args.seq} tokens; "
+        f"{args.rounds} rounds in turns; clock: {result['clock_words']}"
     )
+    for v, t in result["step_seconds"].items():
+        print(
+            f"  {v:<12} {t['median']:7.3f} s/step [{t['min']:.3f}-{t['max']:.3f}]  loss {result['losses'][v]:.6f}"
+            + (f"  step memory {result['memory']['step_mib'][v]:.0f} MiB" if v in result["memory"]["step_mib"] else "")
+        )
+    print("time ratios (median of per-round ratios [range] (IQR)):")
+    for label, r in result["ratios"].items():
+        print(f"  {label:<62} {rounds.show(r, 3)}")
+    for label, value in result["memory"]["ratios"].items():
+        print(f"  memory {label:<55} {value:.2f}x")
+    if "top_k" in result:
+        t = result["top_k"]
+        print(
+            f"  EAFT top-K alone ({t['rows']} rows): tiles / full logits {rounds.show(t['tiles_over_full_logits'], 3)}, "
+            f"max difference {t['max_abs_difference_to_full_logits']:.1e}"
+        )
+    write_json_atomic(args.out, result)
+    print(f"wrote {args.out}")
+    return result
 
 
 if __name__ == "__main__":

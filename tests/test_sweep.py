@@ -9,12 +9,15 @@ from pathlib import Path
 import pytest
 import yaml
 
+import onsft
 from onsft.cli import main
 from onsft.commands import train as train_command
+from onsft.commands.compare import check_options
 from onsft.formulas.frontier import best_reading
-from onsft.pipeline.experiment import Experiment
+from onsft.pipeline.experiment import Experiment, load_experiment
 from onsft.pipeline.experiment_eval import Evaluator
 from onsft.pipeline.frontier_report import write_frontier
+from onsft.pipeline.sweep import grid
 from tiny import tiny_model, tiny_tokenizer
 
 WORDS = ["ab", "cd", "ef", "gh", "ij", "kl", "mn", "op"]
@@ -227,7 +230,8 @@ def test_variants_run_the_experiment_once_each_and_compare_them(experiment):
         out=str(root / "variants"),
         methods=["sft", "idft"],
         method_seeds={},
-        sweep={},
+        sweep={"learning_rate": [0.01]},
+        eval_every=0,  # curves of two points: the base model and the final one
         audit={},
         variants={
             "long": {"train_data": spec["train_data"]},
@@ -248,3 +252,14 @@ def test_variants_run_the_experiment_once_each_and_compare_them(experiment):
     text = (out / "variants.md").read_text()
     assert "| long |" in text and "| short |" in text and "idft - sft" in text
     assert (out / "variants.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("name", ["organism-frontier", "organism-styles"])
+def test_shipped_studies_load_and_their_options_validate(name, tmp_path):
+    exp = load_experiment(str(Path(onsft.__file__).parent / "experiments" / f"{name}.yaml"), {})
+    variants = [exp.variant(v) for v in exp.variants] or [exp]
+    for variant in variants:
+        check_options(variant, tmp_path)  # every method's train options with every swept value
+    cells = [c for v in variants for c in grid(v)]
+    assert len(cells) == {"organism-frontier": 36, "organism-styles": 30}[name]  # as sized in the file's header
+    assert len({(v.out, c.name) for v in variants for c in grid(v)}) == len(cells)  # one folder each

@@ -134,7 +134,7 @@ def plot_frontier(exp: Experiment, cells: list[dict], front: list[dict], x: str,
     for i, method in enumerate(methods):
         ax.plot([], [], "-", color=palette[i % len(palette)], label=method)
     for i, setting in enumerate(settings):
-        ax.plot([], [], LINESTYLES[i % len(LINESTYLES)], color="grey", label=setting)
+        ax.plot([], [], LINESTYLES[i % len(LINESTYLES)], color="black", label=setting)
     ax.scatter(
         [100 * p[x] for p in front],
         [100 * p[y] for p in front],

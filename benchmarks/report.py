@@ -1,0 +1,182 @@
+"""docs/benchmarks.md's tables, written from the JSON under benchmarks/results/ (never typed by hand).
+
+Each benchmark's table sits between `<!-- BEGIN name -->` and `<!-- END name -->` in docs/benchmarks.md;
+this rewrites what is between the markers of every benchmark whose JSON exists and leaves the rest of the
+page alone.
+
+    python benchmarks/report.py [--results benchmarks/results] [--doc docs/benchmarks.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cell(s: dict, digits: int = 2) -> tuple[str, str, str]:
+    """(median, 'min-max; IQR q1-q3', rounds) of a spread."""
+    f = f"{{:.{digits}f}}"
+    return (
+        f"{f.format(s['median'])}x",
+        f"{f.format(s['min'])}-{f.format(s['max'])}; IQR {f.format(s['q1'])}-{f.format(s['q3'])}",
+        str(s["n"]),
+    )
+
+
+def short_clock(r: dict) -> str:
+    threads = r["machine"]["torch_threads"]
+    return f"{'CPU time' if r['clock'] == 'cpu' else 'wall'}, {threads} thread{'s' if threads != 1 else ''}"
+
+
+def table(rows: list[tuple[str, dict, int]], clock: str) -> list[str]:
+    lines = ["| setting | median ratio | spread (range; IQR) | rounds | clock |", "|---|---|---|---|---|"]
+    for label, s, digits in rows:
+        median, spread, n = cell(s, digits)
+        lines.append(f"| {label} | **{median}** | {spread} | {n} | {clock} |")
+    return lines
+
+
+def train_step(r: dict) -> list[str]:
+    s, ratios = r["settings"], r["ratios"]
+    lines = [
+        f"Llama from a config: vocabulary {s['vocab']}, hidden {s['hidden']}, {s['layers']} layers, "
+        f"{s['batch']} x {s['seq']} tokens (a quarter masked as prompt), forward + backward per step, "
+        f"{len(r['step_seconds'])} variants in turns. Ratios are step times (< 1: faster than the baseline).",
+        "",
+    ]
+    rows = [
+        ("**IDFT / TRL nll, same tiles 1024 x 8192** (the weighting's cost)", "idft@cpu / trl_nll@cpu"),
+        ("**IDFT / TRL nll, same tiles 4096 x 32768** (the weighting's cost)", "idft@trl / trl_nll@trl"),
+        ("tile choice alone: TRL nll at 1024 x 8192 / at TRL's default 4096 x 32768", "trl_nll@cpu / trl_nll@trl"),
+        ("onsft as shipped (IDFT, 1024 x 8192) / TRL as shipped (nll, 4096 x 32768)", "idft@cpu / trl_nll@trl"),
+        ("onsft nll / TRL nll, same tiles 1024 x 8192", "nll@cpu / trl_nll@cpu"),
+        ("DFT / TRL nll, same tiles 1024 x 8192", "dft@cpu / trl_nll@cpu"),
+        ("EAFT / onsft nll, 1024 x 8192", "eaft@cpu / nll@cpu"),
+        ("ASFT / onsft nll, 1024 x 8192", "asft@cpu / nll@cpu"),
+        ("naive fp32 full-logit IDFT / IDFT 1024 x 8192", "naive_fp32 / idft@cpu"),
+    ]
+    found = [(label, next((v for k, v in ratios.items() if k.startswith(key)), None), 3) for label, key in rows]
+    found = [row for row in found if row[1] is not None]
+    if "top_k" in r:
+        t = r["top_k"]
+        label = f"EAFT's top-K alone ({t['rows']} rows): 1024 x 8192 tiles / full fp32 logits"
+        found.append((label, t["tiles_over_full_logits"], 3))
+    lines += table(found, short_clock(r))
+    mem = r["memory"]["step_mib"]
+    lines += [
+        "",
+        "Step memory (MiB above the resident set before the step, one fresh process per variant, one step):",
+        "",
+        "| variant | step memory (MiB) |",
+        "|---|---|",
+    ]
+    lines += [f"| {v} | {mib:.0f} |" for v, mib in mem.items()]
+    lines += ["", "| memory ratio | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.2f}x |" for k, v in r["memory"]["ratios"].items()]
+    losses = r["losses"]
+    lines += [
+        "",
+        f"Equal work: the loss of onsft's nll at 1024 x 8192 is {losses['nll@cpu']:.6f}, TRL's "
+        f"{losses['trl_nll@cpu']:.6f}; IDFT's is {losses['idft@cpu']:.6g} at 1024 x 8192 and "
+        f"{losses['idft@trl']:.6g} at 4096 x 32768 (naive fp32: {losses['naive_fp32']:.6g}).",
+    ]
+    return lines
+
+
+def audit(r: dict) -> list[str]:
+    s, pos, ratios = r["settings"], r["head_positions"], r["throughput_ratio_vs_forward"]
+    v = r["variants"]
+    lines = [
+        f"Llama from a config: vocabulary {s['vocab']}, hidden {s['hidden']}, {s['layers']} layers; "
+        f"{s['batches']} padded batches of {s['batch_size']} ragged rows of ~{s['seq_len']} tokens; "
+        f"tiles {r['tiles']['row_chunk']} x {r['tiles']['vocab_chunk']}. Ratios are throughput over the "
+        f"plain forward's (> 1: faster); LM-head positions: forward {pos['forward']} (every padded position).",
+        "",
+    ]
+    labels = {
+        "audit_all": f"**audit on every position / forward** (equal token counts: {pos['audit_all']} real "
+        f"positions vs the forward's {pos['forward']} padded ones)",
+        "audit": f"**audit on response positions / forward** (what `onsft audit` does: {pos['audit']} positions)",
+        "audit_fused": f"audit, torch.compile-fused tiles / forward ({pos['audit']} positions)",
+        "naive_ddt": "naive fp32 full-logit DDT / forward",
+    }
+    lines += table([(labels[n], ratios[n], 2) for n in labels if n in ratios], short_clock(r))
+    lines += ["", "| variant | peak memory above the set-up (MiB) | vs forward |", "|---|---|---|"]
+    base = v["forward"]["peak_delta_mib"]
+    for name, d in v.items():
+        if d["peak_delta_mib"] is not None:
+            ratio = f"{d['peak_delta_mib'] / base:.2f}x" if base else "-"
+            lines.append(f"| {name} | {d['peak_delta_mib']:.0f} | {ratio} |")
+    diffs = r["max_abs_phi_difference_to_naive_fp32"]
+    if diffs:
+        shown = ", ".join(f"{k} {d:.1e}" for k, d in diffs.items())
+        lines += ["", f"Equal results: max |phi - phi of the naive fp32 scorer|: {shown}."]
+    return lines
+
+
+def hinted(r: dict) -> list[str]:
+    s, ratios, p = r["settings"], r["ratios"], r["prompt_mean_tokens"]
+    top = max(s["lengths"])
+    lines = [
+        f"Llama from a config, {s['params_millions']}M parameters (hidden {s['hidden']}, {s['layers']} layers, "
+        f"vocabulary {s['vocab']}); batch {s['batch']}; prompt means: plain {p['plain']:.0f}, hinted "
+        f"{p['hinted']:.0f} tokens (the {s['ref_examples']} examples of the single-row and reference variants: "
+        f"{p['plain_reference_examples']:.0f} / {p['hinted_reference_examples']:.0f}). Ratios are generated "
+        f"tokens/s over the baseline's (> 1: faster).",
+        "",
+    ]
+    rows = []
+    for n in s["lengths"]:
+        same = r["single_tokens_equal_batched"][str(n)]
+        rows += [
+            (f"L = {n}: caching (cached single row / reference)", ratios[f"caching@{n}"], 1),
+            (
+                f"L = {n}: batching (cached batch of {s['batch']} / cached single row; same tokens: {same})",
+                ratios[f"batching@{n}"],
+                2,
+            ),
+            (f"**L = {n}: total (cached batch / reference)**", ratios[f"total@{n}"], 1),
+        ]
+    rows += [
+        (
+            f"**hinted decoding / HF `generate` on the plain contexts** (batch {s['batch']}, L = {top})",
+            ratios["hinted_vs_hf_generate"],
+            2,
+        ),
+        (
+            f"onsft `generate` / HF `generate`, plain contexts (batch {s['batch']}, L = {top})",
+            ratios["ours_generate_vs_hf_generate"],
+            2,
+        ),
+        (f"hinted decoding / onsft `generate` on the plain contexts (L = {top})", ratios["hinted_vs_ours_generate"], 2),
+    ]
+    return lines + table(rows, short_clock(r))
+
+
+RENDER = {"train_step": train_step, "audit": audit, "hinted": hinted}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--doc", default=str(ROOT / "docs" / "benchmarks.md"))
+    args = parser.parse_args(argv)
+    doc = Path(args.doc)
+    text = doc.read_text()
+    for name, render in RENDER.items():
+        path = Path(args.results) / f"{name}.json"
+        begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
+        if not path.exists() or begin not in text:
+            continue
+        block = "\n".join([begin, *render(json.loads(path.read_text())), end])
+        start, stop = text.index(begin), text.index(end) + len(end)
+        text = text[:start] + block + text[stop:]
+    doc.write_text(text)
+    print(f"wrote {doc}")
+
+
+if __name__ == "__main__":
+    main()

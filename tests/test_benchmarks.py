@@ -1,0 +1,75 @@
+"""The benchmark scripts run (`--quick`: tiny sizes, 2 rounds) and their results hold the checks that make
+their comparisons fair: equal losses at equal settings, equal scores, equal tokens. Timings are not tested."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def check_spread(s: dict, rounds: int) -> None:
+    assert s["n"] == rounds == len(s["all"])
+    assert s["min"] <= s["q1"] <= s["median"] <= s["q3"] <= s["max"]
+    assert all(math.isfinite(v) and v > 0 for v in s["all"])
+
+
+def rendered(name: str, tmp_path) -> str:
+    """docs/benchmarks.md's table for `name`, written by benchmarks/report.py from the JSON in tmp_path."""
+    doc = tmp_path / "doc.md"
+    doc.write_text(f"before\n<!-- BEGIN {name} -->\nold\n<!-- END {name} -->\nafter\n")
+    load("report").main(["--results", str(tmp_path), "--doc", str(doc)])
+    text = doc.read_text()
+    assert text.startswith("before\n") and text.endswith("after\n") and "old" not in text
+    return text
+
+
+def test_train_step_quick(tmp_path):
+    result = load("train_step").main(["--quick", "--out", str(tmp_path / "train_step.json")])
+    losses = result["losses"]
+    # The headline compares equal work: TRL's nll and ours at the same tiles give the same loss, and no loss
+    # depends on the tiles.
+    assert losses["nll@cpu"] == pytest.approx(losses["trl_nll@cpu"], rel=1e-5)
+    assert losses["trl_nll@trl"] == pytest.approx(losses["trl_nll@cpu"], rel=1e-5)
+    assert losses["idft@trl"] == pytest.approx(losses["idft@cpu"], rel=1e-5)
+    assert losses["naive_fp32"] == pytest.approx(losses["idft@cpu"], rel=1e-4)
+    for ratio in result["ratios"].values():
+        check_spread(ratio, 2)
+    assert result["memory"]["step_mib"]["idft@cpu"] >= 0
+    assert result["top_k"]["max_abs_difference_to_full_logits"] < 1e-4
+    assert "| **IDFT / TRL nll, same tiles 1024 x 8192** (the weighting's cost) |" in rendered("train_step", tmp_path)
+
+
+def test_audit_quick(tmp_path):
+    result = load("audit").main(["--quick", "--out", str(tmp_path / "audit.json")])
+    positions = result["head_positions"]
+    assert positions["forward"] > positions["audit_all"] > positions["audit"] > 0
+    assert result["max_abs_phi_difference_to_naive_fp32"]["audit"] < 1e-4
+    for ratio in result["throughput_ratio_vs_forward"].values():
+        check_spread(ratio, 2)
+    assert result["variants"]["audit"]["peak_delta_mib"] >= 0
+    assert "**audit on every position / forward** (equal token counts" in rendered("audit", tmp_path)
+
+
+def test_hinted_quick(tmp_path):
+    result = load("hinted").main(["--quick", "--out", str(tmp_path / "hinted.json")])
+    assert result["single_tokens_equal_batched"] == {8: True, 16: True}
+    ratios = result["ratios"]
+    for n in (8, 16):
+        # The split multiplies back to the total, round by round.
+        for c, b, t in zip(ratios[f"caching@{n}"]["all"], ratios[f"batching@{n}"]["all"], ratios[f"total@{n}"]["all"]):
+            assert c * b == pytest.approx(t, rel=1e-9)
+    for ratio in ratios.values():
+        check_spread(ratio, 2)
+    assert "L = 16: batching (cached batch of 4 / cached single row; same tokens: True)" in rendered("hinted", tmp_path)
