@@ -1223,9 +1223,13 @@ def _rewrite_options(c) -> None:
         ("keep_truncated_not_bool", "--keep_truncated maybe", ("--keep_truncated", "maybe"), "keep_truncated"),
         ("samples_per_prompt_0", "--samples_per_prompt 0", ("--samples_per_prompt", "0"), "`samples_per_prompt`"),
         ("step_check_unknown", "--step_check maybe", ("--step_check", "maybe"), "step_check"),
+        ("keep_unknown", "--keep most", ("--keep", "most"), "invalid choice: 'most'"),
+        ("beta_ladder_word", "--beta_ladder 1,high", ("--beta_ladder", "1,high"), "`beta_ladder` entry `high`"),
+        ("beta_ladder_nan", "--beta_ladder 0.5,nan", ("--beta_ladder", "0.5,nan"), "`beta_ladder` entry `nan`"),
+        ("beta_ladder_negative", "--beta_ladder -1", ("--beta_ladder=-1",), "`beta_ladder` entry `-1`"),
     ):
         # Values argparse rejects are the command line's; values a settings group rejects are its `config`'s.
-        where = "config" if name == "samples_per_prompt_0" else "command line"
+        where = "config" if name.startswith(("samples_per_prompt", "beta_ladder")) else "command line"
         c.rewrite(f"rewrite_{name}", what, c.good, expect, extra=extra, where=where)
     c.rewrite(
         "rewrite_step_checker_unknown",

@@ -81,6 +81,8 @@ def base_args(saved, data="data.jsonl"):
         2,
         "--samples_per_prompt",
         2,
+        "--beta_ladder",
+        "1,3",
         "--chunk_size",
         3,
         # The random tiny model rarely ends a response within 10 tokens: keep cut responses (see
@@ -181,7 +183,7 @@ def test_provenance_own_hinted_dropped_with_a_scripted_verifier():
     examples = [parse_example(r, i, i + 1, "rows", False) for i, r in enumerate(rows)]
     k, tries = 2, 2
     config = rewriting.RewriteConfig(
-        data="d", own_samples=k, samples_per_prompt=tries, chunk_size=6, keep_truncated=True
+        data="d", own_samples=k, samples_per_prompt=tries, chunk_size=6, keep_truncated=True, keep="first"
     )
     hinted_config = HintedConfig(max_new_tokens=10)
 
@@ -348,6 +350,7 @@ def test_step_check_flags_or_drops_responses_with_a_false_step(tmp_path):
             data="d",
             own_samples=0,
             samples_per_prompt=2,
+            keep="first",
             keep_truncated=True,
             chunk_size=8,
             step_check=mode,

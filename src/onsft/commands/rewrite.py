@@ -9,10 +9,13 @@ The pipeline (spec section 3, "The data pipeline around it"), for every prompt:
      verified one that ended by itself is kept as it is: provenance `own` (it is on-policy already);
   2. otherwise run hinted decoding (`onsft.engine.hinted`): one response shared by the plain context and a
      hinted context (the hint template filled with the question and the `reference` column, under the
-     chat template), `--samples_per_prompt` tries decoded together; the first verified try is kept:
-     provenance `hinted`; when none verifies: `dropped` (the last try is shown, not trained on);
-     a response cut by the decoder (`--max_new_tokens`, a repetition loop) is not a finished solution
-     and is not kept unless `--keep_truncated` (`drop_reason: truncated` when it was the only verified);
+     chat template). Best-of-n (`onsft.pipeline.best_of_n`): `--samples_per_prompt` N candidates, candidate
+     s at beta `--beta_ladder`[s mod length] (default `--beta`), each verified; `--keep best` (default)
+     keeps the usable candidate with the highest Z (closest to the model's own distribution), `first` the
+     first, `all` every distinct one (a training row each): provenance `hinted`; when none is usable:
+     `dropped` (its most promising try is shown, not trained on, with `drop_reason`). A response cut by
+     the decoder (`--max_new_tokens`, a repetition loop) is not a finished solution and is not usable
+     unless `--keep_truncated` (`drop_reason: truncated` when only such tries verified);
   3. score every response, and the original reference, with DDT under the plain context (the audit's
      streamed scorer): mean phi, Z and p-value, so the summary shows how far rewriting moved the data;
   4. check the steps each kept response states (`--step_check flag|drop|off`, default flag, with
@@ -25,7 +28,12 @@ Outputs in --out:
   records.jsonl  every input row once, in input order, its fields untouched, plus: response, provenance
                  (own|hinted|dropped), verified, mean_phi, z, p_value, scored_tokens, finish_reason,
                  n_tokens (generated tokens of the response), reference_mean_phi, reference_z,
-                 own_correct (verified own samples of k), own_samples, hinted_tries, mean_lambda,
+                 own_correct (verified own samples of k), own_samples, hinted_tries (candidates judged),
+                 sample_index and beta (which sample the response is: own samples have beta null),
+                 mean_lambda, handed_over (the hinted response reached the answer marker and the plain
+                 context finished it), candidates (per hinted candidate: sample, beta, finish_reason,
+                 n_tokens, handed_over, verified, usable, problem, kept, and mean_phi / z when scored),
+                 also_kept (the other kept candidates with --keep all: response, sample_index, beta, ...),
                  extracted_answer, verify_method, generated_tokens (all tokens decoded for the row),
                  truncated (the response did not end by itself: finish_reason length or repetition),
                  score_truncated (scored up to --max_length only), false_steps / steps_checked (the
@@ -36,7 +44,10 @@ Outputs in --out:
                  + `completion` = the response, plus answer, provenance, mean_phi, false_steps (when
                  the step check ran) and the other input columns; `onsft train --data` reads it directly.
   summary.json   counts own-correct / rewritten / dropped (and why: drop_reasons, truncated, step_check:
-                 rows checked, flagged, dropped), mean phi of
+                 rows checked, flagged, dropped), the yield against N (of the prompts given hinted
+                 candidates, how many have a usable one among their first n, n = 1..N), per beta
+                 (by_beta), the share of hinted candidates and of kept rewrites that reached the answer
+                 marker (answer_marker: did the hand-over to the plain context happen), mean phi of
                  the references vs the rewritten responses vs the own answers, throughput, wall time and
                  the settings.
 A rewrite that keeps no row is an error (exit 2): no train.jsonl or summary.json is written, and the
@@ -47,12 +58,12 @@ Resuming: rows are appended to records.jsonl.partial after every chunk of `--chu
 and the final files appear only when every row is done. Rerunning a finished run does nothing. A
 run with other settings at the same --out is refused (`--overwrite` starts over).
 
-Reproducibility: all sampling of a chunk is seeded by (--seed, the chunk's first row), so results
-depend on --seed and --chunk_size but not on the decode batch sizes, on resuming, or on the number of
-processes. Under `accelerate launch` / torchrun each process takes the chunks c with c % N == rank,
-writes records.rank<r>-of-<N>.jsonl.partial, and rank 0 merges in input order. (Chunks rather than
-single rows are dealt out because a row's random stream is fixed by its position in its decode
-batch; dealing whole chunks keeps every batch, so the merged output equals a one-process run.)
+Reproducibility: sample s of the row with input index i (an own sample, or a hinted candidate) draws
+from the random stream fixed by (--seed, the stage, i, s) alone, so samples do not depend on the chunk,
+the decode batch sizes, resuming, the number of processes, or N for the first N samples (the yield can
+only grow with --samples_per_prompt). DDT scores are computed per chunk. Under `accelerate launch` /
+torchrun each process takes the chunks c with c % N == rank, writes records.rank<r>-of-<N>.jsonl.partial,
+and rank 0 merges in input order, so the merged output equals a one-process run.
 
 Hint template: the hinted context is [system: hint system] + [user: hint template], with `{question}`
 (the last user turn, after the prompt's own system text if it has one) and `{reference}` filled in.
@@ -309,9 +320,14 @@ def _line(summary: dict) -> str:
         return f"{stats['mean_phi']:.3f}" if stats.get("n") else "-"
 
     speed = summary.get("tokens_per_second")
+    by_n, marker = summary["yield"]["by_samples"], summary["answer_marker"]
+    shares = ", ".join(f"{entry['share']:.0%}" for entry in by_n)
+    best_of_n = f"; failed prompts rewritten with 1..{len(by_n)} samples: {shares}" if len(by_n) > 1 else ""
+    handed = f"; {marker['share']:.0%} of hinted samples reached the answer marker" if marker["candidates"] else ""
     return (
         f"onsft rewrite: {summary['rows']} prompts: own-correct {summary['own_correct']}, rewritten "
-        f"{summary['rewritten']}, dropped {summary['dropped']}; mean phi references {fmt(phi['references'])} "
+        f"{summary['rewritten']}, dropped {summary['dropped']}{best_of_n}{handed}; mean phi references "
+        f"{fmt(phi['references'])} "
         f"(of rewritten rows {fmt(phi['references_of_rewritten'])}) -> rewritten {fmt(phi['rewritten'])}, own "
         f"{fmt(phi['own'])}; {summary['generated_tokens_this_run']} tokens generated"
         + (f" at {speed:.0f} tokens/s" if speed else "")

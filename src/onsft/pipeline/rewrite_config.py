@@ -9,12 +9,9 @@ from dataclasses import dataclass, field
 from onsft.data.rows import DataArguments, Example
 from onsft.data.step_check import StepCheckConfig
 from onsft.errors import UserError
+from onsft.pipeline.best_of_n import SAMPLE_SLOTS, BestOfNConfig
 
 PROVENANCES = ("own", "hinted", "dropped")
-# Finish reasons of a response the model ended itself; the others (the token limit, a repetition loop) were
-# cut by the decoder: not a finished solution, and training on it with the chat template's end of turn
-# appended would teach an ending the model did not choose.
-ENDED = ("eos", "stop")
 # Fields this command adds to every record; an input column with one of these names is refused.
 ADDED_FIELDS = (
     "response",
@@ -31,7 +28,10 @@ ADDED_FIELDS = (
     "own_correct",
     "own_samples",
     "hinted_tries",
+    "sample_index",
+    "beta",
     "mean_lambda",
+    "handed_over",
     "extracted_answer",
     "verify_method",
     "generated_tokens",
@@ -39,16 +39,19 @@ ADDED_FIELDS = (
     "score_truncated",
     "false_steps",
     "steps_checked",
+    "candidates",
+    "also_kept",
     "analysis",
     "drop_reason",
 )
 
 
 @dataclass
-class RewriteConfig(StepCheckConfig, DataArguments):
+class RewriteConfig(StepCheckConfig, BestOfNConfig, DataArguments):
     """The rewrite pipeline's own settings (the data: rows with a prompt, an `answer` and a `reference`
-    solution; the step check of kept responses: `StepCheckConfig`); hinted decoding's are `HintedConfig`'s
-    (also the own samples' token limit and seed), scoring's `ScoringConfig`'s, checking `VerifyConfig`'s."""
+    solution; the candidates per failed prompt: `BestOfNConfig`; the step check of kept responses:
+    `StepCheckConfig`); hinted decoding's are `HintedConfig`'s (also the own samples' token limit and seed),
+    scoring's `ScoringConfig`'s, checking `VerifyConfig`'s."""
 
     out: str = field(default="", metadata={"help": "Output folder: records.jsonl, train.jsonl, summary.json."})
     train_out: str = field(
@@ -78,13 +81,6 @@ class RewriteConfig(StepCheckConfig, DataArguments):
             "help": "Keep verified responses that did not end (cut at --max_new_tokens or at a repetition "
             "loop; `truncated: true` in records.jsonl). Default: such a response is not a finished "
             "solution and is not kept."
-        },
-    )
-    samples_per_prompt: int = field(
-        default=1,
-        metadata={
-            "help": "Hinted-decoding tries per prompt the model fails, decoded together; the first verified "
-            "try is kept."
         },
     )
     hint_template: str | None = field(
@@ -124,10 +120,15 @@ class RewriteConfig(StepCheckConfig, DataArguments):
 
     def validate(self) -> None:
         StepCheckConfig.validate(self)
+        BestOfNConfig.validate(self)
         checks = [
             (bool(self.data), "data", "is required", "pass --data FILE."),
-            (self.own_samples >= 0, "own_samples", "must be >= 0", "pass 0 or more."),
-            (self.samples_per_prompt >= 1, "samples_per_prompt", "must be >= 1", "pass 1 or more."),
+            (
+                0 <= self.own_samples < SAMPLE_SLOTS,
+                "own_samples",
+                f"must be >= 0 and < {SAMPLE_SLOTS}",
+                "pass 0 or more.",
+            ),
             (
                 self.own_temperature >= 0 and 0 < self.own_top_p <= 1,
                 "own_temperature/own_top_p",

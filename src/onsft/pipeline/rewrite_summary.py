@@ -5,12 +5,15 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 
+from onsft.pipeline.best_of_n import by_beta, handover, yield_by_samples
 from onsft.pipeline.rewrite_config import ADDED_FIELDS
 
 
 def train_rows(records: Sequence[dict]) -> list[dict]:
-    """The kept rows as prompt + completion (the response); other input columns stay, except the ones
-    that would give `onsft train` a second prompt/response (`messages`)."""
+    """The kept rows as prompt + completion (the response), with the provenance of the response (own or
+    hinted, its sample index and beta); other input columns stay, except the ones that would give `onsft
+    train` a second prompt/response (`messages`). A row with other kept candidates (--keep all) gives one
+    training row per candidate."""
     rows = []
     for record in records:
         if record["provenance"] == "dropped":
@@ -22,16 +25,20 @@ def train_rows(records: Sequence[dict]) -> list[dict]:
         else:
             prompt = record["prompt"]
         base = {k: v for k, v in record.items() if k not in ("messages", "prompt", "completion", *ADDED_FIELDS)}
-        row = {
-            "prompt": prompt,
-            "completion": record["response"],
-            **base,
-            "provenance": record["provenance"],
-            "mean_phi": record["mean_phi"],
-        }
-        if record.get("false_steps") is not None:  # the step check's flags (--step_check flag), to filter on
-            row["false_steps"] = record["false_steps"]
-        rows.append(row)
+        main = {key: record.get(key) for key in ("response", "sample_index", "beta", "mean_phi", "false_steps")}
+        for kept in [main, *(record.get("also_kept") or [])]:
+            row = {
+                "prompt": prompt,
+                "completion": kept["response"],
+                **base,
+                "provenance": record["provenance"],
+                "sample_index": kept["sample_index"],
+                "beta": kept["beta"],
+                "mean_phi": kept["mean_phi"],
+            }
+            if kept["false_steps"] is not None:  # the step check's flags (--step_check flag), to filter on
+                row["false_steps"] = kept["false_steps"]
+            rows.append(row)
     return rows
 
 
@@ -75,6 +82,7 @@ def summarize(records: Sequence[dict]) -> dict:
         "rewritten": count["hinted"],
         "dropped": count["dropped"],
         "kept": count["own"] + count["hinted"],
+        "training_rows": count["own"] + count["hinted"] + sum(len(r.get("also_kept") or []) for r in records),
         "prompts_with_an_own_correct_sample": sum(r["own_correct"] > 0 for r in records),
         "own_sample_accuracy": sum(r["own_correct"] for r in records) / (n * k) if n and k else None,
         "hinted_attempted": len(attempted),
@@ -95,6 +103,11 @@ def summarize(records: Sequence[dict]) -> dict:
             "dropped": sum(r.get("drop_reason") == "truncated" for r in records),
         },
         "step_check": _step_check(records),
+        # Best-of-n: the share of failed prompts with a usable candidate among their first n, per beta, and
+        # how many hinted candidates handed over to the plain context at the answer marker.
+        "yield": yield_by_samples(records),
+        "by_beta": by_beta(records),
+        "answer_marker": handover(records),
         "finish_reasons": dict(sorted(Counter(r["finish_reason"] for r in records if r["finish_reason"]).items())),
         "verify_methods": dict(sorted(Counter(r["verify_method"] for r in records if r["verify_method"]).items())),
         "generated_tokens": sum(r["generated_tokens"] for r in records),

@@ -1,28 +1,42 @@
 """The rewrite pipeline: own samples first, hinted decoding where the model fails, verification, DDT scores.
 
 For every chunk of prompts (`Rewriter.chunk`): sample `own_samples` answers from the plain context and
-keep a verified one as it is (provenance `own`); otherwise run hinted decoding (`onsft.engine.hinted`)
-and keep the first verified try (`hinted`), else `dropped`; then score every response and the original
-reference under the plain context. All sampling of a chunk is seeded by (seed, stage, the chunk's first
-row), so a chunk gives the same records whenever and wherever it runs.
+keep the first usable one as it is (provenance `own`); otherwise decode `samples_per_prompt` hinted
+candidates (`onsft.pipeline.best_of_n`) and keep the best, first or all usable ones (`hinted`), else
+`dropped`; then score the responses and the original reference under the plain context. Every sample is
+seeded by (seed, stage, its row's input index, its sample index), so a row samples the same whenever and
+wherever it runs, in any chunk.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from onsft.data.chat import encode_prompt, encode_response
 from onsft.data.rows import Example
-from onsft.data.step_check import StepChecker
+from onsft.data.step_check import StepChecker, StepReport
 from onsft.data.verify import Verifier, get_verifier
 from onsft.engine.decoding import SamplingConfig, generate
-from onsft.engine.hinted import HintedConfig, hinted_decode
+from onsft.engine.hinted import HintedConfig
 from onsft.engine.scoring import Item, ScoringConfig
 from onsft.errors import UserError
+from onsft.pipeline.best_of_n import (
+    ENDED,
+    Candidate,
+    candidate_betas,
+    choose,
+    decode_candidates,
+    judge,
+    judge_all,
+    provenance,
+    sample_id,
+    shown,
+    to_score,
+)
 from onsft.pipeline.hints import HintSettings, hinted_messages, resolve_hint
-from onsft.pipeline.rewrite_config import ENDED, RewriteConfig, check_columns
+from onsft.pipeline.rewrite_config import RewriteConfig, check_columns
 from onsft.runtime.device import stream_seed
 from onsft.runtime.models import context_length, pad_token_id
 
@@ -60,8 +74,24 @@ def prepare(
     return rows
 
 
+@dataclass
+class RowState:
+    """What one row's chunk step found: its own samples, its hinted candidates, the tokens decoded."""
+
+    own: list[Candidate] = field(default_factory=list)
+    hinted: list[Candidate] = field(default_factory=list)
+    generated_tokens: int = 0
+    analysis: str | None = None
+    drop_reason: str | None = None  # a failed analysis
+    reference_score: dict | None = None
+
+    @property
+    def own_kept(self) -> Candidate | None:
+        return next((c for c in self.own if c.usable), None)
+
+
 class Rewriter:
-    """The model, tokenizer, settings, verifier and scorer that rewrite chunks of prepared rows."""
+    """The model, tokenizer, settings, verifier, step checker and scorer that rewrite chunks of prepared rows."""
 
     def __init__(
         self,
@@ -77,37 +107,40 @@ class Rewriter:
         self.model, self.tokenizer, self.config, self.hint, self.verifier = model, tokenizer, config, hint, verifier
         self.step_checker = step_checker
         self.hinted = dataclasses.replace(hinted, answer_marker=hint.answer_marker)
+        self.betas = candidate_betas(config, hinted.beta)
         self.context = context_length(model)
         self.scorer = scoring.scorer(model, pad_token_id(tokenizer))
         self.generated = 0  # tokens decoded by this object (throughput)
 
-    def own_sampling(self, seed: int) -> SamplingConfig:
-        """The own samples' settings: hinted decoding's token limit and stop rules, the own temperature."""
+    def own_sampling(self) -> SamplingConfig:
+        """The own samples' settings: hinted decoding's token limit, the own temperature."""
         return SamplingConfig(
             max_new_tokens=self.hinted.max_new_tokens,
             temperature=self.config.own_temperature,
             top_p=self.config.own_top_p,
-            seed=seed,
+            seed=stream_seed("rewrite", "own", self.hinted.seed, 0),
             batch_size=self.config.own_batch_size,
         )
 
+    def judge(self, candidate: Candidate, answer: str) -> None:
+        config = self.config
+        judge(candidate, answer, self.verifier, self.step_checker, config.keep_truncated, config.step_check == "drop")
+
     def chunk(self, rows: Sequence[Prepared], progress: Callable[[int], None] | None = None) -> list[dict]:
-        """Records (input fields + results, keyed by `_index`) for consecutive rows; deterministic given rows."""
-        config, k, start = self.config, self.config.own_samples, rows[0].example.index
-        states = [{"own_correct": 0, "generated_tokens": 0, "own": None} for _ in rows]
+        """Records (input fields + results, keyed by `_index`) for consecutive rows. Every sample is seeded by
+        (seed, its row's input index, its sample index), so a row samples the same in any chunk."""
+        config, k = self.config, self.config.own_samples
+        states = [RowState() for _ in rows]
         if k:
             prompts = [row.plain_ids for row in rows for _ in range(k)]
-            sampling = self.own_sampling(stream_seed("rewrite", "own", self.hinted.seed, start))
-            samples = generate(self.model, self.tokenizer, prompts, sampling)
-            for slot, sample in enumerate(samples):
-                state, row = states[slot // k], rows[slot // k]
-                verdict = self.verifier.check(sample.text, row.example.answer)
-                state["generated_tokens"] += sample.n_tokens
-                if verdict.correct:
-                    state["own_correct"] += 1
-                    if state["own"] is None and self.usable(sample) and self.sound(sample):
-                        state["own"] = (sample, verdict)
-        rewrite = [j for j, state in enumerate(states) if not (config.keep_own and state["own"])]
+            ids = [sample_id(row.example.index, t) for row in rows for t in range(k)]
+            samples = generate(self.model, self.tokenizer, prompts, self.own_sampling(), example_ids=ids)
+            for j, (row, state) in enumerate(zip(rows, states)):
+                state.own = [Candidate(t, None, sample) for t, sample in enumerate(samples[j * k : (j + 1) * k])]
+                for candidate in state.own:  # all of them: own_correct counts the verified ones
+                    self.judge(candidate, row.example.answer)
+                state.generated_tokens += sum(c.generation.n_tokens for c in state.own)
+        rewrite = [j for j, state in enumerate(states) if not (config.keep_own and state.own_kept)]
         if progress is not None:
             progress(len(rows) - len(rewrite))
         hinted_ids = {j: rows[j].hinted_ids for j in rewrite}
@@ -115,45 +148,25 @@ class Rewriter:
         if config.analyze_first and rewrite:
             rewrite = self._analyze(rows, rewrite, states, hinted_ids)
         if rewrite:
-            tries = config.samples_per_prompt
-            plain = [rows[j].plain_ids for j in rewrite for _ in range(tries)]
-            hinted = [hinted_ids[j] for j in rewrite for _ in range(tries)]
-            hd = dataclasses.replace(self.hinted, seed=stream_seed("rewrite", "hinted", self.hinted.seed, start))
-            outputs = hinted_decode(self.model, self.tokenizer, plain, hinted, hd)
-            for slot, j in enumerate(rewrite):
-                chosen, looked = None, 0
-                for output in outputs[slot * tries : (slot + 1) * tries]:
-                    states[j]["generated_tokens"] += output.n_tokens
-                    if chosen is not None and chosen[1].correct and self.keepable(chosen[0]):
-                        continue
-                    verdict = self.verifier.check(output.text, rows[j].example.answer)
-                    looked += 1
-                    # The first verified, finished try wins; without one a verified try that was cut is
-                    # shown (dropped, "truncated"), else the last try ("not verified").
-                    if chosen is None or verdict.correct or not chosen[1].correct:
-                        chosen = (output, verdict)
-                if chosen[1].correct and not self.usable(chosen[0]):
-                    states[j]["drop_reason"] = "truncated"
-                elif chosen[1].correct and not self.sound(chosen[0]):
-                    states[j]["drop_reason"] = "false step"
-                states[j]["hinted"] = (*chosen, looked)
+            decoded = decode_candidates(
+                self.model,
+                self.tokenizer,
+                [rows[j].plain_ids for j in rewrite],
+                [hinted_ids[j] for j in rewrite],
+                [rows[j].example.index for j in rewrite],
+                self.hinted,
+                self.betas,
+            )
+            for j, candidates in zip(rewrite, decoded):
+                states[j].hinted = candidates
+                states[j].generated_tokens += sum(c.generation.n_tokens for c in candidates)
+                judge_all(candidates, config.keep == "first", lambda c, a=rows[j].example.answer: self.judge(c, a))
         if progress is not None and pending:
             progress(pending)
+        self._score(rows, states)
         records = [self._record(row, state) for row, state in zip(rows, states)]
-        self.generated += sum(state["generated_tokens"] for state in states)
-        self._score(rows, records)
+        self.generated += sum(state.generated_tokens for state in states)
         return records
-
-    def usable(self, generation) -> bool:
-        """A verified response is kept only when the model ended it (or --keep_truncated)."""
-        return self.config.keep_truncated or generation.finish_reason in ENDED
-
-    def sound(self, generation) -> bool:
-        """With --step_check drop, a response stating a false step is not kept either."""
-        return self.config.step_check != "drop" or not self.step_checker(generation.text).false
-
-    def keepable(self, generation) -> bool:
-        return self.usable(generation) and self.sound(generation)
 
     def _analyze(self, rows, rewrite: list[int], states, hinted_ids: dict[int, list[int]]) -> list[int]:
         """Greedy analysis from the hinted context up to the first marker; it joins the hinted context.
@@ -165,70 +178,104 @@ class Rewriter:
         outputs = generate(self.model, self.tokenizer, [hinted_ids[j] for j in rewrite], greedy)
         kept = []
         for j, output in zip(rewrite, outputs):
-            states[j]["generated_tokens"] += output.n_tokens
+            states[j].generated_tokens += output.n_tokens
             cut = marker_prefix(self.tokenizer, output.token_ids, config.analyze_marker)
-            states[j]["analysis"] = self.tokenizer.decode(
+            states[j].analysis = self.tokenizer.decode(
                 output.token_ids[: cut or len(output.token_ids)], skip_special_tokens=True
             )
             if cut is None or (self.context and len(hinted_ids[j]) + cut >= self.context):
-                states[j]["drop_reason"] = "no analysis marker" if cut is None else "analysis fills the context"
+                states[j].drop_reason = "no analysis marker" if cut is None else "analysis fills the context"
                 continue
             hinted_ids[j] = hinted_ids[j] + output.token_ids[:cut]
             kept.append(j)
         return kept
 
-    def _record(self, row: Prepared, state: dict) -> dict:
+    def _kept(self, state: RowState) -> tuple[str, list[Candidate]]:
+        """The row's provenance and kept candidates (scored already)."""
+        if self.config.keep_own and state.own_kept is not None:
+            return "own", [state.own_kept]
+        kept = choose(state.hinted, self.config.keep)
+        return ("hinted" if kept else "dropped"), kept
+
+    def _record(self, row: Prepared, state: RowState) -> dict:
         config = self.config
+        provenance_, kept = self._kept(state)
+        # A dropped row shows its most promising try (not trained on).
+        main = kept[0] if kept else shown(state.hinted)
+        response, verdict = (main.generation, main.verdict) if main is not None else (None, None)
+        score = (main.score if main is not None else None) or {}
+        hinted = provenance_ != "own" and main is not None
+        steps = self._steps(main)
         record = {**row.example.record, "_index": row.example.index}
-        response = verdict = None
-        provenance, tries, mean_lambda = "dropped", 0, None
-        if config.keep_own and state["own"]:
-            response, verdict = state["own"]
-            provenance = "own"
-        elif state.get("hinted"):
-            response, verdict, tries = state["hinted"]
-            provenance = "hinted" if verdict.correct and self.keepable(response) else "dropped"
-            mean_lambda = response.mean_lambda
         record.update(
             response=response.text if response is not None else None,
-            provenance=provenance,
+            provenance=provenance_,
             verified=bool(verdict is not None and verdict.correct),
-            mean_phi=None,
-            z=None,
-            p_value=None,
-            scored_tokens=None,
+            mean_phi=score.get("mean_phi"),
+            z=score.get("z"),
+            p_value=score.get("p_value"),
+            scored_tokens=score.get("n_tokens"),
             finish_reason=response.finish_reason if response is not None else None,
             n_tokens=response.n_tokens if response is not None else 0,
-            reference_mean_phi=None,
-            reference_z=None,
-            own_correct=state["own_correct"],
+            reference_mean_phi=(state.reference_score or {}).get("mean_phi"),
+            reference_z=(state.reference_score or {}).get("z"),
+            own_correct=sum(c.verdict.correct for c in state.own),
             own_samples=config.own_samples,
-            hinted_tries=tries,
-            mean_lambda=mean_lambda,
+            hinted_tries=sum(c.verdict is not None for c in state.hinted),
+            sample_index=main.sample if main is not None else None,
+            beta=main.beta if main is not None else None,
+            mean_lambda=response.mean_lambda if hinted else None,
+            handed_over=response.handed_over if hinted else None,
             extracted_answer=verdict.extracted if verdict is not None else None,
             verify_method=verdict.method if verdict is not None else None,
-            generated_tokens=state["generated_tokens"],
+            generated_tokens=state.generated_tokens,
             # The response did not end by itself (the token limit or a repetition loop; see finish_reason).
             truncated=response is not None and response.finish_reason not in ENDED,
-            score_truncated=False,
+            score_truncated=bool(score.get("truncated", False)),
+            false_steps=steps.false if steps is not None else None,
+            steps_checked=steps.checked if steps is not None else None,
+            candidates=[provenance(c, any(c is k for k in kept)) for c in state.hinted] or None,
+            also_kept=[self._also(c) for c in kept[1:]],
         )
-        if self.step_checker is not None and response is not None:
-            report = self.step_checker(response.text)
-            record.update(false_steps=report.false, steps_checked=report.checked)
-        else:
-            record.update(false_steps=None, steps_checked=None)
         if config.analyze_first:
-            record["analysis"] = state.get("analysis")
-        if provenance == "dropped":
-            record["drop_reason"] = state.get("drop_reason") or "not verified"
+            record["analysis"] = state.analysis
+        if provenance_ == "dropped":
+            record["drop_reason"] = state.drop_reason or (main.problem if main is not None else "not verified")
         return record
 
-    def _score(self, rows: Sequence[Prepared], records: list[dict]) -> None:
-        """mean phi, Z, p of each response and of each reference, under the plain context, in place."""
+    def _steps(self, candidate: Candidate | None) -> StepReport | None:
+        """The step check of a response (None when off); a candidate never judged (a dropped row's) is checked now."""
+        if candidate is None or self.step_checker is None:
+            return None
+        if candidate.steps is None:
+            candidate.steps = self.step_checker(candidate.text)
+        return candidate.steps
+
+    def _also(self, candidate: Candidate) -> dict:
+        """Another kept candidate of the row (--keep all): its response, provenance and scores."""
+        steps = self._steps(candidate)
+        return {
+            "response": candidate.text,
+            "sample_index": candidate.sample,
+            "beta": candidate.beta,
+            "mean_phi": candidate.score["mean_phi"],
+            "z": candidate.score["z"],
+            "finish_reason": candidate.generation.finish_reason,
+            "false_steps": steps.false if steps is not None else None,
+        }
+
+    def _score(self, rows: Sequence[Prepared], states: Sequence[RowState]) -> None:
+        """mean phi, Z, p under the plain context of every candidate a record may show or keep, and of every
+        reference, in one pass of the streamed scorer (`Candidate.score`, `RowState.reference_score`)."""
         items, targets = [], []
         limit = min(self.config.max_length, self.context) if self.context else self.config.max_length
-        for row, record in zip(rows, records):
-            for text, prefix in ((record["response"], ""), (row.example.reference, "reference_")):
+        for row, state in zip(rows, states):
+            if self.config.keep_own and state.own_kept is not None:
+                wanted = [state.own_kept]
+            else:
+                wanted = to_score(state.hinted, self.config.keep) or [c for c in [shown(state.hinted)] if c]
+            texts = [(c.text, c) for c in wanted] + [(row.example.reference, state)]
+            for text, target in texts:
                 if text is None:
                     continue
                 response = encode_response(self.tokenizer, row.example.prompt, text, row.plain_ids)
@@ -237,15 +284,14 @@ class Rewriter:
                 room = limit - len(row.plain_ids)
                 truncated = len(response) > room
                 items.append(Item(len(items), row.plain_ids + response[:room], len(row.plain_ids), truncated))
-                targets.append((record, prefix))
+                targets.append(target)
         for batch, scores, _ in self.scorer.iter_scored(items):
             for i, score in zip(batch, scores):
-                record, prefix = targets[i]
-                record[prefix + "mean_phi"], record[prefix + "z"] = score["mean_phi"], score["z"]
-                if not prefix:
-                    record.update(
-                        p_value=score["p_value"], scored_tokens=score["n_tokens"], score_truncated=items[i].truncated
-                    )
+                score = {**score, "truncated": items[i].truncated}
+                if isinstance(targets[i], RowState):
+                    targets[i].reference_score = score
+                else:
+                    targets[i].score = score
 
 
 def marker_prefix(tokenizer, token_ids: list[int], marker: str) -> int | None:
