@@ -20,7 +20,7 @@ Peak memory: each variant in a fresh subprocess (MALLOC_MMAP_THRESHOLD_ fixed, s
 the system), the rise of the resident-set high-water mark over the set-up's resident set (VmHWM reset
 through /proc/self/clear_refs after a two-row warm-up).
 
-    python benchmarks/audit.py [--batch_size 8 --seq_len 512 --batches 4 --rounds 5]
+    python benchmarks/audit.py [--batch_size 8 --seq_len 512 --batches 2 --rounds 5]
     python benchmarks/audit.py --quick      # tiny sizes, a few seconds (tests/test_benchmarks.py)
 """
 
@@ -176,7 +176,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--seq_len", type=int, default=512)
-    parser.add_argument("--batches", type=int, default=4)
+    parser.add_argument("--batches", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--vocab_chunk", type=int, default=0, help="0 = onsft.formulas.ddt's default for the device")
     parser.add_argument("--row_chunk", type=int, default=0, help="0 = onsft.formulas.ddt's default for the device")

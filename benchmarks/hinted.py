@@ -191,34 +191,58 @@ def reference_hinted(
 # ---------------------------------------------------------------------------------------------
 
 
+def hinted_config(length: int, batch_size: int) -> HintedConfig:
+    # Reference demo settings: beta 3, temperature 0.3, top-p 0.95, the "\boxed{" marker.
+    return HintedConfig(
+        max_new_tokens=length, min_new_tokens=length, batch_size=batch_size, seed=0, repetition_count=10**9
+    )
+
+
+def hf_generate(model, prompts: list[list[int]], length: int):
+    """transformers' `generate` on left-padded prompts, with hinted decoding's sampling settings."""
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    with torch.inference_mode():
+        out = model.generate(
+            ids,
+            attention_mask=mask,
+            do_sample=True,
+            temperature=0.3,
+            top_p=0.95,
+            top_k=None,
+            max_new_tokens=length,
+            min_new_tokens=length,
+            pad_token_id=0,
+        )
+    assert out.shape == (len(prompts), width + length)
+    return out[:, width:]
+
+
+def breakdown(model, tokenizer, plain, hinted, args, clock: str) -> dict:
+    """Where hinted decoding's time goes against `generate` on the plain contexts, in turns at the largest L:
+    its prefill alone (max_new_tokens 1), and HF `generate` on BOTH contexts (plain and hinted prompts as 2B
+    rows: the forward work of hinted decoding without the mixing)."""
+    n = max(args.lengths)
+    fns = {
+        f"batched@{n}": lambda: hinted_decode(model, tokenizer, plain, hinted, hinted_config(n, args.batch)),
+        "prefill_only": lambda: hinted_decode(model, tokenizer, plain, hinted, hinted_config(1, args.batch)),
+        f"hf_generate@{n}": lambda: hf_generate(model, plain, n),
+        f"hf_generate_both@{n}": lambda: hf_generate(model, plain + hinted, n),
+    }
+    times, _ = rounds.in_turns(fns, args.rounds)
+    return {
+        "hinted_vs_hf_generate": rounds.speedup(times, f"batched@{n}", f"hf_generate@{n}", clock),
+        # The same rows, prompts and steps: a ratio of times (> 1: hinted decoding is faster).
+        "hinted_vs_hf_generate_both_contexts": rounds.speedup(times, f"batched@{n}", f"hf_generate_both@{n}", clock),
+        "prefill_share_of_hinted": rounds.paired(times, "prefill_only", f"batched@{n}", clock),
+        "times": times,
+    }
+
+
 def variants(model, tokenizer, plain, hinted, args) -> tuple[dict, dict]:
     """{name: a function decoding that variant} and {name: tokens it generates}."""
     k, seg, top = args.ref_examples, args.ref_segment, max(args.lengths)
-
-    def hinted_config(length: int, batch_size: int) -> HintedConfig:
-        # Reference demo settings: beta 3, temperature 0.3, top-p 0.95, the "\boxed{" marker.
-        return HintedConfig(
-            max_new_tokens=length, min_new_tokens=length, batch_size=batch_size, seed=0, repetition_count=10**9
-        )
-
-    def hf(length: int):
-        width = max(map(len, plain))
-        ids = torch.tensor([[0] * (width - len(p)) + p for p in plain])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in plain])
-        with torch.inference_mode():
-            out = model.generate(
-                ids,
-                attention_mask=mask,
-                do_sample=True,
-                temperature=0.3,
-                top_p=0.95,
-                top_k=None,
-                max_new_tokens=length,
-                min_new_tokens=length,
-                pad_token_id=0,
-            )
-        assert out.shape == (len(plain), width + length)
-        return out[:, width:]
 
     def ours_plain(length: int):
         config = SamplingConfig(
@@ -255,7 +279,7 @@ def variants(model, tokenizer, plain, hinted, args) -> tuple[dict, dict]:
         fns[f"reference_late@{length}"] = lambda n=length: reference(n)
         tokens.update({f"batched@{length}": args.batch * length, f"single@{length}": k * length})
         tokens[f"reference_late@{length}"] = k * seg
-    fns[f"hf_generate@{top}"] = lambda: hf(top)
+    fns[f"hf_generate@{top}"] = lambda: hf_generate(model, plain, top)
     fns[f"ours_generate@{top}"] = lambda: ours_plain(top)
     tokens[f"hf_generate@{top}"] = tokens[f"ours_generate@{top}"] = args.batch * top
     return fns, tokens
@@ -300,7 +324,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--ref-segment", type=int, default=16, help="tokens per timed stretch of the reference")
     parser.add_argument("--threads", type=int, default=1, help="torch threads; 1 = CPU-time clock, else wall")
     parser.add_argument("--quick", action="store_true", help="tiny sizes and 2 rounds: checks the script runs")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "hinted.json"))
+    parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="instead: hinted decoding's prefill share and HF generate on both contexts, at the largest L",
+    )
+    parser.add_argument("--out", default=None, help="default benchmarks/results/hinted[_breakdown].json")
     args = parser.parse_args(argv)
     if args.quick:
         args.batch, args.lengths, args.hidden, args.intermediate, args.layers = 4, [8, 16], 64, 128, 2
@@ -320,6 +349,20 @@ def main(argv=None) -> dict:
     hinted_decode(model, tokenizer, plain[:2], hinted[:2], warm)
     model.generate(torch.tensor([plain[0]]), max_new_tokens=4, do_sample=False, pad_token_id=0)
 
+    args.out = args.out or str(Path(__file__).parent / "results" / f"hinted{'_breakdown' * args.breakdown}.json")
+    if args.breakdown:
+        result = breakdown(model, tokenizer, plain, hinted, args, clock)
+        result.update(clock=clock, settings=vars(args), machine=rounds.machine())
+        result["prompt_mean_tokens"] = {
+            "plain": sum(map(len, plain)) / len(plain),
+            "hinted": sum(map(len, hinted)) / len(hinted),
+        }
+        print(f"at L = {max(args.lengths)}, batch {args.batch}; clock: {rounds.clock_words(clock, args.threads)}")
+        for name in ("hinted_vs_hf_generate", "hinted_vs_hf_generate_both_contexts", "prefill_share_of_hinted"):
+            print(f"  {name:<36} {rounds.show(result[name], 2)}")
+        write_json_atomic(args.out, result)
+        print(f"wrote {args.out}")
+        return result
     fns, tokens = variants(model, tokenizer, plain, hinted, args)
     times, last = rounds.in_turns(fns, args.rounds)
     k = args.ref_examples

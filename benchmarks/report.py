@@ -156,7 +156,35 @@ def hinted(r: dict) -> list[str]:
     return lines + table(rows, short_clock(r))
 
 
-RENDER = {"train_step": train_step, "audit": audit, "hinted": hinted}
+def hinted_breakdown(r: dict) -> list[str]:
+    s, p = r["settings"], r["prompt_mean_tokens"]
+    n, b = max(s["lengths"]), s["batch"]
+    rows = [
+        (
+            f"hinted decoding / HF `generate` on the plain contexts (batch {b}, L = {n}; tokens/s)",
+            r["hinted_vs_hf_generate"],
+            2,
+        ),
+        (
+            f"hinted decoding / HF `generate` on both contexts ({2 * b} rows: the same prompts and steps; time)",
+            r["hinted_vs_hf_generate_both_contexts"],
+            2,
+        ),
+        (
+            "hinted decoding's prefill (1 new token) / the whole hinted decode (share of its time)",
+            r["prefill_share_of_hinted"],
+            2,
+        ),
+    ]
+    return [
+        f"`hinted.py --breakdown`, a separate run of the same model and prompts (plain {p['plain']:.0f}, hinted "
+        f"{p['hinted']:.0f} tokens on average):",
+        "",
+        *table(rows, short_clock(r)),
+    ]
+
+
+RENDER = {"train_step": train_step, "audit": audit, "hinted": hinted, "hinted_breakdown": hinted_breakdown}
 
 
 def main(argv=None) -> None:

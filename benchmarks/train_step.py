@@ -23,7 +23,7 @@ Step memory: each variant in a fresh subprocess (MALLOC_MMAP_THRESHOLD_ fixed, s
 to the system): one warm-up step, then the rise of the resident-set high-water mark (VmHWM, reset through
 /proc/self/clear_refs) over one more step; parameter gradients exist before it and are not counted.
 
-    python benchmarks/train_step.py [--rounds 6 --seq 2048] [--out benchmarks/results/train_step.json]
+    python benchmarks/train_step.py [--rounds 5 --seq 2048] [--out benchmarks/results/train_step.json]
     python benchmarks/train_step.py --quick      # tiny sizes, a few seconds (tests/test_benchmarks.py)
 """
 
@@ -259,7 +259,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch threads; 1 = CPU-time clock, else wall")
     parser.add_argument("--variants", default=VARIANTS)
     parser.add_argument("--memory_variants", default="trl_nll@trl,trl_nll@cpu,idft@trl,idft@cpu,naive_fp32")

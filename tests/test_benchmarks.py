@@ -73,3 +73,12 @@ def test_hinted_quick(tmp_path):
     for ratio in ratios.values():
         check_spread(ratio, 2)
     assert "L = 16: batching (cached batch of 4 / cached single row; same tokens: True)" in rendered("hinted", tmp_path)
+
+
+def test_hinted_breakdown_quick(tmp_path):
+    out = tmp_path / "hinted_breakdown.json"
+    result = load("hinted").main(["--quick", "--breakdown", "--out", str(out)])
+    share = result["prefill_share_of_hinted"]
+    check_spread(share, 2)
+    assert share["max"] < 1.5  # one token's decode cannot cost much more than sixteen
+    assert "on both contexts (8 rows" in rendered("hinted_breakdown", tmp_path)
