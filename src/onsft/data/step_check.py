@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Literal
 
-from onsft.data.verify import load_function
+from onsft.data.verify import call_user_function, load_function
 from onsft.errors import UserError
 
 MODES = ("flag", "drop", "off")
@@ -256,14 +256,9 @@ class StepChecker:
         self.function, self.name = function, name
 
     def __call__(self, text: str) -> StepReport:
-        try:
-            result = self.function(text)
-        except Exception as error:
-            raise UserError(
-                f"step checker `{self.name}` raised {type(error).__name__}: {error}",
-                where=self.name,
-                fix="make the function return a list of false steps (or a bool) for every text.",
-            ) from None
+        result = call_user_function(
+            self.function, (text,), f"step checker `{self.name}`", "a list of false steps (or a bool) for every text"
+        )
         if isinstance(result, StepReport):
             return result
         if isinstance(result, bool):

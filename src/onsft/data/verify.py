@@ -125,12 +125,26 @@ def _is_word(answer: str) -> bool:
 # ---------------------------------------------------------------------------------------- math-verify
 
 
+_WARM = False
+
+
+def _warm_up_math_verify(parse, verify) -> None:
+    """One untimed parse and comparison per process: the first call imports sympy's LaTeX and
+    expression machinery lazily, which on a loaded machine can take longer than a per-answer time limit
+    meant for pathological inputs (then a correct "1/2" vs "0.5" would be judged by string comparison)."""
+    global _WARM
+    if not _WARM:
+        _WARM = True
+        verify(parse("$\\frac{1}{2}$", parsing_timeout=120), parse("$0.5$", parsing_timeout=120), timeout_seconds=120)
+
+
 def _math_verify_in_process(gold: str, prediction: str, timeout: int) -> tuple[bool | None, str]:
     """(equal, method); equal is None when math-verify could not decide (then the caller falls back).
     Needs the main thread: math-verify's time limits are SIGALRM-based."""
     from math_verify import parse, verify
     from math_verify.errors import TimeoutException
 
+    _warm_up_math_verify(parse, verify)
     try:
         gold_parsed = parse(gold, parsing_timeout=timeout, raise_on_error=True)
         pred_parsed = parse(prediction, parsing_timeout=timeout, raise_on_error=True)
@@ -294,20 +308,30 @@ class MathVerifier(Verifier):
             self._isolated = None
 
 
+def call_user_function(function: Callable, args: tuple, what: str, returns: str):
+    """Call a user's function (a verifier, a step checker); whatever it raises becomes one line naming it."""
+    try:
+        return function(*args)
+    except Exception as error:
+        raise UserError(
+            f"{what} raised {type(error).__name__}: {error}",
+            where=what.split("`")[1] if "`" in what else what,
+            fix=f"make the function return {returns}.",
+        ) from None
+
+
 class CallableVerifier(Verifier):
     def __init__(self, function: Callable, name: str, threshold: float = 0.5):
         super().__init__()
         self.function, self.name, self.threshold = function, name, threshold
 
     def _check(self, response: str, answer: str) -> Verdict:
-        try:
-            result = self.function(response, answer)
-        except Exception as error:
-            raise UserError(
-                f"verifier `{self.name}` raised {type(error).__name__}: {error}",
-                where=self.name,
-                fix="make the function return a bool or a float for every (response, answer).",
-            ) from None
+        result = call_user_function(
+            self.function,
+            (response, answer),
+            f"verifier `{self.name}`",
+            "a bool or a float for every (response, answer)",
+        )
         if isinstance(result, bool) or result is None:
             return Verdict(bool(result), "custom", None, float(bool(result)))
         try:

@@ -322,9 +322,8 @@ def new_skill_ood(n: int = 200, seed: int = 0) -> list[dict]:
     return [dict(r, shift="longer") for r in longer] + [dict(r, shift="symbols") for r in symbols]
 
 
-def retention_test(n: int = 200, seed: int = 0) -> list[dict]:
-    """Old skills, equal shares, held-out prompts from the pretraining distribution."""
-    rng = _rng(seed, "retention")
+def _old_skill_rows(n: int, rng: random.Random, held_out: bool) -> list[dict]:
+    """`n` old-skill questions in equal shares per task, from the held-out prompts or from the rest."""
     rows = []
     for i, task in enumerate(OLD_TASKS):
         share = n // len(OLD_TASKS) + (1 if i < n % len(OLD_TASKS) else 0)
@@ -333,24 +332,19 @@ def retention_test(n: int = 200, seed: int = 0) -> list[dict]:
             prompt, _, answer = make_question(task, r)
             return {"prompt": prompt, "answer": answer, "task": task}
 
-        rows += _unique(rng, share, draw, held_out=True)
+        rows += _unique(rng, share, draw, held_out=held_out)
     return rows
+
+
+def retention_test(n: int = 200, seed: int = 0) -> list[dict]:
+    """Old skills, equal shares, held-out prompts from the pretraining distribution."""
+    return _old_skill_rows(n, _rng(seed, "retention"), held_out=True)
 
 
 def replay_prompts(n: int = 200, seed: int = 0) -> list[dict]:
     """Old-skill questions from the pretraining distribution (never the held-out prompts the retention test
     draws), equal shares per task: prompts a replay method has the starting model answer itself."""
-    rng = _rng(seed, "replay")
-    rows = []
-    for i, task in enumerate(OLD_TASKS):
-        share = n // len(OLD_TASKS) + (1 if i < n % len(OLD_TASKS) else 0)
-
-        def draw(r: random.Random, task=task) -> dict:
-            prompt, _, answer = make_question(task, r)
-            return {"prompt": prompt, "answer": answer, "task": task}
-
-        rows += _unique(rng, share, draw, held_out=False)
-    return rows
+    return _old_skill_rows(n, _rng(seed, "replay"), held_out=False)
 
 
 def hinted_old_test(n: int = 200, seed: int = 0) -> list[dict]:
