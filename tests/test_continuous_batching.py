@@ -10,11 +10,13 @@ import random
 
 import pytest
 import torch
+from transformers import MistralConfig, MistralForCausalLM
 
 from onsft.engine.decoding import DecodeStats, SamplingConfig, generate
 from onsft.engine.hinted import HintedConfig, hinted_decode
 from onsft.engine.rows import RowBatch, group_prefix
 from test_generation import TOKENIZER, varied_model
+from tiny import tiny_tokenizer
 
 SYSTEM = "You are a careful assistant. Answer briefly."  # a shared prefix of > 16 tokens (characters)
 QUESTIONS = ["hello there", "x", "what is 2+2? tell me", "abc def ghi", "q?", "zz top", "7*6", "why?", "ok", "no."]
@@ -191,3 +193,28 @@ def test_retiring_a_row_copies_one_row_per_group_not_the_whole_cache():
     # The legacy whole-batch select copies every kept row of every layer, and is counted as such.
     rows.advance(torch.tensor([0, 1, 2]), torch.tensor([7, 8, 9]))
     assert copies.whole_copies == whole_before + layers
+
+
+def test_a_model_whose_cache_the_loop_cannot_manage_decodes_to_the_end():
+    """A sliding-window model takes the library's own cache (rows dropped by selection): every row leaving
+    on the last step used to build an empty float index and crash."""
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(0)
+    config = MistralConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=64,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    model = MistralForCausalLM(config).eval()
+    prompts = [tokenizer("Copy ab.").input_ids, tokenizer("Copy cdef.").input_ids]
+    sampling = SamplingConfig(max_new_tokens=6, temperature=0.0, batch_size=2)
+    together = generate(model, tokenizer, prompts, sampling)
+    alone = [generate(model, tokenizer, [p], sampling)[0] for p in prompts]
+    assert [g.token_ids for g in together] == [g.token_ids for g in alone]
+    assert all(g.n_tokens == len(g.token_ids) > 0 for g in together)

@@ -8,7 +8,7 @@ import pytest
 
 from onsft.formulas.frontier import (
     Interval,
-    best_reading,
+    best_setting,
     bootstrap_interval,
     level_side,
     matched_over_seeds,
@@ -48,12 +48,13 @@ def test_not_reached_is_none_never_extrapolated():
         reading_at_level([0.0, math.nan], [0.1, 0.2], 0.5)
 
 
-def test_best_reading_over_settings():
-    slow = ([0.0, 0.3], [0.95, 0.9])  # never reaches 0.6
-    fast = ([0.0, 0.8], [0.95, 0.55])  # at 0.6: 0.95 - 0.75 * 0.4 = 0.65
-    mid = ([0.0, 0.4, 0.8], [0.95, 0.9, 0.8])  # at 0.6: 0.85
-    assert best_reading([slow, fast, mid], 0.6) == pytest.approx(0.85)
-    assert best_reading([slow], 0.6) is None
+def test_one_setting_is_chosen_for_all_seeds():
+    # Per seed the best setting would be b in seed 0 (0.9) and a in seed 1 (0.8): 0.85, a lucky mixture.
+    readings = {"a": {0: 0.7, 1: 0.8}, "b": {0: 0.9, 1: 0.5}, "c": {0: 0.95, 1: None}}
+    assert best_setting(readings) == "a"  # c is reached by one seed only; a's mean 0.75 beats b's 0.70
+    assert best_setting({"a": {0: None}, "b": {0: None}}) == "a"  # none reached: the first, read as not reached
+    assert best_setting({}) is None
+    assert best_setting({"a": {0: 0.5, 1: 0.6}, "b": {0: 0.6, 1: 0.5}}) == "a"  # ties: the first
 
 
 def test_pareto_set_maximises_both_axes():

@@ -13,8 +13,9 @@ import onsft
 from onsft.cli import main
 from onsft.commands import train as train_command
 from onsft.commands.compare import check_options
-from onsft.formulas.frontier import best_reading
-from onsft.pipeline.experiment import Experiment, load_experiment
+from onsft.errors import UserError
+from onsft.formulas.frontier import best_setting, reading_at_level
+from onsft.pipeline.experiment import Experiment, experiment_from_dict, load_experiment
 from onsft.pipeline.experiment_eval import Evaluator
 from onsft.pipeline.frontier_report import write_frontier
 from onsft.pipeline.sweep import grid
@@ -109,13 +110,13 @@ def test_sweep_grid_cache_resume_and_frontier(experiment, counted):
     summary = results["frontier"]
     for method in ("sft", "idft"):
         mine = [c for c in results["cells"] if c["method"] == method]
-        for seed in {c["seed"] for c in mine}:
-            curves = [
-                ([p["in_domain"] for p in c["curve"]], [p["retention"] for p in c["curve"]])
-                for c in mine
-                if c["seed"] == seed
-            ]
-            assert summary["methods"][method]["matched"]["in_domain"]["values"][str(seed)] == best_reading(curves, 0.5)
+        by_setting = {}
+        for c in mine:
+            curve = ([p["in_domain"] for p in c["curve"]], [p["retention"] for p in c["curve"]])
+            by_setting.setdefault(c["setting"], {})[c["seed"]] = reading_at_level(*curve, 0.5)
+        expected = by_setting[best_setting(by_setting)]  # one setting for every seed
+        matched = summary["methods"][method]["matched"]["in_domain"]
+        assert {int(k): v for k, v in matched["values"].items()} == expected
         assert summary["methods"][method]["runs"] == len(mine)
     assert {(c["a"], c["b"]) for c in summary["contrasts"]} == {("idft", "sft")}
     text = (out / "frontier.md").read_text()
@@ -201,7 +202,8 @@ def test_frontier_report_on_synthetic_curves(tmp_path):
     assert a["in_domain"]["interval"]["mean"] == pytest.approx(0.75)
     assert (a["in_domain"]["interval"]["low"], a["in_domain"]["interval"]["high"]) == pytest.approx((0.7, 0.8))
     assert a["retention"]["values"] == {"0": pytest.approx(0.6), "1": pytest.approx(0.5)}
-    assert b["in_domain"] == {"interval": None, "reached": 0, "seeds": 1, "values": {"0": None}}
+    assert a["in_domain"]["setting"] == "lr=0.1"  # one setting for both seeds (lr=0.01 reaches neither level)
+    assert b["in_domain"] == {"interval": None, "reached": 0, "seeds": 1, "values": {"0": None}, "setting": None}
     assert b["retention"]["values"] == {"0": pytest.approx(0.3)}
     contrasts = {c["axis"]: c["difference"] for c in report["summary"]["contrasts"]}
     assert contrasts["in_domain"] is None and contrasts["retention"]["mean"] == pytest.approx(0.3)
@@ -214,7 +216,7 @@ def test_frontier_report_on_synthetic_curves(tmp_path):
         (0.8, 0.7),
     ]
     text = (tmp_path / "frontier.md").read_text()
-    assert "| idft | 3 | 75.0 [70.0, 80.0] | 55.0 [50.0, 60.0] | 1k | 2 | 0 | 1 | 0 |" in text
+    assert "| idft | 3 | 75.0 [70.0, 80.0] at lr=0.1 | 55.0 [50.0, 60.0] at lr=0.1 | 1k | 2 | 0 | 1 | 0 |" in text
     assert "| dpo | 1 | not reached (0/1 seeds) | 30.0 [30.0, 30.0] | 1k | 2 | 8 | 1 | 0 |"  # pairs + rewrite in text
     assert "| idft | lr=0.01 | 1 | not reached: stays below | not reached: stays above |" in text
     assert "| idft | dpo | in-domain @ retention 80% | +30.0 [+30.0, +30.0] |" in text
@@ -263,3 +265,25 @@ def test_shipped_studies_load_and_their_options_validate(name, tmp_path):
     cells = [c for v in variants for c in grid(v)]
     assert len(cells) == {"organism-frontier": 60, "organism-styles": 30}[name]  # as sized in the file's header
     assert len({(v.out, c.name) for v in variants for c in grid(v)}) == len(cells)  # one folder each
+
+
+@pytest.mark.parametrize(
+    "variant, message",
+    [
+        ({"seeds": 3}, "variant `a`: `seeds` must be a list"),
+        ({"sweep": {"learning_rate": 1e-4}}, "variant `a`: `sweep"),
+    ],
+)
+def test_a_variant_is_checked_as_the_experiment_it_becomes(variant, message):
+    base = {
+        "model": "organism",
+        "train_data": "organism:new_skill_train.native",
+        "in_domain": "organism:new_skill_test",
+        "retention": "organism:retention_test",
+        "methods": ["sft"],
+        "seeds": [0],
+    }
+    with pytest.raises(UserError, match=message):
+        experiment_from_dict({**base, "variants": {"a": variant}}, "x.yaml")
+    ok = experiment_from_dict({**base, "variants": {"a": {"train_data": "organism:new_skill_train.mild"}}}, "x.yaml")
+    assert ok.variant("a").train_data == "organism:new_skill_train.mild"

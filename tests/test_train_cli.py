@@ -100,6 +100,22 @@ def test_killed_after_its_last_checkpoint_resumes_to_the_same_model_without_an_e
     assert all(torch.equal(a, b) for a, b in zip(finished.state_dict().values(), resumed.state_dict().values()))
 
 
+def test_an_epochs_run_resumed_from_a_middle_checkpoint_trains_its_remaining_steps(tmp_path, tiny_dir):
+    """With --num_train_epochs (max_steps -1) a middle checkpoint is not mistaken for the last one."""
+    data = write_jsonl(tmp_path / "d.jsonl", ROWS)  # 8 rows, batch 4: 2 steps per epoch, 2 epochs = 4 steps
+    out = tmp_path / "run"
+    args = [a for a in train_args(tiny_dir, data, out) if a not in ("--max_steps", "3")]
+    args += ["--num_train_epochs", "2"]
+    assert main(args) == 0
+    assert json.loads((out / "train_summary.json").read_text())["global_step"] == 4
+    (out / "train_summary.json").unlink()  # a kill after checkpoint-2, before checkpoint-4
+    shutil.rmtree(out / "model")
+    shutil.rmtree(out / "checkpoint-4")
+    assert main(args) == 0
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["global_step"] == 4 and summary["resumed_from"].endswith("checkpoint-2")
+
+
 def test_lora_training_saves_adapter_and_merged_model(tmp_path, tiny_dir):
     data = write_jsonl(tmp_path / "d.jsonl", ROWS)
     out = tmp_path / "lora"

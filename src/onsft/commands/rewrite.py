@@ -232,8 +232,8 @@ def _rewrite(config, model_args, run_args, procs, rewriter, prepared, settings, 
         initial=total - sum(len(s) for s in todo),
     ) as bar:
         for span in todo:
-            # A chunk is decoded whole even when a kill left part of it on disk: its samples depend on
-            # the chunk, and rows already on disk are kept as they are.
+            # A chunk is decoded whole even when a kill left part of it on disk (simpler than splitting it;
+            # samples are seeded per row, so they come out the same) and rows already on disk are kept.
             records = rewriter.chunk([prepared[i] for i in span], progress=bar.update)
             fresh = [r for r in records if r["_index"] not in store.done]
             store.add(fresh)

@@ -37,7 +37,7 @@ from onsft.engine.trainer import OnPolicySFTTrainer, TrainConfig, restore_finish
 from onsft.errors import UserError
 from onsft.formulas.weighting import LossConfig
 from onsft.runtime.checkpoints import (
-    checkpoint_step,
+    holds_every_step,
     last_checkpoint,
     save_final_model,
     write_failures_as_user_errors,
@@ -271,7 +271,7 @@ def _train(
     shown = attach_progress(trainer, not trl_args.disable_tqdm)
     started = time.time()
     with write_failures_as_user_errors(output_dir):
-        if resume_from is not None and checkpoint_step(resume_from) >= trl_args.max_steps:
+        if resume_from is not None and holds_every_step(resume_from):
             # Killed after its last checkpoint: transformers would resume into one step past max_steps
             # (it skips the batches already seen, then trains one before checking the limit).
             training_loss = restore_finished(trainer, resume_from)

@@ -170,8 +170,10 @@ def decode_examples(
     after `answer_marker` appeared in the generated text (plain alone; the hinted row is dropped).
     Without `hinted_ids` each example has its plain row only: ordinary decoding.
 
-    Keyword options, none of which changes a token: `schedule` "continuous" refills freed row slots
-    with pending examples, "static" waits for the whole batch (see `decode_loop`); `shared_prefix`
+    Keyword options, none of which changes a token in exact arithmetic (other batch shapes round floats
+    differently, so a near-tie of float32 logits can flip; the tests pin identity in float64): `schedule`
+    "continuous" refills freed row slots with pending examples, "static" waits for the whole batch (see
+    `decode_loop`); `shared_prefix`
     "auto" prefills the longest token prefix shared by all hinted (and, apart, all plain) prompts once
     per call, "off" never, or a given token list when every prompt of a context extends it;
     `example_ids[i]` seeds example i's random stream with (seed, example_ids[i]) instead of (seed, i),

@@ -121,7 +121,8 @@ class RowBatch:
         hole moves block by block to the end (at most one row per later group is copied)."""
         if self.use_cache and not self.managed:
             leaving = {self.row_of.pop(key) for key in keys}
-            self._select(torch.tensor([r for r in range(self.rows) if r not in leaving], device=self.device))
+            kept = [r for r in range(self.rows) if r not in leaving]
+            self._select(torch.tensor(kept, dtype=torch.long, device=self.device))
             return
         for key in keys:
             hole = self.row_of.pop(key)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
 
@@ -110,13 +110,20 @@ class Matched:
     reached: int
     seeds: int
     values: dict[int, float | None]
+    setting: str | None = None  # the swept setting read (see best_setting); None when there is one
 
 
-def best_reading(curves: Sequence[tuple[Sequence[float], Sequence[float]]], level: float) -> float | None:
-    """The best (highest) reading at `level` among several curves of one seed (one per hyperparameter
-    setting: the method's frontier is its best setting's), None when no curve reaches the level."""
-    readings = [r for xs, ys in curves if (r := reading_at_level(xs, ys, level)) is not None]
-    return max(readings) if readings else None
+def best_setting(readings: Mapping[Hashable, Mapping[int, float | None]]) -> Hashable | None:
+    """The one swept setting a method is read at, from {setting: {seed: reading or None}}: the setting reached
+    by the most seeds, then the highest mean reading over them (the first such on ties). One choice for all
+    seeds: taking each seed's best setting would pick the luckiest of several runs per seed and favour the
+    methods with more settings."""
+
+    def rank(setting: Hashable) -> tuple[int, float]:
+        reached = [v for v in readings[setting].values() if v is not None]
+        return len(reached), (sum(reached) / len(reached) if reached else -math.inf)
+
+    return max(readings, key=rank) if readings else None
 
 
 def matched_over_seeds(readings: Mapping[int, float | None], seed: int = 0, resamples: int = 10_000) -> Matched:

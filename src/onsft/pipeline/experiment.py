@@ -236,7 +236,7 @@ def read_yaml(path: str) -> dict:
 def experiment_from_dict(raw: dict, where: str, base: Path | None = None) -> Experiment:
     """An Experiment from a flat mapping (a YAML file's): ModelArguments' keys go to `model`, data paths are
     relative to `base` (the file's folder) when they do not exist as given."""
-    raw = dict(raw)
+    raw, given = dict(raw), dict(raw)
     model_keys = {f.name for f in dataclasses.fields(ModelArguments)}
     known = {f.name: f for f in dataclasses.fields(Experiment) if f.name != "model"}
     model_values = {k: raw.pop(k) for k in list(raw) if k in model_keys}
@@ -275,6 +275,10 @@ def experiment_from_dict(raw: dict, where: str, base: Path | None = None) -> Exp
         raise UserError(str(error), where=where, fix="check the model keys.") from None
     experiment = Experiment(**raw, model=model)
     experiment.validate(where)
+    for name, values in experiment.variants.items():
+        # Each variant is checked (types, paths relative to the file) as the whole experiment it becomes.
+        whole = experiment_from_dict({**given, "variants": {}, **values}, f"{where}: variant `{name}`", base)
+        experiment.variants[name] = {key: getattr(whole, key) for key in values}
     return experiment
 
 

@@ -10,6 +10,7 @@ reads in-domain accuracy.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import statistics
@@ -19,7 +20,7 @@ from matplotlib import colormaps
 
 from onsft.formulas.frontier import (
     Matched,
-    best_reading,
+    best_setting,
     level_side,
     matched_over_seeds,
     paired_contrast,
@@ -75,13 +76,15 @@ def _series(cell: dict, x: str, y: str) -> tuple[list[float], list[float]] | Non
 
 
 def method_readings(exp: Experiment, cells: list[dict], method: str, axis: str) -> Matched:
-    """Per seed, the best reading of the method's curves at the matched level of `axis`; bootstrapped."""
+    """The method's readings at the matched level of `axis`, every seed at its one best setting; bootstrapped."""
     level, y = float(exp.matched[axis]), read_axis(axis)
-    per_seed = {}
-    for seed in dict.fromkeys(c["seed"] for c in cells if c["method"] == method):
-        curves = [s for c in cells if c["method"] == method and c["seed"] == seed if (s := _series(c, axis, y))]
-        per_seed[seed] = best_reading(curves, level)
-    return matched_over_seeds(per_seed, BOOTSTRAP_SEED)
+    by_setting: dict[str, dict[int, float | None]] = {}
+    for cell in (c for c in cells if c["method"] == method):
+        series = _series(cell, axis, y)
+        by_setting.setdefault(cell["setting"], {})[cell["seed"]] = reading_at_level(*series, level) if series else None
+    setting = best_setting(by_setting)
+    matched = matched_over_seeds(by_setting.get(setting, {}), BOOTSTRAP_SEED)
+    return dataclasses.replace(matched, setting=setting if len(by_setting) > 1 else None)
 
 
 def prep_cost(exp: Experiment, method: str, costs: dict) -> dict:
@@ -102,10 +105,11 @@ def _pct(value: float | None) -> str:
 
 def _matched_text(m: dict) -> str:
     """A method's matched reading (`_matched_json`'s form) as "mean [low, high]" in %."""
+    at = f" at {m['setting']}" if m.get("setting") else ""
     if m["interval"] is None:
-        return f"not reached ({m['reached']}/{m['seeds']} seeds)"
+        return f"not reached ({m['reached']}/{m['seeds']} seeds){at if m['reached'] else ''}"
     i = m["interval"]
-    return f"{100 * i['mean']:.1f} [{100 * i['low']:.1f}, {100 * i['high']:.1f}]"
+    return f"{100 * i['mean']:.1f} [{100 * i['low']:.1f}, {100 * i['high']:.1f}]{at}"
 
 
 def pareto_points(cells: list[dict], base: dict, x: str, y: str) -> list[dict]:
@@ -191,7 +195,13 @@ def write_frontier(exp: Experiment, base: dict, cells: list[dict], costs: dict, 
 
 
 def _matched_json(m: Matched) -> dict:
-    return {"interval": m.interval and m.interval.__dict__, "reached": m.reached, "seeds": m.seeds, "values": m.values}
+    return {
+        "interval": m.interval and m.interval.__dict__,
+        "reached": m.reached,
+        "seeds": m.seeds,
+        "values": m.values,
+        "setting": m.setting,
+    }
 
 
 def _interval_text(d: dict | None) -> str:
@@ -208,9 +218,10 @@ def frontier_markdown(exp: Experiment, cells: list[dict], summary: dict) -> str:
         "",
         f"{len(cells)} runs (method x setting x seed), each a curve from the base model (step 0) through every "
         "checkpoint. A reading at a matched level is taken where a curve first reaches the level, linearly "
-        "between the two checkpoints that bracket it (never extrapolated); per seed a method's reading is its "
-        "best swept setting's; shown: mean over seeds [95% percentile-bootstrap interval over seeds], in %. "
-        "`not reached (k/n seeds)`: in n - k seeds no setting's curve reached the level.",
+        "between the two checkpoints that bracket it (never extrapolated); a method is read at one swept setting "
+        "for all its seeds (shown after the reading): the one reached by the most seeds, then with the best mean "
+        "reading; shown: mean over seeds [95% percentile-bootstrap interval over seeds], in %. "
+        "`not reached (k/n seeds)`: in n - k seeds no curve of that setting reached the level.",
         "",
         "## Matched readings and compute",
         "",

@@ -108,7 +108,10 @@ class RewriteConfig(StepCheckConfig, BestOfNConfig, DataArguments):
     analyze_max_new_tokens: int = field(default=1024, metadata={"help": "Most tokens of the analysis."})
     chunk_size: int = field(
         default=16,
-        metadata={"help": "Prompts processed (and written) together; results depend on it through the seeding."},
+        metadata={
+            "help": "Prompts processed (and written) together: the granularity of writes and scoring (samples are "
+            "seeded per row and sample, so results do not depend on it)."
+        },
     )
     max_length: int = field(
         default=4096,

@@ -258,8 +258,8 @@ class Rewriter:
             "response": candidate.text,
             "sample_index": candidate.sample,
             "beta": candidate.beta,
-            "mean_phi": candidate.score["mean_phi"],
-            "z": candidate.score["z"],
+            "mean_phi": (candidate.score or {}).get("mean_phi"),  # None: an empty response is never scored
+            "z": (candidate.score or {}).get("z"),
             "finish_reason": candidate.generation.finish_reason,
             "false_steps": steps.false if steps is not None else None,
         }

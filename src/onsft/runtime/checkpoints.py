@@ -47,9 +47,12 @@ def last_checkpoint(output_dir: str | Path) -> str | None:
     return None
 
 
-def checkpoint_step(path: str | Path) -> int:
-    """The optimiser step a checkpoint folder holds (`checkpoint-N` -> N)."""
-    return int(Path(path).name.rsplit("-", 1)[1])
+def holds_every_step(path: str | Path) -> bool:
+    """True when a complete checkpoint is its run's last: its step reached the total the trainer planned
+    (recorded in the checkpoint, so it holds for --num_train_epochs runs too, whose --max_steps is -1)."""
+    state = json.loads((Path(path) / "trainer_state.json").read_text(encoding="utf-8"))
+    planned = state.get("max_steps") or 0
+    return planned > 0 and state.get("global_step", 0) >= planned
 
 
 def is_write_failure(error: BaseException) -> bool:
