@@ -263,7 +263,7 @@ def test_shipped_studies_load_and_their_options_validate(name, tmp_path):
     for variant in variants:
         check_options(variant, tmp_path)  # every method's train options with every swept value
     cells = [c for v in variants for c in grid(v)]
-    assert len(cells) == {"organism-frontier": 60, "organism-styles": 30}[name]  # as sized in the file's header
+    assert len(cells) == {"organism-frontier": 78, "organism-styles": 30}[name]  # as sized in the file's header
     assert len({(v.out, c.name) for v in variants for c in grid(v)}) == len(cells)  # one folder each
 
 
