@@ -217,7 +217,7 @@ def test_frontier_report_on_synthetic_curves(tmp_path):
     ]
     text = (tmp_path / "frontier.md").read_text()
     assert "| idft | 3 | 75.0 [70.0, 80.0] at lr=0.1 | 55.0 [50.0, 60.0] at lr=0.1 | 1k | 2 | 0 | 1 | 0 |" in text
-    assert "| dpo | 1 | not reached (0/1 seeds) | 30.0 [30.0, 30.0] | 1k | 2 | 8 | 1 | 0 |"  # pairs + rewrite in text
+    assert "| dpo | 1 | not reached (0/1 seeds) | 30.0 [30.0, 30.0] | 1k | 2 | 8 | 1 | 0 |" in text  # pairs + rewrite
     assert "| idft | lr=0.01 | 1 | not reached: stays below | not reached: stays above |" in text
     assert "| idft | dpo | in-domain @ retention 80% | +30.0 [+30.0, +30.0] |" in text
     assert (tmp_path / "frontier_in_domain.png").stat().st_size > 1000

@@ -103,13 +103,23 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}"
 
 
+def interval_text(d: dict, signed: bool = False) -> str:
+    """An interval (`Interval.__dict__`) as "mean [low, high]" in %, with signs for differences."""
+    f = "{:+.1f}" if signed else "{:.1f}"
+    return f"{f.format(100 * d['mean'])} [{f.format(100 * d['low'])}, {f.format(100 * d['high'])}]"
+
+
+def reading_name(axis: str, level: float) -> str:
+    """What a matched level on `axis` reads, e.g. "retention @ in-domain 50%"."""
+    return f"{NAMES[read_axis(axis)]} @ {NAMES[axis]} {100 * level:.0f}%"
+
+
 def _matched_text(m: dict) -> str:
     """A method's matched reading (`_matched_json`'s form) as "mean [low, high]" in %."""
     at = f" at {m['setting']}" if m.get("setting") else ""
     if m["interval"] is None:
         return f"not reached ({m['reached']}/{m['seeds']} seeds){at if m['reached'] else ''}"
-    i = m["interval"]
-    return f"{100 * i['mean']:.1f} [{100 * i['low']:.1f}, {100 * i['high']:.1f}]{at}"
+    return interval_text(m["interval"]) + at
 
 
 def pareto_points(cells: list[dict], base: dict, x: str, y: str) -> list[dict]:
@@ -204,15 +214,9 @@ def _matched_json(m: Matched) -> dict:
     }
 
 
-def _interval_text(d: dict | None) -> str:
-    if d is None:
-        return "not reached by both in a shared seed"
-    return f"{100 * d['mean']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]"
-
-
 def frontier_markdown(exp: Experiment, cells: list[dict], summary: dict) -> str:
     levels = summary["levels"]
-    heads = [f"{NAMES[read_axis(a)]} @ {NAMES[a]} {100 * lv:.0f}%" for a, lv in levels.items()]
+    heads = [reading_name(a, lv) for a, lv in levels.items()]
     lines = [
         "# Frontier: skill gained vs skill kept",
         "",
@@ -272,7 +276,9 @@ def frontier_markdown(exp: Experiment, cells: list[dict], summary: dict) -> str:
         lines.append("|---|---|---|---|")
         for c in summary["contrasts"]:
             head = heads[list(levels).index(c["axis"])]
-            lines.append(f"| {c['a']} | {c['b']} | {head} | {_interval_text(c['difference'])} |")
+            difference = c["difference"]
+            text = interval_text(difference, signed=True) if difference else "not reached by both in a shared seed"
+            lines.append(f"| {c['a']} | {c['b']} | {head} | {text} |")
     for x, front in summary["pareto"].items():
         lines += [
             "",

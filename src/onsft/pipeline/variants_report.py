@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from onsft.pipeline.experiment import Experiment
+from onsft.pipeline.frontier_report import interval_text, reading_name
 from onsft.pipeline.report import figure_png, new_figure, save_png
 from onsft.runtime.records import write_json_atomic
 
@@ -49,10 +50,7 @@ def _pct(pair) -> str:
 
 
 def _interval(d: dict | None, signed: bool = False) -> str:
-    if d is None:
-        return "not reached"
-    f = "{:+.1f}" if signed else "{:.1f}"
-    return f"{f.format(100 * d['mean'])} [{f.format(100 * d['low'])}, {f.format(100 * d['high'])}]"
+    return "not reached" if d is None else interval_text(d, signed)
 
 
 def variants_markdown(summary: dict) -> str:
@@ -110,8 +108,7 @@ def _phi(v: dict) -> str:
 
 
 def _reading(axis: str, levels: dict) -> str:
-    read = "in-domain" if axis == "retention" else "retention"
-    return f"{read} @ {axis.replace('_', '-')} {100 * levels.get(axis, math.nan):.0f}%"
+    return reading_name(axis, levels.get(axis, math.nan))
 
 
 def plot_variants(summary: dict, path: Path) -> list[str]:
