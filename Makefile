@@ -25,6 +25,7 @@ bench: setup
 	$(PY) benchmarks/train_step.py
 	$(PY) benchmarks/audit.py
 	$(PY) benchmarks/hinted.py
+	$(PY) benchmarks/skewed.py
 	$(PY) benchmarks/hinted.py --breakdown
 	$(PY) benchmarks/report.py
 

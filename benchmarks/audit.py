@@ -133,13 +133,6 @@ def head_positions(batches) -> dict:
     }
 
 
-def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
 def measure_memory(name: str, args) -> dict:
     """Run in a fresh process: peak resident MiB added by one pass of variant `name`."""
     model, batches = build(args)
@@ -148,9 +141,9 @@ def measure_memory(name: str, args) -> dict:
     one_pass(run, [(items[:2], ids[:2], mask[:2])])  # compiles / initialises without setting a peak
     gc.collect()
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
-    before = _status_kb("VmRSS")
+    before = rounds.status_kb("VmRSS")
     one_pass(run, batches)
-    return {"peak_delta_mib": (_status_kb("VmHWM") - before) / 1024}
+    return {"peak_delta_mib": (rounds.status_kb("VmHWM") - before) / 1024}
 
 
 def memory(args) -> dict:

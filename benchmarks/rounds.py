@@ -19,6 +19,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 
 def spread(values: list[float]) -> dict:
@@ -94,6 +95,14 @@ def show(ratio: dict, digits: int = 2) -> str:
         f"{f.format(ratio['median'])}x [{f.format(ratio['min'])}-{f.format(ratio['max'])}] "
         f"(IQR {f.format(ratio['q1'])}-{f.format(ratio['q3'])}, {ratio['n']} rounds)"
     )
+
+
+def status_kb(field: str) -> int:
+    """A field of /proc/self/status in KiB (VmRSS: resident now, VmHWM: the process's resident peak)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def machine() -> dict:

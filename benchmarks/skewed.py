@@ -37,20 +37,19 @@ own retention-test prompts (chat template applied).
 from __future__ import annotations
 
 import argparse
-import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
-import transformers
 
 from onsft.data.chat import encode_prompt
 from onsft.engine.decoding import DecodeStats, SamplingConfig, generate
 from onsft.organism.tasks import retention_test
 from onsft.runtime.models import load_model, load_tokenizer
 from onsft.runtime.records import write_json_atomic
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import rounds  # noqa: E402
 
 
 def workload(args) -> dict[str, list[int]]:
@@ -68,10 +67,6 @@ def workload(args) -> dict[str, list[int]]:
     return {"skewed": skewed, "uniform": [total // n] * n}
 
 
-def spread(values: list[float]) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "rounds": values}
-
-
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--examples", type=int, default=64)
@@ -87,11 +82,15 @@ def main(argv=None) -> dict:
         "case for a first-come schedule: their 256 steps overlap everything else), or all last",
     )
     parser.add_argument("--rounds", type=int, default=5, help="every variant is timed once per round (>= 3)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (0 = torch's default)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes and 2 rounds: checks the script runs")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "skewed.json"))
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.quick:
+        args.examples, args.long_examples, args.short_tokens, args.long_tokens = 8, 2, 4, 8
+        args.batch, args.rounds = 4, 2
+    torch.set_num_threads(args.threads)
+    clock = rounds.clock_for(args.threads)
 
     tokenizer = load_tokenizer("organism")
     model = load_model("organism")
@@ -120,89 +119,68 @@ def main(argv=None) -> dict:
     print(
         f"organism: {n_params / 1e6:.1f}M params; {args.examples} examples, batch {args.batch}; skewed "
         f"{args.examples - args.long_examples} x {args.short_tokens} + {args.long_examples} x {args.long_tokens} "
-        f"tokens (long ones {args.long_at}), uniform {args.examples} x {lengths['uniform'][0]}; prompts {min(map(len, prompts))}-"
-        f"{max(map(len, prompts))} tokens; torch threads {torch.get_num_threads()}"
+        f"tokens (long ones {args.long_at}), uniform {args.examples} x {lengths['uniform'][0]}; prompts "
+        f"{min(map(len, prompts))}-{max(map(len, prompts))} tokens; clock: {rounds.clock_words(clock, args.threads)}"
     )
 
     def run(name: str):
         workload_name, schedule = variants[name]
         stats = DecodeStats()
-        start_cpu, start_wall = time.process_time(), time.perf_counter()
         out = generate(
             model, tokenizer, prompts, config, schedule=schedule, token_limits=limits[workload_name], stats=stats
         )
-        cpu, wall = time.process_time() - start_cpu, time.perf_counter() - start_wall
         tokens = sum(g.n_tokens for g in out)
         assert tokens == sum(limits[workload_name]), (name, tokens)
-        return out, tokens, cpu, wall, stats
+        return [g.token_ids for g in out], stats
 
     run("uniform")  # warm-up (allocator, first calls)
-    names = list(variants)
-    rates = {name: [] for name in names}
-    wall_rates = {name: [] for name in names}
-    ratios = {"continuous/static": [], "continuous/uniform": [], "static/uniform": []}
+    # Greedy decoding is deterministic, so the last round's tokens stand for every round's.
+    times, last = rounds.in_turns({name: (lambda name=name: run(name)) for name in variants}, args.rounds)
+    if last["static"][0] != last["continuous"][0]:
+        sys.exit("static and continuous schedules gave different tokens")
+    tokens = {name: sum(limits[w]) for name, (w, _) in variants.items()}  # skewed and uniform: the same count
     counts = {}
-    for round_index in range(args.rounds):
-        order = names[round_index % len(names) :] + names[: round_index % len(names)]
-        outputs = {}
-        for name in order:
-            out, tokens, cpu, wall, stats = run(name)
-            outputs[name] = [g.token_ids for g in out]
-            rates[name].append(tokens / cpu)
-            wall_rates[name].append(tokens / wall)
-            counts[name] = {
-                "tokens": tokens,
-                "decode_steps": stats.decode_steps,
-                "row_steps": stats.row_steps,
-                "idle_slot_share": round(stats.idle_share, 4),
-                "admissions": stats.admissions,
-                "row_moves": stats.copies.row_moves,
-                "moved_mb": round(stats.copies.moved_bytes / 2**20, 2),
-                "whole_copies": stats.copies.whole_copies,
-                "whole_copy_mb": round(stats.copies.whole_bytes / 2**20, 2),
-            }
-        if outputs["static"] != outputs["continuous"]:
-            sys.exit("static and continuous schedules gave different tokens")
-        ratios["continuous/static"].append(rates["continuous"][-1] / rates["static"][-1])
-        ratios["continuous/uniform"].append(rates["continuous"][-1] / rates["uniform"][-1])
-        ratios["static/uniform"].append(rates["static"][-1] / rates["uniform"][-1])
-        print(
-            f"round {round_index + 1}: "
-            + ", ".join(f"{name} {rates[name][-1]:.0f} tok/s" for name in names)
-            + f"; continuous/static {ratios['continuous/static'][-1]:.2f}x"
-            + f", continuous/uniform {ratios['continuous/uniform'][-1]:.2f}x",
-            flush=True,
-        )
-
-    print("\ntokens per CPU second, median [min, max] over rounds:")
-    for name in names:
-        s = spread(rates[name])
+    for name, (_, stats) in last.items():
+        counts[name] = {
+            "tokens": tokens[name],
+            "decode_steps": stats.decode_steps,
+            "row_steps": stats.row_steps,
+            "idle_slot_share": round(stats.idle_share, 4),
+            "admissions": stats.admissions,
+            "row_moves": stats.copies.row_moves,
+            "moved_mb": round(stats.copies.moved_bytes / 2**20, 2),
+            "whole_copies": stats.copies.whole_copies,
+            "whole_copy_mb": round(stats.copies.whole_bytes / 2**20, 2),
+        }
+    ratios = {
+        "continuous/static": rounds.speedup(times, "continuous", "static", clock),
+        "continuous/uniform": rounds.speedup(times, "continuous", "uniform", clock),
+        "static/uniform": rounds.speedup(times, "static", "uniform", clock),
+    }
+    rates = {name: rounds.spread([tokens[name] / t for t in times[name][clock]]) for name in variants}
+    print("\ntokens per second, median [min, max] over rounds:")
+    for name, s in rates.items():
         c = counts[name]
         print(
             f"  {name:10s} {s['median']:8.0f} [{s['min']:.0f}, {s['max']:.0f}]   {c['decode_steps']} steps, "
             f"{c['idle_slot_share']:.0%} of slot-steps idle, {c['admissions']} admissions"
         )
-    print("ratios, median [min, max] over rounds (target: continuous/static >= 2.5, continuous/uniform >= 0.85):")
-    for name, values in ratios.items():
-        s = spread(values)
-        print(f"  {name:20s} {s['median']:.2f}x [{s['min']:.2f}, {s['max']:.2f}]")
+    print("ratios (target: continuous/static >= 2.5, continuous/uniform >= 0.85):")
+    for name, ratio in ratios.items():
+        print(f"  {name:20s} {rounds.show(ratio)}")
 
     result = {
         "benchmark": "skewed",
         "settings": {**vars(args), "model": "organism", "params": n_params, "greedy": True},
-        "timing": "process CPU time, one torch thread; wall-clock rates beside",
-        "tokens_per_cpu_second": {name: spread(values) for name, values in rates.items()},
-        "tokens_per_wall_second": {name: spread(values) for name, values in wall_rates.items()},
-        "ratios": {name: spread(values) for name, values in ratios.items()},
+        "clock": clock,
+        "clock_words": rounds.clock_words(clock, args.threads),
+        "tokens_per_second": rates,
+        "seconds": times,
+        "ratios": ratios,
         "targets": {"continuous/static": 2.5, "continuous/uniform": 0.85},
         "counts": counts,
         "static_equals_continuous": True,
-        "environment": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "machine": platform.machine(),
-        },
+        "machine": rounds.machine(),
     }
     write_json_atomic(args.out, result)
     print(f"wrote {args.out}")

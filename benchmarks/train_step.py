@@ -143,13 +143,6 @@ def make_step(variant: str, model, workdir: str):
     return step
 
 
-def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
 def step_memory(variant: str, args) -> dict:
     """In a fresh process (see the module docstring): MiB the step adds to the resident set at its peak."""
     torch.set_num_threads(args.threads)
@@ -161,9 +154,9 @@ def step_memory(variant: str, args) -> dict:
         model.zero_grad(set_to_none=False)
         gc.collect()
         Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
-        before = _status_kb("VmRSS")
+        before = rounds.status_kb("VmRSS")
         step(batch)
-        peak = _status_kb("VmHWM")
+        peak = rounds.status_kb("VmHWM")
     return {"variant": variant, "step_mib": (peak - before) / 1024}
 
 

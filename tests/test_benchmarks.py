@@ -82,3 +82,16 @@ def test_hinted_breakdown_quick(tmp_path):
     check_spread(share, 2)
     assert share["max"] < 1.5  # one token's decode cannot cost much more than sixteen
     assert "on both contexts (8 rows" in rendered("hinted_breakdown", tmp_path)
+
+
+def test_skewed_quick(tmp_path):
+    result = load("skewed").main(["--quick", "--out", str(tmp_path / "skewed.json")])
+    assert result["static_equals_continuous"]
+    counts = result["counts"]
+    # The same tokens in every variant; continuous batching admits into freed slots, static does not.
+    assert counts["static"]["tokens"] == counts["continuous"]["tokens"] == counts["uniform"]["tokens"] == 40
+    assert counts["continuous"]["admissions"] > counts["static"]["admissions"]
+    assert counts["uniform"]["idle_slot_share"] == 0
+    for ratio in result["ratios"].values():
+        check_spread(ratio, 2)
+    assert "| **continuous / static schedule** (skewed workload) |" in rendered("skewed", tmp_path)
