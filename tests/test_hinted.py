@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from onsft.engine.hinted import HintedConfig, hinted_decode
+from onsft.engine.hinted import HintedConfig, answer_markers, hinted_decode
 from onsft.errors import UserError
 from onsft.formulas.mixing import mix_logprobs, mixing_weight, normalized_entropy
 from onsft.formulas.sampling import example_generator, filter_logprobs, has_repeated_window
@@ -120,7 +120,7 @@ def naive_hinted(model, plain, hinted, cfg: HintedConfig, index: int):
         lambdas.append(lam)
         if token == 1:
             break
-        if cfg.answer_marker and cfg.answer_marker in TOKENIZER.decode(tokens):
+        if any(marker in TOKENIZER.decode(tokens) for marker in answer_markers(cfg.answer_marker or "")):
             handed_over = True
     return tokens, lambdas
 
@@ -207,6 +207,31 @@ def test_answer_marker_hands_over_to_plain_context():
     # The other rows of the batch are untouched by one row leaving.
     for i in others:
         assert got[i].token_ids == free[i] and not got[i].handed_over
+
+
+def test_several_answer_markers_hand_over_at_the_first_one_generated():
+    model = varied_model(seed=0)
+    free = [r.token_ids for r in hinted_decode(model, TOKENIZER, PLAIN, HINTED, config(beta=0.0))]
+    # Two markers, each the text of tokens 1-2 of one example's hinted-only output.
+    cuts = {}
+    for i in range(len(PLAIN)):
+        marker = TOKENIZER.decode(free[i][1:3])
+        if marker not in TOKENIZER.decode(free[i][:2]) and "|" not in marker:
+            cuts[marker] = i
+    (first, a), (second, b) = list(cuts.items())[:2]
+    both = hinted_decode(model, TOKENIZER, PLAIN, HINTED, config(beta=0.0, answer_marker=f"{first}|{second}"))
+    for marker in (first, second):
+        alone = hinted_decode(model, TOKENIZER, PLAIN, HINTED, config(beta=0.0, answer_marker=marker))
+        for i in range(len(PLAIN)):
+            # Where only this marker occurs (before the other one would), both settings agree token for token.
+            if alone[i].handed_over and (not both[i].handed_over or both[i].handover_step == alone[i].handover_step):
+                assert both[i].token_ids == alone[i].token_ids
+    assert both[a].handed_over and both[a].handover_step <= 3
+    assert both[b].handed_over and both[b].handover_step <= 3
+    # "" between separators is no marker: "|" alone never hands over.
+    never = hinted_decode(model, TOKENIZER, PLAIN, HINTED, config(beta=0.0, answer_marker="|"))
+    assert [r.token_ids for r in never] == free and not any(r.handed_over for r in never)
+    assert answer_markers("\\boxed{|answer is") == ("\\boxed{", "answer is") and answer_markers("") == ()
 
 
 def test_repetition_loop_stops_hinted_rows():

@@ -22,9 +22,9 @@ from onsft.data.rows import load_examples, parse_example
 from onsft.engine.hinted import HintedConfig
 from onsft.errors import UserError
 from onsft.formulas import ddt
-from onsft.pipeline import hints, rewrite_config, rewrite_summary, rewriting
+from onsft.pipeline import hint_profiles, hints, rewrite_config, rewrite_summary, rewriting
 from onsft.runtime.models import load_model, load_tokenizer, read_model_info
-from tiny import tiny_tokenizer, untied_model
+from tiny import tiny_model, tiny_tokenizer, untied_model
 
 ROOT = Path(__file__).resolve().parents[1]
 ORGANISM = ROOT / "src" / "onsft" / "organism" / "model"
@@ -97,10 +97,10 @@ def run(args, capsys) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
-def resolve_hint(config: rewriting.RewriteConfig, info: dict, hinted: HintedConfig | None = None):
-    """The hint settings a rewrite with these settings uses (the answer marker is HintedConfig's)."""
-    marker = (hinted or HintedConfig()).answer_marker
-    return hints.resolve_hint(config.hint_template, config.hint_system, marker, config.analyze_first, info)
+def resolve_hint(config: rewriting.RewriteConfig, info: dict, hinted: HintedConfig | None = None, profile=None):
+    """The hint settings a rewrite with these settings uses (the answer marker and beta are HintedConfig's)."""
+    hinted = hinted or HintedConfig()
+    return config.hint(hinted.answer_marker, hinted.beta, info, profile)
 
 
 # ------------------------------------------------------------------------------------------ templates
@@ -143,6 +143,59 @@ def test_hint_template_filling_and_messages():
     )
     with pytest.raises(UserError, match="no {reference} placeholder"):
         resolve_hint(rewriting.RewriteConfig(data="d", hint_template="{question} only"), {})
+
+
+SMOLLM2 = hint_profiles.PROFILES[0]
+
+
+def test_rewrite_profiles_are_found_by_name_path_or_chat_template():
+    assert hint_profiles.find_profile(["smollm2-135m"], None) is SMOLLM2
+    assert hint_profiles.find_profile(["HuggingFaceTB/SmolLM2-360M-Instruct"], None) is SMOLLM2
+    # A fine-tuned copy in a folder of any name keeps its family's chat template.
+    template = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>"
+    assert hint_profiles.find_profile(["runs/idft/model", ""], template) is SMOLLM2
+    assert hint_profiles.find_profile(["Qwen/Qwen2.5-1.5B-Instruct"], "<|im_start|>system\nYou are Qwen") is None
+    # The organism and the tests' tiny models have no profile: their rewrites are as before.
+    assert hint_profiles.model_profile("organism", tokenizer=load_tokenizer("organism")) is None
+    assert hint_profiles.model_profile("tiny", tiny_model().config, tiny_tokenizer()) is None
+
+
+def test_restate_form_is_the_plain_prompt_with_the_reference_as_an_earlier_answer():
+    config = rewriting.RewriteConfig(data="d")
+    hint = resolve_hint(config, {}, profile=SMOLLM2)
+    assert hint == hints.HintSettings(
+        hints.DEFAULT_HINT_TEMPLATE, "", "\\boxed{|answer is", "profile:smollm2", "restate", SMOLLM2.followup, 1.0
+    )
+    prompt = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}]
+    assert hints.hinted_messages(prompt, "2+2 = 4", hint) == [
+        *prompt,
+        {"role": "assistant", "content": "2+2 = 4"},
+        {"role": "user", "content": SMOLLM2.followup},
+    ]
+    # A hint system text replaces the prompt's own system turn.
+    own = dataclasses.replace(hint, system="SYS")
+    assert hints.hinted_messages(prompt, "4", own)[:2] == [
+        {"role": "system", "content": "SYS"},
+        {"role": "user", "content": "What is 2+2?"},
+    ]
+    # Flags win over the profile: a beta, a marker, a follow-up.
+    flagged = rewriting.RewriteConfig(data="d", hint_followup="Again.")
+    got = resolve_hint(flagged, {}, HintedConfig(beta=2.5, answer_marker="@"), profile=SMOLLM2)
+    assert (got.form, got.followup, got.beta, got.answer_marker) == ("restate", "Again.", 2.5, "@")
+    # So do a template or system text of one's own, the model's onsft.json, and --hint_form instruction.
+    for cfg, info in [
+        (rewriting.RewriteConfig(data="d", hint_template="{question} {reference}"), {}),
+        (rewriting.RewriteConfig(data="d", hint_system="S"), {}),
+        (config, {"hint_template": "{question}/{reference}"}),
+        (rewriting.RewriteConfig(data="d", hint_form="instruction"), {}),
+    ]:
+        got = resolve_hint(cfg, info, profile=SMOLLM2)
+        assert got.form == "instruction" and not got.source.startswith("profile") and got.beta is None
+    # The restate form without a profile: the default follow-up, the plain system turn, \\boxed{, beta default.
+    plain = resolve_hint(rewriting.RewriteConfig(data="d", hint_form="restate"), {})
+    assert (plain.form, plain.system, plain.answer_marker, plain.beta) == ("restate", "", "\\boxed{", None)
+    with pytest.raises(UserError, match="follow-up"):
+        resolve_hint(rewriting.RewriteConfig(data="d", hint_form="restate", hint_followup=" "), {})
 
 
 def test_marker_prefix_is_the_shortest_prefix_holding_the_marker():

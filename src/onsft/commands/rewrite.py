@@ -101,7 +101,7 @@ from onsft.data.verify import VerifyConfig
 from onsft.engine.hinted import HintedConfig
 from onsft.engine.scoring import ScoringConfig
 from onsft.errors import UserError
-from onsft.pipeline.hints import resolve_hint
+from onsft.pipeline.hint_profiles import model_profile
 from onsft.pipeline.rewrite_config import RewriteConfig, check_columns
 from onsft.pipeline.rewrite_summary import summarize, train_rows
 from onsft.pipeline.rewriting import Rewriter, chunks, prepare
@@ -166,13 +166,8 @@ def run(
     examples = load_examples(config.data, require_response=False, split=config.split, offline=model_args.offline)
     check_columns(examples, config.data)
     tokenizer = load_tokenizer(model_args)
-    hint = resolve_hint(
-        config.hint_template,
-        config.hint_system,
-        hinted.answer_marker,
-        config.analyze_first,
-        read_model_info(model_args),
-    )
+    profile = model_profile(model_args.model, tokenizer=tokenizer)
+    hint = config.hint(hinted.answer_marker, hinted.beta, read_model_info(model_args), profile)
     check_writable(out / "records.jsonl")
     check_writable(train_out)
     procs = Processes(model_args.device)

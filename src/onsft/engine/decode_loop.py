@@ -90,7 +90,7 @@ def run_examples(
     config,
     *,
     mixer: Mixer | None,
-    answer_marker: str,
+    answer_markers: tuple[str, ...],
     hinted_first: bool,
     context: int | None,
     schedule: str,
@@ -120,7 +120,7 @@ def run_examples(
     stop_set = set(stops.tolist())
     is_stop = torch.zeros(0, dtype=torch.bool, device=device)
     # Tokens decoded to look for the marker and stop strings: each token is >= 1 character, plus margin.
-    text_tail = max([len(answer_marker), *map(len, config.stop_strings)]) + 32
+    text_tail = max([*map(len, answer_markers), *map(len, config.stop_strings)], default=0) + 32
     pending, live = deque(order), []
     examples: dict[int, _Example] = {}
     traces: dict[int, Trace] = {}
@@ -163,7 +163,7 @@ def run_examples(
             trace = example.trace
             trace.token_ids.append(token)
             trace.lambdas.append(lam_list[slot])
-            watch_marker = example.hinted and bool(answer_marker)
+            watch_marker = example.hinted and bool(answer_markers)
             # Strings are looked for in the decoded tail only: they first appear ending at this token.
             tail = (
                 tokenizer.decode(trace.token_ids[-text_tail:], skip_special_tokens=False)
@@ -187,7 +187,7 @@ def run_examples(
                 del examples[i]
                 continue
             still.append(i)
-            if watch_marker and answer_marker in tail:
+            if watch_marker and any(marker in tail for marker in answer_markers):
                 trace.handover_step = len(trace.token_ids)  # the first step decoded by the plain context alone
                 example.hinted = False
                 leaving.append((i, HINTED))

@@ -24,7 +24,7 @@ hinted rows' long padding.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -153,7 +153,7 @@ def decode_examples(
     hinted_ids: list[list[int]] | None,
     config: SamplingConfig,
     mixer: Mixer | None = None,
-    answer_marker: str = "",
+    answer_marker: str | Sequence[str] = "",
     hinted_first: bool = True,
     progress: Callable[[int], None] | None = None,
     *,
@@ -167,7 +167,8 @@ def decode_examples(
 
     With `hinted_ids`, example i has a hinted row and a plain row; each step's distribution is
     `mixer(hinted, plain)`, except the first step (hinted alone, when `hinted_first`) and every step
-    after `answer_marker` appeared in the generated text (plain alone; the hinted row is dropped).
+    after `answer_marker` (or any of several, a sequence) appeared in the generated text (plain alone; the
+    hinted row is dropped).
     Without `hinted_ids` each example has its plain row only: ordinary decoding.
 
     Keyword options, none of which changes a token in exact arithmetic (other batch shapes round floats
@@ -228,7 +229,9 @@ def decode_examples(
                 hinted_ids,
                 config,
                 mixer=mixer,
-                answer_marker=answer_marker,
+                answer_markers=tuple(
+                    m for m in ([answer_marker] if isinstance(answer_marker, str) else answer_marker) if m
+                ),
                 hinted_first=hinted_first,
                 context=limit,
                 schedule=schedule,

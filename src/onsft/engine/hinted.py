@@ -35,6 +35,14 @@ from onsft.errors import UserError
 from onsft.formulas.mixing import MODES, mix_logprobs, mixing_weight
 
 ANSWER_MARKER = "\\boxed{"  # the hand-over marker of math answers (and of the organism)
+MARKER_SEPARATOR = "|"  # several hand-over markers in one setting: "\\boxed{|answer is"
+DEFAULT_BETA = 3.0  # the reference demo's entropy scale
+
+
+def answer_markers(marker: str) -> tuple[str, ...]:
+    """The hand-over markers of a setting: alternatives separated by `|`, the first one generated wins
+    ('' = never hand over)."""
+    return tuple(part for part in marker.split(MARKER_SEPARATOR) if part)
 
 
 @dataclass
@@ -52,9 +60,12 @@ class HintedConfig(SamplingConfig):
     top_p: float = field(
         default=0.95, metadata={"help": "Nucleus sampling over the mixed distribution (after temperature; 1 = off)."}
     )
-    beta: float = field(
-        default=3.0,
-        metadata={"help": "Entropy scale of lambda: 0 = hinted context alone (plain self-distillation rewrite)."},
+    beta: float | None = field(
+        default=None,
+        metadata={
+            "help": "Entropy scale of lambda: 0 = hinted context alone (plain self-distillation rewrite). "
+            f"Default: {DEFAULT_BETA} (the reference demo), or the model's rewrite profile when rewriting."
+        },
     )
     mode: Literal["linear", "sigmoid", "piecewise"] = field(
         default="linear",
@@ -75,8 +86,9 @@ class HintedConfig(SamplingConfig):
     answer_marker: str | None = field(
         default=None,
         metadata={
-            "help": "Once generated, the plain context alone finishes the response ('' = never). Default: "
-            "the model folder's onsft.json when rewriting, else \\boxed{."
+            "help": "Once generated, the plain context alone finishes the response ('' = never; several "
+            "separated by |, e.g. '\\boxed{|answer is'). Default: the model folder's onsft.json or the model's "
+            "rewrite profile when rewriting, else \\boxed{."
         },
     )
     lambda_override: float | None = field(
@@ -91,7 +103,7 @@ class HintedConfig(SamplingConfig):
         super().validate()
         if self.mode not in MODES:
             raise UserError(f"unknown mode `{self.mode}`", where="config", fix=f"use one of {', '.join(MODES)}.")
-        if self.beta < 0:
+        if self.beta is not None and self.beta < 0:
             raise UserError("`beta` must be >= 0", where="config", fix="set beta >= 0 (0 = hinted context alone).")
         if self.mode == "piecewise" and not self.piecewise_low < self.piecewise_high:
             raise UserError(
@@ -124,7 +136,7 @@ def make_mixer(config: HintedConfig) -> Callable[[torch.Tensor, torch.Tensor], t
         else:
             lam = mixing_weight(
                 hinted_lp,
-                config.beta,
+                DEFAULT_BETA if config.beta is None else config.beta,
                 config.mode,
                 sigmoid_center=config.sigmoid_center,
                 piecewise_low=config.piecewise_low,
@@ -157,7 +169,7 @@ def hinted_decode(
         hinted_ids,
         config,
         mixer=make_mixer(config),
-        answer_marker=ANSWER_MARKER if config.answer_marker is None else config.answer_marker,
+        answer_marker=answer_markers(ANSWER_MARKER if config.answer_marker is None else config.answer_marker),
         hinted_first=config.lambda_override is None,
         progress=progress,
         **options,

@@ -10,6 +10,8 @@ from onsft.data.rows import DataArguments, Example
 from onsft.data.step_check import StepCheckConfig
 from onsft.errors import UserError
 from onsft.pipeline.best_of_n import SAMPLE_SLOTS, BestOfNConfig
+from onsft.pipeline.hint_profiles import RewriteProfile
+from onsft.pipeline.hints import FORMS, HintSettings, resolve_hint
 
 PROVENANCES = ("own", "hinted", "dropped")
 # Fields this command adds to every record; an input column with one of these names is refused.
@@ -97,6 +99,19 @@ class RewriteConfig(StepCheckConfig, BestOfNConfig, DataArguments):
             "if it has no hint_system), else a generic rewrite instruction."
         },
     )
+    hint_form: str = field(
+        default="auto",
+        metadata={
+            "help": "instruction: a system instruction, then the question and the reference in one user turn "
+            "(the paper's); restate: the plain prompt, the reference as the model's earlier answer and "
+            "--hint_followup (for small chat models); auto: the model's rewrite profile, else instruction.",
+            "choices": FORMS,
+        },
+    )
+    hint_followup: str | None = field(
+        default=None,
+        metadata={"help": "The user turn after the reference in the restate form. Default: the profile's."},
+    )
     analyze_first: bool = field(
         default=False,
         metadata={
@@ -120,6 +135,23 @@ class RewriteConfig(StepCheckConfig, BestOfNConfig, DataArguments):
             "truncated, flagged)."
         },
     )
+
+    def hint(
+        self, answer_marker: str | None, beta: float | None, info: dict, profile: RewriteProfile | None
+    ) -> HintSettings:
+        """The hinted context's format: these flags (and hinted decoding's marker and beta), else the model
+        folder's onsft.json, else its family's rewrite profile, else the generic instruction."""
+        return resolve_hint(
+            self.hint_template,
+            self.hint_system,
+            answer_marker,
+            self.analyze_first,
+            info,
+            profile,
+            form=self.hint_form,
+            followup=self.hint_followup,
+            beta=beta,
+        )
 
     def validate(self) -> None:
         StepCheckConfig.validate(self)

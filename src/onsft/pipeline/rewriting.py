@@ -19,7 +19,7 @@ from onsft.data.rows import Example
 from onsft.data.step_check import StepChecker, StepReport
 from onsft.data.verify import Verifier, get_verifier
 from onsft.engine.decoding import SamplingConfig, generate
-from onsft.engine.hinted import HintedConfig
+from onsft.engine.hinted import DEFAULT_BETA, HintedConfig
 from onsft.engine.scoring import Item, ScoringConfig
 from onsft.errors import UserError
 from onsft.pipeline.best_of_n import (
@@ -35,7 +35,8 @@ from onsft.pipeline.best_of_n import (
     shown,
     to_score,
 )
-from onsft.pipeline.hints import HintSettings, hinted_messages, resolve_hint
+from onsft.pipeline.hint_profiles import model_profile
+from onsft.pipeline.hints import HintSettings, hinted_messages
 from onsft.pipeline.rewrite_config import RewriteConfig, check_columns
 from onsft.runtime.device import stream_seed
 from onsft.runtime.models import context_length, pad_token_id
@@ -106,8 +107,8 @@ class Rewriter:
     ):
         self.model, self.tokenizer, self.config, self.hint, self.verifier = model, tokenizer, config, hint, verifier
         self.step_checker = step_checker
-        self.hinted = dataclasses.replace(hinted, answer_marker=hint.answer_marker)
-        self.betas = candidate_betas(config, hinted.beta)
+        self.hinted = dataclasses.replace(hinted, answer_marker=hint.answer_marker, beta=hint.beta)
+        self.betas = candidate_betas(config, DEFAULT_BETA if hint.beta is None else hint.beta)
         self.context = context_length(model)
         self.scorer = scoring.scorer(model, pad_token_id(tokenizer))
         self.generated = 0  # tokens decoded by this object (throughput)
@@ -326,15 +327,15 @@ def rewrite_examples(
 ) -> list[dict]:
     """In-memory rewrite (tests, notebooks): one record per example, in order, as records.jsonl holds them.
     `verifier`: a Verifier, spec or callable (default "math"); `hint`: default resolved from `info` (a
-    model's onsft.json contents; default {} = the generic template). Writes nothing."""
+    model's onsft.json contents; default {} = the generic template, or the model family's rewrite profile).
+    Writes nothing."""
     config = config or RewriteConfig(data="in-memory")
     hinted = hinted or HintedConfig()
     config.validate()
     hinted.validate()
     check_columns(examples, "examples")
-    hint = hint or resolve_hint(
-        config.hint_template, config.hint_system, hinted.answer_marker, config.analyze_first, info or {}
-    )
+    profile = model_profile(getattr(model, "name_or_path", ""), getattr(model, "config", None), tokenizer)
+    hint = hint or config.hint(hinted.answer_marker, hinted.beta, info or {}, profile)
     verifier = get_verifier(verifier or "math")
     step_checker = config.build_step_checker()
     prepared = prepare(tokenizer, examples, hint, config.max_length, context_length(model), "examples")
