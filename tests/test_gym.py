@@ -10,7 +10,7 @@ pytest.importorskip("reasoning_gym")
 
 from onsft.cli import main  # noqa: E402
 from onsft.commands.data import parse_options  # noqa: E402
-from onsft.data import gym  # noqa: E402
+from onsft.data import gym, gym_references  # noqa: E402
 from onsft.data.rows import load_examples  # noqa: E402
 from onsft.data.sources import materialize  # noqa: E402
 from onsft.data.verify import get_verifier  # noqa: E402
@@ -66,6 +66,40 @@ def test_chain_sum_reference_is_a_correct_running_sum():
             total = int(c)
         assert str(total) == row["answer"]
     assert gym.chain_sum_reference("3 + -4", "-1") is None  # negated terms: no reference rather than a wrong one
+
+
+def test_gcd_reference_is_the_euclidean_algorithm_and_reaches_the_gold_answer():
+    rows = gym.gym_rows("gcd", 40, seed=3, options={"max_value": 100})
+    for row in rows:
+        assert row["reference_source"] == "derived"
+        *steps, conclusion, final = row["reference"].splitlines()
+        assert final == f"The final answer is \\boxed{{{row['answer']}}}."
+        a, b = sorted(row["metadata"]["numbers"], reverse=True)
+        for step in steps:  # every line a = q * b + r is true and continues the previous one
+            x, q, y, r = map(int, re.fullmatch(r"(\d+) = (\d+) \* (\d+) \+ (\d+)", step).groups())
+            assert (x, y) == (a, b) and x == q * y + r and 0 <= r < y
+            a, b = b, r
+        assert b == 0 and str(a) == row["answer"] and conclusion.endswith(f"GCD is {a}.")
+    assert gym_references.gcd_reference([12, 8], "5") is None  # steps that miss the gold answer: no reference
+    assert gym_references.gcd_reference([12, 8, 4], "4") is None  # three numbers: not this layout
+
+
+def test_leg_counting_reference_counts_each_animal_then_sums():
+    from reasoning_gym.arithmetic.leg_counting import ANIMALS
+
+    rows = gym.gym_rows("leg_counting", 40, seed=3, options={"min_animals": 1, "max_animals": 3, "max_instances": 5})
+    for row in rows:
+        lines = row["reference"].splitlines()
+        animals = row["metadata"]["animals"]
+        totals = []
+        for line, (name, count) in zip(lines, animals.items()):
+            n, k, legs, total = map(int, re.fullmatch(r"(\d+) .+ (\d+) \* (\d+) = (\d+) legs\.", line).groups())
+            assert n == k == count and legs == ANIMALS[name] and total == n * legs
+            totals.append(total)
+        assert sum(totals) == int(row["answer"])
+        assert lines[-1] == f"The final answer is \\boxed{{{row['answer']}}}."
+        assert (len(lines) == len(animals) + 1) == (len(animals) == 1)  # a sum line only for several kinds
+    assert gym_references.leg_counting_reference({"cat": 2}, {"cat": 4}, "9") is None
 
 
 def test_tasks_without_a_worked_solution_have_no_reference():

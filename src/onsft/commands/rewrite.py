@@ -103,7 +103,7 @@ from onsft.engine.scoring import ScoringConfig
 from onsft.errors import UserError
 from onsft.pipeline.hint_profiles import model_profile
 from onsft.pipeline.rewrite_config import RewriteConfig, check_columns
-from onsft.pipeline.rewrite_summary import summarize, train_rows
+from onsft.pipeline.rewrite_summary import advice, summarize, train_rows
 from onsft.pipeline.rewriting import Rewriter, chunks, prepare
 from onsft.runtime.device import Processes, resolve_dtype
 from onsft.runtime.models import (
@@ -344,5 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     summary = run(config, model_args, hinted, scoring, verify, run_args)
     if summary is not None:
+        for note in advice(summary, summary["hint"]):
+            print(f"onsft rewrite: warning: {note}", file=sys.stderr)
         print(_line(summary))
     return 0

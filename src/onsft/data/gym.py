@@ -15,8 +15,9 @@ scorer. Here a task becomes rows in the layout `onsft.data` reads:
   exists: gsm_symbolic ships a GSM8K-style one in `metadata["answer_cot"]` (`reference_source:
   "task"`); its closing `#### X` line becomes "The final answer is \\boxed{gold}." under the boxed
   format (X is sometimes written `8.0` for a gold `8`; the box holds the gold answer as the task
-  states it). chain_sum gets a short left-to-right running sum built here from its expression
-  (`reference_source: "derived"`). Other tasks have no reference, hence no `completion`: they can be
+  states it). chain_sum, gcd and leg_counting get a short worked solution built from their metadata
+  (`onsft.data.gym_references`: a running sum, the Euclidean algorithm, legs per animal and their sum;
+  `reference_source: "derived"`). Other tasks have no reference, hence no `completion`: they can be
   evaluated or rewritten from the model's own samples, not trained on directly.
 - `metadata`: the task's metadata as JSON (tuples become lists), kept for `score_row`.
 Rows `i` of (task, size, seed, options) are the task's items `i`: a bigger size only appends rows.
@@ -40,6 +41,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from onsft.data.gym_references import BUILDERS, chain_sum_reference  # noqa: F401 (re-exported)
 from onsft.data.verify import extract_final_answer, last_boxed, normalize_answer
 from onsft.errors import UserError
 
@@ -118,38 +120,13 @@ def gsm_reference(cot: str, answer: str, answer_format: str = "boxed") -> str:
     return f"{body}\nThe final answer is \\boxed{{{answer}}}." if body else f"The final answer is \\boxed{{{answer}}}."
 
 
-_TERM = re.compile(r"([+-])\s*(\d+)")
-
-
-def chain_sum_reference(expression: str, answer: str, answer_format: str = "boxed") -> str | None:
-    """A running sum, one step per line: `12 + 7 = 19`, `19 - 4 = 15`, ... (None when the expression
-    is not a plain chain of + and -, e.g. with negated terms)."""
-    text = expression.strip()
-    first = re.match(r"(\d+)", text)
-    if not first:
-        return None
-    rest = text[first.end() :]
-    terms = _TERM.findall(rest)
-    if "".join(f"{s}{d}" for s, d in terms) != rest.replace(" ", ""):
-        return None
-    total, lines = int(first.group(1)), []
-    for sign, digits in terms:
-        new = total + int(digits) if sign == "+" else total - int(digits)
-        lines.append(f"{total} {sign} {digits} = {new}")
-        total = new
-    if str(total) != str(answer).strip():
-        return None
-    final = f"\\boxed{{{answer}}}" if answer_format == "boxed" else str(answer)
-    return "\n".join(lines + [f"The final answer is {final}."]) if lines else f"The final answer is {final}."
-
-
 def _reference(task: str, entry: dict, answer_format: str) -> tuple[str | None, str | None]:
     """(reference, source) for one item: the task's own worked solution, one built here, or none."""
     metadata = entry.get("metadata") or {}
     if task == "gsm_symbolic" and isinstance(metadata.get("answer_cot"), str):
         return gsm_reference(metadata["answer_cot"], entry["answer"], answer_format), "task"
-    if task == "chain_sum" and isinstance(metadata.get("expression"), str):
-        reference = chain_sum_reference(metadata["expression"], entry["answer"], answer_format)
+    if task in BUILDERS:
+        reference = BUILDERS[task](metadata, str(entry["answer"]), answer_format)
         return (reference, "derived") if reference else (None, None)
     return None, None
 

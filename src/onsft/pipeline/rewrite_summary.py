@@ -8,6 +8,9 @@ from collections.abc import Sequence
 from onsft.pipeline.best_of_n import by_beta, handover, yield_by_samples
 from onsft.pipeline.rewrite_config import ADDED_FIELDS
 
+Z_95 = 1.645  # one-sided 5% point of N(0, 1)
+LOW_MARKER_SHARE = 0.5  # below this share of hinted candidates reaching the marker, the summary advises
+
 
 def train_rows(records: Sequence[dict]) -> list[dict]:
     """The kept rows as prompt + completion (the response), with the provenance of the response (own or
@@ -53,6 +56,23 @@ def _phi_stats(records: Sequence[dict], key: str = "mean_phi", tokens: str = "sc
     z_key = key.replace("mean_phi", "z")
     stats["mean_z"] = sum(r[z_key] for r in scored) / len(scored)
     return stats
+
+
+def _z_stats(records: Sequence[dict]) -> dict:
+    """Z of kept responses against the model's own distribution (each response's Z is already that test: a
+    sample of the model itself has Z ~ N(0, 1)): mean, std, the share below -1.645 (off-policy at one-sided
+    p < 0.05) and above +1.645 (sharper than the model: typical of low-temperature decoding)."""
+    zs = [r["z"] for r in records if r.get("z") is not None]
+    if not zs:
+        return {"n": 0}
+    mean = sum(zs) / len(zs)
+    return {
+        "n": len(zs),
+        "mean_z": mean,
+        "std_z": (sum((z - mean) ** 2 for z in zs) / max(len(zs) - 1, 1)) ** 0.5,
+        "share_below_-1.645": sum(z < -Z_95 for z in zs) / len(zs),
+        "share_above_1.645": sum(z > Z_95 for z in zs) / len(zs),
+    }
 
 
 def _step_check(records: Sequence[dict]) -> dict:
@@ -102,6 +122,10 @@ def summarize(records: Sequence[dict]) -> dict:
             "kept": sum(r["provenance"] != "dropped" and bool(r["truncated"]) for r in records),
             "dropped": sum(r.get("drop_reason") == "truncated" for r in records),
         },
+        "z": {
+            "rewritten": _z_stats(rewritten),
+            "own": _z_stats([r for r in records if r["provenance"] == "own"]),
+        },
         "step_check": _step_check(records),
         # Best-of-n: the share of failed prompts with a usable candidate among their first n, per beta, and
         # how many hinted candidates handed over to the plain context at the answer marker.
@@ -112,3 +136,28 @@ def summarize(records: Sequence[dict]) -> dict:
         "verify_methods": dict(sorted(Counter(r["verify_method"] for r in records if r["verify_method"]).items())),
         "generated_tokens": sum(r["generated_tokens"] for r in records),
     }
+
+
+def advice(summary: dict, hint: dict) -> list[str]:
+    """Concrete suggestions when the rewrite went poorly in a way a setting can fix (printed as warnings)."""
+    notes = []
+    marker = summary["answer_marker"]
+    if marker["candidates"] and marker["share"] is not None and marker["share"] < LOW_MARKER_SHARE:
+        restate = (
+            ""
+            if hint.get("form") == "restate"
+            else " --hint_form restate (the plain prompt with the reference as the model's earlier answer),"
+        )
+        notes.append(
+            f"only {marker['share']:.0%} of hinted candidates reached the answer marker {hint.get('answer_marker')!r}, "
+            "so the plain context rarely finished the answers and the rewrites may lack the answer format; try"
+            f"{restate} --answer_marker '\\boxed{{|answer is' (add a phrase the model writes by habit before its "
+            "answer), or a lower --beta (e.g. 1) so that the hinted context leads more often."
+        )
+    kept = summary["step_check"]
+    if kept["rows_checked"] and kept["flagged"] / kept["rows_checked"] >= 0.25:
+        notes.append(
+            f"{kept['flagged']} of {kept['rows_checked']} kept rows state a false step (e.g. a wrong `a + b = c`); "
+            "pass --step_check drop to keep only rows whose stated steps are true."
+        )
+    return notes
