@@ -743,3 +743,49 @@ def test_organism_rewrites_new_skill_teacher_data_closer_to_its_distribution(org
     reference_phi = sum(r["reference_mean_phi"] for r in rewritten) / len(rewritten)
     rewrite_phi = sum(r["mean_phi"] for r in rewritten) / len(rewritten)
     assert abs(rewrite_phi) < abs(reference_phi), (reference_phi, rewrite_phi)
+
+
+def test_summary_reports_z_of_kept_rows_and_advises_on_a_low_marker_share():
+    def record(provenance, z, handed):
+        usable = provenance == "hinted"
+        candidates = [
+            {"sample": 0, "beta": 1.0, "usable": usable, "verified": usable, "handed_over": handed, "kept": True}
+        ]
+        return {
+            "provenance": provenance,
+            "z": z,
+            "mean_phi": 0.1,
+            "scored_tokens": 5,
+            "own_correct": int(provenance == "own"),
+            "own_samples": 1,
+            "hinted_tries": int(provenance != "own"),
+            "candidates": candidates if provenance != "own" else None,
+            "finish_reason": "eos",
+            "verify_method": "math",
+            "generated_tokens": 5,
+            "truncated": False,
+            "reference_mean_phi": -1.0,
+            "reference_z": -2.0,
+        }
+
+    records = [record("hinted", z, handed) for z, handed in [(2.0, False), (1.0, False), (-2.0, True)]]
+    records += [record("own", 0.5, False), record("dropped", -5.0, False)]
+    summary = rewrite_summary.summarize(records)
+    z = summary["z"]["rewritten"]
+    assert z["n"] == 3 and z["mean_z"] == pytest.approx(1 / 3) and z["std_z"] == pytest.approx((13 / 3) ** 0.5)
+    assert z["share_below_-1.645"] == pytest.approx(1 / 3) and z["share_above_1.645"] == pytest.approx(1 / 3)
+    assert summary["z"]["own"] == {
+        "n": 1,
+        "mean_z": 0.5,
+        "std_z": 0.0,
+        "share_below_-1.645": 0.0,
+        "share_above_1.645": 0.0,
+    }
+    assert summary["answer_marker"]["share"] == pytest.approx(1 / 4)
+    (note,) = rewrite_summary.advice(summary, {"form": "instruction", "answer_marker": "\\boxed{"})
+    assert "25%" in note and "--hint_form restate" in note and "answer is" in note and "--beta" in note
+    # The restate form is not suggested again; a share at or above one half gives no advice.
+    assert "--hint_form" not in rewrite_summary.advice(summary, {"form": "restate", "answer_marker": "x"})[0]
+    for entry in [e for r in records for e in r["candidates"] or []][:2]:
+        entry["handed_over"] = True
+    assert rewrite_summary.advice(rewrite_summary.summarize(records), {"form": "restate"}) == []

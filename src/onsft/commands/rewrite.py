@@ -314,6 +314,10 @@ def _line(summary: dict) -> str:
     def fmt(stats: dict) -> str:
         return f"{stats['mean_phi']:.3f}" if stats.get("n") else "-"
 
+    def z_of(kind: str) -> str:  # mean Z: 0 for the model's own samples, > 0 sharper, < 0 off-policy
+        stats = summary["z"][kind]
+        return f" (Z {stats['mean_z']:+.2f})" if stats.get("n") else ""
+
     speed = summary.get("tokens_per_second")
     by_n, marker = summary["yield"]["by_samples"], summary["answer_marker"]
     shares = ", ".join(f"{entry['share']:.0%}" for entry in by_n)
@@ -323,8 +327,8 @@ def _line(summary: dict) -> str:
         f"onsft rewrite: {summary['rows']} prompts: own-correct {summary['own_correct']}, rewritten "
         f"{summary['rewritten']}, dropped {summary['dropped']}{best_of_n}{handed}; mean phi references "
         f"{fmt(phi['references'])} "
-        f"(of rewritten rows {fmt(phi['references_of_rewritten'])}) -> rewritten {fmt(phi['rewritten'])}, own "
-        f"{fmt(phi['own'])}; {summary['generated_tokens_this_run']} tokens generated"
+        f"(of rewritten rows {fmt(phi['references_of_rewritten'])}) -> rewritten {fmt(phi['rewritten'])}{z_of('rewritten')}, "
+        f"own {fmt(phi['own'])}{z_of('own')}; {summary['generated_tokens_this_run']} tokens generated"
         + (f" at {speed:.0f} tokens/s" if speed else "")
         + f", {summary['wall_seconds']:.1f} s; "
         f"{summary['files']['train']}"
