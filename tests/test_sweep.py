@@ -289,3 +289,23 @@ def test_a_variant_is_checked_as_the_experiment_it_becomes(variant, message):
         experiment_from_dict({**base, "variants": {"a": variant}}, "x.yaml")
     ok = experiment_from_dict({**base, "variants": {"a": {"train_data": "organism:new_skill_train.mild"}}}, "x.yaml")
     assert ok.variant("a").train_data == "organism:new_skill_train.mild"
+
+
+def test_methods_override_keeps_only_the_contrasts_between_the_chosen_methods(tmp_path, capsys):
+    path = tmp_path / "exp.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "model": "organism",
+                "train_data": "organism:new_skill_train.native",
+                "in_domain": "organism:new_skill_test",
+                "methods": ["sft", "idft", "rewrite+sft"],
+                "contrasts": [["idft", "sft"], ["rewrite+sft", "sft"]],
+            }
+        )
+    )
+    assert load_experiment(str(path), {"methods": ["sft", "idft"]}).contrasts == [["idft", "sft"]]
+    assert "1 contrast(s)" in capsys.readouterr().err
+    assert len(load_experiment(str(path), {"methods": None}).contrasts) == 2
+    with pytest.raises(UserError, match="must be two of the experiment's methods"):  # the file itself is still checked
+        load_experiment(str(path), {"methods": None, "contrasts": [["dpo", "sft"]]})

@@ -8,6 +8,7 @@ step whose keys are that step's own flags (`train`, `method_train`, `rewrite`, `
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -286,4 +287,16 @@ def load_experiment(path: str, overrides: dict) -> Experiment:
     """The experiment file with `overrides` (None values ignored) applied on top."""
     raw = read_yaml(path)
     raw.update({k: v for k, v in overrides.items() if v is not None})
+    methods = overrides.get("methods")
+    if methods is not None and isinstance(raw.get("contrasts"), list):
+        # A run of some of the methods (--methods) keeps the contrasts between them; the others wait for a run
+        # with both of their methods (every cell is cached, so that run only adds what is missing).
+        kept = [pair for pair in raw["contrasts"] if not isinstance(pair, list) or set(pair) <= set(methods)]
+        if len(kept) < len(raw["contrasts"]):
+            print(
+                f"onsft compare: {len(raw['contrasts']) - len(kept)} contrast(s) of {path} name a method outside "
+                "--methods and are left out of this run's report.",
+                file=sys.stderr,
+            )
+        raw["contrasts"] = kept
     return experiment_from_dict(raw, path, Path(path).resolve().parent)
