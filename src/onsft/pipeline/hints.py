@@ -72,15 +72,9 @@ def resolve_hint(
         form = use.form if use is not None else "instruction"
     if form not in FORMS[1:]:
         raise UserError(f"unknown hint form `{form}`", where="--hint_form", fix=f"use one of {', '.join(FORMS)}.")
-    source = (
-        "flag"
-        if template is not None
-        else "onsft.json"
-        if has_template
-        else f"profile:{use.name}"
-        if use
-        else "default"
-    )
+    source = "flag" if template is not None else "onsft.json" if has_template else "default"
+    if source == "default" and use is not None:
+        source = f"profile:{use.name}"
     if template is None:
         template = info["hint_template"] if has_template else DEFAULT_HINT_TEMPLATE
     if system is None and has_template:
