@@ -53,7 +53,7 @@ from onsft.runtime.models import (
     pad_token_id,
 )
 from onsft.runtime.records import check_writable, write_json_atomic, write_jsonl_atomic
-from onsft.runtime.runs import RunArguments, RunGuard
+from onsft.runtime.runs import RunArguments, RunGuard, config_defaults
 from onsft.runtime.settings import parse_command
 from onsft.runtime.store import public
 
@@ -169,6 +169,7 @@ def run(
         active=procs.main,
         reuse=False,
         inputs={"--data": config.data, "--compare_data": config.compare_data},
+        defaults=config_defaults(config),
     ):
         model = load_model(model_args, device=procs.device, dtype=dtype)
         other_model = (

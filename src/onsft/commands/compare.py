@@ -62,11 +62,11 @@ from onsft.pipeline.experiment import EVAL_SETS, METHODS, REPLAY_METHODS, Experi
 from onsft.pipeline.experiment_eval import Evaluator
 from onsft.pipeline.frontier_report import write_frontier
 from onsft.pipeline.rewriting import RewriteConfig
-from onsft.pipeline.sweep import base_point, grid, measured, sweep_points
+from onsft.pipeline.sweep import base_point, cell_defaults, cell_settings, grid, measured, sweep_points
 from onsft.pipeline.variants_report import run_variants
 from onsft.runtime.models import ModelArguments, resolve_model_path
 from onsft.runtime.records import check_writable, write_json_atomic
-from onsft.runtime.runs import RunArguments
+from onsft.runtime.runs import RunArguments, config_defaults, same_settings
 from onsft.runtime.settings import configs_from_dict, parse_command
 
 QUIET = RunArguments(progress=False)
@@ -214,7 +214,8 @@ def prepare_shared_data(exp: Experiment, out: Path, steps: RunArguments = QUIET)
 
     def step(name: str, configs: tuple, work):
         settings = json.loads(json.dumps([dataclasses.asdict(c) for c in (*configs, exp.model)], default=str))
-        summary, costs[name] = measured(record, name, [settings, dataset_identity(exp.train_data)], work)
+        defaults = [[config_defaults(c) for c in (*configs, exp.model)], None]
+        summary, costs[name] = measured(record, name, [settings, dataset_identity(exp.train_data)], work, defaults)
         return summary
 
     if _needs_rewrite(exp):
@@ -248,20 +249,6 @@ def run_audit(exp: Experiment, out: Path, steps: RunArguments = QUIET) -> dict |
 # ------------------------------------------------------------------------------------- evaluation
 
 
-def cell_settings(
-    exp: Experiment, method: str, seed: int, data: str, inputs, evaluator: Evaluator, point: dict | None = None
-) -> dict:
-    """What a cell's cached result depends on."""
-    return {
-        "train": json.loads(json.dumps(dataclasses.asdict(inputs) | {"method": method}, default=str)),
-        "data": dataset_identity(data),  # by content: an edited file is not the cached cell's data
-        "options": {**exp.train, **exp.method_train.get(method, {}), **(point or {})},
-        "seed": seed,
-        "curve": [exp.curve_every or exp.eval_every, exp.curve_limit],
-        **evaluator.settings(),
-    }
-
-
 def run_cell(
     exp: Experiment,
     method: str,
@@ -277,7 +264,7 @@ def run_cell(
     done = folder / "eval.json"
     if done.exists():
         cached = json.loads(done.read_text())
-        if cached.get("settings") == settings:
+        if same_settings(cached.get("settings"), settings, cell_defaults(inputs, evaluator)):
             return cached
     started = time.time()
     summary = train_command.run(inputs, exp.model, lora, args, loss, steps)
@@ -327,14 +314,15 @@ def run_sweep(exp: Experiment, out: Path, shared: dict, evaluator: Evaluator, st
         def train(configs=configs) -> dict:
             return train_command.run(configs[0], exp.model, configs[1], configs[2], configs[3], steps)
 
-        cells.append(sweep.run_cell(exp, cell, folder, evaluator, base, settings, train))
+        defaults = cell_defaults(configs[0], evaluator)
+        cells.append(sweep.run_cell(exp, cell, folder, evaluator, base, settings, train, defaults))
     return base, cells
 
 
 def _base_eval(out: Path, evaluator: Evaluator) -> dict:
     base_path = out / "base" / "eval.json"
     base = json.loads(base_path.read_text()) if base_path.exists() else None
-    if base is None or base.get("settings") != evaluator.settings():
+    if base is None or not same_settings(base.get("settings"), evaluator.settings(), evaluator.defaults()):
         base = {**evaluator.full(evaluator.base), "settings": evaluator.settings()}
         write_json_atomic(base_path, base)
     return base

@@ -34,7 +34,7 @@ from onsft.pipeline.evaluation import check_prompts
 from onsft.pipeline.replay import replay_rows, sample_answers
 from onsft.runtime.models import ModelArguments, configured_context_length, load_model, load_tokenizer
 from onsft.runtime.records import ResumableJsonl, check_writable, write_json_atomic, write_jsonl_atomic
-from onsft.runtime.runs import RunArguments, RunGuard
+from onsft.runtime.runs import RunArguments, RunGuard, group_defaults
 from onsft.runtime.settings import parse_command
 
 
@@ -187,6 +187,7 @@ def run_replay(
         "model": {k: v for k, v in dataclasses.asdict(model_args).items() if k not in ("device", "offline")},
         "sampling": dataclasses.asdict(sampling),
     }
+    defaults = group_defaults(replay=config, model=model_args, sampling=sampling)
     samples_path = out.with_name(out.stem + ".samples.jsonl")
     with RunGuard(
         out.with_name(out.stem + ".run.json"),
@@ -195,12 +196,13 @@ def run_replay(
         [out.name, samples_path.name + "*", summary_path.name],
         summary_path,
         overwrite=run_args.overwrite,
+        defaults=defaults,
     ) as finished:
         if finished is not None and out.exists():
             print(f"onsft: {out} already holds this replay set; nothing to do.", file=sys.stderr)
             return finished
         started = time.time()
-        store = ResumableJsonl(samples_path, fingerprint=settings)
+        store = ResumableJsonl(samples_path, fingerprint=settings, defaults=defaults)
         samples = sample_answers(
             load_model(model_args), tokenizer, examples, sampling, store, config.data, run_args.progress
         )

@@ -68,7 +68,7 @@ from onsft.runtime.models import (
 )
 from onsft.runtime.progress import progress
 from onsft.runtime.records import ResumableJsonl, check_writable, dumps, write_json_atomic
-from onsft.runtime.runs import RunArguments, RunGuard
+from onsft.runtime.runs import RunArguments, RunGuard, group_defaults
 from onsft.runtime.settings import parse_command
 
 OUTPUTS = ["metrics.json", "accuracy.png", "generations.jsonl*", "retention.jsonl*", "kl.jsonl*"]
@@ -204,6 +204,7 @@ def run(
     if kl_examples is not None:  # (their unknown tokens were counted above when they are the data's prompts)
         (check_prompt_set if kl_flag == "kl_data" else check_prompts)(tokenizer, kl_examples, kl_context, kl_source)
     settings = _settings(config, model_args, sampling, verify)
+    defaults = group_defaults(eval=config, model=model_args, sampling=sampling, verify=verify)
     with RunGuard(
         out / "run.json",
         "eval",
@@ -212,12 +213,15 @@ def run(
         out / "metrics.json",
         overwrite=run_args.overwrite,
         inputs=inputs,
+        defaults=defaults,
     ) as finished:
         if finished is not None:
             print(f"onsft: {out} already holds this finished evaluation; nothing to do.", file=sys.stderr)
             return finished
         sets = _Sets(examples, retention, kl_examples, kl_source)
-        metrics = _evaluate(config, model_args, sampling, verifier, run_args, tokenizer, sets, base_args, settings)
+        metrics = _evaluate(
+            config, model_args, sampling, verifier, run_args, tokenizer, sets, base_args, settings, defaults
+        )
     return metrics
 
 
@@ -231,11 +235,13 @@ class _Sets:
     kl_source: str
 
 
-def _evaluate(config, model_args, sampling, verifier, run_args, tokenizer, sets: _Sets, base_args, settings) -> dict:
+def _evaluate(
+    config, model_args, sampling, verifier, run_args, tokenizer, sets: _Sets, base_args, settings, defaults
+) -> dict:
     out = Path(config.out)
     model = load_model(model_args)
     started = time.time()
-    stores = [ResumableJsonl(out / "generations.jsonl", fingerprint={"part": "eval", **settings})]
+    stores = [ResumableJsonl(out / "generations.jsonl", fingerprint={"part": "eval", **settings}, defaults=defaults)]
     rows = evaluate_rows(
         model,
         tokenizer,
@@ -255,7 +261,9 @@ def _evaluate(config, model_args, sampling, verifier, run_args, tokenizer, sets:
         **aggregate(rows, config.ks()),
     }
     if sets.retention is not None:
-        stores.append(ResumableJsonl(out / "retention.jsonl", fingerprint={"part": "retention", **settings}))
+        stores.append(
+            ResumableJsonl(out / "retention.jsonl", fingerprint={"part": "retention", **settings}, defaults=defaults)
+        )
         retention_rows = evaluate_rows(
             model,
             tokenizer,
@@ -269,7 +277,7 @@ def _evaluate(config, model_args, sampling, verifier, run_args, tokenizer, sets:
         )
         metrics["retention"] = {"data": config.retention_data, **aggregate(retention_rows)}
     if sets.kl_examples is not None:
-        stores.append(ResumableJsonl(out / "kl.jsonl", fingerprint={"part": "kl", **settings}))
+        stores.append(ResumableJsonl(out / "kl.jsonl", fingerprint={"part": "kl", **settings}, defaults=defaults))
         base = load_model(base_args)
         metrics["kl"] = _kl(
             config, sampling, base, model, tokenizer, sets.kl_examples, stores[-1], sets.kl_source, run_args

@@ -44,7 +44,7 @@ from onsft.pipeline.evaluation import check_answers, check_prompt_set, evaluate_
 from onsft.pipeline.pairing import FORMATS, chosen_candidates, load_rewrites, make_pairs
 from onsft.runtime.models import ModelArguments, configured_context_length, load_model, load_tokenizer
 from onsft.runtime.records import ResumableJsonl, check_writable, dumps, write_json_atomic, write_jsonl_atomic
-from onsft.runtime.runs import RunArguments, RunGuard
+from onsft.runtime.runs import RunArguments, RunGuard, group_defaults
 from onsft.runtime.settings import parse_command
 
 
@@ -125,6 +125,7 @@ def run(
         "sampling": dataclasses.asdict(sampling),
         "verify": dataclasses.asdict(verify),
     }
+    defaults = group_defaults(pairs=config, model=model_args, sampling=sampling, verify=verify)
     outputs = [out.name, samples_path.name + "*", summary_path.name]
     with RunGuard(
         out.with_name(out.stem + ".run.json"),
@@ -134,20 +135,23 @@ def run(
         summary_path,
         overwrite=run_args.overwrite,
         inputs=inputs,
+        defaults=defaults,
     ) as finished:
         if finished is not None and out.exists():
             print(f"onsft: {out} already holds these pairs; nothing to do.", file=sys.stderr)
             return finished
-        summary = _pairs(config, model_args, sampling, verifier, run_args, tokenizer, examples, rewrites, settings)
+        summary = _pairs(
+            config, model_args, sampling, verifier, run_args, tokenizer, examples, rewrites, settings, defaults
+        )
     return summary
 
 
-def _pairs(config, model_args, sampling, verifier, run_args, tokenizer, examples, rewrites, settings) -> dict:
+def _pairs(config, model_args, sampling, verifier, run_args, tokenizer, examples, rewrites, settings, defaults) -> dict:
     out = Path(config.out)
     samples_path, summary_path = _paths(out)
     model = load_model(model_args)
     started = time.time()
-    store = ResumableJsonl(samples_path, fingerprint={"part": "pairs", **settings})
+    store = ResumableJsonl(samples_path, fingerprint={"part": "pairs", **settings}, defaults=defaults)
     rows = evaluate_rows(
         model,
         tokenizer,

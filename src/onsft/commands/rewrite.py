@@ -116,7 +116,7 @@ from onsft.runtime.models import (
 )
 from onsft.runtime.progress import progress
 from onsft.runtime.records import check_writable, write_json_atomic, write_jsonl_atomic
-from onsft.runtime.runs import RunArguments, RunGuard, normalized
+from onsft.runtime.runs import RunArguments, RunGuard, group_defaults, normalized
 from onsft.runtime.settings import parse_command
 from onsft.runtime.store import ShardStore
 
@@ -177,6 +177,7 @@ def run(
     check_text_budget(tokenizer, examples, max(config.max_length, context or 0), config.data, with_reference=True)
     prepared = prepare(tokenizer, examples, hint, config.max_length, context, config.data)
     settings = normalized(_settings(config, model_args, hinted, verify, hint, dtype))
+    defaults = group_defaults(rewrite=config, hinted=hinted, model=model_args, hint=hint, verify=verify)
     with RunGuard(
         out / "run.json",
         "rewrite",
@@ -187,6 +188,7 @@ def run(
         active=procs.main,
         inputs={"--data": config.data},  # (issue 15) no output may replace the input
         files=[train_out],
+        defaults=defaults,
     ) as finished:
         procs.barrier()
         if finished is not None:
@@ -205,14 +207,17 @@ def run(
         if context is None and context_length(model):
             prepared = prepare(tokenizer, examples, hint, config.max_length, context_length(model), config.data)
         rewriter = Rewriter(model, tokenizer, config, hinted, scoring, hint, verifier, step_checker)
-        summary = _rewrite(config, model_args, run_args, procs, rewriter, prepared, settings, train_out, started)
+        summary = _rewrite(
+            config, model_args, run_args, procs, rewriter, prepared, (settings, defaults), train_out, started
+        )
     return summary
 
 
-def _rewrite(config, model_args, run_args, procs, rewriter, prepared, settings, train_out, started) -> dict | None:
+def _rewrite(config, model_args, run_args, procs, rewriter, prepared, fingerprint, train_out, started) -> dict | None:
+    settings, defaults = fingerprint
     out = Path(config.out)
     _warn_other_shards(out, procs.world)
-    store = ShardStore(out, "records", procs, settings)
+    store = ShardStore(out, "records", procs, settings, defaults)
     spans = chunks(len(prepared), config.chunk_size)
     mine = spans[procs.rank :: procs.world]
     todo = [span for span in mine if not all(prepared[i].example.index in store.done for i in span)]

@@ -45,7 +45,7 @@ from onsft.runtime.checkpoints import (
 from onsft.runtime.device import check_device_name, resolve_device, resolve_dtype
 from onsft.runtime.models import ModelArguments, check_context, context_length, load_model, load_tokenizer
 from onsft.runtime.records import check_writable, dumps, write_json_atomic, write_jsonl_atomic
-from onsft.runtime.runs import RunArguments, RunGuard, data_identity, normalized
+from onsft.runtime.runs import RunArguments, RunGuard, data_identity, group_defaults, normalized
 from onsft.runtime.settings import given_options, parse_command
 
 METHODS = ("sft", *PREFERENCE_METHODS)
@@ -213,6 +213,7 @@ def run(
         active=int(trl_args.process_index) == 0,
         untracked=["checkpoint-*", "model"],
         inputs={"--data": inputs.data, "--eval_data": inputs.eval_data, "--model": model_args.model},
+        defaults=group_defaults(inputs=inputs, model=model_args, lora=lora, loss=loss, args=args),
     ) as finished:
         if finished is not None:
             print(f"onsft: {output_dir} already holds this finished run; nothing to do.", file=sys.stderr)

@@ -23,6 +23,7 @@ from onsft.errors import UserError
 from onsft.formulas import ddt
 from onsft.formulas.stats import QUANTILES, ks_distance_to_normal, quantile
 from onsft.runtime.device import Processes, stream_seed
+from onsft.runtime.fingerprints import config_defaults
 from onsft.runtime.models import pad_token_id
 from onsft.runtime.progress import progress
 from onsft.runtime.store import ShardStore
@@ -146,7 +147,7 @@ def score_set(
 ) -> list[dict] | None:
     """Score a dataset into out/<name>.jsonl: input fields kept, scores added. Rank 0 gets the rows.
     `lines` (index -> line in `where`) names the row whose scores are not finite."""
-    store = ShardStore(out, name, dist, fingerprint)
+    store = ShardStore(out, name, dist, fingerprint, config_defaults(config))
     shard = scorer.shard(items, dist.rank, dist.world)
     every = max(1, len(items) // config.plot_sample) if config.plot_sample else 0
     todo = sum(it.n_response for it in shard if it.index not in store.done)
@@ -194,7 +195,7 @@ def self_check(
         "seed": config.seed,
         "max_new_tokens": config.self_check_max_new_tokens,
     }
-    store = ShardStore(out, "self_check", dist, fingerprint)
+    store = ShardStore(out, "self_check", dist, fingerprint, config_defaults(config))
     groups = [range(start, min(n, start + scorer.batch_size)) for start in range(0, n, scorer.batch_size)]
     mine = [g for g in groups[dist.rank :: dist.world] if not all(i in store.done for i in g)]
     every = max(1, n // config.plot_sample) if config.plot_sample else 0

@@ -11,6 +11,7 @@ from onsft.data.rows import dataset_identity, load_examples
 from onsft.engine.kl import base_continuations, kl_on_continuations
 from onsft.pipeline.evaluation import evaluate_model
 from onsft.pipeline.experiment import EVAL_SETS, Experiment
+from onsft.runtime.fingerprints import config_defaults
 from onsft.runtime.models import load_model, load_tokenizer
 
 
@@ -90,3 +91,8 @@ class Evaluator:
                 },
             }
         return self._settings
+
+    def defaults(self) -> dict:
+        """The defaults of `settings`' options (an evaluation cached before an option existed matches when the
+        option holds its default now)."""
+        return {"model": config_defaults(self.exp.model)}

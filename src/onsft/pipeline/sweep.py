@@ -12,6 +12,7 @@ first time a step does its work and reused while its settings stay the same.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import shutil
@@ -21,8 +22,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from onsft.data.rows import dataset_identity
 from onsft.pipeline.experiment import Experiment
 from onsft.pipeline.experiment_eval import Evaluator
+from onsft.runtime.fingerprints import config_defaults, same_settings
 from onsft.runtime.records import write_json_atomic
 
 # Short names of common swept options in folder names and labels; others are written whole.
@@ -59,6 +62,26 @@ class Cell:
         return f"{self.method}-{setting}-s{self.seed}" if setting else f"{self.method}-s{self.seed}"
 
 
+def cell_settings(
+    exp: Experiment, method: str, seed: int, data: str, inputs, evaluator: Evaluator, point: dict | None = None
+) -> dict:
+    """What a cell's cached result depends on."""
+    return {
+        "train": json.loads(json.dumps(dataclasses.asdict(inputs) | {"method": method}, default=str)),
+        "data": dataset_identity(data),  # by content: an edited file is not the cached cell's data
+        "options": {**exp.train, **exp.method_train.get(method, {}), **(point or {})},
+        "seed": seed,
+        "curve": [exp.curve_every or exp.eval_every, exp.curve_limit],
+        **evaluator.settings(),
+    }
+
+
+def cell_defaults(inputs, evaluator: Evaluator) -> dict:
+    """The defaults of `cell_settings`' options: a cell cached before an option existed matches when it holds
+    its default now."""
+    return {"train": config_defaults(inputs), **evaluator.defaults()}
+
+
 def sweep_points(exp: Experiment, method: str) -> list[tuple[tuple[str, object], ...]]:
     """Every combination of the method's swept options (one empty point without a sweep)."""
     sweep = exp.method_sweep.get(method, exp.sweep)
@@ -76,26 +99,29 @@ def grid(exp: Experiment) -> list[Cell]:
     ]
 
 
-def measured(path: Path, key: str, settings: dict, work: Callable[[], dict]) -> tuple[dict, dict]:
+def measured(
+    path: Path, key: str, settings: dict, work: Callable[[], dict], defaults: dict | list | None = None
+) -> tuple[dict, dict]:
     """Run `work` and return (its result, its cost). The cost is recorded in `path` (a JSON map of key ->
     {wall_seconds, cpu_seconds, settings}) the first time the work runs with these settings; later, when
-    the work finds its output cached and returns at once, the recorded cost is kept."""
+    the work finds its output cached and returns at once, the recorded cost is kept (`defaults`: options
+    added since the record was written match when they hold their defaults)."""
     wall, cpu = time.time(), time.process_time()
     result = work()
     cost = {"wall_seconds": time.time() - wall, "cpu_seconds": time.process_time() - cpu}
     costs = json.loads(path.read_text()) if path.exists() else {}
     known = costs.get(key)
-    if known is not None and known.get("settings") == settings:
+    if known is not None and same_settings(known.get("settings"), settings, defaults):
         return result, {k: known[k] for k in ("wall_seconds", "cpu_seconds")}
     costs[key] = {**cost, "settings": settings}
     write_json_atomic(path, costs)
     return result, cost
 
 
-def _cached(path: Path, settings: dict) -> dict | None:
+def _cached(path: Path, settings: dict, defaults: dict | None) -> dict | None:
     if path.exists():
         record = json.loads(path.read_text())
-        if record.get("settings") == settings:
+        if same_settings(record.get("settings"), settings, defaults):
             return record
     return None
 
@@ -104,7 +130,7 @@ def base_point(exp: Experiment, out: Path, evaluator: Evaluator) -> dict:
     """Step 0 of every curve: the base model measured like the checkpoints (cached in base/point.json)."""
     settings = {**evaluator.settings(), "limit": exp.curve_limit}
     path = out / "base" / "point.json"
-    record = _cached(path, settings)
+    record = _cached(path, settings, evaluator.defaults())
     if record is None:
         started = time.time()
         record = {"step": 0, **evaluator.full(evaluator.base, exp.curve_limit)}
@@ -119,7 +145,13 @@ def checkpoints(train_dir: Path) -> list[tuple[int, Path]]:
 
 
 def curve(
-    exp: Experiment, folder: Path, final_step: int, evaluator: Evaluator, base: dict, settings: dict
+    exp: Experiment,
+    folder: Path,
+    final_step: int,
+    evaluator: Evaluator,
+    base: dict,
+    settings: dict,
+    defaults: dict | None = None,
 ) -> list[dict]:
     """The cell's points: the base model at step 0, every checkpoint, and the final model at `final_step`
     (the final model's weights are its last checkpoint's when that one is at the final step)."""
@@ -130,7 +162,7 @@ def curve(
     points = [{k: v for k, v in base.items() if k != "settings"}]
     for step, path in sorted(sources.items()):
         target = folder / "points" / f"step-{step}.json"
-        record = _cached(target, settings)
+        record = _cached(target, settings, defaults)
         if record is None:
             print(f"onsft compare: {folder.name} step {step}", file=sys.stderr, flush=True)
             started = time.time()
@@ -141,7 +173,7 @@ def curve(
     # Points cached for checkpoints no longer on disk (their weights dropped) stay part of the curve.
     for target in (folder / "points").glob("step-*.json"):
         step = int(target.stem.split("-")[1])
-        if step not in sources and (record := _cached(target, settings)) is not None:
+        if step not in sources and (record := _cached(target, settings, defaults)) is not None:
             points.append({k: v for k, v in record.items() if k != "settings"})
     return sorted(points, key=lambda p: p["step"])
 
@@ -162,17 +194,18 @@ def run_cell(
     base: dict,
     settings: dict,
     train: Callable[[], dict],
+    defaults: dict | None = None,
 ) -> dict:
     """Train the cell (`train` runs `onsft train` and returns its summary; a finished run returns at once),
-    then evaluate its curve. Cached whole in <cell>/eval.json under `settings`."""
+    then evaluate its curve. Cached whole in <cell>/eval.json under `settings` (`cell_defaults`)."""
     done = folder / "eval.json"
-    if (cached := _cached(done, settings)) is not None:
+    if (cached := _cached(done, settings, defaults)) is not None:
         return cached
     train_settings = {k: settings[k] for k in ("train", "data", "options", "seed")}
-    summary, cost = measured(folder / "cost.json", "train", train_settings, train)
+    summary, cost = measured(folder / "cost.json", "train", train_settings, train, defaults)
     if not exp.keep_checkpoints:
         drop_resume_state(folder / "train")
-    points = curve(exp, folder, int(summary["global_step"]), evaluator, base, settings)
+    points = curve(exp, folder, int(summary["global_step"]), evaluator, base, settings, defaults)
     final = {k: v for k, v in points[-1].items() if k not in ("step", "eval_seconds")}
     log = folder / "train" / "metrics.jsonl"
     result = {

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from onsft.errors import UserError
+from onsft.runtime.fingerprints import same_settings
 
 
 def check_writable(path: str | os.PathLike) -> Path:
@@ -125,13 +126,14 @@ class ResumableJsonl:
             store.append({"_index": i, ...})
         store.finalize(order=range(len(items)))
     The fingerprint (command settings that change results) is stored in the first line; a restart with
-    different settings refuses to mix outputs instead of silently merging them.
+    different settings refuses to mix outputs instead of silently merging them (`defaults`, shaped like the
+    fingerprint: options added since the partial file was written match when they hold their defaults).
     """
 
-    def __init__(self, path: str | os.PathLike, fingerprint: dict | None = None):
+    def __init__(self, path: str | os.PathLike, fingerprint: dict | None = None, defaults: dict | None = None):
         self.path = Path(path)
         self.partial = self.path.with_name(self.path.name + ".partial")
-        self.fingerprint = fingerprint or {}
+        self.fingerprint, self.defaults = fingerprint or {}, defaults
         self.done: dict[int, dict] = {}
         check_writable(self.path)
         try:
@@ -170,7 +172,7 @@ class ResumableJsonl:
             return
         header = json.loads(lines[0])
         stored = header.get("_fingerprint", {})
-        if json.loads(dumps(self.fingerprint)) != stored:
+        if not same_settings(stored, json.loads(dumps(self.fingerprint)), self.defaults):
             raise UserError(
                 "an unfinished earlier run with different settings left this partial output",
                 where=str(self.partial),

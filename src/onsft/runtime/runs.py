@@ -2,6 +2,8 @@
 
 A command's *settings* are everything that changes its results (its options, the identity of its data,
 the model, the dtype; not the output path, progress bars or batch sizes that do not change results).
+Records are compared by `onsft.runtime.fingerprints.changed_keys`: an option added since a record was
+written (absent from it) matches when it holds its default now, so an upgrade does not redo finished runs.
 `RunGuard` keeps them in a small record beside the outputs and, before any work:
   - the same settings, finished: returns the saved summary (a rerun does nothing);
   - the same settings, unfinished: lets the command resume from what it wrote;
@@ -30,16 +32,21 @@ import shutil
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from onsft.errors import UserError
+from onsft.runtime.fingerprints import changed_keys, config_defaults, group_defaults, normalized, same_settings
 from onsft.runtime.records import output_error, write_json_atomic
 
-
-def normalized(settings: Any) -> Any:
-    """Settings as plain JSON values (tuples -> lists, paths and dtypes -> strings), so a saved copy compares
-    equal to a fresh one."""
-    return json.loads(json.dumps(settings, sort_keys=True, default=str))
+__all__ = [
+    "RunArguments",
+    "RunGuard",
+    "changed_keys",
+    "config_defaults",
+    "data_identity",
+    "group_defaults",
+    "normalized",
+    "same_settings",
+]
 
 
 def data_identity(path: str) -> dict:
@@ -60,14 +67,6 @@ def data_identity(path: str) -> dict:
     return {"path": str(p), "sha256": digest.hexdigest()}
 
 
-def changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
-    """Dotted names of the settings that differ between two (nested) settings dicts."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        keys = sorted(set(old) | set(new))
-        return [k for key in keys for k in changed_keys(old.get(key), new.get(key), f"{prefix}{key}.")]
-    return [] if old == new else [prefix.rstrip(".") or "settings"]
-
-
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -86,7 +85,9 @@ class RunGuard:
     presence without a record means an unknown earlier run (outputs that carry no fingerprint of their
     own, like checkpoints); `summary` is the file whose JSON a finished run returns when `reuse` is on.
     `inputs` maps each input's flag to its path (refused when an output would replace it); `files` are
-    outputs outside the record's folder (`rewrite --train_out`).
+    outputs outside the record's folder (`rewrite --train_out`). `defaults` holds, shaped like `settings`, the
+    defaults of its options: a record saved before an option existed matches when the option holds its default
+    now (`onsft.runtime.fingerprints`).
     `active=False` (non-main processes of a launch) makes every method a no-op."""
 
     def __init__(
@@ -103,9 +104,10 @@ class RunGuard:
         reuse: bool = True,
         inputs: dict[str, str | None] | None = None,
         files: list[Path] = (),
+        defaults: dict | None = None,
     ):
         self.record, self.command, self.summary = Path(record), command, Path(summary)
-        self.settings = normalized(settings)
+        self.settings, self.defaults = normalized(settings), normalized(defaults or {})
         self.outputs, self.overwrite, self.active = outputs, overwrite, active
         self.untracked, self.reuse = list(untracked), reuse
         self.inputs, self.files = dict(inputs or {}), [Path(f) for f in files]
@@ -123,9 +125,9 @@ class RunGuard:
         self._acquire()
         try:
             saved = self._saved()
-            if saved is not None and saved.get("settings") != self.settings:
+            changed = changed_keys(saved.get("settings"), self.settings, defaults=self.defaults) if saved else []
+            if changed:
                 if not self.overwrite:
-                    changed = changed_keys(saved.get("settings"), self.settings)
                     shown = ", ".join(changed[:4]) + (f" and {len(changed) - 4} more" if len(changed) > 4 else "")
                     raise UserError(
                         f"this output already holds a run with different settings ({saved.get('command')}; "

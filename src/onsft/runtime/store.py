@@ -31,10 +31,10 @@ class ShardStore:
     then deletes the partial files: a kill at any point leaves either partials to resume from or the
     finished file."""
 
-    def __init__(self, out: Path, name: str, dist: Processes, fingerprint: dict):
+    def __init__(self, out: Path, name: str, dist: Processes, fingerprint: dict, defaults: dict | None = None):
         self.out, self.name, self.dist = out, name, dist
         stem = f"{name}.jsonl" if dist.world == 1 else f"{name}.rank{dist.rank}-of-{dist.world}.jsonl"
-        self.store = ResumableJsonl(out / stem, {**fingerprint, "set": name, "world": dist.world})
+        self.store = ResumableJsonl(out / stem, {**fingerprint, "set": name, "world": dist.world}, defaults)
 
     @property
     def done(self) -> dict[int, dict]:
