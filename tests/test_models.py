@@ -153,3 +153,35 @@ def test_smollm2_loads_when_cached(monkeypatch):
     )
     out = model.generate(**prompt, max_new_tokens=12, do_sample=False)
     assert "Paris" in tokenizer.decode(out[0, prompt["input_ids"].shape[1] :])
+
+
+def test_a_lora_checkpoint_loads_as_its_base_model_with_the_adapter_merged(tmp_path):
+    """A LoRA training checkpoint holds the adapter only (adapter_config.json names the base): it loads as
+    the base model with the adapter merged, so `onsft eval --model .../checkpoint-N` and sweep curves work."""
+    from peft import LoraConfig, get_peft_model
+
+    from tiny import tiny_model, tiny_tokenizer
+
+    base_dir, adapter_dir = tmp_path / "base", tmp_path / "checkpoint-12"
+    tiny_model(seed=1).save_pretrained(base_dir)
+    tiny_tokenizer().save_pretrained(base_dir)
+    peft = get_peft_model(tiny_model(seed=1), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    torch.manual_seed(2)
+    for name, weight in peft.named_parameters():
+        if "lora_B" in name:  # B starts at zero: give the adapter an effect
+            weight.data.normal_(0, 0.5)
+    peft.save_pretrained(adapter_dir)  # adapter_config.json records base_model_name_or_path
+    import json
+
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(base_dir)
+    (adapter_dir / "adapter_config.json").write_text(json.dumps(config))
+
+    ids = torch.tensor([[3, 4, 5, 6, 7]])
+    loaded = models.load_model(str(adapter_dir))
+    with torch.no_grad():
+        expected = peft.merge_and_unload()(ids).logits
+        assert torch.allclose(loaded(ids).logits, expected, atol=1e-5)
+        assert not torch.allclose(models.load_model(str(base_dir))(ids).logits, expected, atol=1e-3)
+    assert not hasattr(loaded, "peft_config") or not loaded.peft_config  # an ordinary model
+    assert models.load_tokenizer(str(adapter_dir)).get_vocab() == tiny_tokenizer().get_vocab()  # the base's

@@ -1,6 +1,7 @@
 """The one loader of models and tokenizers, their context length, and the settings that choose them.
 
-A model is named by a local folder (saved with `save_pretrained`), a `.gguf` file (or a folder with one),
+A model is named by a local folder (saved with `save_pretrained`; a LoRA adapter folder, e.g. a training
+checkpoint, loads as its base model with the adapter merged), a `.gguf` file (or a folder with one),
 an alias (`organism`, `smollm2-135m`, see `onsft.runtime.aliases`), or a Hugging Face Hub id, which is
 downloaded once into the Hugging Face cache and read from it afterwards (`onsft.runtime.hub`; `--offline`
 or `HF_HUB_OFFLINE=1` forbid the download). `ModelArguments` is declared once here and composed into every
@@ -9,6 +10,7 @@ command that loads a model, as TRL composes its `ModelConfig` with each trainer'
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -100,7 +102,21 @@ def resolve_model_path(name_or_path: str | os.PathLike, *, revision: str | None 
 def _is_model(path: Path) -> bool:
     if path.is_file():
         return path.suffix == ".gguf"
-    return (path / "config.json").is_file() or any(path.glob("*.gguf"))
+    return (path / "config.json").is_file() or any(path.glob("*.gguf")) or _adapter_base(path) is not None
+
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def _adapter_base(path: Path) -> str | None:
+    """The base model of a peft adapter folder without a model of its own (a LoRA checkpoint), else None."""
+    if (path / "config.json").is_file() or not (path / ADAPTER_CONFIG).is_file():
+        return None
+    try:
+        base = json.loads((path / ADAPTER_CONFIG).read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return None
+    return base if isinstance(base, str) and base else None
 
 
 def _gguf_location(path: str) -> tuple[str, str | None]:
@@ -108,7 +124,7 @@ def _gguf_location(path: str) -> tuple[str, str | None]:
     p = Path(path)
     if p.is_file():
         return str(p.parent), p.name
-    if (p / "config.json").is_file():
+    if (p / "config.json").is_file() or _adapter_base(p) is not None:
         return path, None
     ggufs = sorted(x.name for x in p.glob("*.gguf"))
     if len(ggufs) != 1:
@@ -140,6 +156,9 @@ def load_tokenizer(model: ModelArguments | str | os.PathLike):
 
     args = _args(model)
     path = resolve_model_path(args.model, revision=args.model_revision, offline=args.offline)
+    base = _adapter_base(Path(path))
+    if base is not None and not (Path(path) / "tokenizer_config.json").is_file():
+        return load_tokenizer(dataclasses.replace(args, model=base, model_revision=None))  # an adapter alone
     folder, gguf = _gguf_location(path)
     # Converting a GGUF tokenizer takes ~10 s on 2 cores; for the cached smollm2 it is done once and
     # the converted tokenizer is kept beside the .gguf (a few MB).
@@ -190,6 +209,16 @@ def load_model(
     elif dtype is None and given:
         dtype = resolve_dtype(args.dtype, target)
     path = resolve_model_path(args.model, revision=args.model_revision, offline=args.offline)
+    base = _adapter_base(Path(path))
+    if base is not None:
+        # A LoRA checkpoint: its base model with the adapter merged in, an ordinary model from here on.
+        from peft import PeftModel
+
+        loaded = load_model(dataclasses.replace(args, model=base, model_revision=None), device=target, dtype=dtype)
+        try:
+            return PeftModel.from_pretrained(loaded, path).merge_and_unload().eval()
+        except (OSError, ValueError, KeyError, RuntimeError) as error:
+            raise _load_error(error, path, "LoRA adapter") from None
     folder, gguf = _gguf_location(path)
     try:
         # dtype=None must not be passed on: transformers then keeps the weights' stored dtype.
