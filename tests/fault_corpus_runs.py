@@ -15,6 +15,7 @@ leave every existing output unchanged (the runner hashes the case's folder befor
             DPO pairs, a negative LoRA rank);
   - huge    a 50 MB line: refused from its length before tokenising (little memory, little time);
   - message messages that named the wrong option.
+Issue 21 adds cases to these classes (`_issue21`): devices this machine or this PyTorch lacks (early).
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ def add_cases(c) -> None:
     _rewrite_options(c)
     _huge(c)
     _messages(c)
+    _issue21(c)
 
 
 # ----------------------------------------------------------------------------------- rerun and lock
@@ -1414,3 +1416,32 @@ def _messages(c) -> None:
         where="command line",
         **kind,
     )
+
+
+# ----------------------------------------------------------------------------------- issue 21
+
+
+def _issue21(c) -> None:
+    good = c.good
+    for command, device in (("eval", "mps"), ("audit", "xpu"), ("rewrite", "mps"), ("pairs", "xpu")):
+        helper = {"eval": c.evaluate, "audit": c.audit, "rewrite": c.rewrite, "pairs": c.pairs}[command]
+        helper(
+            f"{command}_device_{device}",
+            f"--device {device} on a machine (and a PyTorch) without one: refused before any output",
+            good,
+            f"device `{device}` requested but no",
+            extra=("--device", device),
+            where="--device",
+            kind="early",
+        )
+    c.case(
+        "replay_device_mps",
+        "data",
+        "data replay --device mps without one",
+        ["replay", "--model", c.tiny, "--data", good, "--out", "{out}/replay.jsonl", "--device", "mps"],
+        "device `mps` requested but no",
+        where="--device",
+        kind="early",
+    )
+    c.compare("compare_device_xpu", "experiment with device: xpu, without one", {"device": "xpu"}, "requested but no",
+              where="--device", kind="early")  # fmt: skip

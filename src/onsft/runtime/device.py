@@ -39,23 +39,41 @@ def check_device_name(name: str) -> None:
         raise UserError(f"unknown device `{name}`", where="--device", fix=f"use {DEVICE_HELP}")
 
 
+ACCELERATORS = {"cuda": "CUDA GPU", "xpu": "Intel XPU", "mps": "Apple MPS device"}
+
+
+def device_count(kind: str) -> int:
+    """Devices of this kind that this machine and this PyTorch build can use (0: none, or a PyTorch built
+    without support for them, which would fail only when the first tensor moves there)."""
+    if kind == "cuda":
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if kind == "xpu":
+        return torch.xpu.device_count() if hasattr(torch, "xpu") and torch.xpu.is_available() else 0
+    if kind == "mps":
+        return int(torch.backends.mps.is_available())
+    return 1
+
+
 def resolve_device(name: str = "auto") -> torch.device:
-    """`auto` -> the accelerator, else the CPU; an explicit accelerator that is absent is a UserError."""
+    """`auto` -> the accelerator, else the CPU; an explicit accelerator that is absent (or that this PyTorch
+    lacks) is a UserError, raised before a command writes anything (`ModelArguments.validate` asks here)."""
     check_device_name(name)
     if name == "auto":
         return accelerator() or torch.device("cpu")
     device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
+    count = device_count(device.type)
+    if device.type in ACCELERATORS and count == 0:
         raise UserError(
-            f"device `{name}` requested but no CUDA GPU is available",
+            f"device `{name}` requested but no {ACCELERATORS[device.type]} is available (to this machine and "
+            f"this PyTorch {torch.__version__})",
             where="--device",
             fix="use --device cpu (or auto).",
         )
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+    if device.type in ACCELERATORS and device.index is not None and device.index >= count:
         raise UserError(
-            f"device `{name}` requested but this machine has {torch.cuda.device_count()} GPU(s)",
+            f"device `{name}` requested but this machine has {count} {ACCELERATORS[device.type]}(s)",
             where="--device",
-            fix="pick an existing index, or --device cuda.",
+            fix=f"pick an existing index, or --device {device.type}.",
         )
     return device
 

@@ -23,7 +23,7 @@ import torch
 from onsft.errors import UserError
 from onsft.runtime import hub
 from onsft.runtime.aliases import ALIASES, resolve_alias, smollm2_path
-from onsft.runtime.device import DEVICE_HELP, DTYPE_CHOICES, check_device_name, resolve_device, resolve_dtype
+from onsft.runtime.device import DEVICE_HELP, DTYPE_CHOICES, resolve_device, resolve_dtype
 
 
 @dataclass
@@ -63,7 +63,8 @@ class ModelArguments:
         if not self.model:
             raise UserError("`model` is required", where="command line", fix="pass --model NAME_OR_PATH.")
         resolve_dtype(self.dtype, torch.device("cpu"))  # name check only; the device decides `auto`
-        check_device_name(self.device)
+        if self.device != "auto":  # an absent accelerator (or one this PyTorch lacks), before any output
+            resolve_device(self.device)
 
 
 def resolve_model_path(name_or_path: str | os.PathLike, *, revision: str | None = None, offline: bool = False) -> str:
