@@ -205,3 +205,22 @@ def test_two_processes_follow_the_single_process_loss_trajectory(tmp_path, tiny_
     )
     assert len(one) == len(two) == 3 and one[0] != one[-1]
     assert one == pytest.approx(two, rel=1e-4)
+
+
+@pytest.mark.parametrize("method", ["sft", "dpo", "simpo"])
+def test_help_states_the_learning_rate_each_method_trains_with(method, capsys):
+    """Issue 21: `train --help` showed 2e-05 while dpo / simpo trained with TRL's 1e-06."""
+    from onsft.engine.preference import PreferenceTrainConfig, trainer_args
+    from onsft.engine.trainer import TrainConfig
+
+    with pytest.raises(SystemExit):
+        main(["train", "--method", method, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    used = (
+        TrainConfig().learning_rate if method == "sft" else trainer_args(method, PreferenceTrainConfig()).learning_rate
+    )
+    shown = text.split("--learning-rate LEARNING_RATE ", 1)[1].split("(default: ", 1)[1].split(")")[0]
+    assert float(shown) == used == {"sft": 2e-5, "dpo": 1e-6, "simpo": 1e-6}[method]
+    # Whatever --method the help is asked for, it names the defaults of every method.
+    for fragment in ("2e-05 for sft", "1e-06 for dpo and simpo", "--learning_rate 2e-05 (sft) or 1e-06 (dpo, simpo)"):
+        assert fragment in text, fragment

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from trl import DPOConfig, DPOTrainer
 
-from onsft.engine.trainer import TrainingDefaults
+from onsft.engine.trainer import LEARNING_RATE_HELP, LEARNING_RATES, TrainingDefaults
 from onsft.errors import UserError
 
 PREFERENCE_METHODS = ("dpo", "simpo")
@@ -29,6 +29,7 @@ class PreferenceTrainConfig(TrainingDefaults, DPOConfig):
     margin."""
 
     output_dir: str | None = field(default="runs/preference", metadata={"help": "Checkpoints and the model go here."})
+    learning_rate: float = field(default=LEARNING_RATES["dpo"], metadata={"help": LEARNING_RATE_HELP})
     beta: float | None = field(
         default=None,
         metadata={

@@ -30,6 +30,13 @@ from onsft.errors import UserError
 from onsft.formulas.weighting import LossConfig, idft_loss, schedule_lambda, weighting_stats
 from onsft.runtime.device import resolve_precision
 
+# TRL's defaults differ by method, and `onsft train --help` shows the sft one: the help names both.
+LEARNING_RATES = {"sft": 2e-5, "dpo": 1e-6, "simpo": 1e-6}
+LEARNING_RATE_HELP = (
+    "The initial learning rate for AdamW. Its default depends on --method: 2e-05 for sft (any --loss), 1e-06 for "
+    "dpo and simpo (TRL's defaults for each)."
+)
+
 
 @dataclass
 class TrainingDefaults:
@@ -121,6 +128,7 @@ class TrainConfig(TrainingDefaults, SFTConfig):
     onsft's defaults, the fused LM head's tiles, and what to do on a non-finite loss."""
 
     output_dir: str | None = field(default="runs/train", metadata={"help": "Where checkpoints and the model go."})
+    learning_rate: float = field(default=LEARNING_RATES["sft"], metadata={"help": LEARNING_RATE_HELP})
     head_token_chunk: int = field(
         default=0,
         metadata={

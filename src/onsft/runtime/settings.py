@@ -103,13 +103,18 @@ def _parse(parser: _RaisingParser, argv: list[str]):
 
 
 def parse_command(
-    argv: list[str] | None, *config_types: type, prog: str = "onsft", yaml_config: bool = True
+    argv: list[str] | None,
+    *config_types: type,
+    prog: str = "onsft",
+    yaml_config: bool = True,
+    description: str | None = None,
 ) -> tuple[Any, ...]:
     """Parse `argv` into instances of `config_types` (YAML via `--config`, then flags). With
-    `yaml_config=False`, `--config` is not a file of flags (a config type may declare it for itself)."""
+    `yaml_config=False`, `--config` is not a file of flags (a config type may declare it for itself);
+    `description` heads `--help`."""
     argv = list(argv or [])
     # No abbreviations: `--learning_rat` must be an error, not silently `--learning_rate`.
-    parser = _RaisingParser(config_types, prog=prog, allow_abbrev=False)
+    parser = _RaisingParser(config_types, prog=prog, allow_abbrev=False, description=description)
     if yaml_config:
         parser.add_argument("--config", type=str, default=None, help="YAML file of field: value; flags override it.")
     known = {f.name: f for t in config_types for f in dataclasses.fields(t)}
