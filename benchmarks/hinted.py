@@ -36,7 +36,20 @@ like the rewrite pipeline's: plain = question (48-160 tokens); hinted = a shared
 instruction + the question + a 128-384-token reference (the reference code's instruction alone is ~700
 tokens), so hinted prompts are ~7x longer than plain ones.
 
+`--model NAME` (an alias such as smollm2-135m, a local folder, anything `onsft.runtime.models.load_model`
+accepts) runs the same variants on that model, loaded as onsft loads it (float32 on the CPU), with real
+text: reasoning-gym questions (chain_sum and gcd in turn, seed 0, with the worked references onsft builds
+for them) in the model's chat template as the plain prompts, and the hinted prompts exactly as
+`onsft rewrite` builds them for that model (`onsft.pipeline.hints`: the model folder's onsft.json, else its
+family's rewrite profile, else the generic rewrite instruction; for SmolLM2 the restate form: the question,
+the reference as the model's earlier answer and a follow-up asking to write it again). The answer marker and
+beta come from the same place, for hinted decoding and the reference alike; a row that writes the marker
+hands over to its plain context (counted in `hinted_stats`). EOS stays suppressed, so every row still makes
+exactly L tokens. The reference's `late` stretches start after L - segment token ids drawn at random from
+the model's non-special vocabulary (its cost does not depend on which tokens they are).
+
     python benchmarks/hinted.py [--batch 16 --lengths 64 256 --rounds 5 --out benchmarks/results/hinted.json]
+    python benchmarks/hinted.py --model smollm2-135m   # writes benchmarks/results/hinted-smollm2-135m.json
     python benchmarks/hinted.py --quick      # tiny sizes, a few seconds (tests/test_benchmarks.py)
 """
 
@@ -57,7 +70,7 @@ from tokenizers import Tokenizer, decoders, models
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from onsft.engine.decoding import SamplingConfig, generate
-from onsft.engine.hinted import HintedConfig, hinted_decode
+from onsft.engine.hinted import ANSWER_MARKER, DEFAULT_BETA, HintedConfig, answer_markers, hinted_decode
 from onsft.runtime.records import write_json_atomic
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -118,6 +131,64 @@ def make_prompts(args, n: int, seed: int = 0):
     return plain, hinted
 
 
+def model_slug(name: str) -> str:
+    """A file-name part for a model name or path: `smollm2-135m`, `model` for .../model/, `x` for x.gguf."""
+    path = Path(name)
+    return (path.stem if path.suffix == ".gguf" else path.name) or "model"
+
+
+def real_prompts(name: str, model, tokenizer, n: int) -> tuple[list[list[int]], list[list[int]], dict]:
+    """`n` plain and hinted prompts of real text for a loaded model: reasoning-gym chain_sum and gcd questions
+    in turn (seed 0) with onsft's worked references, encoded as `onsft rewrite` encodes them for this model.
+    Also returns the hint's settings (form, source, answer marker, beta)."""
+    from onsft.data.chat import encode_prompt
+    from onsft.data.gym import gym_rows
+    from onsft.pipeline.hint_profiles import model_profile
+    from onsft.pipeline.hints import hinted_messages, resolve_hint
+    from onsft.runtime.models import read_model_info
+
+    profile = model_profile(name, model.config, tokenizer)
+    hint = resolve_hint(None, None, None, False, read_model_info(name), profile)
+    tasks = ("chain_sum", "gcd")
+    pools = [[r for r in gym_rows(task, 2 * n, seed=0, metadata=False) if r.get("reference")] for task in tasks]
+    rows = [pools[i % len(tasks)][i // len(tasks)] for i in range(n)]
+    plain, hinted = [], []
+    for row in rows:
+        prompt = [{"role": "user", "content": row["prompt"]}]
+        plain.append(encode_prompt(tokenizer, prompt))
+        hinted.append(encode_prompt(tokenizer, hinted_messages(prompt, row["reference"], hint)))
+    facts = {
+        "tasks": list(tasks),
+        "hint_form": hint.form,
+        "hint_source": hint.source,
+        "answer_marker": hint.answer_marker,
+        "beta": hint.beta,
+    }
+    return plain, hinted, facts
+
+
+def load(args):
+    """(model, tokenizer, plain, hinted, prompt facts): the random model and its random-token prompts, or
+    `--model` with real text (see the module doc). Sets args.vocab, args.eos, args.pad, args.marker, args.beta."""
+    if args.model is None:
+        tokenizer = build_tokenizer(args.vocab)
+        model = build_model(args)
+        plain, hinted = make_prompts(args, args.batch)
+        args.eos, args.pad, args.marker, args.beta = 1, 0, None, None
+        return model, tokenizer, plain, hinted, {"source": "random token ids"}
+    from onsft.runtime.models import load_model, load_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = load_tokenizer(args.model)
+    model = load_model(args.model).eval()
+    plain, hinted, facts = real_prompts(args.model, model, tokenizer, args.batch)
+    args.vocab = model.config.vocab_size
+    args.eos, args.pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    args.marker, args.beta = facts["answer_marker"], facts["beta"]
+    facts["source"] = "reasoning-gym questions with worked references, the model's chat template"
+    return model, tokenizer, plain, hinted, facts
+
+
 # ---------------------------------------------------------------------------------------------
 # (c) the reference algorithm, one example at a time, no KV cache, two copies of the model
 # ---------------------------------------------------------------------------------------------
@@ -155,7 +226,7 @@ def reference_hinted(
     beta: float,
     temperature: float,
     top_p: float,
-    marker: str,
+    markers: tuple[str, ...],
     eos: int,
     prefix: list[int] | None = None,
     repetition_count: int = 5,
@@ -168,7 +239,7 @@ def reference_hinted(
     for step in range(steps):
         if len(generated) // 100 > (len(generated) - 1) // 100 and repeated(generated, m=repetition_count):
             break
-        if marker and marker in text:
+        if any(marker in text for marker in markers):
             plain_only = True
         # The reference re-runs the whole sequence of each context every step (use_cache=False).
         logits_p = plain_model(input_ids=torch.tensor([plain + generated])).logits[0, -1]
@@ -191,17 +262,24 @@ def reference_hinted(
 # ---------------------------------------------------------------------------------------------
 
 
-def hinted_config(length: int, batch_size: int) -> HintedConfig:
-    # Reference demo settings: beta 3, temperature 0.3, top-p 0.95, the "\boxed{" marker.
+def hinted_config(length: int, batch_size: int, args) -> HintedConfig:
+    # Reference demo settings: beta 3, temperature 0.3, top-p 0.95, the "\boxed{" marker (random model);
+    # with --model, the marker and beta of the model's hint format (args.marker, args.beta).
     return HintedConfig(
-        max_new_tokens=length, min_new_tokens=length, batch_size=batch_size, seed=0, repetition_count=10**9
+        max_new_tokens=length,
+        min_new_tokens=length,
+        batch_size=batch_size,
+        seed=0,
+        repetition_count=10**9,
+        answer_marker=args.marker,
+        beta=args.beta,
     )
 
 
-def hf_generate(model, prompts: list[list[int]], length: int):
+def hf_generate(model, prompts: list[list[int]], length: int, pad: int = 0):
     """transformers' `generate` on left-padded prompts, with hinted decoding's sampling settings."""
     width = max(map(len, prompts))
-    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     with torch.inference_mode():
         out = model.generate(
@@ -213,7 +291,7 @@ def hf_generate(model, prompts: list[list[int]], length: int):
             top_k=None,
             max_new_tokens=length,
             min_new_tokens=length,
-            pad_token_id=0,
+            pad_token_id=pad,
         )
     assert out.shape == (len(prompts), width + length)
     return out[:, width:]
@@ -225,13 +303,14 @@ def breakdown(model, tokenizer, plain, hinted, args, clock: str) -> dict:
     rows: the forward work of hinted decoding without the mixing)."""
     n = max(args.lengths)
     fns = {
-        f"batched@{n}": lambda: hinted_decode(model, tokenizer, plain, hinted, hinted_config(n, args.batch)),
-        "prefill_only": lambda: hinted_decode(model, tokenizer, plain, hinted, hinted_config(1, args.batch)),
-        f"hf_generate@{n}": lambda: hf_generate(model, plain, n),
-        f"hf_generate_both@{n}": lambda: hf_generate(model, plain + hinted, n),
+        f"batched@{n}": lambda: hinted_decode(model, tokenizer, plain, hinted, hinted_config(n, args.batch, args)),
+        "prefill_only": lambda: hinted_decode(model, tokenizer, plain, hinted, hinted_config(1, args.batch, args)),
+        f"hf_generate@{n}": lambda: hf_generate(model, plain, n, args.pad),
+        f"hf_generate_both@{n}": lambda: hf_generate(model, plain + hinted, n, args.pad),
     }
-    times, _ = rounds.in_turns(fns, args.rounds)
+    times, last = rounds.in_turns(fns, args.rounds)
     return {
+        "hinted_stats": hinted_stats(last[f"batched@{n}"]),
         "hinted_vs_hf_generate": rounds.speedup(times, f"batched@{n}", f"hf_generate@{n}", clock),
         # The same rows, prompts and steps: a ratio of times (> 1: hinted decoding is faster).
         "hinted_vs_hf_generate_both_contexts": rounds.speedup(times, f"batched@{n}", f"hf_generate_both@{n}", clock),
@@ -257,9 +336,13 @@ def variants(model, tokenizer, plain, hinted, args) -> tuple[dict, dict]:
 
     # The reference loads the model twice: separate copies of the weights.
     hinted_copy, plain_copy = copy.deepcopy(model), copy.deepcopy(model)
-    ref = dict(beta=3.0, temperature=0.3, top_p=0.95, marker="\\boxed{", eos=1, repetition_count=10**9)
+    markers = answer_markers(ANSWER_MARKER if args.marker is None else args.marker)
+    beta = DEFAULT_BETA if args.beta is None else args.beta
+    ref = dict(beta=beta, temperature=0.3, top_p=0.95, markers=markers, eos=args.eos, repetition_count=10**9)
     rng = random.Random(1)
-    prefixes = {length: [rng.randrange(5, args.vocab) for _ in range(length - seg)] for length in args.lengths}
+    special = set(tokenizer.all_special_ids) if args.model else set(range(5))
+    ordinary = [i for i in range(args.vocab) if i not in special]
+    prefixes = {length: [rng.choice(ordinary) for _ in range(length - seg)] for length in args.lengths}
 
     def reference(length: int | None):
         prefix = prefixes[length] if length else None
@@ -271,15 +354,15 @@ def variants(model, tokenizer, plain, hinted, args) -> tuple[dict, dict]:
     fns, tokens = {"reference_early": lambda: reference(None)}, {"reference_early": k * seg}
     for length in args.lengths:
         fns[f"batched@{length}"] = lambda n=length: hinted_decode(
-            model, tokenizer, plain, hinted, hinted_config(n, args.batch)
+            model, tokenizer, plain, hinted, hinted_config(n, args.batch, args)
         )
         fns[f"single@{length}"] = lambda n=length: hinted_decode(
-            model, tokenizer, plain[:k], hinted[:k], hinted_config(n, 1)
+            model, tokenizer, plain[:k], hinted[:k], hinted_config(n, 1, args)
         )
         fns[f"reference_late@{length}"] = lambda n=length: reference(n)
         tokens.update({f"batched@{length}": args.batch * length, f"single@{length}": k * length})
         tokens[f"reference_late@{length}"] = k * seg
-    fns[f"hf_generate@{top}"] = lambda: hf_generate(model, plain, top)
+    fns[f"hf_generate@{top}"] = lambda: hf_generate(model, plain, top, args.pad)
     fns[f"ours_generate@{top}"] = lambda: ours_plain(top)
     tokens[f"hf_generate@{top}"] = tokens[f"ours_generate@{top}"] = args.batch * top
     return fns, tokens
@@ -305,8 +388,21 @@ def factors(times: dict, args, clock: str) -> dict:
     return out
 
 
+def hinted_stats(results) -> dict:
+    return {
+        "handovers": sum(r.handed_over for r in results),
+        "mean_lambda": sum(r.mean_lambda for r in results) / len(results),
+    }
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="a model onsft loads (alias, folder, .gguf) with real-text prompts; default: the random Llama "
+        "(the shape options below apply to it only)",
+    )
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lengths", type=int, nargs="+", default=[64, 256], help="new tokens per row (L)")
     parser.add_argument("--hidden", type=int, default=512)
@@ -329,34 +425,42 @@ def main(argv=None) -> dict:
         action="store_true",
         help="instead: hinted decoding's prefill share and HF generate on both contexts, at the largest L",
     )
-    parser.add_argument("--out", default=None, help="default benchmarks/results/hinted[_breakdown].json")
+    parser.add_argument(
+        "--out", default=None, help="default benchmarks/results/hinted[_breakdown][-MODEL].json (MODEL: --model's name)"
+    )
     args = parser.parse_args(argv)
+    started = rounds.clocks()
     if args.quick:
         args.batch, args.lengths, args.hidden, args.intermediate, args.layers = 4, [8, 16], 64, 128, 2
         args.vocab, args.question_len, args.reference_len, args.instruction_len = 512, [8, 16], [8, 16], 16
-        args.rounds, args.ref_examples, args.ref_segment = 2, 1, 4
+        args.rounds, args.ref_examples, args.ref_segment = 2, 1, 4  # (--model: its own vocabulary)
     if min(args.lengths) <= args.ref_segment:
         parser.error("every --lengths value must exceed --ref-segment")
     torch.set_num_threads(args.threads)
     clock = rounds.clock_for(args.threads)
-    tokenizer = build_tokenizer(args.vocab)
-    model = build_model(args)
-    plain, hinted = make_prompts(args, args.batch)
+    model, tokenizer, plain, hinted, prompt_facts = load(args)
+    loaded = rounds.since(started)
     n_params = sum(p.numel() for p in model.parameters())
+    model_name = args.model or "random Llama"
+    print(f"{model_name}: {n_params / 1e6:.1f}M parameters, loaded in {loaded['wall']:.1f} s", file=sys.stderr)
 
     # Warm-up: first calls pay for lazy initialisation (kernels, allocator).
     warm = HintedConfig(max_new_tokens=4, min_new_tokens=4, seed=0, repetition_count=10**9)
     hinted_decode(model, tokenizer, plain[:2], hinted[:2], warm)
-    model.generate(torch.tensor([plain[0]]), max_new_tokens=4, do_sample=False, pad_token_id=0)
+    model.generate(torch.tensor([plain[0]]), max_new_tokens=4, do_sample=False, pad_token_id=args.pad)
 
-    args.out = args.out or str(Path(__file__).parent / "results" / f"hinted{'_breakdown' * args.breakdown}.json")
+    slug = f"-{model_slug(args.model)}" if args.model else ""
+    default_out = Path(__file__).parent / "results" / f"hinted{'_breakdown' * args.breakdown}{slug}.json"
+    args.out = args.out or str(default_out)
     if args.breakdown:
-        result = breakdown(model, tokenizer, plain, hinted, args, clock)
+        result = {"model": model_name, "params_millions": round(n_params / 1e6, 2)}
+        result.update(breakdown(model, tokenizer, plain, hinted, args, clock))
         result.update(clock=clock, settings=vars(args), machine=rounds.machine())
         result["prompt_mean_tokens"] = {
             "plain": sum(map(len, plain)) / len(plain),
             "hinted": sum(map(len, hinted)) / len(hinted),
         }
+        result.update(prompts=prompt_facts, load_seconds=loaded, run_seconds=rounds.since(started))
         print(f"at L = {max(args.lengths)}, batch {args.batch}; clock: {rounds.clock_words(clock, args.threads)}")
         for name in ("hinted_vs_hf_generate", "hinted_vs_hf_generate_both_contexts", "prefill_share_of_hinted"):
             print(f"  {name:<36} {rounds.show(result[name], 2)}")
@@ -381,6 +485,7 @@ def main(argv=None) -> dict:
     }
     result = {
         "benchmark": "hinted decoding throughput (generated tokens/s)",
+        "model": model_name,
         "clock": clock,
         "clock_words": rounds.clock_words(clock, args.threads),
         "ratios": ratios,
@@ -394,16 +499,16 @@ def main(argv=None) -> dict:
         },
         "tokens_per_call": tokens,
         "times": times,
-        "hinted_stats": {
-            "handovers": sum(r.handed_over for r in last[f"batched@{top}"]),
-            "mean_lambda": sum(r.mean_lambda for r in last[f"batched@{top}"]) / args.batch,
-        },
+        "hinted_stats": hinted_stats(last[f"batched@{top}"]),
         "settings": {**vars(args), "params_millions": round(n_params / 1e6, 2)},
+        "prompts": prompt_facts,
         "machine": rounds.machine(),
+        "load_seconds": loaded,
+        "run_seconds": rounds.since(started),
     }
     p = result["prompt_mean_tokens"]
     print(
-        f"model {n_params / 1e6:.1f}M params, vocab {args.vocab}; batch {args.batch}; prompts: plain mean "
+        f"model {model_name}, {n_params / 1e6:.1f}M params, vocab {args.vocab}; batch {args.batch}; prompts: plain mean "
         f"{p['plain']:.0f}, hinted mean {p['hinted']:.0f} tokens (the {k} examples of single/reference: "
         f"{p['plain_reference_examples']:.0f} / {p['hinted_reference_examples']:.0f}); {args.rounds} rounds in turns; "
         f"clock: {result['clock_words']}"

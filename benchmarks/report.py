@@ -1,8 +1,9 @@
 """docs/benchmarks.md's tables, written from the JSON under benchmarks/results/ (never typed by hand).
 
-Each benchmark's table sits between `<!-- BEGIN name -->` and `<!-- END name -->` in docs/benchmarks.md;
-this rewrites what is between the markers of every benchmark whose JSON exists and leaves the rest of the
-page alone.
+Each benchmark's table sits between `<!-- BEGIN name -->` and `<!-- END name -->` in docs/benchmarks.md, where
+name is the JSON file's name without `.json` (`hinted`, `hinted-smollm2-135m`, ...); the part before the first
+`-` picks the renderer. This rewrites what is between the markers of every result whose JSON exists and leaves
+the rest of the page alone.
 
     python benchmarks/report.py [--results benchmarks/results] [--doc docs/benchmarks.md]
 """
@@ -117,12 +118,52 @@ def audit(r: dict) -> list[str]:
     return lines
 
 
+def real_model(r: dict) -> bool:
+    """A result of `--model` (a loaded model with real-text prompts), not of the random default."""
+    return r.get("model") not in (None, "random Llama")
+
+
+def hinted_model(r: dict, params_millions: float) -> str:
+    """The model and prompts of a hinted.py result, in words."""
+    s = r["settings"]
+    if not real_model(r):
+        return (
+            f"Llama from a config, {params_millions}M parameters (hidden {s['hidden']}, {s['layers']} layers, "
+            f"vocabulary {s['vocab']})"
+        )
+    q = r["prompts"]
+    beta = "the default" if q["beta"] is None else q["beta"]
+    return (
+        f"`{r['model']}` ({params_millions}M parameters, vocabulary {s['vocab']}, float32); prompts: "
+        f"{' and '.join(q['tasks'])} questions from reasoning-gym with onsft's worked references, the hinted "
+        f"context in the {q['hint_form']} form ({q['hint_source']}), answer markers `{q['answer_marker']}`, beta {beta}"
+    )
+
+
+def run_time(r: dict) -> str:
+    """'The run took ...' from a result's load_seconds / run_seconds ('' when absent)."""
+    if "run_seconds" not in r:
+        return ""
+    run, load = r["run_seconds"], r["load_seconds"]
+    return (
+        f"The whole run took {run['cpu']:.0f} s of CPU time, {run['wall']:.0f} s wall (loading the model and "
+        f"tokenizer: {load['wall']:.0f} s wall)."
+    )
+
+
+def handovers(r: dict, top: int) -> str:
+    h = r["hinted_stats"]
+    return (
+        f"Hinted decoding's batch at L = {top} (last round): {h['handovers']} of {r['settings']['batch']} rows "
+        f"handed over to the plain context at an answer marker; mean lambda {h['mean_lambda']:.2f}."
+    )
+
+
 def hinted(r: dict) -> list[str]:
     s, ratios, p = r["settings"], r["ratios"], r["prompt_mean_tokens"]
     top = max(s["lengths"])
     lines = [
-        f"Llama from a config, {s['params_millions']}M parameters (hidden {s['hidden']}, {s['layers']} layers, "
-        f"vocabulary {s['vocab']}); batch {s['batch']}; prompt means: plain {p['plain']:.0f}, hinted "
+        f"{hinted_model(r, s['params_millions'])}; batch {s['batch']}; prompt means: plain {p['plain']:.0f}, hinted "
         f"{p['hinted']:.0f} tokens (the {s['ref_examples']} examples of the single-row and reference variants: "
         f"{p['plain_reference_examples']:.0f} / {p['hinted_reference_examples']:.0f}). Ratios are generated "
         f"tokens/s over the baseline's (> 1: faster).",
@@ -153,7 +194,18 @@ def hinted(r: dict) -> list[str]:
         ),
         (f"hinted decoding / onsft `generate` on the plain contexts (L = {top})", ratios["hinted_vs_ours_generate"], 2),
     ]
-    return lines + table(rows, short_clock(r))
+    lines += table(rows, short_clock(r))
+    if real_model(r):
+        lines += ["", *rates(r), "", handovers(r, top) + " " + run_time(r)]
+    return lines
+
+
+def rates(r: dict) -> list[str]:
+    """Every variant's generated tokens/s (median and range over rounds)."""
+    lines = ["| variant | generated tokens | tokens/s (median) | range |", "|---|---|---|---|"]
+    for name, v in r["tokens_per_s"].items():
+        lines.append(f"| {name} | {r['tokens_per_call'][name]} | {v['median']:.1f} | {v['min']:.1f}-{v['max']:.1f} |")
+    return lines
 
 
 def hinted_breakdown(r: dict) -> list[str]:
@@ -176,19 +228,23 @@ def hinted_breakdown(r: dict) -> list[str]:
             2,
         ),
     ]
-    return [
+    lines = [
         f"`hinted.py --breakdown`, a separate run of the same model and prompts (plain {p['plain']:.0f}, hinted "
         f"{p['hinted']:.0f} tokens on average):",
         "",
         *table(rows, short_clock(r)),
     ]
+    if real_model(r):
+        lines += ["", handovers(r, n) + " " + run_time(r)]
+    return lines
 
 
 def skewed(r: dict) -> list[str]:
     s, c = r["settings"], r["counts"]
     n_short = s["examples"] - s["long_examples"]
+    model = "The organism" if r.get("model", "organism") == "organism" else f"`{r['model']}`"
     lines = [
-        f"The organism ({s['params'] / 1e6:.1f}M parameters), greedy, {s['examples']} examples at batch {s['batch']}: "
+        f"{model} ({s['params'] / 1e6:.1f}M parameters), greedy, {s['examples']} examples at batch {s['batch']}: "
         f"{n_short} stop at {s['short_tokens']} tokens and {s['long_examples']} run to {s['long_tokens']} (long ones "
         f"{s['long_at']} in admission order), against a uniform workload of the same {c['uniform']['tokens']} tokens. "
         "Ratios are generated tokens/s over the baseline's (> 1: faster); targets: continuous / static >= "
@@ -209,6 +265,28 @@ def skewed(r: dict) -> list[str]:
             f"{v['row_moves']} | {v['whole_copies']} |"
         )
     lines += ["", f"Equal work: static and continuous gave identical tokens: {r['static_equals_continuous']}."]
+    if "step_cost" in r:
+        c = r["step_cost"]
+        steps = {name: v["decode_steps"] for name, v in r["counts"].items()}
+        lines += [
+            "",
+            f"Where the time goes (per round, the line time = a x decode steps + c through the three variants; all "
+            f"make {r['counts']['uniform']['row_steps']} row-steps):",
+            "",
+            "| quantity | median | range |",
+            "|---|---|---|",
+            f"| a: fixed cost of a decode step (ms) | {c['step_ms']['median']:.1f} | "
+            f"{c['step_ms']['min']:.1f}-{c['step_ms']['max']:.1f} |",
+            f"| c: cost independent of the schedule (s) | {c['rest_s']['median']:.2f} | "
+            f"{c['rest_s']['min']:.2f}-{c['rest_s']['max']:.2f} |",
+            f"| c per row-step, an upper bound on the per-row cost (ms) | {c['rest_per_row_step_ms']['median']:.2f} | "
+            f"{c['rest_per_row_step_ms']['min']:.2f}-{c['rest_per_row_step_ms']['max']:.2f} |",
+            f"| fixed step costs' share of continuous (a x {steps['continuous']} / (a x {steps['continuous']} + c)) | "
+            f"{c['fixed_share_continuous']['median']:.2f} | {c['fixed_share_continuous']['min']:.2f}-"
+            f"{c['fixed_share_continuous']['max']:.2f} |",
+        ]
+    if run_time(r):
+        lines += ["", run_time(r)]
     return lines
 
 
@@ -222,6 +300,11 @@ RENDER = {
 }
 
 
+def renderer(name: str):
+    """The renderer of a result named `name` (its JSON file's stem): RENDER[the part before the first '-']."""
+    return RENDER.get(name.split("-", 1)[0])
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
@@ -229,10 +312,10 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     doc = Path(args.doc)
     text = doc.read_text()
-    for name, render in RENDER.items():
-        path = Path(args.results) / f"{name}.json"
+    for path in sorted(Path(args.results).glob("*.json")):
+        name, render = path.stem, renderer(path.stem)
         begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
-        if not path.exists() or begin not in text:
+        if render is None or begin not in text:
             continue
         block = "\n".join([begin, *render(json.loads(path.read_text())), end])
         start, stop = text.index(begin), text.index(end) + len(end)

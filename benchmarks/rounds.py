@@ -40,6 +40,17 @@ def spread(values: list[float]) -> dict:
     }
 
 
+def clocks() -> dict[str, float]:
+    """Both clocks now: {"cpu": process CPU seconds, "wall": seconds}."""
+    return {"cpu": time.process_time(), "wall": time.perf_counter()}
+
+
+def since(start: dict[str, float]) -> dict[str, float]:
+    """Both clocks' seconds since `start` (from `clocks()`)."""
+    now = clocks()
+    return {name: round(now[name] - start[name], 2) for name in start}
+
+
 def timed(fn: Callable[[], object]) -> tuple[float, float, object]:
     """(CPU seconds of this process, wall seconds, what fn returned)."""
     cpu, wall = time.process_time(), time.perf_counter()

@@ -29,9 +29,20 @@ skewed workload can reach at most 180/256 = 0.70x of the uniform one (long examp
 a run stands.
 
 Model: the embedded organism (Llama, 4 layers, hidden 256, ~3M parameters, float32), greedy, on its
-own retention-test prompts (chat template applied).
+own retention-test prompts (chat template applied). `--model NAME` (an alias such as smollm2-135m, a local
+folder, anything `onsft.runtime.models.load_model` accepts) runs the same workload on that model, loaded as
+onsft loads it (float32 on the CPU), with the same retention-test questions (real text: "Compare 58 and
+59.", "Reverse bigwxnc.", ...) in that model's chat template; its default output is
+benchmarks/results/skewed-NAME.json.
+
+Where the time goes: every variant makes the same row-steps (one per generated token after the first), so
+their times differ by the number of decode steps. `step_cost` fits, per round, time = a x decode steps + c
+over the three variants: a is the fixed cost of a step (weights, per-call overhead), c what does not depend
+on the schedule (per-row work, prefill); c / row-steps bounds the per-row cost from above. With those,
+static / continuous can reach at most (a x static steps + c) / (a x continuous steps + c).
 
     .venv/bin/python benchmarks/skewed.py [--rounds 5 --out benchmarks/results/skewed.json]
+    .venv/bin/python benchmarks/skewed.py --model smollm2-135m [--rounds 3]
 """
 
 from __future__ import annotations
@@ -67,8 +78,32 @@ def workload(args) -> dict[str, list[int]]:
     return {"skewed": skewed, "uniform": [total // n] * n}
 
 
+def step_cost(times: dict, counts: dict, clock: str) -> dict:
+    """Per round, the least-squares line time = a x decode_steps + c through the variants (see the module doc):
+    a in ms per step, c in seconds, c per row-step in ms, and the static / continuous ratio it implies."""
+    names = list(counts)
+    steps = [counts[name]["decode_steps"] for name in names]
+    row_steps = counts[names[0]]["row_steps"]
+    mean_steps = sum(steps) / len(steps)
+    fits = {"step_ms": [], "rest_s": [], "rest_per_row_step_ms": [], "fixed_share_continuous": []}
+    for r in range(len(times[names[0]][clock])):
+        ys = [times[name][clock][r] for name in names]
+        mean_y = sum(ys) / len(ys)
+        a = sum((x - mean_steps) * (y - mean_y) for x, y in zip(steps, ys)) / sum((x - mean_steps) ** 2 for x in steps)
+        c = mean_y - a * mean_steps
+        fits["step_ms"].append(1e3 * a)
+        fits["rest_s"].append(c)
+        fits["rest_per_row_step_ms"].append(1e3 * c / row_steps)
+        continuous = a * counts["continuous"]["decode_steps"]
+        fits["fixed_share_continuous"].append(continuous / (continuous + c))
+    return {name: rounds.spread(values) for name, values in fits.items()}
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--model", default="organism", help="a model onsft loads (alias, folder, .gguf); default: the organism"
+    )
     parser.add_argument("--examples", type=int, default=64)
     parser.add_argument("--long-examples", type=int, default=8)
     parser.add_argument("--short-tokens", type=int, default=16)
@@ -84,16 +119,21 @@ def main(argv=None) -> dict:
     parser.add_argument("--rounds", type=int, default=5, help="every variant is timed once per round (>= 3)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--quick", action="store_true", help="tiny sizes and 2 rounds: checks the script runs")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "skewed.json"))
+    parser.add_argument("--out", default=None, help="default benchmarks/results/skewed[-MODEL].json")
     args = parser.parse_args(argv)
+    started = rounds.clocks()
+    if args.out is None:
+        name = "" if args.model == "organism" else "-" + (Path(args.model).name.removesuffix(".gguf") or "model")
+        args.out = str(Path(__file__).parent / "results" / f"skewed{name}.json")
     if args.quick:
         args.examples, args.long_examples, args.short_tokens, args.long_tokens = 8, 2, 4, 8
         args.batch, args.rounds = 4, 2
     torch.set_num_threads(args.threads)
     clock = rounds.clock_for(args.threads)
 
-    tokenizer = load_tokenizer("organism")
-    model = load_model("organism")
+    tokenizer = load_tokenizer(args.model)
+    model = load_model(args.model)
+    loaded = rounds.since(started)
     rows = retention_test(args.examples, seed=0)
     prompts = [encode_prompt(tokenizer, [{"role": "user", "content": row["prompt"]}]) for row in rows]
     # Admission goes by prompt length (longest first, ties by index); lengths are assigned in that order.
@@ -117,7 +157,7 @@ def main(argv=None) -> dict:
     }
     n_params = sum(p.numel() for p in model.parameters())
     print(
-        f"organism: {n_params / 1e6:.1f}M params; {args.examples} examples, batch {args.batch}; skewed "
+        f"{args.model}: {n_params / 1e6:.1f}M params, loaded in {loaded['wall']:.1f} s; {args.examples} examples, batch {args.batch}; skewed "
         f"{args.examples - args.long_examples} x {args.short_tokens} + {args.long_examples} x {args.long_tokens} "
         f"tokens (long ones {args.long_at}), uniform {args.examples} x {lengths['uniform'][0]}; prompts "
         f"{min(map(len, prompts))}-{max(map(len, prompts))} tokens; clock: {rounds.clock_words(clock, args.threads)}"
@@ -168,10 +208,17 @@ def main(argv=None) -> dict:
     print("ratios (target: continuous/static >= 2.5, continuous/uniform >= 0.85):")
     for name, ratio in ratios.items():
         print(f"  {name:20s} {rounds.show(ratio)}")
+    cost = step_cost(times, counts, clock)
+    print(
+        f"time = a x steps + c: a {cost['step_ms']['median']:.2f} ms per step, c {cost['rest_s']['median']:.2f} s "
+        f"({cost['rest_per_row_step_ms']['median']:.3f} ms per row-step at most); fixed share of continuous "
+        f"{cost['fixed_share_continuous']['median']:.0%}"
+    )
 
     result = {
         "benchmark": "skewed",
-        "settings": {**vars(args), "model": "organism", "params": n_params, "greedy": True},
+        "model": args.model,
+        "settings": {**vars(args), "params": n_params, "greedy": True},
         "clock": clock,
         "clock_words": rounds.clock_words(clock, args.threads),
         "tokens_per_second": rates,
@@ -179,8 +226,11 @@ def main(argv=None) -> dict:
         "ratios": ratios,
         "targets": {"continuous/static": 2.5, "continuous/uniform": 0.85},
         "counts": counts,
+        "step_cost": cost,
         "static_equals_continuous": True,
         "machine": rounds.machine(),
+        "load_seconds": loaded,
+        "run_seconds": rounds.since(started),
     }
     write_json_atomic(args.out, result)
     print(f"wrote {args.out}")

@@ -9,7 +9,11 @@ from pathlib import Path
 
 import pytest
 
+import onsft.organism
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+# A small local model folder for `--model` (the scripts' real-model path; smollm2 is too slow for a test).
+LOCAL_MODEL = Path(onsft.organism.__file__).parent / "model"
 
 
 def load(name: str):
@@ -84,6 +88,23 @@ def test_hinted_breakdown_quick(tmp_path):
     assert "on both contexts (8 rows" in rendered("hinted_breakdown", tmp_path)
 
 
+def test_hinted_model_quick(tmp_path):
+    """`--model` with a local folder: real-text prompts (reasoning-gym questions) in the model's chat template,
+    the hinted context in the model's own hint format, the same checks; the output and its table name the model."""
+    module = load("hinted")
+    assert module.model_slug("smollm2-135m") == "smollm2-135m"
+    assert module.model_slug("/m/SmolLM2.Q4_1.gguf") == "SmolLM2.Q4_1"
+    assert module.model_slug(str(LOCAL_MODEL)) == "model"
+    result = module.main(["--quick", "--model", str(LOCAL_MODEL), "--out", str(tmp_path / "hinted-model.json")])
+    assert result["model"] == str(LOCAL_MODEL) and result["prompts"]["hint_source"] == "onsft.json"
+    assert result["prompt_mean_tokens"]["hinted"] > result["prompt_mean_tokens"]["plain"]
+    assert result["single_tokens_equal_batched"] == {8: True, 16: True}
+    for ratio in result["ratios"].values():
+        check_spread(ratio, 2)
+    text = rendered("hinted-model", tmp_path)
+    assert f"`{LOCAL_MODEL}`" in text and "reasoning-gym" in text and "| batched@16 | 64 |" in text
+
+
 def test_skewed_quick(tmp_path):
     result = load("skewed").main(["--quick", "--out", str(tmp_path / "skewed.json")])
     assert result["static_equals_continuous"]
@@ -95,3 +116,13 @@ def test_skewed_quick(tmp_path):
     for ratio in result["ratios"].values():
         check_spread(ratio, 2)
     assert "| **continuous / static schedule** (skewed workload) |" in rendered("skewed", tmp_path)
+
+
+def test_skewed_model_quick(tmp_path):
+    """`--model` with a local folder; the fit of time against decode steps is recorded and rendered."""
+    result = load("skewed").main(["--quick", "--model", str(LOCAL_MODEL), "--out", str(tmp_path / "skewed-x.json")])
+    assert result["model"] == str(LOCAL_MODEL) and result["static_equals_continuous"]
+    for spread in result["step_cost"].values():
+        assert spread["n"] == 2 and all(math.isfinite(v) for v in spread["all"])
+    text = rendered("skewed-x", tmp_path)
+    assert f"`{LOCAL_MODEL}`" in text and "fixed cost of a decode step" in text
