@@ -15,7 +15,8 @@ leave every existing output unchanged (the runner hashes the case's folder befor
             DPO pairs, a negative LoRA rank);
   - huge    a 50 MB line: refused from its length before tokenising (little memory, little time);
   - message messages that named the wrong option.
-Issue 21 adds cases to these classes (`_issue21`): devices this machine or this PyTorch lacks (early).
+Issue 21 adds cases to these classes (`_issue21`): devices this machine or this PyTorch lacks (early), compare's
+experiment values of the wrong type and flags blamed on the experiment file (input, message).
 """
 
 from __future__ import annotations
@@ -1445,3 +1446,20 @@ def _issue21(c) -> None:
     )
     c.compare("compare_device_xpu", "experiment with device: xpu, without one", {"device": "xpu"}, "requested but no",
               where="--device", kind="early")  # fmt: skip
+    c.compare(
+        "compare_train_not_an_int",
+        "experiment with train: {max_steps: four} (was: '<=' not supported between 'str' and 'int')",
+        {"train": {"max_steps": "four", "use_cpu": True}},
+        "option `max_steps`: invalid int value: 'four'",
+        where="experiment (train options of sft)",
+    )
+    experiment = {"model": c.tiny, "train_data": good, "in_domain": good, "methods": ["sft"], "out": str(c.out / "x")}
+    c.case(
+        "compare_methods_flag_unknown",
+        "compare",
+        "--methods sfx on the command line (was blamed on the experiment file)",
+        ["--config", c.write("methods_flag.yaml", json.dumps(experiment)), "--methods", "sfx"],
+        "unknown method `sfx`",
+        where="--methods",
+        kind="message",
+    )

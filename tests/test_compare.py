@@ -103,6 +103,8 @@ def test_compare_runs_the_grid_writes_table_and_caches_cells(setup):
         ({"methods": ["sft", "ppo"]}, "unknown method `ppo`"),
         ({"train": {"learning_rat": 0.1}}, "unknown option `--learning_rat`"),
         ({"bogus_key": 1}, "unknown experiment key"),
+        ({"train": {"max_steps": "four"}}, "(train options of sft): option `max_steps`: invalid int value: 'four'"),
+        ({"eval": {"max_new_tokens": "many"}}, "eval option `max_new_tokens`: invalid int value: 'many'"),
         ({"methods": ["rewrite+idft"], "train_data": None}, "required"),
     ],
 )
@@ -121,3 +123,11 @@ def test_missing_answer_column_fails_early(setup, capsys):
     assert run(root, {**experiment, "in_domain": no_answer}, "noans") == 2
     assert "answer" in capsys.readouterr().err
     assert not (root / "noans").exists()
+
+
+def test_an_unknown_method_given_by_flag_is_blamed_on_the_flag(setup, capsys):
+    root, experiment = setup
+    assert run(root, experiment, "flag", "--methods", "sft", "sfx") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("onsft: error: --methods: unknown method `sfx`") and "flag.yaml" not in err
+    assert not (root / "flag").exists()

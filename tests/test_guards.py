@@ -242,3 +242,23 @@ def test_rows_of_unknown_tokens_are_counted(capsys):
     assert "d.jsonl: 1 of 3 responses map to nothing but unknown tokens" in capsys.readouterr().err
     with pytest.raises(UserError, match="every response"):
         check_known_text(tokenizer, ["漢字", "кот"], [1, 2], "d.jsonl", "response")
+
+
+def test_ctrl_c_prints_its_message_once_on_its_own_line_after_the_bars(monkeypatch, capfd):
+    """Issue 21: a bar left open by Ctrl-C ran into the message and redrew itself after it."""
+    from onsft.commands import eval as eval_command
+    from onsft.runtime.progress import progress
+
+    def interrupted(argv):
+        bar = progress(10, "eval", unit="prompt")
+        bar.update(3)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(eval_command, "main", interrupted)
+    assert cli.main(["eval"]) == 130
+    import gc
+
+    gc.collect()  # a bar still open would draw itself again when collected
+    lines = [line for line in capfd.readouterr().err.replace("\r", "\n").splitlines() if line.strip()]
+    assert lines[-1] == "onsft: interrupted; rerun the same command to resume."
+    assert sum("interrupted" in line for line in lines) == 1 and "3/10" in lines[-2]

@@ -79,10 +79,15 @@ def experiment(tmp_path_factory):
     return root, config
 
 
-def test_sweep_grid_cache_resume_and_frontier(experiment, counted):
+def test_sweep_grid_cache_resume_and_frontier(experiment, counted, capsys):
     root, config = experiment
     out = root / "out"
     assert main(["compare", "--config", str(config)]) == 0
+    # stdout ends by naming where the reports went (issue 21).
+    written = capsys.readouterr().out.split("Written:\n", 1)[1].split()
+    for name in ("results.json", "table.md", "frontier.md", "curves.csv", "frontier_in_domain.png", "curves.png"):
+        assert str(out / name) in written, name
+    assert all(Path(path).is_file() for path in written)
     # sft: 2 lrs x 2 seeds, idft: 2 lrs x 1 seed; each trained once; the base, 2 points per cell.
     assert counted == {"train": 6, "eval": 1 + 6 * 2}
     results = json.loads((out / "results.json").read_text())

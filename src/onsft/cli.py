@@ -59,6 +59,14 @@ def _verbose(argv: list[str]) -> bool:
     return str(value).strip().lower() in ("true", "yes", "1", "t", "y")
 
 
+def _close_progress_bars() -> None:
+    """Close the progress bars a Ctrl-C left open, each ending its line, so the message stands on its own."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        bar.close()
+    sys.stderr.flush()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -91,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         print(str(output_error(error, error.filename or "output")), file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
+        _close_progress_bars()  # else a bar left open redraws itself after the message when it is collected
         print("onsft: interrupted; rerun the same command to resume.", file=sys.stderr)
         return 130
 

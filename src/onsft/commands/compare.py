@@ -397,6 +397,8 @@ def run(exp: Experiment, run_args: RunArguments | None = None) -> dict:
     write_json_atomic(out / "experiment.json", dataclasses.asdict(exp))
     write_json_atomic(out / "results.json", results)
     print(markdown)
+    reports = ["results.json", "table.md", "table.csv", *(["frontier.md", "curves.csv"] if frontier else []), *plots]
+    print("Written:\n" + "\n".join(f"  {out / name}" for name in reports))
     return results
 
 
@@ -422,6 +424,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     if not args.config:
         raise UserError("no experiment given", where="command line", fix="pass --config experiment.yaml.")
+    if unknown := [m for m in args.methods if m not in METHODS]:  # the flag's, not the experiment file's
+        raise UserError(f"unknown method `{unknown[0]}`", where="--methods", fix=f"use any of {', '.join(METHODS)}.")
     given = {
         f.name: getattr(model_args, f.name)
         for f in dataclasses.fields(ModelArguments)

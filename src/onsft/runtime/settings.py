@@ -179,6 +179,23 @@ def check_finite(configs, where: str) -> None:
                     )
 
 
+def _scalar_mismatch(value: Any, hint: Any) -> str | None:
+    """The type a number or flag field wants ('int', 'float', 'bool') when `value` is not one; None when it is,
+    or when the field takes other types too (the dataclass judges those)."""
+    if value is None:
+        return None
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    options = [a for a in typing.get_args(hint) if a is not type(None)] if union else [hint]
+    if not options or not all(o in (int, float, bool) for o in options):
+        return None
+    fits = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+    }
+    return None if any(fits[o] for o in options) else options[0].__name__
+
+
 def _coerce(value: Any, hint: Any) -> Any:
     """A YAML value turned into the field's type where YAML and the type disagree (PyYAML reads `2e-4` as a
     string; `3.0` given for an int); anything else is returned as it is for the dataclass to judge."""
@@ -236,6 +253,14 @@ def configs_from_dict(
     for config_type in config_types:
         hints = typing.get_type_hints(config_type)
         own = {k: _coerce(v, hints.get(k)) for k, v in values.items() if config_type in owners[k]}
+        for key, value in own.items():
+            # A number field given text would fail far from its key ("'<=' not supported between 'str' and 'int'").
+            if (wanted := _scalar_mismatch(value, hints.get(key))) is not None:
+                raise UserError(
+                    f"{section + ' ' if section else ''}option `{key}`: invalid {wanted} value: {value!r}",
+                    where=where,
+                    fix=f"give `{key}` a{'n' if wanted == 'int' else ''} {wanted}.",
+                )
         try:
             configs.append(config_type(**own))
         except (TypeError, ValueError) as error:
