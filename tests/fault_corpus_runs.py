@@ -16,7 +16,8 @@ leave every existing output unchanged (the runner hashes the case's folder befor
   - huge    a 50 MB line: refused from its length before tokenising (little memory, little time);
   - message messages that named the wrong option.
 Issue 21 adds cases to these classes (`_issue21`): devices this machine or this PyTorch lacks (early), compare's
-experiment values of the wrong type and flags blamed on the experiment file (input, message).
+experiment values of the wrong type and flags blamed on the experiment file (input, message), a mistyped model
+alias, the offline message and a negative number list read as a flag (message, input).
 """
 
 from __future__ import annotations
@@ -1462,4 +1463,30 @@ def _issue21(c) -> None:
         "unknown method `sfx`",
         where="--methods",
         kind="message",
+    )
+    c.evaluate(
+        "model_alias_typo",
+        "--model organsim (a typo of the alias; was: tried the Hub and blamed the network)",
+        good,
+        "did you mean organism?",
+        model="organsim",
+        where="organsim",
+        kind="message",
+    )
+    c.evaluate(
+        "model_offline_not_cached",
+        "--offline with a Hub id that is not cached (the fix's command in closed backticks)",
+        good,
+        "`hf download someone/not-cached`), or pass",
+        model="someone/not-cached",
+        extra=("--offline", "true"),
+        where="someone/not-cached",
+        kind="message",
+    )
+    c.rewrite(
+        "beta_ladder_negative",
+        "--beta_ladder -1,2 (was: read as a flag, 'expected one argument')",
+        good,
+        "`beta_ladder` entry `-1` is not a finite number >= 0",
+        extra=("--beta_ladder", "-1,2", "--samples_per_prompt", "2"),
     )

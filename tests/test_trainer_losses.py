@@ -180,3 +180,13 @@ def test_asft_resume_keeps_the_starting_model_as_anchor(tmp_path):
 def test_eaft_top_k_larger_than_the_vocabulary_is_refused(tmp_path):
     with pytest.raises(UserError, match="exceeds the vocabulary"):
         make_trainer(tmp_path, "eaft", config=LossConfig(loss="eaft", eaft_top_k=10_000))
+
+
+@pytest.mark.parametrize("loss", ["eaft", "asft", "idft"])
+def test_the_idft_lambda_is_logged_for_idft_only(tmp_path, loss):
+    """Issue 21: EAFT's and ASFT's logs showed IDFT's schedule, which plays no part in their weights."""
+    config = LossConfig(loss="idft") if loss == "idft" else None
+    trainer = make_trainer(tmp_path, loss, max_steps=1, save_steps=10, config=config)
+    trainer.train()
+    steps = [h for h in trainer.state.log_history if "loss" in h]
+    assert steps and all(("idft_lambda" in h) == (loss == "idft") for h in steps)

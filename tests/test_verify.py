@@ -156,3 +156,17 @@ def test_user_function_errors_are_user_errors(tmp_path):
 def test_bad_specs_are_user_errors(spec):
     with pytest.raises(UserError):
         get_verifier(spec)
+
+
+def test_exact_compares_plain_numbers_as_numbers_and_anything_else_as_text():
+    """Issue 21: `--verifier exact` judged `30.0` wrong against the gold `30`."""
+    exact = get_verifier("exact")
+    for response, gold in [("\\boxed{30.0}", "30"), ("\\boxed{30}", "30.0"), ("-.5", "-0.50"), ("\\boxed{+7}", "7")]:
+        assert exact.check(response, gold).correct, (response, gold)
+    for response, gold in [
+        ("\\boxed{31}", "30"),
+        ("\\boxed{ABC}", "abc"),
+        ("\\boxed{30 apples}", "30"),
+        ("1e3", "1000"),
+    ]:
+        assert not exact.check(response, gold).correct, (response, gold)

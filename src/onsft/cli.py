@@ -23,7 +23,7 @@ DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
 # name: one-line help. Each command lives in onsft.commands.<name>, imported only when it runs (the
 # commands import torch and transformers; `onsft --help` should not).
 COMMANDS = {
-    "train": "Fine-tune a causal LM with SFT (nll), DFT or IDFT, or DPO / SimPO.",
+    "train": "Fine-tune a causal LM: SFT with a token weighting (nll, dft, idft, eaft, asft), or DPO / SimPO.",
     "audit": "Measure how off-policy a dataset is for a model (DDT: phi, Z, p-values, report).",
     "rewrite": "Rewrite off-policy data into the model's own distribution (hinted decoding).",
     "eval": "Accuracy (pass@1, pass@k), retention and KL drift of a model on a dataset.",
@@ -87,7 +87,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         module = importlib.import_module(f"onsft.commands.{name}")
         configure_output(verbose)
-        return int(module.main(rest) or 0)
+        code = int(module.main(rest) or 0)
+        sys.stdout.flush()  # a reader that left (`| head`) shows here, not at exit
+        return code
+    except BrokenPipeError:
+        # The reader of stdout closed it (`onsft data gym --list_tasks | head`): it has what it wanted. Point
+        # stdout at /dev/null so the interpreter's last flush does not fail again, and exit quietly.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except UserError as error:
         print(str(error), file=sys.stderr)
         return EXIT_USER_ERROR

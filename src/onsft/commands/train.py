@@ -1,4 +1,5 @@
-"""`onsft train`: fine-tune a causal LM with SFT (nll), DFT or IDFT; DPO / SimPO via `--method`.
+"""`onsft train`: fine-tune a causal LM with SFT under a token weighting (`--loss nll|dft|idft|eaft|asft`); DPO /
+SimPO via `--method`.
 
     onsft train --model organism --data teacher.jsonl --loss idft --output_dir runs/idft --max_steps 300
 
@@ -35,7 +36,7 @@ from onsft.engine.preference import PREFERENCE_METHODS, PreferenceTrainConfig, b
 from onsft.engine.train_progress import attach_progress
 from onsft.engine.trainer import OnPolicySFTTrainer, TrainConfig, restore_finished
 from onsft.errors import UserError
-from onsft.formulas.weighting import LossConfig
+from onsft.formulas.weighting import LOSS_TYPES, LossConfig
 from onsft.runtime.checkpoints import (
     holds_every_step,
     last_checkpoint,
@@ -50,7 +51,7 @@ from onsft.runtime.settings import given_options, parse_command
 
 METHODS = ("sft", *PREFERENCE_METHODS)
 DESCRIPTION = (
-    "Fine-tune a causal LM: --method sft with a token-weighted --loss (nll, dft, idft, eaft, asft), or dpo / "
+    f"Fine-tune a causal LM: --method sft with a token-weighted --loss ({', '.join(LOSS_TYPES)}), or dpo / "
     "simpo on preference pairs. Defaults that depend on --method: --learning_rate 2e-05 (sft) or 1e-06 (dpo, "
     "simpo); --beta 0.1 (dpo) or 2.0 (simpo). `onsft train --method dpo --help` lists the options of dpo / simpo."
 )
@@ -62,7 +63,9 @@ class TrainArguments(DataArguments):
     """What to train on, and how (the trainer's own options are TrainConfig's / PreferenceTrainConfig's)."""
 
     eval_data: str | None = field(default=None, metadata={"help": "Validation data; reports the plain NLL."})
-    method: str = field(default="sft", metadata={"help": "sft (token-weighted: --loss nll|dft|idft), dpo or simpo."})
+    method: str = field(
+        default="sft", metadata={"help": f"sft (token-weighted: --loss {'|'.join(LOSS_TYPES)}), dpo or simpo."}
+    )
     overlong: str = field(default="reject", metadata={"help": "Rows over --max_length: reject | truncate | drop."})
     resume: bool = field(default=True, metadata={"help": "Resume from the last checkpoint in output_dir if any."})
     replay_data: str | None = field(

@@ -15,7 +15,8 @@ Verifiers
   `max_answer_chars`, and for gold answers that are bare words of two or more letters (`bcda`,
   `yes`, `a1B2`): math-verify reads those as products of symbols, so `abc` would equal `cba`.
 - "exact": the final answer extracted by `extract_final_answer` (the whole response when it has no
-  answer marker) equals the gold answer after `normalize_answer` (case-sensitive: `aBc` != `abc`).
+  answer marker) equals the gold answer after `normalize_answer` (case-sensitive: `aBc` != `abc`; plain
+  decimal numbers are compared as numbers: `30.0` equals `30`).
 - "module:function" or "path/to/file.py:function": a user function fn(response, answer) returning a
   bool, or a float score in [0, 1] that counts as correct at >= 0.5.
 
@@ -40,6 +41,7 @@ import threading
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 
 from onsft.errors import UserError
@@ -98,6 +100,7 @@ def extract_final_answer(text: str) -> str | None:
 
 
 _WRAPPERS = re.compile(r"^\\(?:text|textbf|mathrm|mathbf|mbox)\{(.*)\}$", re.DOTALL)
+_DECIMAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)")
 
 
 def normalize_answer(answer: str) -> str:
@@ -115,6 +118,12 @@ def normalize_answer(answer: str) -> str:
             text = text[:-1].rstrip()
         if text == before:
             return text
+
+
+def same_answer(extracted: str, gold: str) -> bool:
+    """Normalised answers equal as text, or as numbers when both are plain decimals (`30.0` equals `30`)."""
+    a, b = normalize_answer(extracted), normalize_answer(gold)
+    return a == b or bool(_DECIMAL.fullmatch(a) and _DECIMAL.fullmatch(b) and Decimal(a) == Decimal(b))
 
 
 def _is_word(answer: str) -> bool:
@@ -256,7 +265,7 @@ class ExactVerifier(Verifier):
             # No answer marker: the whole response is the answer (short-answer tasks).
             extracted = response
         gold = normalize_answer(str(answer))
-        return Verdict(bool(gold) and normalize_answer(extracted) == gold, "exact", extracted)
+        return Verdict(bool(gold) and same_answer(extracted, gold), "exact", extracted)
 
 
 class MathVerifier(Verifier):
@@ -403,24 +412,18 @@ def get_verifier(spec: str | Callable | Verifier, timeout_seconds: int = 5) -> V
         return spec
     if callable(spec):
         return CallableVerifier(spec, getattr(spec, "__name__", "callable"))
-    if not isinstance(spec, str) or not spec.strip():
-        raise UserError(
-            f"unknown verifier {spec!r}",
-            where="--verifier",
-            fix=f"use one of {', '.join(BUILTIN)}, `module:function` or `file.py:function`.",
-        )
-    spec = spec.strip()
-    if spec == "math":
+    name = spec.strip() if isinstance(spec, str) else ""
+    if name == "math":
         return MathVerifier(timeout_seconds=timeout_seconds)
-    if spec == "exact":
+    if name == "exact":
         return ExactVerifier()
-    if ":" not in spec:
+    if ":" not in name:
         raise UserError(
-            f"unknown verifier `{spec}`",
+            f"unknown verifier `{name}`" if name else f"unknown verifier {spec!r}",
             where="--verifier",
             fix=f"use one of {', '.join(BUILTIN)}, `module:function` or `file.py:function`.",
         )
-    return CallableVerifier(load_function(spec), spec)
+    return CallableVerifier(load_function(name), name)
 
 
 @dataclass

@@ -283,7 +283,8 @@ class OnPolicySFTTrainer(SFTTrainer):
             if count > 0:
                 self._metrics[mode][names[key]].append(total / count)
         if mode == "train":
-            self._metrics[mode]["idft_lambda"].append(lam)
+            if not needs_terms:  # EAFT's and ASFT's weights have no IDFT schedule: its lambda would mislead
+                self._metrics[mode]["idft_lambda"].append(lam)
             self._metrics[mode]["skipped_nonfinite"] = [self.skipped_nonfinite]
 
 

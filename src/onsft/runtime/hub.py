@@ -90,7 +90,7 @@ def snapshot(
             where=name,
             fix=f"run once with network access to cache it (or `hf download {name}"
             + (" --repo-type dataset" if kind == "dataset" else "")
-            + f"), or pass {local}.",
+            + f"`), or pass {local}.",
         )
     print(f"onsft: downloading {what} '{name}' from the Hugging Face Hub (cached for later runs)", file=sys.stderr)
     try:

@@ -11,6 +11,7 @@ command that loads a model, as TRL composes its `ModelConfig` with each trainer'
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import os
 import shutil
@@ -82,6 +83,14 @@ def resolve_model_path(name_or_path: str | os.PathLike, *, revision: str | None 
             where=name,
             fix="pass a folder written by save_pretrained (config.json + weights), a .gguf file, "
             f"or one of the aliases {', '.join(ALIASES)}.",
+        )
+    # A name without "/" close to an alias is a typo of it, not a Hub id to fetch (which would blame the network).
+    close = difflib.get_close_matches(name.lower(), ALIASES, n=1) if "/" not in name and os.sep not in name else []
+    if close:
+        raise UserError(
+            f"unknown model '{name}': not an alias ({', '.join(ALIASES)}) and no such local folder or file",
+            where=name,
+            fix=f"did you mean {close[0]}? (or pass a Hub id like owner/model-name)",
         )
     if not hub.looks_like_repo_id(name):
         raise UserError(

@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import enum
 import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -29,11 +30,37 @@ from transformers import HfArgumentParser
 
 from onsft.errors import UserError
 
+_NUMBER = r"(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?"
+NEGATIVE_NUMBERS = re.compile(rf"^-{_NUMBER}(,\s*-?{_NUMBER})*$")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown after each help text, except for `--no_X` switches (their 'default' is not a setting)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if _negation(action):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def _negation(action: argparse.Action) -> bool:
+    return isinstance(action, argparse._StoreFalseAction) and any(o.startswith("--no_") for o in action.option_strings)
+
 
 class _RaisingParser(HfArgumentParser):
     """argparse prints usage and exits on error; we want our one-line message and exit code 2."""
 
     config_source: str = "command line"
+
+    def __init__(self, dataclass_types, **kwargs):
+        super().__init__(dataclass_types, formatter_class=_HelpFormatter, **kwargs)
+        # argparse takes `-1,2` (a list of numbers starting with a negative one) for an option: it is a value.
+        self._negative_number_matcher = NEGATIVE_NUMBERS
+        for action in self._actions:
+            # transformers gives `--no_X` the help of `--X`; say what the switch does.
+            if _negation(action) and action.help:
+                text = action.help.strip()
+                action.help = f"Do not: {text[:1].lower()}{text[1:]} (same as --{action.dest} false)"
 
     def error(self, message: str):  # noqa: D401 - argparse API
         raise UserError(message, where=self.config_source, fix=f"see `{self.prog} --help`.")
