@@ -293,6 +293,9 @@ def test_resume_after_kill_gives_the_same_output(saved, tmp_path, capsys, monkey
     code, err = run([*args, "--out", out], capsys)
     assert code == 0, err
     assert sum(calls) == 10 - 4  # only the rows not already done were scored
+    assert [line for line in err.splitlines() if "resuming" in line] == [
+        f"onsft audit: resuming: 4 of 10 done ({partial})"
+    ]
     assert (out / "scores.jsonl").read_bytes() == (tmp_path / "reference" / "scores.jsonl").read_bytes()
     assert not partial.exists()
 

@@ -276,11 +276,12 @@ def test_eval_command_outputs(saved, tmp_path, monkeypatch):
     assert run_eval(saved, out, *options) == 0
 
 
-def test_killed_run_resumes_without_loss_or_duplicates(saved, tmp_path, monkeypatch):
+def test_killed_run_resumes_without_loss_or_duplicates(saved, tmp_path, monkeypatch, capsys):
     reference = tmp_path / "whole"
     # batch_size 4: chunks of 4 prompts (greedy batch of 4, then 4 x 2 samples); 6 prompts = 2 chunks
     resumable = ("--samples", "2", "--plot", "false", "--batch_size", "4")
     assert run_eval(saved, reference, *resumable) == 0
+    assert "resuming" not in capsys.readouterr().err  # a fresh run says nothing about resuming
     real = onsft.pipeline.evaluation.generate
     calls = []
 
@@ -298,8 +299,11 @@ def test_killed_run_resumes_without_loss_or_duplicates(saved, tmp_path, monkeypa
     assert len(partial) == 1 + 4  # fingerprint + the first chunk's four prompts
     calls.clear()
     monkeypatch.setattr(onsft.pipeline.evaluation, "generate", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
+    capsys.readouterr()
     assert run_eval(saved, out, *resumable) == 0
     assert calls == [2, 4]  # only chunk 2 (2 greedy rows, then 2 samples x 2 prompts)
+    resumed = [line for line in capsys.readouterr().err.splitlines() if "resuming" in line]
+    assert resumed == [f"onsft eval: resuming: 4 of 6 done ({out / 'generations.jsonl.partial'})"]
     assert (out / "generations.jsonl").read_text() == (reference / "generations.jsonl").read_text()
     # A kill in the middle of writing a chunk (one of its rows on disk, the next torn) loses nothing either.
     torn = tmp_path / "torn"

@@ -574,6 +574,7 @@ def test_a_rewrite_that_keeps_nothing_is_exit_2_without_a_training_file(saved, t
 def test_resume_after_a_simulated_kill_and_refusal_of_other_settings(saved, tmp_path, capsys, monkeypatch):
     code, err = run([*base_args(saved), "--out", tmp_path / "reference"], capsys)
     assert code == 0, err
+    assert "resuming" not in err  # a fresh run says nothing about resuming
 
     out = tmp_path / "resumed"
     chunks = []
@@ -606,6 +607,8 @@ def test_resume_after_a_simulated_kill_and_refusal_of_other_settings(saved, tmp_
     code, err = run([*base_args(saved), "--out", out], capsys)
     assert code == 0, err
     assert chunks == [[6, 7, 8], [9]]  # only the chunks not already on disk were decoded
+    resumed = [line for line in err.splitlines() if "resuming" in line]
+    assert resumed == [f"onsft rewrite: resuming: 6 of 10 done ({partial})"]
     for name in ("records.jsonl", "train.jsonl"):
         assert (out / name).read_bytes() == (tmp_path / "reference" / name).read_bytes()
     assert not partial.exists()

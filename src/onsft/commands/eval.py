@@ -66,7 +66,7 @@ from onsft.runtime.models import (
     load_tokenizer,
     vocabulary_size,
 )
-from onsft.runtime.progress import progress
+from onsft.runtime.progress import note_resume, progress
 from onsft.runtime.records import ResumableJsonl, check_writable, dumps, write_json_atomic
 from onsft.runtime.runs import RunArguments, RunGuard, group_defaults
 from onsft.runtime.settings import parse_command
@@ -306,6 +306,7 @@ def _kl(
 ) -> dict:
     """KL drift in chunks of `batch_size` prompts, each appended to the resumable store."""
     chunk = sampling.batch_size
+    note_resume("eval", len(store.done), len(examples), store.partial)
     with progress(len(examples), "kl drift", run_args.progress, unit="prompt", initial=len(store.done)) as bar:
         for start in range(0, len(examples), chunk):
             todo = [e for e in examples[start : start + chunk] if e.index not in store.done]

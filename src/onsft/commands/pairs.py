@@ -162,6 +162,7 @@ def _pairs(config, model_args, sampling, verifier, run_args, tokenizer, examples
         samples=config.samples,
         store=store,
         desc="pairs",
+        command="pairs",
         where=config.data,
         show_progress=run_args.progress,
     )

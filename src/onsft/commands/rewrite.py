@@ -114,7 +114,7 @@ from onsft.runtime.models import (
     load_tokenizer,
     read_model_info,
 )
-from onsft.runtime.progress import progress
+from onsft.runtime.progress import note_resume, progress
 from onsft.runtime.records import check_writable, write_json_atomic, write_jsonl_atomic
 from onsft.runtime.runs import RunArguments, RunGuard, group_defaults, normalized
 from onsft.runtime.settings import parse_command
@@ -224,6 +224,9 @@ def _rewrite(config, model_args, run_args, procs, rewriter, prepared, fingerprin
     total = sum(len(span) for span in mine)
     decode_start = time.time()
     counts: Counter[str] = Counter(r["provenance"] for r in store.done.values())
+    if procs.local_main:
+        on_disk = sum(prepared[i].example.index in store.done for span in mine for i in span)
+        note_resume("rewrite", on_disk, total, store.store.partial)
     with progress(
         total,
         "rewrite",

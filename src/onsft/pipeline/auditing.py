@@ -25,7 +25,7 @@ from onsft.formulas.stats import QUANTILES, ks_distance_to_normal, quantile
 from onsft.runtime.device import Processes, stream_seed
 from onsft.runtime.fingerprints import config_defaults
 from onsft.runtime.models import pad_token_id
-from onsft.runtime.progress import progress
+from onsft.runtime.progress import note_resume, progress
 from onsft.runtime.store import ShardStore
 
 
@@ -151,6 +151,8 @@ def score_set(
     shard = scorer.shard(items, dist.rank, dist.world)
     every = max(1, len(items) // config.plot_sample) if config.plot_sample else 0
     todo = sum(it.n_response for it in shard if it.index not in store.done)
+    if dist.local_main:
+        note_resume("audit", sum(it.index in store.done for it in shard), len(shard), store.store.partial)
     with progress(todo, f"audit {name}", show_progress and dist.local_main) as bar:
         for batch, scores, phis in scorer.iter_scored(shard, set(store.done)):
             rows = []
@@ -199,6 +201,9 @@ def self_check(
     groups = [range(start, min(n, start + scorer.batch_size)) for start in range(0, n, scorer.batch_size)]
     mine = [g for g in groups[dist.rank :: dist.world] if not all(i in store.done for i in g)]
     every = max(1, n // config.plot_sample) if config.plot_sample else 0
+    if dist.local_main:
+        mine_all = [i for g in groups[dist.rank :: dist.world] for i in g]
+        note_resume("audit self-check", sum(i in store.done for i in mine_all), len(mine_all), store.store.partial)
     with progress(
         sum(len(g) for g in mine), "audit self-check", show_progress and dist.local_main, unit="sample"
     ) as bar:

@@ -22,7 +22,7 @@ from onsft.formulas.stats import pass_at_k
 from onsft.pipeline.report import figure_png, new_figure, save_png
 from onsft.runtime.device import stream_seed
 from onsft.runtime.models import context_length
-from onsft.runtime.progress import progress
+from onsft.runtime.progress import note_resume, progress
 from onsft.runtime.records import ResumableJsonl
 
 
@@ -124,6 +124,7 @@ def evaluate_rows(
     desc: str = "eval",
     where: str = "data",
     show_progress: bool = True,
+    command: str = "eval",
 ) -> list[dict]:
     """Generate, verify and build one row per example (input fields kept): a greedy response (`generation`,
     `correct`, ...) and/or `samples` draws at `sampling`'s temperature (`samples`, `n_correct`). Chunks are
@@ -134,6 +135,8 @@ def evaluate_rows(
     chunk = sampling.batch_size
     rows: dict[int, dict] = {i: done[e.index] for i, e in enumerate(examples) if e.index in done}
     context = context_length(model)
+    if store is not None:
+        note_resume(command, len(rows), len(examples), store.partial)
     with progress(len(examples), desc, show_progress, unit="prompt", initial=len(rows)) as bar:
         for start in range(0, len(examples), chunk):
             # A chunk is decoded whole even when a kill left part of it on disk: the samples of an

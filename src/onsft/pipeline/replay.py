@@ -20,7 +20,7 @@ from onsft.engine.decoding import SamplingConfig, generate
 from onsft.pipeline.evaluation import check_prompts
 from onsft.runtime.device import stream_seed
 from onsft.runtime.models import context_length
-from onsft.runtime.progress import progress
+from onsft.runtime.progress import note_resume, progress
 from onsft.runtime.records import ResumableJsonl
 
 KEPT_COLUMNS = ("id", "task", "answer")
@@ -40,6 +40,8 @@ def sample_answers(
     done = store.done if store is not None else {}
     rows = {i: done[e.index] for i, e in enumerate(examples) if e.index in done}
     context = context_length(model)
+    if store is not None:
+        note_resume("data replay", len(rows), len(examples), store.partial)
     with progress(len(examples), "replay", show_progress, unit="prompt", initial=len(rows)) as bar:
         for start in range(0, len(examples), sampling.batch_size):
             todo = list(range(start, min(start + sampling.batch_size, len(examples))))

@@ -28,6 +28,14 @@ def progress(total: int, desc: str, enabled: bool = True, unit: str = "tok", ini
     )
 
 
+def note_resume(command: str, done: int, total: int, where: str | os.PathLike) -> None:
+    """The one line a resumed run prints (stderr) before its bar: "onsft eval: resuming: 3 of 8 done (file)".
+    Nothing when no row is on disk yet (a fresh run) or none is left to do (what follows is the run's result or
+    its one-line error)."""
+    if 0 < done < total:
+        print(f"onsft {command}: resuming: {done} of {total} done ({where})", file=sys.stderr, flush=True)
+
+
 def configure_output(verbose: bool = False) -> None:
     """Quiet by default: the libraries' warnings (Python warnings and their loggers) and their loading and
     saving bars ("Loading weights", "Writing model shards", dataset maps) are hidden, so stderr holds onsft's
