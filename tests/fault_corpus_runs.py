@@ -1490,3 +1490,31 @@ def _issue21(c) -> None:
         "`beta_ladder` entry `-1` is not a finite number >= 0",
         extra=("--beta_ladder", "-1,2", "--samples_per_prompt", "2"),
     )
+    _issue21_rows(c)
+
+
+def _issue21_rows(c) -> None:
+    """Chat rows and JSON lines that used to change without a word (item 4)."""
+    turns = [{"role": "user", "content": "Copy ab."}, {"role": "assistant", "content": "It is ab. \\boxed{ab}"}]
+    c.train(
+        "chat_trailing_user_turn",
+        "`messages` ending with a user turn after the last assistant turn (was: trained on the earlier answer)",
+        c.write(
+            "trailing_user.jsonl",
+            [{"messages": turns}, {"messages": [*turns, {"role": "user", "content": "And cd?"}]}],
+        ),
+        "end with a user turn after the last assistant turn",
+        where="trailing_user.jsonl",
+        line=2,
+    )
+    rows = [json.dumps(r) for r in fault_corpus.good_rows(4)]
+    rows[2] = rows[2].replace('{"id": 2,', '{"id": 2, "answer": "first",')
+    c.audit(
+        "json_repeated_key",
+        "a JSON line repeating a key (was: the last value kept silently)",
+        c.write("repeated_key.jsonl", rows),
+        "",
+        code=0,
+        early=False,
+        expect_stderr="repeated_key.jsonl:3: a JSON object repeats the key `answer`",
+    )

@@ -14,13 +14,11 @@ Every problem is reported as a `UserError` naming the file and line (1-based lin
 
 from __future__ import annotations
 
-import codecs
-import csv
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from onsft.data.row_files import read_csv, read_jsonl, read_table
 from onsft.errors import UserError
 from onsft.runtime import hub
 from onsft.runtime.runs import data_identity
@@ -62,140 +60,6 @@ class Example:
 
 
 # --------------------------------------------------------------------------------------------- reading
-
-
-def _read_jsonl(path: Path) -> list[tuple[int, Any]]:
-    raw = path.read_bytes()
-    # Editors on Windows start UTF-8 files with a byte-order mark; it is not part of the first row.
-    if raw.startswith(codecs.BOM_UTF8):
-        raw = raw[len(codecs.BOM_UTF8) :]
-    stripped = raw.lstrip()
-    if path.suffix == ".json" and stripped.startswith(b"["):
-        try:
-            rows = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise UserError(
-                f"not valid JSON ({error})", where=str(path), fix="write a JSON array or JSON lines."
-            ) from None
-        except RecursionError:
-            raise UserError("JSON nested too deeply to read", where=str(path), fix="write flat rows.") from None
-        for i, row in enumerate(rows):
-            _check_encodable(row, str(path), i + 1)
-        return [(i + 1, row) for i, row in enumerate(rows)]
-    rows = []
-    for number, line in enumerate(raw.split(b"\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError as error:
-            raise UserError(
-                f"not valid UTF-8 (byte {error.start})",
-                where=str(path),
-                line=number,
-                fix="re-encode the file as UTF-8.",
-            ) from None
-        try:
-            rows.append((number, json.loads(text)))
-        except RecursionError:
-            raise UserError(
-                "JSON nested too deeply to read",
-                where=str(path),
-                line=number,
-                fix="each line must be one flat JSON object.",
-            ) from None
-        except json.JSONDecodeError as error:
-            truncated = number == raw.count(b"\n") + (0 if raw.endswith(b"\n") else 1) and not raw.endswith(b"\n")
-            hint = (
-                "the last line looks truncated; remove it or finish writing the file."
-                if truncated
-                else "each line must be one complete JSON object."
-            )
-            raise UserError(
-                f"malformed JSON ({error.msg} at column {error.colno})", where=str(path), line=number, fix=hint
-            ) from None
-        if "\\u" in text:
-            _check_encodable(rows[-1][1], str(path), number)
-    return rows
-
-
-def _check_encodable(row: Any, where: str, line: int) -> None:
-    """JSON may escape half of a UTF-16 surrogate pair (`\\ud800`): valid JSON, but not text that a tokenizer
-    or a UTF-8 output file accepts, so it is refused here rather than deep inside a run."""
-    try:
-        json.dumps(row, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError as error:
-        raise UserError(
-            f"text holds an unpaired surrogate escape ({error.object[error.start]!r}), which is not valid Unicode",
-            where=where,
-            line=line,
-            fix="remove or replace that escape (often left by cutting text in the middle of an emoji).",
-        ) from None
-
-
-def _read_csv(path: Path) -> list[tuple[int, Any]]:
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
-            rows = [(reader.line_num, dict(row)) for row in reader]
-    except UnicodeDecodeError:
-        raise UserError("not valid UTF-8", where=str(path), fix="re-encode the file as UTF-8.") from None
-    except csv.Error as error:
-        raise UserError(f"malformed CSV ({error})", where=str(path), fix="check quoting in the file.") from None
-    # Chat turns cannot live in a CSV cell except as JSON text.
-    for line, row in rows:
-        # DictReader files surplus cells under the key None and fills missing ones with None.
-        if None in row or None in row.values():
-            more = None in row
-            raise UserError(
-                f"row has {'more' if more else 'fewer'} cells than the header",
-                where=str(path),
-                line=line,
-                fix="give every row one cell per header column (quote cells holding commas).",
-            )
-        for key in ("messages", "prompt", "completion"):
-            value = row.get(key)
-            if isinstance(value, str) and value.lstrip().startswith("[{"):
-                try:
-                    row[key] = json.loads(value)
-                except json.JSONDecodeError:
-                    raise UserError(
-                        f"column `{key}` looks like JSON but does not parse",
-                        where=str(path),
-                        line=line,
-                        fix="write valid JSON in the cell, or plain text.",
-                    ) from None
-    return rows
-
-
-def _read_table(path: Path, split: str = "train") -> list[tuple[int, Any]]:
-    try:
-        if path.is_dir():
-            import datasets  # imports pandas and pyarrow machinery: only for folders
-
-            table = datasets.load_from_disk(str(path))
-            if isinstance(table, datasets.DatasetDict):
-                if split not in table and split != "train":
-                    raise UserError(
-                        f"no split `{split}` (splits: {', '.join(table)})",
-                        where=str(path),
-                        fix="pass one of them with --split.",
-                    )
-                table = table[split if split in table else next(iter(table))]
-            rows = table.to_list()
-        else:
-            import pyarrow.parquet as pq
-
-            rows = pq.read_table(path).to_pylist()
-    except UserError:
-        raise
-    except Exception as error:  # pyarrow / datasets raise many types for a bad file
-        raise UserError(
-            f"cannot read dataset ({type(error).__name__}: {error})",
-            where=str(path),
-            fix="pass a valid Parquet file or a folder made by `Dataset.save_to_disk`.",
-        ) from None
-    return [(i + 1, row) for i, row in enumerate(rows)]
 
 
 def parse_hub_spec(source: str, split: str = "train") -> tuple[str, str | None, str]:
@@ -254,14 +118,14 @@ def read_rows(
     if not path.exists():
         raise UserError("dataset not found", where=str(path), fix=f"check the path given to {flag}.")
     if path.is_dir():
-        return _read_table(path, split)
+        return read_table(path, split)
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json", ".ndjson"):
-        return _read_jsonl(path)
+        return read_jsonl(path)
     if suffix == ".csv":
-        return _read_csv(path)
+        return read_csv(path)
     if suffix in (".parquet", ".pq"):
-        return _read_table(path)
+        return read_table(path)
     raise UserError(
         f"unknown dataset format `{suffix or 'no extension'}`",
         where=str(path),
@@ -345,6 +209,17 @@ def parse_example(row: Any, index: int, line: int, where: str, require_response:
                 )
             prompt = turns
         else:
+            trailing = [t["role"] for t in turns[last_assistant + 1 :]]
+            if "user" in trailing:
+                # Taking the earlier assistant turn as the response would train on (or score) an answer to
+                # another question than the row's last one, and drop that question without a word.
+                raise UserError(
+                    f"`messages` end with a user turn after the last assistant turn ({len(trailing)} turn(s) "
+                    "after it); the row's last question has no answer",
+                    where=where,
+                    line=line,
+                    fix="drop the trailing turn(s), or add the assistant's answer after them.",
+                )
             prompt, response = turns[:last_assistant], turns[last_assistant]["content"]
     elif "prompt" in row and row["prompt"] is not None:
         prompt = _as_messages(row["prompt"], "prompt", where, line)
