@@ -1491,6 +1491,20 @@ def _issue21(c) -> None:
         extra=("--beta_ladder", "-1,2", "--samples_per_prompt", "2"),
     )
     _issue21_rows(c)
+    _issue21_outputs(c)
+
+
+def _issue21_outputs(c) -> None:
+    """Output files that onsft did not write, and an output over the input (item 2)."""
+    notes = c.write("notes.jsonl", [{"mine": "not onsft's"}])
+    c.case("gym_out_foreign", "data", "data gym --out a file onsft did not write (was: replaced without a word)",
+           ["gym", "--task", "chain_sum", "--size", "3", "--out", notes], "settings are not recorded",
+           where="notes.jsonl", kind="output")  # fmt: skip
+    c.case("replay_out_is_data", "data", "data replay --out the --data file (was: replaced the prompts)",
+           ["replay", "--model", c.tiny, "--data", c.good, "--out", c.good], "is also an output of this run",
+           where="good.jsonl", kind="output")  # fmt: skip
+    c.pairs("pairs_out_foreign", "pairs --out a file onsft did not write (was: replaced without a word)", c.good,
+            "settings are not recorded", extra=("--out", notes), where="notes.jsonl", kind="output")  # fmt: skip
 
 
 def _issue21_rows(c) -> None:

@@ -34,7 +34,7 @@ from onsft.pipeline.evaluation import check_prompts
 from onsft.pipeline.replay import replay_rows, sample_answers
 from onsft.runtime.models import ModelArguments, configured_context_length, load_model, load_tokenizer
 from onsft.runtime.records import ResumableJsonl, check_writable, write_json_atomic, write_jsonl_atomic
-from onsft.runtime.runs import RunArguments, RunGuard, group_defaults
+from onsft.runtime.runs import RunArguments, RunGuard, config_defaults, group_defaults
 from onsft.runtime.settings import parse_command
 
 
@@ -119,7 +119,26 @@ def parse_options(pairs: list[str]) -> dict:
     return options
 
 
-def run_gym(config: GymDataConfig) -> int:
+ORGANISM_OUTPUTS = ["new_skill_*.jsonl", "retention_test.jsonl", "replay_prompts.jsonl"]
+
+
+def _guard(record: Path, command: str, config, outputs: list[str], run_args: RunArguments | None) -> RunGuard:
+    """A generated data set's guard: the same settings again do nothing, other settings or a file onsft did not
+    write are refused unless --overwrite (the settings are the config's, its output path aside)."""
+    settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("out", "list_tasks")}
+    return RunGuard(
+        record,
+        command,
+        settings,
+        outputs,
+        record,
+        overwrite=(run_args or RunArguments()).overwrite,
+        untracked=outputs,
+        defaults={k: v for k, v in config_defaults(config).items() if k in settings},
+    )
+
+
+def run_gym(config: GymDataConfig, run_args: RunArguments | None = None) -> int:
     if config.list_tasks:
         print("\n".join(gym.task_names()))
         return 0
@@ -128,21 +147,26 @@ def run_gym(config: GymDataConfig) -> int:
     if not config.out:
         raise UserError("no output file given", where="command line", fix="pass --out FILE.jsonl.")
     out = check_writable(config.out)
-    rows = gym.gym_rows(
-        config.task,
-        config.size,
-        config.seed,
-        options=parse_options(config.options),
-        answer_format=config.answer_format,
-        metadata=config.metadata,
-    )
-    write_jsonl_atomic(out, rows)
+    options = parse_options(config.options)
+    with _guard(out.with_name(out.stem + ".run.json"), "data gym", config, [out.name], run_args) as finished:
+        if finished is not None and out.is_file():
+            print(f"onsft data: {out} already holds these rows; nothing to do.", file=sys.stderr)
+            return 0
+        rows = gym.gym_rows(
+            config.task,
+            config.size,
+            config.seed,
+            options=options,
+            answer_format=config.answer_format,
+            metadata=config.metadata,
+        )
+        write_jsonl_atomic(out, rows)
     with_reference = sum("reference" in r for r in rows)
     print(f"onsft data: {len(rows)} rows of {config.task} ({with_reference} with a reference) -> {out}")
     return 0
 
 
-def run_organism(config: OrganismDataConfig) -> int:
+def run_organism(config: OrganismDataConfig, run_args: RunArguments | None = None) -> int:
     if not config.out:
         raise UserError("no output folder given", where="command line", fix="pass --out FOLDER.")
     sizes = {
@@ -157,7 +181,11 @@ def run_organism(config: OrganismDataConfig) -> int:
     if Path(config.out).exists() and not Path(config.out).is_dir():
         raise UserError("output path is a file, expected a folder", where=config.out, fix="name a folder.")
     check_writable(Path(config.out) / "new_skill_train.jsonl")
-    paths = write_demo_data(config.out, seed=config.seed, **sizes)
+    with _guard(Path(config.out) / "run.json", "data organism", config, ORGANISM_OUTPUTS, run_args) as finished:
+        if finished is not None:
+            print(f"onsft data: {config.out} already holds these data sets; nothing to do.", file=sys.stderr)
+            return 0
+        paths = write_demo_data(config.out, seed=config.seed, **sizes)
     print(f"onsft data: {len(paths)} files -> {config.out}")
     for name, path in paths.items():
         print(f"  {name}: {path}")
@@ -197,6 +225,8 @@ def run_replay(
         summary_path,
         overwrite=run_args.overwrite,
         defaults=defaults,
+        inputs={"--data": config.data},
+        untracked=[out.name],  # a file of that name that no recorded run wrote is not ours to replace
     ) as finished:
         if finished is not None and out.exists():
             print(f"onsft: {out} already holds this replay set; nothing to do.", file=sys.stderr)
@@ -232,7 +262,7 @@ def run(config: GymDataConfig | OrganismDataConfig | ReplayDataConfig, *parts) -
     also takes ModelArguments, SamplingConfig and RunArguments)."""
     if isinstance(config, ReplayDataConfig):
         return run_replay(config, *parts)
-    return run_gym(config) if isinstance(config, GymDataConfig) else run_organism(config)
+    return run_gym(config, *parts) if isinstance(config, GymDataConfig) else run_organism(config, *parts)
 
 
 def _usage() -> str:
@@ -249,11 +279,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name, rest = argv[0], argv[1:]
     if name == "gym":
-        (config,) = parse_command(rest, GymDataConfig, prog="onsft data gym")
-        return run(config)
+        config, run_args = parse_command(rest, GymDataConfig, RunArguments, prog="onsft data gym")
+        return run(config, run_args)
     if name == "organism":
-        (config,) = parse_command(rest, OrganismDataConfig, prog="onsft data organism")
-        return run(config)
+        config, run_args = parse_command(rest, OrganismDataConfig, RunArguments, prog="onsft data organism")
+        return run(config, run_args)
     if name == "replay":
         parts = parse_command(
             rest, ReplayDataConfig, ModelArguments, OwnSamplingConfig, RunArguments, prog="onsft data replay"

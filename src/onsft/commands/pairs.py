@@ -136,6 +136,7 @@ def run(
         overwrite=run_args.overwrite,
         inputs=inputs,
         defaults=defaults,
+        untracked=[out.name],  # a file of that name that no recorded run wrote is not ours to replace
     ) as finished:
         if finished is not None and out.exists():
             print(f"onsft: {out} already holds these pairs; nothing to do.", file=sys.stderr)

@@ -114,6 +114,7 @@ class RunGuard:
         self.lock = self.record.with_name(f".{self.record.name}.lock")
         self.locked = self.created = self.finished = False
         self.reused: dict | None = None
+        self.written: list[str] = []  # outputs outside the folder that this run writes (kept in the record)
 
     # -- before the work ------------------------------------------------------------------------
 
@@ -146,13 +147,16 @@ class RunGuard:
                         fix="choose another output, or pass --overwrite to delete them and start over.",
                     )
                 self._clear()
+            self._check_files(saved)
             if self.reuse and saved is not None and saved.get("finished") and self.summary.is_file():
                 with contextlib.suppress(OSError, ValueError):
                     summary = json.loads(self.summary.read_text(encoding="utf-8"))
+                    if set(self.written) - set(saved.get("files") or []):  # a file it may now write elsewhere
+                        write_json_atomic(self.record, self._entry(True))
                     self.release()
                     return summary
             self.created = saved is None
-            write_json_atomic(self.record, {"command": self.command, "settings": self.settings, "finished": False})
+            write_json_atomic(self.record, self._entry(False))
         except BaseException:
             self.release()
             raise
@@ -171,7 +175,7 @@ class RunGuard:
     def finish(self) -> None:
         """Mark the run finished (after its summary is written) and release the lock."""
         if self.active:
-            write_json_atomic(self.record, {"command": self.command, "settings": self.settings, "finished": True})
+            write_json_atomic(self.record, self._entry(True))
             self.finished = True
         self.release()
 
@@ -210,6 +214,28 @@ class RunGuard:
                     where=str(given),
                     fix="write the output somewhere else, or copy the input elsewhere first.",
                 )
+
+    def _check_files(self, saved: dict | None) -> None:
+        """An output outside the folder (`rewrite --train_out`) that exists and that no run recorded here wrote
+        is someone else's file: refused unless --overwrite, as a folder's unrecorded outputs are."""
+        mine = set((saved or {}).get("files") or [])
+        folder = self.record.parent.resolve()
+        elsewhere = [
+            f
+            for f in self.files
+            if f.resolve().parent != folder or not any(fnmatch.fnmatch(f.name, p) for p in self.outputs)
+        ]  # (one named like an output in the folder is the folder's, under its rule)
+        self.written = sorted(mine | {str(f.resolve()) for f in elsewhere})
+        for path in elsewhere:
+            if path.exists() and str(path.resolve()) not in mine and not self.overwrite:
+                raise UserError(
+                    "this output file exists and onsft did not write it for this run",
+                    where=str(path),
+                    fix="choose another output path, or pass --overwrite to replace it.",
+                )
+
+    def _entry(self, finished: bool) -> dict:
+        return {"command": self.command, "settings": self.settings, "finished": finished, "files": self.written}
 
     def _saved(self) -> dict | None:
         try:
