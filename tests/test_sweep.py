@@ -314,3 +314,20 @@ def test_methods_override_keeps_only_the_contrasts_between_the_chosen_methods(tm
     assert len(load_experiment(str(path), {"methods": None}).contrasts) == 2
     with pytest.raises(UserError, match="must be two of the experiment's methods"):  # the file itself is still checked
         load_experiment(str(path), {"methods": None, "contrasts": [["dpo", "sft"]]})
+
+
+def test_seeds_override_replaces_method_seeds(tmp_path, capsys):
+    path = tmp_path / "exp.yaml"
+    raw = {
+        "model": "organism",
+        "train_data": "organism:new_skill_train.native",
+        "in_domain": "organism:new_skill_test",
+        "methods": ["sft", "idft"],
+        "seeds": [0],
+        "method_seeds": {"sft": [0, 1, 2]},
+    }
+    path.write_text(yaml.safe_dump(raw))
+    assert load_experiment(str(path), {"seeds": None}).seeds_of("sft") == [0, 1, 2]
+    quick = load_experiment(str(path), {"seeds": [1]})
+    assert quick.seeds_of("sft") == [1] and quick.seeds_of("idft") == [1]
+    assert "--seeds replaces the `method_seeds`" in capsys.readouterr().err

@@ -52,6 +52,7 @@ from onsft.runtime.models import (
     load_tokenizer,
     pad_token_id,
 )
+from onsft.runtime.progress import configure_output
 from onsft.runtime.records import check_writable, write_json_atomic, write_jsonl_atomic
 from onsft.runtime.runs import RunArguments, RunGuard, config_defaults
 from onsft.runtime.settings import parse_command
@@ -150,6 +151,7 @@ def run(
         scoring or ScoringConfig(),
         run_args or RunArguments(),
     )
+    configure_output(run_args.verbose)
     for part in (config, model_args, scoring):
         part.validate()
     procs = Processes(model_args.device)

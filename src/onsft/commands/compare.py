@@ -65,6 +65,7 @@ from onsft.pipeline.rewriting import RewriteConfig
 from onsft.pipeline.sweep import base_point, cell_defaults, cell_settings, grid, measured, sweep_points
 from onsft.pipeline.variants_report import run_variants
 from onsft.runtime.models import ModelArguments, resolve_model_path
+from onsft.runtime.progress import configure_output
 from onsft.runtime.records import check_writable, write_json_atomic
 from onsft.runtime.runs import RunArguments, config_defaults, same_settings
 from onsft.runtime.settings import configs_from_dict, parse_command
@@ -350,6 +351,7 @@ def run(exp: Experiment, run_args: RunArguments | None = None) -> dict:
     every step: `overwrite` lets a step start over where an earlier grid left outputs made with other
     settings (each step refuses them otherwise, naming its folder), `progress` shows the steps' bars."""
     steps = run_args or QUIET
+    configure_output(steps.verbose)
     if exp.variants:  # each variant is a whole experiment of its own, in OUT/<name>
         return run_variants(exp, lambda variant: run(variant, run_args))
     out = Path(exp.out)
@@ -412,7 +414,10 @@ def write_text(path: Path, text: str) -> None:
 class CompareArgs:
     config: str = field(default="", metadata={"help": "Experiment YAML (see experiments/organism.yaml)."})
     out: str | None = field(default=None, metadata={"help": "Override the experiment's output folder."})
-    seeds: list[int] = field(default_factory=list, metadata={"help": "Override the experiment's seeds."})
+    seeds: list[int] = field(
+        default_factory=list,
+        metadata={"help": "Override the experiment's seeds (its `method_seeds` too: every method runs these)."},
+    )
     methods: list[str] = field(default_factory=list, metadata={"help": "Override the experiment's methods."})
 
 

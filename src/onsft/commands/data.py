@@ -33,6 +33,7 @@ from onsft.organism.tasks import write_demo_data
 from onsft.pipeline.evaluation import check_prompts
 from onsft.pipeline.replay import replay_rows, sample_answers
 from onsft.runtime.models import ModelArguments, configured_context_length, load_model, load_tokenizer
+from onsft.runtime.progress import configure_output
 from onsft.runtime.records import ResumableJsonl, check_writable, write_json_atomic, write_jsonl_atomic
 from onsft.runtime.runs import RunArguments, RunGuard, config_defaults, group_defaults
 from onsft.runtime.settings import parse_command
@@ -200,6 +201,7 @@ def run_replay(
 ) -> dict:
     """Sample, keep the finished answers, write; returns the summary (`<out stem>.summary.json`)."""
     model_args, run_args = model_args or ModelArguments(), run_args or RunArguments()
+    configure_output(run_args.verbose)
     sampling = sampling or OwnSamplingConfig()
     for part in (config, model_args, sampling):
         part.validate()

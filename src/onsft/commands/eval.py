@@ -66,7 +66,7 @@ from onsft.runtime.models import (
     load_tokenizer,
     vocabulary_size,
 )
-from onsft.runtime.progress import note_resume, progress
+from onsft.runtime.progress import configure_output, note_resume, progress
 from onsft.runtime.records import ResumableJsonl, check_writable, dumps, write_json_atomic
 from onsft.runtime.runs import RunArguments, RunGuard, group_defaults
 from onsft.runtime.settings import parse_command
@@ -161,6 +161,7 @@ def run(
 ) -> dict:
     """The command: every input is checked before the first forward pass; returns metrics.json's contents."""
     model_args, run_args = model_args or ModelArguments(), run_args or RunArguments()
+    configure_output(run_args.verbose)
     sampling, verify = sampling or OwnSamplingConfig(), verify or VerifyConfig()
     for part in (config, model_args, sampling, verify):
         part.validate()

@@ -43,6 +43,7 @@ from onsft.errors import UserError
 from onsft.pipeline.evaluation import check_answers, check_prompt_set, evaluate_rows
 from onsft.pipeline.pairing import FORMATS, chosen_candidates, load_rewrites, make_pairs
 from onsft.runtime.models import ModelArguments, configured_context_length, load_model, load_tokenizer
+from onsft.runtime.progress import configure_output
 from onsft.runtime.records import ResumableJsonl, check_writable, dumps, write_json_atomic, write_jsonl_atomic
 from onsft.runtime.runs import RunArguments, RunGuard, group_defaults
 from onsft.runtime.settings import parse_command
@@ -101,6 +102,7 @@ def run(
 ) -> dict:
     """Sample, verify, pair, write; returns the summary (`<out stem>.summary.json`)."""
     model_args, run_args = model_args or ModelArguments(), run_args or RunArguments()
+    configure_output(run_args.verbose)
     sampling, verify = sampling or OwnSamplingConfig(), verify or VerifyConfig()
     for part in (config, model_args, sampling, verify):
         part.validate()

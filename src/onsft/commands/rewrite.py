@@ -114,7 +114,7 @@ from onsft.runtime.models import (
     load_tokenizer,
     read_model_info,
 )
-from onsft.runtime.progress import note_resume, progress
+from onsft.runtime.progress import configure_output, note_resume, progress
 from onsft.runtime.records import check_writable, write_json_atomic, write_jsonl_atomic
 from onsft.runtime.runs import RunArguments, RunGuard, group_defaults, normalized
 from onsft.runtime.settings import parse_command
@@ -153,6 +153,7 @@ def run(
     """The command: returns the summary on rank 0 (None on other ranks)."""
     model_args, hinted = model_args or ModelArguments(), hinted or HintedConfig()
     scoring, verify, run_args = scoring or ScoringConfig(), verify or VerifyConfig(), run_args or RunArguments()
+    configure_output(run_args.verbose)
     started = time.time()
     for part in (config, model_args, hinted, scoring, verify):
         part.validate()

@@ -45,6 +45,7 @@ from onsft.runtime.checkpoints import (
 )
 from onsft.runtime.device import check_device_name, resolve_device, resolve_dtype
 from onsft.runtime.models import ModelArguments, check_context, context_length, load_model, load_tokenizer
+from onsft.runtime.progress import configure_output
 from onsft.runtime.records import check_writable, dumps, write_json_atomic, write_jsonl_atomic
 from onsft.runtime.runs import RunArguments, RunGuard, data_identity, group_defaults, normalized
 from onsft.runtime.settings import given_options, parse_command
@@ -165,6 +166,7 @@ def run(
 ) -> dict:
     """Validate everything a user can get wrong, then train; returns the summary written to train_summary.json."""
     model_args, lora, run_args = model_args or ModelArguments(), lora or LoraArguments(), run_args or RunArguments()
+    configure_output(run_args.verbose)
     preference = inputs.method in PREFERENCE_METHODS
     args = trainer or (PreferenceTrainConfig() if preference else TrainConfig())
     loss = None if preference else (loss or LossConfig())

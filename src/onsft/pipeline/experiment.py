@@ -299,4 +299,8 @@ def load_experiment(path: str, overrides: dict) -> Experiment:
                 file=sys.stderr,
             )
         raw["contrasts"] = kept
+    if overrides.get("seeds") is not None and raw.get("method_seeds"):
+        # `--seeds 0` means seed 0 for every method: a quick pass over the grid before its other seeds.
+        print(f"onsft compare: --seeds replaces the `method_seeds` of {path} in this run.", file=sys.stderr)
+        raw["method_seeds"] = {}
     return experiment_from_dict(raw, path, Path(path).resolve().parent)

@@ -197,6 +197,16 @@ def load_tokenizer(model: ModelArguments | str | os.PathLike):
     return tokenizer
 
 
+def _gguf_bar_follows_switch() -> None:
+    """transformers' GGUF loader draws its "de-quantizing" bar with tqdm directly, past the progress-bar switch
+    that `configure_output` sets; hand it transformers' own switch-aware tqdm so it shows only with --verbose."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_loader
+    from transformers.utils import logging as transformers_logging
+
+    if hasattr(gguf_loader, "tqdm"):
+        gguf_loader.tqdm = transformers_logging.tqdm
+
+
 def load_model(
     model: ModelArguments | str | os.PathLike,
     *,
@@ -230,6 +240,8 @@ def load_model(
         except (OSError, ValueError, KeyError, RuntimeError) as error:
             raise _load_error(error, path, "LoRA adapter") from None
     folder, gguf = _gguf_location(path)
+    if gguf is not None:
+        _gguf_bar_follows_switch()
     try:
         # dtype=None must not be passed on: transformers then keeps the weights' stored dtype.
         extra = {} if dtype is None else {"dtype": dtype}
