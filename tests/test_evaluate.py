@@ -350,3 +350,24 @@ def test_a_prompt_longer_than_the_context_names_its_line(saved, tmp_path):
             VerifyConfig(verifier="exact"),
         )
     assert error.value.line == 2
+
+
+def test_overlong_drop_evaluates_the_other_rows_and_lists_the_dropped_lines(saved, tmp_path, capsys):
+    rows = [{"prompt": "Hi?", "answer": "x"}, {"prompt": "y" * 300, "answer": "x"}, {"prompt": "Yo?", "answer": "x"}]
+    data = write_jsonl(tmp_path / "long.jsonl", rows)
+    out = tmp_path / "out"
+    base = ["eval", "--model", saved["model"], "--data", str(data), "--out", str(out), "--verifier", "exact"]
+    base += ["--max_new_tokens", "2", "--plot", "false"]
+    assert cli.main(base) == 2  # the default refuses, naming the line and the way out
+    message = capsys.readouterr().err
+    assert "long.jsonl:2:" in message and "--overlong drop" in message and "--limit" not in message
+    assert not out.exists() or not any(out.iterdir())
+    assert cli.main([*base, "--overlong", "drop", "--retention_data", str(data)]) == 0
+    err = capsys.readouterr().err
+    assert "1 row(s) with a prompt of 256+ tokens left out (line 2)" in err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n"] == 2 and metrics["retention"]["n"] == 2
+    assert metrics["overlong_dropped"] == {"data": [2], "retention_data": [2]}
+    only_long = write_jsonl(tmp_path / "only_long.jsonl", rows[1:2])
+    assert cli.main([*base[:4], str(only_long), "--out", str(tmp_path / "o2"), "--overlong", "drop"]) == 2
+    assert "nothing is left to evaluate" in capsys.readouterr().err

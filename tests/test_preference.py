@@ -155,8 +155,19 @@ def test_rewrites_then_references_are_chosen_when_no_own_sample_is_right(setup):
 def test_no_pairs_is_a_user_error_and_writes_no_pairs_file(setup, capsys):
     out = setup["root"] / "none.jsonl"
     assert run_pairs(setup, out, "--verifier", f"{setup['checks']}:always") == 2
+    message = capsys.readouterr().err
+    assert f"no preference pairs from {len(PROMPTS)} prompts ({len(PROMPTS)} with every sample right)" in message
+    assert "{" not in message  # the outcomes in words, not a Python dict
+    # Nothing that looks like a finished run: no pairs, no summary; the samples kept as the resumable .partial.
+    assert not out.exists() and not (setup["root"] / "none.summary.json").exists()
+    assert (setup["root"] / "none.samples.jsonl.partial").exists()
+    assert not (setup["root"] / "none.samples.jsonl").exists()
+    # The same command resumes the samples (nothing sampled again) and fails the same way; --overwrite with other
+    # settings starts over.
+    assert run_pairs(setup, out, "--verifier", f"{setup['checks']}:always") == 2
     assert "no preference pairs" in capsys.readouterr().err
-    assert not out.exists() and (setup["root"] / "none.summary.json").exists()
+    assert run_pairs(setup, out, "--verifier", "exact", "--overwrite") == 0
+    assert out.exists() and (setup["root"] / "none.summary.json").exists()
 
 
 def test_bad_pairs_files(tmp_path):

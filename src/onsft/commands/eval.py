@@ -55,6 +55,7 @@ from onsft.pipeline.evaluation import (
     check_prompts,
     default_ks,
     evaluate_rows,
+    fitting_prompts,
     plot_accuracy,
 )
 from onsft.runtime.device import stream_seed
@@ -87,6 +88,13 @@ class EvalConfig(DataArguments):
         metadata={"help": "k values for pass@k (each <= --samples); default: 1, 2, 4, ... up to --samples."},
     )
     limit: int = field(default=0, metadata={"help": "Evaluate only the first N rows of each dataset (0 = all)."})
+    overlong: str = field(
+        default="reject",
+        metadata={
+            "help": "Rows whose prompt fills the model's context: `reject` (stop before the run, naming the line) "
+            "or `drop` (evaluate the others; the dropped lines are listed in metrics.json and on stderr)."
+        },
+    )
     retention_data: str | None = field(
         default=None,
         metadata={"help": "Data of skills to keep (with `answer`): greedy accuracy there measures forgetting."},
@@ -122,6 +130,8 @@ class EvalConfig(DataArguments):
             bad("kl_continuation", f"must be one of {', '.join(KL_CONTINUATIONS)}")
         if self.limit < 0:
             bad("limit", "must be >= 0")
+        if self.overlong not in ("reject", "drop"):
+            bad("overlong", "must be reject or drop")
         SamplingConfig(max_new_tokens=self.kl_max_new_tokens, temperature=self.kl_temperature).validate()
 
     def ks(self) -> list[int]:
@@ -199,11 +209,21 @@ def run(
             )
         base_context = context_length(base_config) if base_config is not None else None
         kl_context = min((c for c in (context, base_context) if c), default=None)
-    for rows, where, limit in ((examples, config.data, context), (retention, config.retention_data, context)):
+    dropped: dict[str, list[int]] = {}
+    if config.overlong == "drop":
+        examples, dropped["data"] = fitting_prompts(tokenizer, examples, context, config.data)
+        if retention is not None:
+            retention, dropped["retention_data"] = fitting_prompts(tokenizer, retention, context, config.retention_data)
+        _note_dropped(dropped, {"data": examples, "retention_data": retention}, config, context)
+        if kl_examples is not None:  # the KL prompts follow the same rule (not reported: they are not scored)
+            kl_examples, _ = fitting_prompts(tokenizer, kl_examples, kl_context, kl_source)
+    fix = "shorten or remove the row, or pass --overlong drop to evaluate the other rows."
+    for rows, where in ((examples, config.data), (retention, config.retention_data)):
         if rows is not None:
-            check_prompt_set(tokenizer, rows, limit, where)
+            check_prompt_set(tokenizer, rows, context, where, fix)
     if kl_examples is not None:  # (their unknown tokens were counted above when they are the data's prompts)
-        (check_prompt_set if kl_flag == "kl_data" else check_prompts)(tokenizer, kl_examples, kl_context, kl_source)
+        check = check_prompt_set if kl_flag == "kl_data" else check_prompts
+        check(tokenizer, kl_examples, kl_context, kl_source, fix)
     settings = _settings(config, model_args, sampling, verify)
     defaults = group_defaults(eval=config, model=model_args, sampling=sampling, verify=verify)
     with RunGuard(
@@ -219,11 +239,29 @@ def run(
         if finished is not None:
             print(f"onsft: {out} already holds this finished evaluation; nothing to do.", file=sys.stderr)
             return finished
-        sets = _Sets(examples, retention, kl_examples, kl_source)
+        sets = _Sets(examples, retention, kl_examples, kl_source, {k: v for k, v in dropped.items() if v})
         metrics = _evaluate(
             config, model_args, sampling, verifier, run_args, tokenizer, sets, base_args, settings, defaults
         )
     return metrics
+
+
+def _note_dropped(dropped: dict[str, list[int]], kept: dict[str, list], config: EvalConfig, context: int | None):
+    """One stderr line per input that lost rows to `--overlong drop`; an input left with no row is refused."""
+    for flag, lines in dropped.items():
+        if lines:
+            shown = ", ".join(map(str, lines[:5])) + (", ..." if len(lines) > 5 else "")
+            print(
+                f"onsft eval: {getattr(config, flag)}: {len(lines)} row(s) with a prompt of {context}+ tokens left "
+                f"out (line {shown}); the others are evaluated.",
+                file=sys.stderr,
+            )
+        if lines and not kept[flag]:
+            raise UserError(
+                f"every prompt has {context}+ tokens: nothing is left to evaluate",
+                where=getattr(config, flag),
+                fix="shorten the prompts, or use a model with a longer context.",
+            )
 
 
 @dataclass
@@ -234,6 +272,7 @@ class _Sets:
     retention: list[Example] | None
     kl_examples: list[Example] | None
     kl_source: str
+    dropped: dict[str, list[int]]  # per input flag, the lines of rows `--overlong drop` left out
 
 
 def _evaluate(
@@ -283,6 +322,8 @@ def _evaluate(
         metrics["kl"] = _kl(
             config, sampling, base, model, tokenizer, sets.kl_examples, stores[-1], sets.kl_source, run_args
         )
+    if sets.dropped:
+        metrics["overlong_dropped"] = sets.dropped
     metrics["wall_seconds_this_run"] = time.time() - started
     metrics["settings"] = settings
     # Every part is complete: publish the final files, then the metrics that summarise them.

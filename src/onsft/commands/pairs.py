@@ -149,6 +149,18 @@ def run(
     return summary
 
 
+OUTCOME_WORDS = {
+    "all_samples_correct": "every sample right",
+    "wrong_samples_empty": "only empty wrong samples",
+    "no_correct_response": "no correct response to choose",
+}
+
+
+def _outcome_words(outcomes: Counter) -> str:
+    """ "3 with every sample right, 5 with no correct response to choose": why prompts gave no pair."""
+    return ", ".join(f"{n} with {OUTCOME_WORDS.get(k, k)}" for k, n in sorted(outcomes.items()) if n)
+
+
 def _pairs(config, model_args, sampling, verifier, run_args, tokenizer, examples, rewrites, settings, defaults) -> dict:
     out = Path(config.out)
     samples_path, summary_path = _paths(out)
@@ -187,16 +199,20 @@ def _pairs(config, model_args, sampling, verifier, run_args, tokenizer, examples
         "wall_seconds_this_run": time.time() - started,
         "settings": settings,
     }
-    # The samples are complete and worth keeping even when no pair came out of them.
-    store.finalize(order=range(len(examples)))
-    write_json_atomic(summary_path, summary)
     if not pairs:
+        # No pairs file, no summary: the run did not happen as far as its outputs go. The samples stay as the
+        # store's `.partial` file (the run's record with it), so the same command resumes them in seconds and
+        # `--overwrite` with other settings starts over; the message says why each prompt gave no pair.
         raise UserError(
-            f"no preference pairs from {len(examples)} prompts ({dict(outcomes)})",
+            f"no preference pairs from {len(examples)} prompts ({_outcome_words(outcomes)}); "
+            f"the samples are in {store.partial}",
             where=config.data,
             fix="a pair needs a wrong own sample and a correct response: raise --samples or "
-            "--temperature, or give reference responses / --rewrites for prompts the model fails.",
+            "--temperature, or give reference responses / --rewrites for prompts the model fails "
+            "(then rerun with --overwrite).",
         )
+    store.finalize(order=range(len(examples)))
+    write_json_atomic(summary_path, summary)
     write_jsonl_atomic(out, pairs)
     return summary
 

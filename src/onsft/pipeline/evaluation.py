@@ -13,7 +13,7 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
-from onsft.data.chat import check_known_text, check_text_budget, encode_prompt
+from onsft.data.chat import char_budget, check_known_text, check_text_budget, encode_prompt, text_chars
 from onsft.data.rows import Example
 from onsft.data.verify import Verifier, VerifyConfig
 from onsft.engine.decoding import SamplingConfig, generate
@@ -76,26 +76,49 @@ def check_answers(examples: Sequence[Example], where: str) -> None:
         )
 
 
-def check_prompts(tokenizer, examples: Sequence[Example], context: int | None, where: str) -> list[list[int]]:
+def check_prompts(
+    tokenizer, examples: Sequence[Example], context: int | None, where: str, fix: str = "shorten or remove the row."
+) -> list[list[int]]:
     """Every prompt's token ids, refusing (before anything is generated) a prompt that fills the context, a
     prompt far past it by its characters alone (never tokenised), and one the chat template rejects."""
     check_text_budget(tokenizer, examples, context, where)
     prompts = [encode_prompt(tokenizer, e.prompt, where, e.line) for e in examples]
     for example, prompt in zip(examples, prompts):
         if context and len(prompt) >= context:
+            over = sum(len(p) >= context for p in prompts)
             raise UserError(
-                f"prompt has {len(prompt)} tokens; the model's context is {context}",
+                f"prompt has {len(prompt)} tokens; the model's context is {context}"
+                + (f" ({over} such rows)" if over > 1 else ""),
                 where=where,
                 line=example.line,
-                fix="shorten the prompt, or leave the row out (e.g. --limit).",
+                fix=fix,
             )
     return prompts
 
 
-def check_prompt_set(tokenizer, examples: Sequence[Example], context: int | None, where: str) -> list[list[int]]:
+def fitting_prompts(tokenizer, examples: Sequence[Example], context: int | None, where: str):
+    """(the examples whose prompt leaves room to generate within `context`, the file lines of the others): the
+    rows `--overlong drop` evaluates. A prompt far past the context by its characters is left out untokenised."""
+    if not context:
+        return list(examples), []
+    budget = char_budget(tokenizer, context)
+    kept, dropped = [], []
+    for example in examples:
+        fits = text_chars(example.prompt) <= budget
+        fits = fits and len(encode_prompt(tokenizer, example.prompt, where, example.line)) < context
+        if fits:
+            kept.append(example)
+        else:
+            dropped.append(example.line)
+    return kept, dropped
+
+
+def check_prompt_set(
+    tokenizer, examples: Sequence[Example], context: int | None, where: str, fix: str = "shorten or remove the row."
+) -> list[list[int]]:
     """`check_prompts` for a whole input set before a run, plus the count of prompts the tokenizer maps to
     nothing but unknown tokens (an error when every prompt is like that)."""
-    prompts = check_prompts(tokenizer, examples, context, where)
+    prompts = check_prompts(tokenizer, examples, context, where, fix)
     texts = ["\n".join(m["content"] for m in e.prompt) for e in examples]
     check_known_text(tokenizer, texts, [e.line for e in examples], where, "prompt")
     return prompts
