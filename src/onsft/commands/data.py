@@ -13,6 +13,11 @@ out-of-distribution sets, and the retention set). `replay` samples the model's o
 of a file (one each, `OwnSamplingConfig`: temperature 1 by default) and writes them as training rows
 (prompt, completion, replay_model, finish_reason, ...) for `onsft train --replay_data`; unfinished and empty
 answers are dropped (counted in `<out stem>.summary.json`). It resumes like `onsft pairs`.
+
+Each output is guarded like every run's: `gym` and `replay` record their settings in `<out stem>.run.json`
+beside the file, `organism` in `run.json` inside its folder. The same command again does nothing; other
+settings (another size, seed or task), or an existing file that onsft did not write, are refused unless
+`--overwrite`, which replaces them. No output may replace an input.
 """
 
 from __future__ import annotations
