@@ -10,6 +10,7 @@ from onsft.formulas.frontier import (
     Interval,
     best_setting,
     bootstrap_interval,
+    chosen_on_validation,
     level_side,
     matched_over_seeds,
     paired_contrast,
@@ -55,6 +56,49 @@ def test_one_setting_is_chosen_for_all_seeds():
     assert best_setting({"a": {0: None}, "b": {0: None}}) == "a"  # none reached: the first, read as not reached
     assert best_setting({}) is None
     assert best_setting({"a": {0: 0.5, 1: 0.6}, "b": {0: 0.6, 1: 0.5}}) == "a"  # ties: the first
+
+
+def synthetic_readings(curves: dict[str, list[list[float]]], level: float) -> dict[str, dict[int, float | None]]:
+    """{setting: {seed: retention at in-domain `level`}} from {setting: [[in-domain..., retention...] per seed]}."""
+    return {
+        setting: {seed: reading_at_level(xs, ys, level) for seed, (xs, ys) in enumerate(pairs)}
+        for setting, pairs in curves.items()
+    }
+
+
+def test_the_setting_is_chosen_on_validation_readings_only():
+    # Three learning rates, two seeds. On the validation draw, 1e-4 keeps the most retention at in-domain 50%;
+    # on the test draw 4e-4 looks best (its test noise is lucky). The test reading reported is 1e-4's.
+    validation = synthetic_readings(
+        {
+            "5e-5": [[[0.0, 0.3, 0.45], [0.9, 0.88, 0.87]]] * 2,  # never reaches 50%: not chosen
+            "1e-4": [[[0.0, 0.4, 0.6], [0.9, 0.86, 0.82]], [[0.0, 0.5, 0.7], [0.9, 0.84, 0.8]]],
+            "4e-4": [[[0.0, 0.6, 0.9], [0.9, 0.7, 0.5]], [[0.0, 0.7, 0.9], [0.9, 0.72, 0.6]]],
+        },
+        0.5,
+    )
+    test = synthetic_readings(
+        {
+            "5e-5": [[[0.0, 0.3, 0.45], [0.9, 0.88, 0.87]]] * 2,
+            "1e-4": [[[0.0, 0.4, 0.6], [0.9, 0.8, 0.76]], [[0.0, 0.5, 0.7], [0.9, 0.78, 0.7]]],
+            "4e-4": [[[0.0, 0.6, 0.9], [0.9, 0.9, 0.85]], [[0.0, 0.7, 0.9], [0.9, 0.89, 0.8]]],
+        },
+        0.5,
+    )
+    assert best_setting(test) == "4e-4"  # what choosing on the test readings would report
+    matched = chosen_on_validation(validation, test)
+    assert matched.setting == "1e-4" == best_setting(validation)
+    assert matched.values == test["1e-4"] and matched.values[0] == pytest.approx(0.78)  # halfway 0.8 -> 0.76
+    assert matched.interval.mean == pytest.approx((0.78 + 0.78) / 2)
+    # No test value moves the choice: any test readings give the validation's setting.
+    for scale in (0.0, 0.5, 2.0):
+        shifted = {s: {k: (None if v is None else v * scale) for k, v in r.items()} for s, r in test.items()}
+        assert chosen_on_validation(validation, shifted).setting == "1e-4"
+    # A chosen setting that did not reach the level on every test seed has no interval (never averaged over
+    # the seeds that happened to reach it).
+    partial = {**test, "1e-4": {0: 0.78, 1: None}}
+    assert chosen_on_validation(validation, partial).interval is None
+    assert chosen_on_validation(validation, {}).reached == 0  # no test curve of that setting: not reached
 
 
 def test_pareto_set_maximises_both_axes():

@@ -145,3 +145,21 @@ def paired_contrast(
     if not shared or any(a[s] is None or b[s] is None for s in shared):
         return None
     return bootstrap_interval([float(a[s]) - float(b[s]) for s in shared], seed, resamples)
+
+
+def chosen_on_validation(
+    validation: Mapping[Hashable, Mapping[int, float | None]],
+    test: Mapping[Hashable, Mapping[int, float | None]],
+    seed: int = 0,
+    resamples: int = 10_000,
+) -> Matched:
+    """A method's test reading at the setting chosen from its validation readings alone.
+
+    Both map {setting: {seed: reading or None}}, the validation readings taken on prompts disjoint from the
+    test sets. `best_setting` picks on `validation`; the test readings of that setting are bootstrapped over
+    seeds. Choosing on the test readings themselves would report the best of several draws of test noise
+    (an optimistic bias that grows with the number of settings swept); here no test value can move the
+    choice."""
+    setting = best_setting(validation)
+    matched = matched_over_seeds(test.get(setting, {}), seed, resamples)
+    return Matched(matched.interval, matched.reached, matched.seeds, matched.values, setting)
