@@ -126,13 +126,25 @@ def test_old_skill_answers_are_right():
         assert row["answer"] == expected
 
 
+def test_validation_draws_are_held_out_and_disjoint_from_the_tests():
+    test = {r["prompt"] for r in tasks.new_skill_test(200, 0)}
+    validation = tasks.new_skill_validation(200, 0, 200)
+    trained = {r["prompt"] for r in tasks.new_skill_train(500, 0)}
+    assert len(validation) == 200 and not test & {r["prompt"] for r in validation}
+    assert not trained & {r["prompt"] for r in validation}
+    assert all(tasks.is_held_out(r["prompt"]) for r in validation)
+    kept = tasks.retention_validation(200, 0, 200)
+    assert not {r["prompt"] for r in tasks.retention_test(200, 0)} & {r["prompt"] for r in kept}
+    assert {r["task"] for r in kept} == set(tasks.OLD_TASKS)
+
+
 def test_tasks_are_deterministic_per_seed(tmp_path):
     for name, (build, _) in tasks.DATASETS.items():
         assert build(40, 7) == build(40, 7), name
         assert build(40, 7) != build(40, 8), name
     a = tasks.write_demo_data(tmp_path / "a", seed=3, n_train=30, n_test=20, n_ood=20, n_retention=20)
     b = tasks.write_demo_data(tmp_path / "b", seed=3, n_train=30, n_test=20, n_ood=20, n_retention=20)
-    assert sorted(a) == sorted(b) and len(a) == 5 + len(tasks.STYLE_NAMES)
+    assert sorted(a) == sorted(b) and len(a) == 7 + len(tasks.STYLE_NAMES)
     for name in a:
         assert a[name].read_bytes() == b[name].read_bytes()
     rng_a, rng_b = random.Random(9), random.Random(9)

@@ -125,7 +125,7 @@ def parse_options(pairs: list[str]) -> dict:
     return options
 
 
-ORGANISM_OUTPUTS = ["new_skill_*.jsonl", "retention_test.jsonl", "replay_prompts.jsonl"]
+ORGANISM_OUTPUTS = ["new_skill_*.jsonl", "retention_test.jsonl", "retention_validation.jsonl", "replay_prompts.jsonl"]
 
 
 def _guard(record: Path, command: str, config, outputs: list[str], run_args: RunArguments | None) -> RunGuard:

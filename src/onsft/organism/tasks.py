@@ -258,13 +258,15 @@ def pretraining_example(rng: random.Random) -> tuple[str, str, str]:
 # ---------------------------------------------------------------- data sets
 
 
-def _unique(rng: random.Random, n: int, draw: Callable[[random.Random], dict], held_out: bool) -> list[dict]:
+def _unique(
+    rng: random.Random, n: int, draw: Callable[[random.Random], dict], held_out: bool, exclude: frozenset = frozenset()
+) -> list[dict]:
     rows, seen = [], set()
     for _ in range(1000 * max(n, 1)):
         if len(rows) == n:
             return rows
         row = draw(rng)
-        if row["prompt"] in seen or is_held_out(row["prompt"]) != held_out:
+        if row["prompt"] in seen or row["prompt"] in exclude or is_held_out(row["prompt"]) != held_out:
             continue
         seen.add(row["prompt"])
         rows.append(row)
@@ -322,7 +324,7 @@ def new_skill_ood(n: int = 200, seed: int = 0) -> list[dict]:
     return [dict(r, shift="longer") for r in longer] + [dict(r, shift="symbols") for r in symbols]
 
 
-def _old_skill_rows(n: int, rng: random.Random, held_out: bool) -> list[dict]:
+def _old_skill_rows(n: int, rng: random.Random, held_out: bool, exclude: frozenset = frozenset()) -> list[dict]:
     """`n` old-skill questions in equal shares per task, from the held-out prompts or from the rest."""
     rows = []
     for i, task in enumerate(OLD_TASKS):
@@ -332,13 +334,26 @@ def _old_skill_rows(n: int, rng: random.Random, held_out: bool) -> list[dict]:
             prompt, _, answer = make_question(task, r)
             return {"prompt": prompt, "answer": answer, "task": task}
 
-        rows += _unique(rng, share, draw, held_out=held_out)
+        rows += _unique(rng, share, draw, held_out=held_out, exclude=exclude)
     return rows
 
 
 def retention_test(n: int = 200, seed: int = 0) -> list[dict]:
     """Old skills, equal shares, held-out prompts from the pretraining distribution."""
     return _old_skill_rows(n, _rng(seed, "retention"), held_out=True)
+
+
+def new_skill_validation(n: int = 200, seed: int = 0, n_test: int = 200) -> list[dict]:
+    """A validation draw of the new skill, for choosing settings (a learning rate) without reading the test
+    set: held-out prompts (never trained on), none of them in `new_skill_test(n_test, seed)`."""
+    test = frozenset(r["prompt"] for r in new_skill_test(n_test, seed))
+    return _unique(_rng(seed, "new_validation"), n, _cycle_row(NEW_LENGTHS, LOWER), held_out=True, exclude=test)
+
+
+def retention_validation(n: int = 200, seed: int = 0, n_retention: int = 200) -> list[dict]:
+    """A validation draw of the old skills, disjoint from `retention_test(n_retention, seed)`."""
+    test = frozenset(r["prompt"] for r in retention_test(n_retention, seed))
+    return _old_skill_rows(n, _rng(seed, "retention_validation"), held_out=True, exclude=test)
 
 
 def replay_prompts(n: int = 200, seed: int = 0) -> list[dict]:
@@ -374,6 +389,8 @@ DATASETS: dict[str, tuple[Callable[..., list[dict]], int]] = {
     "new_skill_test": (new_skill_test, 200),
     "new_skill_ood": (new_skill_ood, 200),
     "retention_test": (retention_test, 200),
+    "new_skill_validation": (new_skill_validation, 200),
+    "retention_validation": (retention_validation, 200),
     "replay_prompts": (replay_prompts, 200),
 }
 
@@ -384,7 +401,8 @@ def write_demo_data(
     """Write the demo data sets as JSONL under `out_dir`; returns {name: path}.
 
     Files: new_skill_train.jsonl (all styles), new_skill_train.<style>.jsonl (one per teacher style),
-    new_skill_test.jsonl, new_skill_ood.jsonl, retention_test.jsonl, replay_prompts.jsonl.
+    new_skill_test.jsonl, new_skill_ood.jsonl, retention_test.jsonl, their validation draws
+    new_skill_validation.jsonl and retention_validation.jsonl, replay_prompts.jsonl.
     """
     out = Path(out_dir)
     train = new_skill_train(n_train, seed)
@@ -394,6 +412,9 @@ def write_demo_data(
     sets["new_skill_test"] = new_skill_test(n_test, seed)
     sets["new_skill_ood"] = new_skill_ood(n_ood, seed)
     sets["retention_test"] = retention_test(n_retention, seed)
+    # Validation draws (settings are chosen on them, results read on the test sets): disjoint from the tests.
+    sets["new_skill_validation"] = new_skill_validation(n_test, seed, n_test)
+    sets["retention_validation"] = retention_validation(n_retention, seed, n_retention)
     sets["replay_prompts"] = replay_prompts(n_retention, seed)
     paths = {}
     for name, rows in sets.items():
