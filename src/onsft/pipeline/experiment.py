@@ -36,7 +36,12 @@ METHODS = {
 # Methods whose batches also hold the starting model's own answers to `replay_prompts` (`--replay_data`).
 REPLAY_METHODS = ("sft+replay",)
 EVAL_SETS = ("in_domain", "ood", "retention")
-DATA_KEYS = ("train_data", *EVAL_SETS, "kl_prompts", "replay_prompts")
+# Validation draws of the in-domain and retention skills (prompts disjoint from the test sets): a sweep's
+# setting is chosen on them and read on the tests (`onsft.formulas.frontier.chosen_on_validation`).
+VALIDATION_SETS = {"validation_in_domain": "in_domain", "validation_retention": "retention"}
+# Every set an evaluation measures.
+EVALUATED_SETS = (*EVAL_SETS, *VALIDATION_SETS)
+DATA_KEYS = ("train_data", *EVALUATED_SETS, "kl_prompts", "replay_prompts")
 SECTIONS = ("train", "method_train", "rewrite", "pairs", "eval", "audit", "replay")
 SWEEP_SECTIONS = ("sweep", "method_sweep", "method_seeds", "matched", "variants")
 # Axes a matched level can name (`matched:`): a curve's accuracy on that test set.
@@ -49,6 +54,16 @@ class Experiment:
     in_domain: Any = field(default="", metadata={"help": "Test set of the new skill (prompt, answer)."})
     ood: Any = field(default=None, metadata={"help": "Harder / out-of-distribution test set of the skill."})
     retention: Any = field(default=None, metadata={"help": "Old skills to keep (forgetting)."})
+    validation_in_domain: Any = field(
+        default=None,
+        metadata={
+            "help": "Validation draw of the new skill (prompts disjoint from `in_domain`): with "
+            "`validation_retention`, a sweep's setting per method is chosen on these and read on the test sets."
+        },
+    )
+    validation_retention: Any = field(
+        default=None, metadata={"help": "Validation draw of the old skills (prompts disjoint from `retention`)."}
+    )
     kl_prompts: Any = field(default=None, metadata={"help": "Prompts for KL drift (default: retention)."})
     replay_prompts: Any = field(
         default=None,
@@ -136,6 +151,14 @@ class Experiment:
         for name in ("train_data", "in_domain"):
             if not getattr(self, name):
                 raise UserError(f"`{name}` is required", where=where, fix=f"add `{name}: FILE` to the experiment.")
+        if bool(self.validation_in_domain) != bool(self.validation_retention) or (
+            self.validation_in_domain and not self.retention
+        ):
+            raise UserError(
+                "validation sets come as a pair: `validation_in_domain` and `validation_retention` (with `retention`)",
+                where=where,
+                fix="give both validation draws (disjoint from the test sets) or neither.",
+            )
         bad = [m for m in self.method_train if m not in METHODS]
         if bad:
             raise UserError(f"method_train names unknown method `{bad[0]}`", where=where, fix="use method names.")

@@ -10,7 +10,7 @@ from onsft.data.chat import encode_prompt
 from onsft.data.rows import dataset_identity, load_examples
 from onsft.engine.kl import base_continuations, kl_on_continuations
 from onsft.pipeline.evaluation import evaluate_model
-from onsft.pipeline.experiment import EVAL_SETS, Experiment
+from onsft.pipeline.experiment import EVALUATED_SETS, Experiment
 from onsft.runtime.fingerprints import config_defaults
 from onsft.runtime.models import load_model, load_tokenizer
 
@@ -28,7 +28,7 @@ class Evaluator:
             name: load_examples(
                 getattr(exp, name), require_response=False, require_answer=True, offline=exp.model.offline
             )
-            for name in EVAL_SETS
+            for name in EVALUATED_SETS
             if getattr(exp, name)
         }
         self.tokenizer = load_tokenizer(exp.model)
@@ -86,7 +86,7 @@ class Evaluator:
                 "kl_limit": self.exp.kl_limit,
                 "sets": {
                     name: dataset_identity(path)
-                    for name in (*EVAL_SETS, "kl_prompts")
+                    for name in (*EVALUATED_SETS, "kl_prompts")
                     if (path := getattr(self.exp, name))
                 },
             }
