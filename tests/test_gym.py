@@ -12,9 +12,9 @@ from onsft.cli import main  # noqa: E402
 from onsft.commands.data import parse_options  # noqa: E402
 from onsft.data import gym, gym_references  # noqa: E402
 from onsft.data.rows import load_examples  # noqa: E402
-from onsft.data.sources import materialize  # noqa: E402
 from onsft.data.verify import get_verifier  # noqa: E402
 from onsft.errors import UserError  # noqa: E402
+from onsft.pipeline.experiment_data import materialize  # noqa: E402
 from onsft.pipeline.rewrite_summary import train_rows  # noqa: E402
 
 SIMPLE = {"max_terms": 3, "max_digits": 2}  # chain_sum small enough for a small model
@@ -245,7 +245,7 @@ def test_cli_organism_writes_the_demo_data(tmp_path):
 
 
 def test_experiment_gym_data_and_rewrite_pipeline_rows(tmp_path):
-    # The study's data as an experiment's gym draws (onsft.data.sources), e.g. smollm2-gym.yaml's.
+    # The study's data as an experiment's gym draws (onsft.pipeline.experiment_data), e.g. smollm2-gym.yaml's.
     values = {
         "train_data": [
             {"gym": "gsm_symbolic", "size": 6, "seed": 0},

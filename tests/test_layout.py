@@ -1,10 +1,13 @@
-"""The package's layers, read from its import statements: no cycle, no upward import, no hidden import.
+"""The package's layers, read from its import statements: no cycle, no upward import, no hidden import;
+and every file onsft writes goes through the atomic writers of `onsft.runtime.records`.
 
-Layers, bottom to top (a module may import its own layer and those below):
+Layers, bottom to top (a module may import its own folder and the folders below; no two folders import
+each other, at module level or inside a function; the folders' order is docs/design.md's table's):
     onsft.errors                      foundation
     onsft.formulas                    pure tensor math (phi, gamma, lambda, sampling, statistics)
     onsft.runtime                     device, dtype, ranks, seeds, model loading, Hub, records, run guard
-    onsft.data, onsft.organism        rows, chat encoding, verifiers, data sources, the embedded model
+    onsft.data                        rows, chat encoding, verifiers, reasoning-gym, the data specs
+    onsft.organism                    the embedded model: its tasks (checked with data's verifier helpers)
     onsft.engine                      decoding loop, hinted decoding, scorer, trainers
     onsft.pipeline                    the steps commands compose (auditing, rewriting, evaluation, ...)
     onsft.commands                    one module per CLI command
@@ -16,22 +19,15 @@ other commands.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import onsft
 
 ROOT = Path(onsft.__file__).parent
-LAYERS = {
-    "errors": 0,
-    "formulas": 1,
-    "runtime": 2,
-    "data": 3,
-    "organism": 3,
-    "engine": 4,
-    "pipeline": 5,
-    "commands": 6,
-    "cli": 7,
-}
+DESIGN = ROOT.parents[1] / "docs" / "design.md"
+ORDER = ("errors", "formulas", "runtime", "data", "organism", "engine", "pipeline", "commands", "cli")
+LAYERS = {name: rank for rank, name in enumerate(ORDER)}
 COMMAND_IMPORTS = {"compare": {"audit", "data", "rewrite", "pairs", "train", "eval"}, "demo": {"compare"}}
 LINE_LIMIT = 450
 
@@ -145,3 +141,182 @@ def test_one_module_per_command_named_like_it_with_run_and_main():
         text = (ROOT / "commands" / f"{name}.py").read_text(encoding="utf-8")
         assert "\ndef main(" in text, name
         assert "\ndef run(" in text, name
+
+
+# ------------------------------------------------------------------------------------------ folders
+
+
+def folder(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "onsft"
+
+
+def folder_edges() -> dict[tuple[str, str], str]:
+    """(importing folder, imported folder) -> one `module:line` that makes the edge, over every import
+    statement, at module level or inside a function."""
+    edges: dict[tuple[str, str], str] = {}
+    for module, found in graph().items():
+        for target, line, _ in found:
+            pair = (folder(module), folder(target))
+            if "onsft" not in pair and pair[0] != pair[1]:
+                edges.setdefault(pair, f"{module}:{line}")
+    return edges
+
+
+def test_no_two_folders_import_each_other_and_folders_import_only_down():
+    edges = folder_edges()
+    both_ways = [
+        f"{a} <-> {b} ({edges[(a, b)]} imports {b}; {edges[(b, a)]} imports {a})"
+        for a, b in edges
+        if (b, a) in edges and a < b
+    ]
+    assert not both_ways, "\n".join(both_ways)
+    upward = [f"{where}: {a} imports {b}, a later folder" for (a, b), where in edges.items() if LAYERS[b] > LAYERS[a]]
+    assert not upward, "\n".join(upward)
+    folders = {p.parent.name for p in ROOT.glob("*/__init__.py")} | {p.stem for p in ROOT.glob("*.py")}
+    assert folders - {"__init__"} == set(ORDER), "every folder (and top-level module) has a place in ORDER"
+
+
+def design_order() -> list[str]:
+    """The folders of docs/design.md's layer table, in its row order (bottom layer first)."""
+    text = DESIGN.read_text(encoding="utf-8")
+    table = text[text.index("## The layers") :].split("\n## ", 1)[0]
+    return [m.group(1) for m in re.finditer(r"^\| `(\w+)/` \|", table, re.M)]
+
+
+def test_the_folder_order_is_the_one_docs_design_states():
+    assert design_order() == [name for name in ORDER if (ROOT / name).is_dir()]
+
+
+# ------------------------------------------------------------------------------------------ writers
+
+# Every file onsft writes goes through onsft.runtime.records: a whole file through atomic_open (the
+# write_*_atomic helpers), a folder through atomic_directory. These are the only other writes, each with why.
+WRITES_ALLOWED = {
+    ("onsft.runtime.records:atomic_open", "open(mode=<computed>)"): "the temporary file of every whole-file "
+    "write, renamed into place",
+    ("onsft.runtime.records:atomic_open", "os.replace"): "the rename of that temporary file",
+    ("onsft.runtime.records:atomic_directory", "os.replace"): "the rename of a folder built under a temporary name",
+    ("onsft.runtime.records:open_for_append", "open(mode='a')"): "append-only records: the .partial JSONL of a "
+    "resumable job (ResumableJsonl), fsynced row by row so a killed job resumes where it stopped; the finished "
+    "file is written by write_jsonl_atomic",
+    ("onsft.runtime.records:ResumableJsonl._load_existing", "open(mode='r+b')"): "append-only records: cuts a "
+    "torn last line (a SIGKILL mid-write) off that same .partial file before appending again",
+    ("onsft.pipeline.report:figure_png", "savefig"): "renders into an in-memory io.BytesIO; the bytes reach "
+    "disk through save_png (write_bytes_atomic)",
+    ("onsft.cli:main", "os.open"): "points stdout at os.devnull after a closed pipe; writes no file",
+}
+WRITE_METHODS = {"write_text", "write_bytes", "savefig", "to_csv", "to_json", "to_parquet", "save_to_disk"}
+WRITE_FUNCTIONS = {
+    "json": {"dump"},
+    "yaml": {"dump", "safe_dump"},
+    "pickle": {"dump"},
+    "torch": {"save"},
+    "np": {"save", "savez", "savetxt"},
+    "numpy": {"save", "savez", "savetxt"},
+    "os": {"replace", "rename", "renames", "link", "fdopen"},
+    "shutil": {"copy", "copy2", "copyfile", "copytree", "move"},
+}
+OS_WRITE_FLAGS = ("O_WRONLY", "O_RDWR", "O_CREAT", "O_APPEND", "O_TRUNC")
+
+
+def write_kind(call: ast.Call) -> str | None:
+    """What kind of file write `call` is, or None for a call that writes no file."""
+    func = call.func
+    name = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else None
+    owner = func.value.id if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name) else None
+    if owner == "os" and name == "open":
+        flags = ast.unparse(call.args[1]) if len(call.args) > 1 else ""
+        return "os.open" if any(flag in flags for flag in OS_WRITE_FLAGS) else None
+    if name == "open":
+        builtin = isinstance(func, ast.Name)  # open(file, mode) vs Path(...).open(mode)
+        modes = [k.value for k in call.keywords if k.arg == "mode"]
+        modes += call.args[1:2] if builtin else call.args[:1]
+        if not modes:
+            return None
+        mode = modes[0]
+        if isinstance(mode, ast.Constant) and isinstance(mode.value, str):
+            if re.fullmatch(r"[rwxabt+]+", mode.value) and set(mode.value) & set("wxa+"):
+                return f"open(mode={mode.value!r})"
+            return None
+        return "open(mode=<computed>)" if builtin or any(k.arg == "mode" for k in call.keywords) else None
+    if isinstance(func, ast.Attribute) and name in WRITE_METHODS:
+        return name
+    if owner in WRITE_FUNCTIONS and name in WRITE_FUNCTIONS[owner]:
+        return f"{owner}.{name}"
+    if isinstance(func, ast.Attribute) and name == "rename":
+        return "Path.rename"
+    if isinstance(func, ast.Attribute) and name == "replace" and len(call.args) == 1 and not call.keywords:
+        return "Path.replace"  # str.replace takes two arguments
+    return None
+
+
+def writes(tree: ast.AST, module: str) -> list[tuple[str, str, int]]:
+    """(module:function, kind, line) for every file write in `tree`."""
+    found = []
+
+    def visit(node: ast.AST, scope: list[str]) -> None:
+        for child in ast.iter_child_nodes(node):
+            inner = scope
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                inner = [*scope, child.name]
+            if isinstance(child, ast.Call) and (kind := write_kind(child)):
+                found.append((f"{module}:{'.'.join(scope)}", kind, child.lineno))
+            visit(child, inner)
+
+    visit(tree, [])
+    return found
+
+
+def all_writes() -> list[tuple[str, str, int]]:
+    return [
+        w for p in sorted(ROOT.rglob("*.py")) for w in writes(ast.parse(p.read_text(encoding="utf-8")), module_name(p))
+    ]
+
+
+def test_every_file_is_written_through_the_atomic_writers():
+    found = all_writes()
+    bare = [f"{where} line {line}: {kind}" for where, kind, line in found if (where, kind) not in WRITES_ALLOWED]
+    assert not bare, "write through onsft.runtime.records (write_text_atomic, write_json_atomic, ...):\n" + "\n".join(
+        bare
+    )
+    stale = set(WRITES_ALLOWED) - {(where, kind) for where, kind, _ in found}
+    assert not stale, f"allowed writes that no longer exist: {sorted(stale)}"
+
+
+def test_the_writer_check_sees_what_it_must_refuse():
+    source = """
+import json, os
+def f(path, text, fig, df, handle, mode):
+    path.write_text(text)
+    path.write_bytes(b"")
+    open(path, "w")
+    open(path, mode=mode)
+    path.open("ab")
+    json.dump({}, handle)
+    fig.savefig(path)
+    df.to_csv(path)
+    os.replace(path, path)
+    path.with_suffix(".tmp").replace(path)
+    os.open(path, os.O_WRONLY | os.O_CREAT)
+    open(path)
+    open(path, "rb")
+    path.open()
+    text.replace("a", "b")
+    json.dumps({})
+    os.open(path, os.O_RDONLY)
+"""
+    kinds = [kind for _, kind, _ in writes(ast.parse(source), "onsft.x")]
+    assert kinds == [
+        "write_text",
+        "write_bytes",
+        "open(mode='w')",
+        "open(mode=<computed>)",
+        "open(mode='ab')",
+        "json.dump",
+        "savefig",
+        "to_csv",
+        "os.replace",
+        "Path.replace",
+        "os.open",
+    ]

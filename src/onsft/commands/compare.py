@@ -45,7 +45,6 @@ from onsft.commands.data import ReplayDataConfig
 from onsft.commands.pairs import PairsConfig
 from onsft.commands.train import TrainArguments
 from onsft.data.rows import dataset_identity, load_examples
-from onsft.data.sources import materialize
 from onsft.data.verify import VerifyConfig
 from onsft.engine.decoding import OwnSamplingConfig, SamplingConfig
 from onsft.engine.hinted import HintedConfig
@@ -59,6 +58,7 @@ from onsft.pipeline import sweep
 from onsft.pipeline.auditing import AuditConfig
 from onsft.pipeline.comparison import plot_results, summarize, table_csv, table_markdown
 from onsft.pipeline.experiment import EVAL_SETS, METHODS, REPLAY_METHODS, Experiment, load_experiment
+from onsft.pipeline.experiment_data import materialize
 from onsft.pipeline.experiment_eval import Evaluator
 from onsft.pipeline.frontier_report import write_frontier
 from onsft.pipeline.rewriting import RewriteConfig
@@ -66,7 +66,7 @@ from onsft.pipeline.sweep import base_point, cell_defaults, cell_settings, grid,
 from onsft.pipeline.variants_report import run_variants
 from onsft.runtime.models import ModelArguments, resolve_model_path
 from onsft.runtime.progress import configure_output
-from onsft.runtime.records import check_writable, write_json_atomic
+from onsft.runtime.records import check_writable, write_json_atomic, write_text_atomic
 from onsft.runtime.runs import RunArguments, config_defaults, same_settings
 from onsft.runtime.settings import configs_from_dict, parse_command
 
@@ -378,8 +378,8 @@ def run(exp: Experiment, run_args: RunArguments | None = None) -> dict:
     labels = [f"{c['method']} {c['setting']}" if exp.sweeping() else c["method"] for c in cells]
     rows = summarize(base, [{**c, "method": label} for c, label in zip(cells, labels)], list(dict.fromkeys(labels)))
     markdown = table_markdown(rows)
-    write_text(out / "table.md", markdown)
-    write_text(out / "table.csv", table_csv(rows))
+    write_text_atomic(out / "table.md", markdown)
+    write_text_atomic(out / "table.csv", table_csv(rows))
     plots = plot_results(rows, [{**c, "method": label} for c, label in zip(cells, labels)], out)
     if exp.sweeping():
         frontier = write_frontier(exp, base, cells, shared["costs"], out)
@@ -402,12 +402,6 @@ def run(exp: Experiment, run_args: RunArguments | None = None) -> dict:
     reports = ["results.json", "table.md", "table.csv", *(["frontier.md", "curves.csv"] if frontier else []), *plots]
     print("Written:\n" + "\n".join(f"  {out / name}" for name in reports))
     return results
-
-
-def write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
 
 
 @dataclass

@@ -31,7 +31,7 @@ from onsft.organism.tasks import write_demo_data
 from onsft.pipeline.comparison import table_markdown
 from onsft.pipeline.experiment import Experiment
 from onsft.runtime.models import ModelArguments, resolve_model_path
-from onsft.runtime.records import check_writable, write_json_atomic
+from onsft.runtime.records import check_writable, write_json_atomic, write_text_atomic
 from onsft.runtime.settings import parse_command
 
 DEMO_METHODS = ["sft", "dft", "idft", "rewrite+idft"]
@@ -209,7 +209,7 @@ def run(config: DemoConfig, model: ModelArguments | None = None) -> dict:
     rewrite = json.loads(rewrite_summary_path.read_text()) if rewrite_summary_path.exists() else None
     seconds = time.time() - started
     audit_summary = results.get("audit") or {}
-    compare.write_text(out / "demo.md", _markdown(config, audit_summary, results, rewrite, seconds))
+    write_text_atomic(out / "demo.md", _markdown(config, audit_summary, results, rewrite, seconds))
     write_json_atomic(
         out / "demo.json",
         {

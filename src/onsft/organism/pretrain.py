@@ -291,7 +291,7 @@ def save(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, out: Path,
     with atomic_directory(out) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp, save_jinja_files=False)  # template inside tokenizer_config.json
-        (tmp / "onsft.json").write_text(json.dumps(info, indent=2) + "\n")
+        write_json_atomic(tmp / "onsft.json", info)
 
 
 def organism_info(cfg: PretrainConfig, params: int) -> dict:

@@ -9,6 +9,7 @@ from pathlib import Path
 from onsft.formulas.stats import QUANTILES
 from onsft.pipeline import report
 from onsft.pipeline.auditing import AuditConfig, ScoreSet
+from onsft.runtime.records import write_text_atomic
 
 SUMMARY_ROWS = (
     ("responses", "n_responses"),
@@ -98,7 +99,7 @@ def write_report(out: Path, config: AuditConfig, model: str, summary: dict, sets
     if config.keep:
         files.append("kept.jsonl")
     sections.append(("Files", "<p class='note'>" + ", ".join(files) + ", plots/*.png</p>"))
-    report.write_html(out / "report.html", report.page_html("onsft audit", sections, intro))
+    write_text_atomic(out / "report.html", report.page_html("onsft audit", sections, intro))
 
 
 def html_escape(text: str) -> str:

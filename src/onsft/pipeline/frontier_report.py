@@ -29,7 +29,7 @@ from onsft.formulas.frontier import (
 )
 from onsft.pipeline.experiment import METHODS, REPLAY_METHODS, Experiment
 from onsft.pipeline.report import figure_png, new_figure, save_png
-from onsft.runtime.records import dumps, write_json_atomic
+from onsft.runtime.records import dumps, write_json_atomic, write_text_atomic
 
 METRICS = ("in_domain", "ood", "retention", "kl_drift")
 NAMES = {"in_domain": "in-domain", "ood": "OOD", "retention": "retention"}
@@ -173,7 +173,7 @@ def plot_frontier(exp: Experiment, cells: list[dict], front: list[dict], x: str,
 def write_frontier(exp: Experiment, base: dict, cells: list[dict], costs: dict, out: Path) -> dict:
     """curves.csv, curves.json, frontier_<axis>.png, frontier.md; returns {"plots", "summary"}."""
     rows = curve_rows(cells)
-    (out / "curves.csv").write_text(_csv(rows), encoding="utf-8")
+    write_text_atomic(out / "curves.csv", _csv(rows))
     write_json_atomic(out / "curves.json", rows)
     axes = [a for a in ("in_domain", "ood") if any(p.get(a) is not None for c in cells for p in c["curve"])]
     plots, fronts = [], {}
@@ -200,7 +200,7 @@ def write_frontier(exp: Experiment, base: dict, cells: list[dict], costs: dict, 
             ra, rb = (method_readings(exp, cells, m, axis).values for m in (a, b))
             diff = paired_contrast(ra, rb, BOOTSTRAP_SEED)
             summary["contrasts"].append({"a": a, "b": b, "axis": axis, "difference": diff and diff.__dict__})
-    (out / "frontier.md").write_text(frontier_markdown(exp, cells, summary), encoding="utf-8")
+    write_text_atomic(out / "frontier.md", frontier_markdown(exp, cells, summary))
     return {"plots": plots, "summary": json.loads(dumps(summary))}
 
 

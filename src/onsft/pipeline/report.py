@@ -14,10 +14,11 @@ import math
 import os
 import statistics
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from onsft.runtime.records import write_bytes_atomic
 
 PALETTE = ("#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2")
 NORMAL = statistics.NormalDist()
@@ -37,11 +38,8 @@ def figure_png(fig: Figure) -> bytes:
 
 
 def save_png(png: bytes, path: str | os.PathLike) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(png)
-    os.replace(tmp, path)
+    """The rendered PNG at `path`, renamed into place (onsft.runtime.records.write_bytes_atomic)."""
+    write_bytes_atomic(path, png)
 
 
 def _finite(values: Sequence[float]) -> list[float]:
@@ -234,11 +232,3 @@ def page_html(title: str, sections: Sequence[tuple[str, str]], intro: str = "") 
         parts.append(f"<h2>{html.escape(heading)}</h2>{body}")
     parts.append("</body></html>")
     return "".join(parts)
-
-
-def write_html(path: str | os.PathLike, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

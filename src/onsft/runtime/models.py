@@ -10,12 +10,11 @@ command that loads a model, as TRL composes its `ModelConfig` with each trainer'
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from onsft.errors import UserError
 from onsft.runtime import hub
 from onsft.runtime.aliases import ALIASES, resolve_alias, smollm2_path
 from onsft.runtime.device import DEVICE_HELP, DTYPE_CHOICES, resolve_device, resolve_dtype
+from onsft.runtime.records import atomic_directory
 
 
 @dataclass
@@ -184,14 +184,9 @@ def load_tokenizer(model: ModelArguments | str | os.PathLike):
     except (OSError, ValueError, KeyError, ImportError, TypeError) as error:
         raise _load_error(error, path, "tokenizer") from None
     if cacheable and not converted.is_dir():
-        staging = None
-        try:
-            staging = tempfile.mkdtemp(prefix=".tokenizer-", dir=folder)
+        # Another process may finish first (its folder is kept); a read-only cache only costs time on the next load.
+        with contextlib.suppress(OSError), atomic_directory(converted, unique=True, keep_existing=True) as staging:
             tokenizer.save_pretrained(staging)
-            os.replace(staging, converted)  # fails if another process got there first: fine
-        except OSError:  # a read-only cache only costs time on the next load
-            if staging is not None:
-                shutil.rmtree(staging, ignore_errors=True)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token  # batching needs a pad id; masked out anyway
     return tokenizer

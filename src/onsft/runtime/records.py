@@ -1,4 +1,10 @@
-"""Crash-safe record output: append-and-flush JSONL for resumable jobs, atomic files and directories.
+"""Crash-safe output: every file onsft writes goes through this module (tests/test_layout.py checks it).
+
+Whole files are written to a temporary file beside their final name (`.<name>.tmp`), fsynced and renamed
+into place (`atomic_open`, `write_text_atomic`, `write_bytes_atomic`, `write_json_atomic`,
+`write_jsonl_atomic`); a temporary file is removed when the write fails. Folders are built under a
+temporary name and renamed into place (`atomic_directory`). The one writer that is not atomic is the
+append-only JSONL of resumable jobs (`open_for_append`, used by `ResumableJsonl`):
 
 Long jobs (rewrite, audit, eval) write one JSON object per input record into `<out>.partial`,
 flushed and fsynced after every record, keyed by the record's `_index` (its position in the input).
@@ -14,9 +20,10 @@ import json
 import math
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from onsft.errors import UserError
 from onsft.runtime.fingerprints import same_settings
@@ -58,36 +65,64 @@ def output_error(error: OSError, path: str | os.PathLike) -> UserError:
     )
 
 
-def _write_atomic(path: str | os.PathLike, write) -> None:
+def _discard(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
+    """An open temporary file beside `path` (`.<name>.tmp`; mode "w", UTF-8 text, or "wb"), fsynced and renamed
+    onto `path` when the block succeeds and removed when it fails: readers see the old file or the new one."""
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_open writes a whole file (mode 'w' or 'wb'), not mode {mode!r}")
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "w", encoding="utf-8") as handle:
-            write(handle)
+        with open(tmp, mode, encoding="utf-8" if mode == "w" else None) as handle:
+            yield handle
             _fsync(handle)
         os.replace(tmp, path)
     except OSError as error:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
+        _discard(tmp)
         raise output_error(error, path) from None
+    except BaseException:
+        _discard(tmp)
+        raise
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write `text` (UTF-8) to a temporary file beside `path`, then rename it into place."""
+    with atomic_open(path) as handle:
+        handle.write(text)
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to a temporary file beside `path`, then rename it into place."""
+    with atomic_open(path, "wb") as handle:
+        handle.write(data)
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     """Write JSON to a temporary file beside `path`, then rename: readers see the old file or the new one."""
-
-    def write(handle):
-        handle.write(dumps(obj, indent=2) + "\n")
-
-    _write_atomic(path, write)
+    write_text_atomic(path, dumps(obj, indent=2) + "\n")
 
 
 def write_jsonl_atomic(path: str | os.PathLike, rows: list[dict]) -> None:
-    def write(handle):
+    """One JSON object per line, written to a temporary file beside `path`, then renamed into place."""
+    with atomic_open(path) as handle:
         for row in rows:
             handle.write(dumps(row, ensure_ascii=False) + "\n")
 
-    _write_atomic(path, write)
+
+def open_for_append(path: str | os.PathLike) -> IO:
+    """The one writer that is not atomic: the append-only `.partial` JSONL of a resumable job, fsynced row by
+    row (`ResumableJsonl`); a torn last line is dropped on resume and the finished file is renamed into place."""
+    try:
+        return open(path, "a", encoding="utf-8")
+    except OSError as error:
+        raise output_error(error, path) from None
 
 
 def finite_json(value: Any) -> Any:
@@ -141,10 +176,7 @@ class ResumableJsonl:
         except OSError as error:
             raise output_error(error, self.path.parent) from None
         self._load_existing()
-        try:
-            self._handle = open(self.partial, "a", encoding="utf-8")
-        except OSError as error:
-            raise output_error(error, self.partial) from None
+        self._handle = open_for_append(self.partial)
         if self._handle.tell() == 0:
             self._write(dumps({"_fingerprint": self.fingerprint}) + "\n")
 
@@ -215,18 +247,34 @@ class ResumableJsonl:
 
 
 @contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
-    """Build a directory under a temporary name and rename it into place only if the block succeeds."""
+def atomic_directory(path: str | os.PathLike, unique: bool = False, keep_existing: bool = False) -> Iterator[Path]:
+    """Build a directory under a temporary name and rename it into place only if the block succeeds.
+
+    The temporary folder is `.<name>.building` beside `path` (a run's list of its outputs names it), or with
+    `unique` a fresh `.<name>.<random>.building`, so processes building the same folder at once (a shared
+    cache) never share one. An existing `path` is replaced, or with `keep_existing` kept (the first to finish
+    wins) and this build dropped."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.building")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    if unique:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".building", dir=path.parent))
+    else:
+        tmp = path.with_name(f".{path.name}.building")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if path.exists():
+        if keep_existing:
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
         shutil.rmtree(path)
-    os.replace(tmp, path)
+    try:
+        os.replace(tmp, path)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (keep_existing and path.is_dir()):  # another process renamed its build into place first
+            raise
