@@ -135,6 +135,11 @@ def test_the_guard_refuses_inputs_that_an_output_would_replace(tmp_path):
     # Not outputs: a file of another name in the folder, a same-named file elsewhere, a Hub name, nothing.
     (out / "notes.jsonl").write_text("x\n")
     fine = make_guard(out, {"--data": str(out / "notes.jsonl"), "--b": str(elsewhere), "--c": "org/name", "--d": None})
+    # (The outputs already there were written by no recorded run: refused as not onsft's, not as inputs.)
+    with pytest.raises(UserError, match="no recorded onsft run wrote"):
+        fine.claim()
+    fine = make_guard(out, {"--data": str(out / "notes.jsonl"), "--b": str(elsewhere), "--c": "org/name", "--d": None})
+    fine.untracked = []
     assert fine.claim() is None
     fine.release()
 

@@ -35,7 +35,28 @@ OUTPUT_FLAGS = {
     "data gym --out": ["data", "gym", "--task", "chain_sum", "--size", "3", "--out", "{out}"],
     "data organism --out": ["data", "organism", "--n_train", "3", "--n_test", "1", "--n_ood", "1",
                             "--n_retention", "1", "--out", "{out}"],
+    "compare --out": ["compare", "--config", "{tmp}/exp.yaml", "--progress", "false", "--out", "{out}"],
+    "demo --out": ["demo", "--steps", "1", "--progress", "false", "--out", "{out}"],
 }  # fmt: skip
+# Output folders and a file named like one of each command's outputs, put there by the user.
+FOLDER_OUTPUTS = {
+    "audit --out": "scores.jsonl",
+    "eval --out": "metrics.json",
+    "rewrite --out": "train.jsonl",
+    "train --output_dir": "model",
+    "data organism --out": "new_skill_test.jsonl",
+}
+
+
+def setup(tmp_path: Path) -> tuple[Path, Path]:
+    """The data file, a foreign file, and a one-cell experiment reading the data (for `compare`)."""
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS), encoding="utf-8")
+    foreign = tmp_path / "notes.jsonl"
+    foreign.write_text('{"mine": "not onsft\'s"}\n', encoding="utf-8")
+    experiment = {"model": "organism", "train_data": str(data), "in_domain": str(data), "methods": ["sft"]}
+    (tmp_path / "exp.yaml").write_text(json.dumps({**experiment, "train": {"max_steps": 1}}), encoding="utf-8")
+    return data, foreign
 
 
 def files(folder: Path) -> dict[str, bytes]:
@@ -45,10 +66,7 @@ def files(folder: Path) -> dict[str, bytes]:
 @pytest.mark.parametrize("target", ["input", "foreign"])
 @pytest.mark.parametrize("name", list(OUTPUT_FLAGS))
 def test_an_output_flag_never_replaces_an_input_or_a_foreign_file(name, target, tmp_path, capsys):
-    data = tmp_path / "data.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS), encoding="utf-8")
-    foreign = tmp_path / "notes.jsonl"
-    foreign.write_text('{"mine": "not onsft\'s"}\n', encoding="utf-8")
+    data, foreign = setup(tmp_path)
     out = data if target == "input" else foreign
     argv = [a.format(data=data, out=out, tmp=tmp_path) for a in OUTPUT_FLAGS[name]]
     before = files(tmp_path)
@@ -70,3 +88,22 @@ def test_data_gym_reruns_do_nothing_refuse_other_sizes_and_overwrite_replaces(tm
     assert "different settings" in err and "size" in err and out.read_bytes() == first
     assert cli.main([*argv[:-3], "4", "--out", str(out), "--overwrite"]) == 0
     assert len(out.read_text().splitlines()) == 4
+
+
+@pytest.mark.parametrize("name", list(FOLDER_OUTPUTS))
+def test_a_foreign_file_inside_an_output_folder_is_refused(name, tmp_path, capsys):
+    data, _ = setup(tmp_path)
+    folder = tmp_path / "out"
+    mine = folder / FOLDER_OUTPUTS[name]
+    if name.startswith("train"):
+        (mine / "weights.bin").parent.mkdir(parents=True)
+        (mine / "weights.bin").write_bytes(b"my own model")
+    else:
+        folder.mkdir()
+        mine.write_text('{"mine": 1}\n', encoding="utf-8")
+    argv = [a.format(data=data, out=folder, tmp=tmp_path) for a in OUTPUT_FLAGS[name]]
+    before = files(tmp_path)
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "no recorded onsft run wrote" in err and "--overwrite" in err, err
+    assert files(tmp_path) == before

@@ -81,9 +81,9 @@ class RunGuard:
     """The settings record and the writer's lock of one run's outputs.
 
     `record` is the JSON file holding {command, settings, finished}; `outputs` are the glob patterns (in
-    the record's folder) of what the command writes, deleted by `--overwrite`; `untracked` are those whose
-    presence without a record means an unknown earlier run (outputs that carry no fingerprint of their
-    own, like checkpoints); `summary` is the file whose JSON a finished run returns when `reuse` is on.
+    the record's folder) of what the command writes, deleted by `--overwrite`; `untracked` (default: all the
+    outputs) are those whose presence without a record means a file onsft did not write for this run,
+    refused unless `--overwrite`; `summary` is the file whose JSON a finished run returns when `reuse` is on.
     `inputs` maps each input's flag to its path (refused when an output would replace it); `files` are
     outputs outside the record's folder (`rewrite --train_out`). `defaults` holds, shaped like `settings`, the
     defaults of its options: a record saved before an option existed matches when the option holds its default
@@ -100,7 +100,7 @@ class RunGuard:
         *,
         overwrite: bool = False,
         active: bool = True,
-        untracked: list[str] = (),
+        untracked: list[str] | None = None,
         reuse: bool = True,
         inputs: dict[str, str | None] | None = None,
         files: list[Path] = (),
@@ -109,7 +109,8 @@ class RunGuard:
         self.record, self.command, self.summary = Path(record), command, Path(summary)
         self.settings, self.defaults = normalized(settings), normalized(defaults or {})
         self.outputs, self.overwrite, self.active = outputs, overwrite, active
-        self.untracked, self.reuse = list(untracked), reuse
+        # By default every output: a file named like one in a folder with no record is someone else's.
+        self.untracked, self.reuse = list(outputs if untracked is None else untracked), reuse
         self.inputs, self.files = dict(inputs or {}), [Path(f) for f in files]
         self.lock = self.record.with_name(f".{self.record.name}.lock")
         self.locked = self.created = self.finished = False
@@ -139,11 +140,11 @@ class RunGuard:
                     )
                 self._clear()
                 saved = None
-            elif saved is None and self._existing_outputs(self.untracked):
+            elif saved is None and (foreign := self._unrecorded()):
                 if not self.overwrite:
                     raise UserError(
-                        "this output already holds files of an earlier run whose settings are not recorded",
-                        where=str(self._existing_outputs(self.untracked)[0]),
+                        "this output already holds files that no recorded onsft run wrote (not onsft's, or an earlier run's)",
+                        where=str(foreign[0]),
                         fix="choose another output, or pass --overwrite to delete them and start over.",
                     )
                 self._clear()
@@ -245,6 +246,11 @@ class RunGuard:
         except (OSError, ValueError):
             return {"command": "unreadable", "settings": None}
         return saved if isinstance(saved, dict) else {"command": "unreadable", "settings": None}
+
+    def _unrecorded(self) -> list[Path]:
+        """The `untracked` outputs present with no record; a resumable `.partial` file is not one of them (it
+        carries its own fingerprint, which `ResumableJsonl` checks before resuming from it)."""
+        return [p for p in self._existing_outputs(self.untracked) if not p.name.endswith(".partial")]
 
     def _existing_outputs(self, patterns: list[str]) -> list[Path]:
         mine = {self.record.name, self.lock.name}
