@@ -331,3 +331,42 @@ def test_seeds_override_replaces_method_seeds(tmp_path, capsys):
     quick = load_experiment(str(path), {"seeds": [1]})
     assert quick.seeds_of("sft") == [1] and quick.seeds_of("idft") == [1]
     assert "--seeds replaces the `method_seeds`" in capsys.readouterr().err
+
+
+def test_frontier_chooses_the_setting_on_validation_and_reads_compute_matched(tmp_path):
+    def cell(method, lr, seed, test, validation, tokens=1000):
+        curve = [
+            {"step": 10 * i, "in_domain": x, "retention": y, "validation_in_domain": vx, "validation_retention": vy}
+            for i, ((x, y), (vx, vy)) in enumerate(zip(test, validation))
+        ]
+        return {"method": method, "setting": f"lr={lr}", "options": {"learning_rate": lr}, "seed": seed,
+                "curve": curve, "tokens": tokens, "train_cpu_seconds": 1.0, "train_seconds": 1.0,
+                "eval_seconds": 0.1, **curve[-1]}  # fmt: skip
+
+    # On the test sets lr=0.4 keeps more retention at in-domain 50%; on the validation draws lr=0.1 does.
+    slow_test, slow_val = [(0.0, 0.9), (0.5, 0.6), (0.8, 0.5)], [(0.0, 0.9), (0.5, 0.85), (0.8, 0.8)]
+    fast_test, fast_val = [(0.0, 0.9), (0.5, 0.8), (0.9, 0.7)], [(0.0, 0.9), (0.5, 0.7), (0.9, 0.6)]
+    cells = [cell("sft", lr, s, *curves) for s in (0, 1) for lr, curves in ((0.1, (slow_test, slow_val)),
+                                                                            (0.4, (fast_test, fast_val)))]  # fmt: skip
+    # idft trains on half the tokens: the compute-matched reading is at its 500 tokens, sft's step 10 of 20.
+    cells += [cell("idft", 0.1, s, slow_test, slow_val, tokens=500) for s in (0, 1)]
+    exp = Experiment(methods=["sft", "idft"], matched={"in_domain": 0.5})
+    summary = write_frontier(exp, {"in_domain": 0.0, "retention": 0.9}, cells, {}, tmp_path)["summary"]
+    sft = summary["methods"]["sft"]["matched"]["in_domain"]
+    assert sft["setting"] == "lr=0.1" and sft["values"] == {"0": pytest.approx(0.6), "1": pytest.approx(0.6)}
+    assert summary["chosen_on"] == {"in_domain": "validation"}
+    compute = summary["compute_matched"]
+    assert compute["tokens"] == 500
+    assert compute["methods"]["sft"]["in_domain"]["mean"] == pytest.approx(0.5)  # sft lr=0.1 at step 10
+    assert compute["methods"]["idft"]["in_domain"]["mean"] == pytest.approx(0.8)  # idft's last checkpoint
+    text = (tmp_path / "frontier.md").read_text()
+    assert "chosen on the validation draws" in text and "## Compute-matched: after 500 training tokens" in text
+    assert "| sft | lr=0.1 | 50.0 [50.0, 50.0] | 60.0 [60.0, 60.0] |" in text
+    assert "validation_in_domain" in (tmp_path / "curves.csv").read_text().splitlines()[0]
+    # Without validation draws the choice falls back to the test readings, and the report says so.
+    for c in cells:
+        for p in c["curve"]:
+            p.pop("validation_in_domain"), p.pop("validation_retention")
+    summary = write_frontier(exp, {"in_domain": 0.0, "retention": 0.9}, cells, {}, tmp_path)["summary"]
+    assert summary["methods"]["sft"]["matched"]["in_domain"]["setting"] == "lr=0.4"
+    assert "chosen on these test readings themselves" in (tmp_path / "frontier.md").read_text()

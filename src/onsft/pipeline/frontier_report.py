@@ -2,9 +2,10 @@
 
 Readings (`onsft.formulas.frontier`): for a matched level on an axis (`matched:` in the experiment), each curve
 is read where it first reaches the level (linear between the two checkpoints that bracket it, never
-extrapolated); per seed a method's reading is the best over its swept settings; over seeds, the mean with a
-95% percentile-bootstrap interval. Matched in-domain (or OOD) accuracy reads retention; matched retention
-reads in-domain accuracy.
+extrapolated); a method is read at one swept setting for all its seeds, chosen on the validation draws when the
+experiment has them (`validation_in_domain`, `validation_retention`) and read on the test sets; over seeds, the
+mean with a 95% percentile-bootstrap interval. Matched in-domain (or OOD) accuracy reads retention; matched
+retention reads in-domain accuracy. A compute-matched table reads every method after the same training tokens.
 """
 
 from __future__ import annotations
@@ -21,17 +22,21 @@ from matplotlib import colormaps
 from onsft.formulas.frontier import (
     Matched,
     best_setting,
+    bootstrap_interval,
+    chosen_on_validation,
     level_side,
     matched_over_seeds,
     paired_contrast,
     pareto_set,
     reading_at_level,
 )
-from onsft.pipeline.experiment import METHODS, REPLAY_METHODS, Experiment
+from onsft.pipeline.experiment import METHODS, REPLAY_METHODS, VALIDATION_SETS, Experiment
 from onsft.pipeline.report import figure_png, new_figure, save_png
 from onsft.runtime.records import dumps, write_json_atomic, write_text_atomic
 
-METRICS = ("in_domain", "ood", "retention", "kl_drift")
+METRICS = ("in_domain", "ood", "retention", *VALIDATION_SETS, "kl_drift")
+# The validation set of each test axis (prompts disjoint from the test set's): where a setting is chosen.
+VALIDATION_OF = {test: validation for validation, test in VALIDATION_SETS.items()}
 NAMES = {"in_domain": "in-domain", "ood": "OOD", "retention": "retention"}
 BOOTSTRAP_SEED = 0
 LINESTYLES = ("-", "--", ":", "-.")
@@ -75,16 +80,60 @@ def _series(cell: dict, x: str, y: str) -> tuple[list[float], list[float]] | Non
     return ([p[x] for p in points], [p[y] for p in points]) if points else None
 
 
-def method_readings(exp: Experiment, cells: list[dict], method: str, axis: str) -> Matched:
-    """The method's readings at the matched level of `axis`, every seed at its one best setting; bootstrapped."""
-    level, y = float(exp.matched[axis]), read_axis(axis)
+def _readings(cells: list[dict], x: str, y: str, level: float) -> dict[str, dict[int, float | None]]:
+    """{setting: {seed: y where the cell's curve first reaches x = level, or None}}."""
     by_setting: dict[str, dict[int, float | None]] = {}
-    for cell in (c for c in cells if c["method"] == method):
-        series = _series(cell, axis, y)
+    for cell in cells:
+        series = _series(cell, x, y)
         by_setting.setdefault(cell["setting"], {})[cell["seed"]] = reading_at_level(*series, level) if series else None
-    setting = best_setting(by_setting)
-    matched = matched_over_seeds(by_setting.get(setting, {}), BOOTSTRAP_SEED)
-    return dataclasses.replace(matched, setting=setting if len(by_setting) > 1 else None)
+    return by_setting
+
+
+def chosen_on(cells: list[dict], axis: str) -> str:
+    """Where a method's setting is chosen for a reading on `axis`: "validation" when every curve carries the
+    validation draws of both axes of the reading, else "test" (the test readings themselves, an optimistic
+    choice when several settings were swept)."""
+    needed = (VALIDATION_OF.get(axis), VALIDATION_OF.get(read_axis(axis)))
+    if None in needed or not cells:
+        return "test"
+    return "validation" if all(p.get(n) is not None for c in cells for p in c["curve"] for n in needed) else "test"
+
+
+def method_readings(exp: Experiment, cells: list[dict], method: str, axis: str) -> Matched:
+    """The method's readings at the matched level of `axis`, all seeds at one setting (chosen on the validation
+    draws when the curves carry them, else on these readings); bootstrapped over seeds."""
+    level, y = float(exp.matched[axis]), read_axis(axis)
+    mine = [c for c in cells if c["method"] == method]
+    test = _readings(mine, axis, y, level)
+    if chosen_on(cells, axis) == "validation":
+        validation = _readings(mine, VALIDATION_OF[axis], VALIDATION_OF[y], level)
+        matched = chosen_on_validation(validation, test, BOOTSTRAP_SEED)
+    else:
+        matched = matched_over_seeds(test.get(setting := best_setting(test), {}), BOOTSTRAP_SEED)
+        matched = dataclasses.replace(matched, setting=setting)
+    return dataclasses.replace(matched, setting=matched.setting if len(test) > 1 else None)
+
+
+def compute_matched(cells: list[dict], method: str, setting: str | None, tokens: float) -> dict:
+    """In-domain and retention accuracy after `tokens` training tokens (linear between the checkpoints that
+    bracket it; each checkpoint's tokens are the run's tokens x step / last step), bootstrapped over seeds,
+    at the method's chosen `setting` (None: its one setting)."""
+    result = {}
+    mine = [c for c in cells if c["method"] == method and (setting is None or c["setting"] == setting)]
+    for metric in ("in_domain", "retention"):
+        values = []
+        for cell in mine:
+            points = [p for p in cell["curve"] if p.get(metric) is not None]
+            last = max((p["step"] for p in points), default=0)
+            if not last or not cell.get("tokens"):
+                continue
+            xs = [cell["tokens"] * p["step"] / last for p in points]
+            value = reading_at_level(xs, [p[metric] for p in points], tokens)
+            if value is not None:
+                values.append(value)
+        full = bool(values) and len(values) == len(mine)
+        result[metric] = bootstrap_interval(values, BOOTSTRAP_SEED).__dict__ if full else None
+    return result
 
 
 def prep_cost(exp: Experiment, method: str, costs: dict) -> dict:
@@ -195,6 +244,19 @@ def write_frontier(exp: Experiment, base: dict, cells: list[dict], costs: dict, 
             "eval_seconds_per_run": statistics.fmean(c["eval_seconds"] for c in mine),
             "data_prep": prep_cost(exp, method, costs),
         }
+    summary["chosen_on"] = {a: chosen_on(cells, a) for a in levels}
+    # Compute-matched: every method read after the training tokens of the method that trained on the fewest
+    # (all curves reach it), so a method that learns faster per token shows it.
+    budget = min((c["tokens"] for c in cells if c.get("tokens")), default=0)
+    summary["compute_matched"] = {"tokens": budget, "methods": {}}
+    if budget:
+        for method in methods:
+            first = next(iter(levels), None)
+            setting = summary["methods"][method]["matched"][first]["setting"] if first else None
+            summary["compute_matched"]["methods"][method] = {
+                "setting": setting,
+                **compute_matched(cells, method, setting, budget),
+            }
     for a, b in exp.contrasts:
         for axis in levels:
             ra, rb = (method_readings(exp, cells, m, axis).values for m in (a, b))
@@ -224,7 +286,8 @@ def frontier_markdown(exp: Experiment, cells: list[dict], summary: dict) -> str:
         "checkpoint. A reading at a matched level is taken where a curve first reaches the level, linearly "
         "between the two checkpoints that bracket it (never extrapolated); a method is read at one swept setting "
         "for all its seeds (shown after the reading): the one reached by the most seeds, then with the best mean "
-        "reading; shown: mean over seeds [95% percentile-bootstrap interval over seeds], in %. "
+        "reading, " + _choice_text(summary.get("chosen_on", {})) + "; shown: mean over seeds [95% "
+        "percentile-bootstrap interval over seeds], in %. "
         "`not reached (k/n seeds)`: in n - k seeds no curve of that setting reached the level.",
         "",
         "## Matched readings and compute",
@@ -240,6 +303,7 @@ def frontier_markdown(exp: Experiment, cells: list[dict], summary: dict) -> str:
             f"{m['train_cpu_seconds_per_run']:.0f} | {m['data_prep']['cpu_seconds']:.0f} | "
             f"{m['train_wall_seconds_per_run']:.0f} | {m['eval_seconds_per_run']:.0f} |"
         )
+    lines += _compute_matched_lines(summary.get("compute_matched") or {})
     lines += [
         "",
         "Compute: CPU seconds are `time.process_time` of this process (all its threads) while training; data prep "
@@ -293,3 +357,42 @@ def frontier_markdown(exp: Experiment, cells: list[dict], summary: dict) -> str:
                 f"| {p['method']} | {p['setting']} | {p['seed']} | {p['step']} | {_pct(p[x])} | {_pct(p['retention'])} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def _choice_text(chosen: dict[str, str]) -> str:
+    """How the settings were chosen, per matched axis, in words."""
+    on_validation = [NAMES[a] for a, where in chosen.items() if where == "validation"]
+    on_test = [NAMES[a] for a, where in chosen.items() if where == "test"]
+    parts = []
+    if on_validation:
+        parts.append(
+            f"chosen on the validation draws (prompts disjoint from the test sets) for the {', '.join(on_validation)} "
+            "level(s) and then read on the test sets"
+        )
+    if on_test:
+        parts.append(
+            f"chosen on these test readings themselves for the {', '.join(on_test)} level(s) (no validation draws: "
+            "with several settings swept, an optimistic choice)"
+        )
+    return "; ".join(parts) if parts else "chosen on these readings"
+
+
+def _compute_matched_lines(compute: dict) -> list[str]:
+    if not compute.get("methods"):
+        return []
+    lines = [
+        "",
+        f"## Compute-matched: after {compute['tokens']:,.0f} training tokens",
+        "",
+        "Every method read after the same number of training tokens (those of the run that trained on the fewest), "
+        "at its chosen setting, linearly between the checkpoints that bracket it; mean [95% bootstrap interval "
+        "over seeds], in %. A method that learns faster per token is ahead here even where the skill-matched "
+        "readings tie.",
+        "",
+        "| method | setting | in-domain | retention |",
+        "|---|---|---|---|",
+    ]
+    for method, m in compute["methods"].items():
+        texts = [interval_text(m[k]) if m.get(k) else "-" for k in ("in_domain", "retention")]
+        lines.append(f"| {method} | {m.get('setting') or '-'} | {texts[0]} | {texts[1]} |")
+    return lines
