@@ -261,7 +261,7 @@ def test_variants_run_the_experiment_once_each_and_compare_them(experiment):
     assert (out / "variants.png").stat().st_size > 1000
 
 
-@pytest.mark.parametrize("name", ["organism-frontier", "organism-styles", "smollm2-gym"])
+@pytest.mark.parametrize("name", ["organism-frontier", "organism-frontier-300", "organism-styles", "smollm2-gym"])
 def test_shipped_studies_load_and_their_options_validate(name, tmp_path):
     exp = load_experiment(str(Path(onsft.__file__).parent / "experiments" / f"{name}.yaml"), {})
     variants = [exp.variant(v) for v in exp.variants] or [exp]
@@ -269,7 +269,8 @@ def test_shipped_studies_load_and_their_options_validate(name, tmp_path):
         check_options(variant, tmp_path)  # every method's train options with every swept value
     cells = [c for v in variants for c in grid(v)]
     assert (
-        len(cells) == {"organism-frontier": 78, "organism-styles": 30, "smollm2-gym": 32}[name]
+        len(cells)
+        == {"organism-frontier": 78, "organism-frontier-300": 102, "organism-styles": 30, "smollm2-gym": 32}[name]
     )  # as sized in the file's header
     assert len({(v.out, c.name) for v in variants for c in grid(v)}) == len(cells)  # one folder each
 
