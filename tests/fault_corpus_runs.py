@@ -1498,13 +1498,13 @@ def _issue21_outputs(c) -> None:
     """Output files that onsft did not write, and an output over the input (item 2)."""
     notes = c.write("notes.jsonl", [{"mine": "not onsft's"}])
     c.case("gym_out_foreign", "data", "data gym --out a file onsft did not write (was: replaced without a word)",
-           ["gym", "--task", "chain_sum", "--size", "3", "--out", notes], "settings are not recorded",
+           ["gym", "--task", "chain_sum", "--size", "3", "--out", notes], "no recorded onsft run wrote",
            where="notes.jsonl", kind="output")  # fmt: skip
     c.case("replay_out_is_data", "data", "data replay --out the --data file (was: replaced the prompts)",
            ["replay", "--model", c.tiny, "--data", c.good, "--out", c.good], "is also an output of this run",
            where="good.jsonl", kind="output")  # fmt: skip
     c.pairs("pairs_out_foreign", "pairs --out a file onsft did not write (was: replaced without a word)", c.good,
-            "settings are not recorded", extra=("--out", notes), where="notes.jsonl", kind="output")  # fmt: skip
+            "no recorded onsft run wrote", extra=("--out", notes), where="notes.jsonl", kind="output")  # fmt: skip
 
 
 def _issue21_rows(c) -> None:
