@@ -40,7 +40,7 @@ tokens), so hinted prompts are ~7x longer than plain ones.
 accepts) runs the same variants on that model, loaded as onsft loads it (float32 on the CPU), with real
 text: reasoning-gym questions (chain_sum and gcd in turn, seed 0, with the worked references onsft builds
 for them) in the model's chat template as the plain prompts, and the hinted prompts exactly as
-`onsft rewrite` builds them for that model (`onsft.pipeline.hints`: the model folder's onsft.json, else its
+`onsft rewrite` builds them for that model (`onsft.pipeline.rewrite.hint_prompts`: the model folder's onsft.json, else its
 family's rewrite profile, else the generic rewrite instruction; for SmolLM2 the restate form: the question,
 the reference as the model's earlier answer and a follow-up asking to write it again). The answer marker and
 beta come from the same place, for hinted decoding and the reference alike; a row that writes the marker
@@ -143,8 +143,8 @@ def real_prompts(name: str, model, tokenizer, n: int) -> tuple[list[list[int]], 
     Also returns the hint's settings (form, source, answer marker, beta)."""
     from onsft.data.chat import encode_prompt
     from onsft.data.gym import gym_rows
-    from onsft.pipeline.hint_profiles import model_profile
-    from onsft.pipeline.hints import hinted_messages, resolve_hint
+    from onsft.pipeline.rewrite.hint_profiles import model_profile
+    from onsft.pipeline.rewrite.hint_prompts import hinted_messages, resolve_hint
     from onsft.runtime.models import read_model_info
 
     profile = model_profile(name, model.config, tokenizer)

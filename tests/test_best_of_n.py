@@ -1,4 +1,4 @@
-"""Best-of-n rewriting (onsft.pipeline.best_of_n): the choice rule on fabricated candidates, the judgement
+"""Best-of-n rewriting (onsft.pipeline.rewrite.best_of_n): the choice rule on fabricated candidates, the judgement
 of a candidate, candidates that do not depend on N or on the chunking, --keep all, the yield and hand-over
 summaries, and on the organism: the yield against N and the provenance of every kept row."""
 
@@ -13,9 +13,9 @@ from onsft.data.verify import Verdict, get_verifier
 from onsft.engine.decoding import Generation
 from onsft.engine.hinted import HintedConfig
 from onsft.errors import UserError
-from onsft.pipeline import best_of_n, rewrite_summary, rewriting
-from onsft.pipeline.best_of_n import BestOfNConfig, Candidate
-from onsft.pipeline.rewrite_config import RewriteConfig
+from onsft.pipeline.rewrite import best_of_n, rewrite_summary, rewriting
+from onsft.pipeline.rewrite.best_of_n import BestOfNConfig, Candidate
+from onsft.pipeline.rewrite.rewrite_config import RewriteConfig
 from onsft.runtime.models import load_model, load_tokenizer, read_model_info
 from tiny import tiny_tokenizer, untied_model
 

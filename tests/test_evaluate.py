@@ -10,7 +10,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import onsft.engine.kl
-import onsft.pipeline.evaluation
+import onsft.pipeline.evaluate.evaluation
 from onsft import cli
 from onsft.data.chat import encode_prompt
 from onsft.data.rows import Example, load_examples
@@ -19,7 +19,7 @@ from onsft.engine.decoding import SamplingConfig, generate
 from onsft.engine.kl import kl_drift
 from onsft.errors import UserError
 from onsft.formulas.stats import kl_per_position, pass_at_k
-from onsft.pipeline.evaluation import aggregate, evaluate_model
+from onsft.pipeline.evaluate.evaluation import aggregate, evaluate_model
 from onsft.runtime.models import load_model
 from tiny import tiny_tokenizer
 
@@ -271,7 +271,7 @@ def test_eval_command_outputs(saved, tmp_path, monkeypatch):
     assert (out / "accuracy.png").stat().st_size > 1000
     assert not list(out.glob("*.partial"))
     # Rerunning a finished evaluation computes nothing.
-    for module in (onsft.pipeline.evaluation, onsft.engine.kl):
+    for module in (onsft.pipeline.evaluate.evaluation, onsft.engine.kl):
         monkeypatch.setattr(module, "generate", lambda *a, **k: pytest.fail("generated again"))
     assert run_eval(saved, out, *options) == 0
 
@@ -282,7 +282,7 @@ def test_killed_run_resumes_without_loss_or_duplicates(saved, tmp_path, monkeypa
     resumable = ("--samples", "2", "--plot", "false", "--batch_size", "4")
     assert run_eval(saved, reference, *resumable) == 0
     assert "resuming" not in capsys.readouterr().err  # a fresh run says nothing about resuming
-    real = onsft.pipeline.evaluation.generate
+    real = onsft.pipeline.evaluate.evaluation.generate
     calls = []
 
     def dying(*args, **kwargs):
@@ -291,14 +291,16 @@ def test_killed_run_resumes_without_loss_or_duplicates(saved, tmp_path, monkeypa
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(onsft.pipeline.evaluation, "generate", dying)
+    monkeypatch.setattr(onsft.pipeline.evaluate.evaluation, "generate", dying)
     out = tmp_path / "resumed"
     assert run_eval(saved, out, *resumable) == 130
     assert not (out / "generations.jsonl").exists() and not (out / "metrics.json").exists()
     partial = (out / "generations.jsonl.partial").read_text().splitlines()
     assert len(partial) == 1 + 4  # fingerprint + the first chunk's four prompts
     calls.clear()
-    monkeypatch.setattr(onsft.pipeline.evaluation, "generate", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
+    monkeypatch.setattr(
+        onsft.pipeline.evaluate.evaluation, "generate", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k)
+    )
     capsys.readouterr()
     assert run_eval(saved, out, *resumable) == 0
     assert calls == [2, 4]  # only chunk 2 (2 greedy rows, then 2 samples x 2 prompts)
@@ -314,7 +316,7 @@ def test_killed_run_resumes_without_loss_or_duplicates(saved, tmp_path, monkeypa
     assert calls == [4, 8, 2, 4]
     assert (torn / "generations.jsonl").read_text() == (reference / "generations.jsonl").read_text()
     # A different setting must not be merged into an unfinished run's partial output.
-    monkeypatch.setattr(onsft.pipeline.evaluation, "generate", dying)
+    monkeypatch.setattr(onsft.pipeline.evaluate.evaluation, "generate", dying)
     calls.clear()
     other = tmp_path / "other"
     assert run_eval(saved, other, *resumable) == 130
@@ -322,7 +324,7 @@ def test_killed_run_resumes_without_loss_or_duplicates(saved, tmp_path, monkeypa
 
 
 def test_user_errors_stop_before_any_compute(saved, tmp_path, capsys, monkeypatch):
-    for module in (onsft.pipeline.evaluation, onsft.engine.kl):
+    for module in (onsft.pipeline.evaluate.evaluation, onsft.engine.kl):
         monkeypatch.setattr(module, "generate", lambda *a, **k: pytest.fail("generated"))
     out = tmp_path / "bad"
     assert run_eval(saved, out, "--verifier", "no_such_verifier") == 2

@@ -599,7 +599,7 @@ def test_bf16_agrees_with_fp32(tmp_path):
     """Audit scores and a short training run in bf16 against fp32: the stated tolerances are what bf16's
     8-bit mantissa allows on these models (measured, with ~3x margin)."""
     from onsft.data.rows import parse_example
-    from onsft.pipeline.auditing import AuditConfig, score_examples
+    from onsft.pipeline.audit.auditing import AuditConfig, score_examples
     from onsft.runtime.models import load_model, load_tokenizer
 
     if organism_available():

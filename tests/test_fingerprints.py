@@ -12,7 +12,7 @@ import torch
 import fault_corpus
 from onsft import cli
 from onsft.errors import UserError
-from onsft.pipeline.sweep import _cached, measured
+from onsft.pipeline.compare.sweep import _cached, measured
 from onsft.runtime.fingerprints import changed_keys, config_defaults, same_settings
 from onsft.runtime.records import ResumableJsonl
 from onsft.runtime.runs import RunGuard

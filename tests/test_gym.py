@@ -9,13 +9,13 @@ import pytest
 pytest.importorskip("reasoning_gym")
 
 from onsft.cli import main  # noqa: E402
-from onsft.commands.data import parse_options  # noqa: E402
 from onsft.data import gym, gym_references  # noqa: E402
 from onsft.data.rows import load_examples  # noqa: E402
 from onsft.data.verify import get_verifier  # noqa: E402
 from onsft.errors import UserError  # noqa: E402
-from onsft.pipeline.experiment_data import materialize  # noqa: E402
-from onsft.pipeline.rewrite_summary import train_rows  # noqa: E402
+from onsft.pipeline.compare.experiment_data import materialize  # noqa: E402
+from onsft.pipeline.data.stage import parse_options  # noqa: E402
+from onsft.pipeline.rewrite.rewrite_summary import train_rows  # noqa: E402
 
 SIMPLE = {"max_terms": 3, "max_digits": 2}  # chain_sum small enough for a small model
 MATH = get_verifier("math", timeout_seconds=2)
@@ -245,7 +245,7 @@ def test_cli_organism_writes_the_demo_data(tmp_path):
 
 
 def test_experiment_gym_data_and_rewrite_pipeline_rows(tmp_path):
-    # The study's data as an experiment's gym draws (onsft.pipeline.experiment_data), e.g. smollm2-gym.yaml's.
+    # The study's data as an experiment's gym draws (onsft.pipeline.compare.experiment_data), e.g. smollm2-gym.yaml's.
     values = {
         "train_data": [
             {"gym": "gsm_symbolic", "size": 6, "seed": 0},
@@ -267,7 +267,7 @@ def test_experiment_gym_data_and_rewrite_pipeline_rows(tmp_path):
     assert not train_prompts & {r["prompt"] for k in ("test_task", "test_simple") for r in data[k]}
     assert data == make_data(tmp_path / "b")
     rows = data["train_data"][:3]
-    # The rewrite pipeline's records (onsft.pipeline.rewriting): row 0 had a correct own sample, row 1 a
+    # The rewrite pipeline's records (onsft.pipeline.rewrite.rewriting): row 0 had a correct own sample, row 1 a
     # verified rewrite, row 2 neither.
     records = [
         {**rows[0], "provenance": "own", "verified": True, "response": "mine", "mean_phi": None},

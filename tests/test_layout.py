@@ -9,11 +9,11 @@ each other, at module level or inside a function; the folders' order is docs/des
     onsft.data                        rows, chat encoding, verifiers, reasoning-gym, the data specs
     onsft.organism                    the embedded model: its tasks (checked with data's verifier helpers)
     onsft.engine                      decoding loop, hinted decoding, scorer, trainers
-    onsft.pipeline                    the steps commands compose (auditing, rewriting, evaluation, ...)
-    onsft.commands                    one module per CLI command
+    onsft.pipeline                    one folder per stage (audit, rewrite, evaluate, pairs, train, data, compare,
+                                      demo), each with its typed `run` in `stage.py`; shared figures in report.py
+    onsft.commands                    one thin module per CLI command: parse argv, call its stage's run, print
     onsft.cli                         dispatch
-Only `compare` (which runs the others in process) and `demo` (the organism's compare experiment) import
-other commands.
+A command imports only its own stage's folder, the runtime and onsft.errors; no command imports another.
 """
 
 from __future__ import annotations
@@ -28,7 +28,17 @@ ROOT = Path(onsft.__file__).parent
 DESIGN = ROOT.parents[1] / "docs" / "design.md"
 ORDER = ("errors", "formulas", "runtime", "data", "organism", "engine", "pipeline", "commands", "cli")
 LAYERS = {name: rank for rank, name in enumerate(ORDER)}
-COMMAND_IMPORTS = {"compare": {"audit", "data", "rewrite", "pairs", "train", "eval"}, "demo": {"compare"}}
+# The stage folder (onsft.pipeline.<stage>) each command calls; a command imports only it, the runtime and errors.
+COMMAND_STAGES = {
+    "audit": "audit",
+    "rewrite": "rewrite",
+    "eval": "evaluate",
+    "pairs": "pairs",
+    "train": "train",
+    "data": "data",
+    "compare": "compare",
+    "demo": "demo",
+}
 LINE_LIMIT = 450
 
 
@@ -85,10 +95,6 @@ def test_no_upward_import_and_no_function_local_import():
                 problems.append(f"{module}:{line} imports {target} inside a function")
             if layer(target) > layer(module):
                 problems.append(f"{module}:{line} imports {target} from a higher layer")
-            if module.startswith("onsft.commands.") and target.startswith("onsft.commands."):
-                mine, theirs = module.split(".")[2], target.split(".")[2]
-                if theirs not in COMMAND_IMPORTS.get(mine, set()):
-                    problems.append(f"{module}:{line} imports the command {target}")
     assert not problems, "\n".join(problems)
 
 
@@ -133,14 +139,35 @@ def test_modules_are_small_and_every_layer_exists():
 
 
 def test_one_module_per_command_named_like_it_with_run_and_main():
+    """Each command is `main(argv)` over its stage's `run`, re-exported as `onsft.commands.<name>.run` (the
+    Python API) and the very function the stage defines."""
+    import importlib
+
     from onsft.cli import COMMANDS
 
     modules = {p.stem for p in (ROOT / "commands").glob("*.py") if p.stem != "__init__"}
-    assert modules == set(COMMANDS)
+    assert modules == set(COMMANDS) == set(COMMAND_STAGES)
     for name in COMMANDS:
         text = (ROOT / "commands" / f"{name}.py").read_text(encoding="utf-8")
         assert "\ndef main(" in text, name
-        assert "\ndef run(" in text, name
+        assert "\ndef run(" not in text, f"{name}: the command's work belongs to its stage"
+        command = importlib.import_module(f"onsft.commands.{name}")
+        stage = importlib.import_module(f"onsft.pipeline.{COMMAND_STAGES[name]}.stage")
+        assert command.run is stage.run, name
+        assert "\ndef run(" in (ROOT / "pipeline" / COMMAND_STAGES[name] / "stage.py").read_text(encoding="utf-8")
+
+
+def test_commands_import_only_their_stage_the_runtime_and_errors():
+    problems = []
+    for module, found in graph().items():
+        if not module.startswith("onsft.commands."):
+            continue
+        stage = f"onsft.pipeline.{COMMAND_STAGES[module.split('.')[2]]}"
+        for target, line, _ in found:
+            allowed = (stage + ".", "onsft.runtime.", "onsft.errors")
+            if not (target == stage or target.startswith(allowed)):
+                problems.append(f"{module}:{line} imports {target}: a command imports only {stage}, runtime, errors")
+    assert not problems, "\n".join(problems)
 
 
 # ------------------------------------------------------------------------------------------ folders

@@ -18,7 +18,7 @@ from onsft.data.verify import get_verifier
 from onsft.engine.lora import LoraArguments
 from onsft.engine.preference import PreferenceTrainConfig
 from onsft.errors import UserError
-from onsft.pipeline.pairing import make_pairs
+from onsft.pipeline.pairs.pairing import make_pairs
 from onsft.runtime.models import ModelArguments, load_model
 from onsft.runtime.runs import RunArguments
 from onsft.runtime.settings import parse_command

@@ -22,7 +22,7 @@ from onsft.data.rows import load_examples, parse_example
 from onsft.engine.hinted import HintedConfig
 from onsft.errors import UserError
 from onsft.formulas import ddt
-from onsft.pipeline import hint_profiles, hints, rewrite_config, rewrite_summary, rewriting
+from onsft.pipeline.rewrite import hint_profiles, hint_prompts, rewrite_config, rewrite_summary, rewriting
 from onsft.runtime.models import load_model, load_tokenizer, read_model_info
 from tiny import tiny_model, tiny_tokenizer, untied_model
 
@@ -107,38 +107,38 @@ def resolve_hint(config: rewriting.RewriteConfig, info: dict, hinted: HintedConf
 
 
 def test_hint_template_filling_and_messages():
-    hint = hints.HintSettings("Q: {question}\nR: {reference} \\boxed{}", "SYS", "\\boxed{", "flag")
+    hint = hint_prompts.HintSettings("Q: {question}\nR: {reference} \\boxed{}", "SYS", "\\boxed{", "flag")
     # One pass: a question that itself says "{reference}" is not expanded; other braces (LaTeX) stay.
-    assert hints.fill_hint(hint.template, "say {reference}", "x^{2}") == "Q: say {reference}\nR: x^{2} \\boxed{}"
+    assert hint_prompts.fill_hint(hint.template, "say {reference}", "x^{2}") == "Q: say {reference}\nR: x^{2} \\boxed{}"
     prompt = [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "first"},
         {"role": "assistant", "content": "ok"},
         {"role": "user", "content": "What is 2+2?"},
     ]
-    assert hints.hinted_messages(prompt, "4", hint) == [
+    assert hint_prompts.hinted_messages(prompt, "4", hint) == [
         {"role": "system", "content": "SYS"},
         {"role": "user", "content": "first"},
         {"role": "assistant", "content": "ok"},
         {"role": "user", "content": "Q: Be brief.\n\nWhat is 2+2?\nR: 4 \\boxed{}"},
     ]
-    no_system = hints.HintSettings("{question}|{reference}", "", "", "flag")
-    assert hints.hinted_messages([{"role": "user", "content": "q"}], "r", no_system) == [
+    no_system = hint_prompts.HintSettings("{question}|{reference}", "", "", "flag")
+    assert hint_prompts.hinted_messages([{"role": "user", "content": "q"}], "r", no_system) == [
         {"role": "user", "content": "q|r"}
     ]
 
     config = rewriting.RewriteConfig(data="d")
     organism_info = {"hint_template": "Rewrite.\n{question}\nReference: {reference}", "answer_marker": "@"}
-    assert resolve_hint(config, organism_info) == hints.HintSettings(
+    assert resolve_hint(config, organism_info) == hint_prompts.HintSettings(
         organism_info["hint_template"], "", "@", "onsft.json"
     )  # the learned format, no system turn added
-    assert resolve_hint(config, {}) == hints.HintSettings(
-        hints.DEFAULT_HINT_TEMPLATE, hints.DEFAULT_HINT_SYSTEM, "\\boxed{", "default"
+    assert resolve_hint(config, {}) == hint_prompts.HintSettings(
+        hint_prompts.DEFAULT_HINT_TEMPLATE, hint_prompts.DEFAULT_HINT_SYSTEM, "\\boxed{", "default"
     )
     analyze = rewriting.RewriteConfig(data="d", analyze_first=True)
     assert "# CoT" in resolve_hint(analyze, {}).system
     flags = rewriting.RewriteConfig(data="d", hint_template="{reference} / {question}", hint_system="")
-    assert resolve_hint(flags, organism_info, HintedConfig(answer_marker="")) == hints.HintSettings(
+    assert resolve_hint(flags, organism_info, HintedConfig(answer_marker="")) == hint_prompts.HintSettings(
         "{reference} / {question}", "", "", "flag"
     )
     with pytest.raises(UserError, match="no {reference} placeholder"):
@@ -163,18 +163,24 @@ def test_rewrite_profiles_are_found_by_name_path_or_chat_template():
 def test_restate_form_is_the_plain_prompt_with_the_reference_as_an_earlier_answer():
     config = rewriting.RewriteConfig(data="d")
     hint = resolve_hint(config, {}, profile=SMOLLM2)
-    assert hint == hints.HintSettings(
-        hints.DEFAULT_HINT_TEMPLATE, "", "\\boxed{|answer is", "profile:smollm2", "restate", SMOLLM2.followup, 1.0
+    assert hint == hint_prompts.HintSettings(
+        hint_prompts.DEFAULT_HINT_TEMPLATE,
+        "",
+        "\\boxed{|answer is",
+        "profile:smollm2",
+        "restate",
+        SMOLLM2.followup,
+        1.0,
     )
     prompt = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}]
-    assert hints.hinted_messages(prompt, "2+2 = 4", hint) == [
+    assert hint_prompts.hinted_messages(prompt, "2+2 = 4", hint) == [
         *prompt,
         {"role": "assistant", "content": "2+2 = 4"},
         {"role": "user", "content": SMOLLM2.followup},
     ]
     # A hint system text replaces the prompt's own system turn.
     own = dataclasses.replace(hint, system="SYS")
-    assert hints.hinted_messages(prompt, "4", own)[:2] == [
+    assert hint_prompts.hinted_messages(prompt, "4", own)[:2] == [
         {"role": "system", "content": "SYS"},
         {"role": "user", "content": "What is 2+2?"},
     ]

@@ -9,8 +9,8 @@ import pytest
 
 from onsft.data.rows import parse_example
 from onsft.engine.hinted import HintedConfig
-from onsft.pipeline import hint_profiles
-from onsft.pipeline.rewriting import RewriteConfig, rewrite_examples
+from onsft.pipeline.rewrite import hint_profiles
+from onsft.pipeline.rewrite.rewriting import RewriteConfig, rewrite_examples
 from onsft.runtime import aliases
 from onsft.runtime.models import load_model, load_tokenizer
 

@@ -11,14 +11,14 @@ import yaml
 
 import onsft
 from onsft.cli import main
-from onsft.commands import train as train_command
-from onsft.commands.compare import check_options
 from onsft.errors import UserError
 from onsft.formulas.frontier import best_setting, reading_at_level
-from onsft.pipeline.experiment import Experiment, experiment_from_dict, load_experiment
-from onsft.pipeline.experiment_eval import Evaluator
-from onsft.pipeline.frontier_report import write_frontier
-from onsft.pipeline.sweep import grid
+from onsft.pipeline.compare.experiment import Experiment, experiment_from_dict, load_experiment
+from onsft.pipeline.compare.experiment_eval import Evaluator
+from onsft.pipeline.compare.frontier_report import write_frontier
+from onsft.pipeline.compare.stage import check_options
+from onsft.pipeline.compare.sweep import grid
+from onsft.pipeline.train import stage as train_stage
 from tiny import tiny_model, tiny_tokenizer
 
 WORDS = ["ab", "cd", "ef", "gh", "ij", "kl", "mn", "op"]
@@ -33,7 +33,7 @@ def write_jsonl(path, rows):
 def counted(monkeypatch):
     """Counts of `onsft train` runs that trained (not a finished run found again) and of model evaluations."""
     counts = {"train": 0, "eval": 0}
-    real_train, real_full = train_command.run, Evaluator.full
+    real_train, real_full = train_stage.run, Evaluator.full
 
     def train(inputs, model_args, lora, trainer, *rest):
         counts["train"] += not (Path(trainer.output_dir) / "train_summary.json").exists()
@@ -43,7 +43,7 @@ def counted(monkeypatch):
         counts["eval"] += 1
         return real_full(self, model, limit)
 
-    monkeypatch.setattr(train_command, "run", train)
+    monkeypatch.setattr(train_stage, "run", train)
     monkeypatch.setattr(Evaluator, "full", full)
     return counts
 

@@ -6,7 +6,7 @@ A data value in an experiment (`train_data`, `in_domain`, ...) is one of:
   - a reasoning-gym draw, or a list of them concatenated (needs `pip install 'onsft[tasks]'`):
         {gym: chain_sum, size: 128, seed: 1, options: {max_terms: 3}, exclude: [train_data]}
     `exclude` names other data keys whose prompts must not appear (test sets drawn apart from training).
-This module reads the specs and draws the gym rows; `onsft.pipeline.experiment_data.materialize` writes an
+This module reads the specs and draws the gym rows; `onsft.pipeline.compare.experiment_data.materialize` writes an
 experiment's generated specs as files (an organism set through `onsft.organism.tasks`, which sits above
 data). A gym draw is written to `<folder>/<key>-<hash of the spec>.jsonl`, so a changed spec is a new file and
 an unchanged one is reused.

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 
-from onsft.pipeline.best_of_n import by_beta, handover, yield_by_samples
-from onsft.pipeline.rewrite_config import ADDED_FIELDS
+from onsft.pipeline.rewrite.best_of_n import by_beta, handover, yield_by_samples
+from onsft.pipeline.rewrite.rewrite_config import ADDED_FIELDS
 
 Z_95 = 1.645  # one-sided 5% point of N(0, 1)
 LOW_MARKER_SHARE = 0.5  # below this share of hinted candidates reaching the marker, the summary advises

@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 from onsft.data.rows import DataArguments, Example
 from onsft.data.step_check import StepCheckConfig
 from onsft.errors import UserError
-from onsft.pipeline.best_of_n import SAMPLE_SLOTS, BestOfNConfig
-from onsft.pipeline.hint_profiles import RewriteProfile
-from onsft.pipeline.hints import FORMS, HintSettings, resolve_hint
+from onsft.pipeline.rewrite.best_of_n import SAMPLE_SLOTS, BestOfNConfig
+from onsft.pipeline.rewrite.hint_profiles import RewriteProfile
+from onsft.pipeline.rewrite.hint_prompts import FORMS, HintSettings, resolve_hint
 
 PROVENANCES = ("own", "hinted", "dropped")
 # Fields this command adds to every record; an input column with one of these names is refused.

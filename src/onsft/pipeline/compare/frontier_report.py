@@ -30,7 +30,7 @@ from onsft.formulas.frontier import (
     pareto_set,
     reading_at_level,
 )
-from onsft.pipeline.experiment import METHODS, REPLAY_METHODS, VALIDATION_SETS, Experiment
+from onsft.pipeline.compare.experiment import METHODS, REPLAY_METHODS, VALIDATION_SETS, Experiment
 from onsft.pipeline.report import figure_png, new_figure, save_png
 from onsft.runtime.records import dumps, write_json_atomic, write_text_atomic
 

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from onsft.data.replay import MODEL_COLUMN
 from onsft.data.rows import Example
 from onsft.engine.decoding import SamplingConfig, generate
-from onsft.pipeline.evaluation import check_prompts
+from onsft.pipeline.evaluate.evaluation import check_prompts
 from onsft.runtime.device import stream_seed
 from onsft.runtime.models import context_length
 from onsft.runtime.progress import note_resume, progress

@@ -5,11 +5,10 @@ data's measured mean phi (from the variant's audit), with each variant's frontie
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from pathlib import Path
 
-from onsft.pipeline.experiment import Experiment
-from onsft.pipeline.frontier_report import interval_text, reading_name
+from onsft.pipeline.compare.experiment import Experiment
+from onsft.pipeline.compare.frontier_report import interval_text, reading_name
 from onsft.pipeline.report import figure_png, new_figure, save_png
 from onsft.runtime.records import write_json_atomic, write_text_atomic
 
@@ -20,10 +19,9 @@ def mean_phi(results: dict) -> float | None:
     return (audit.get("sets") or {}).get("scores", {}).get("mean_phi_token_weighted")
 
 
-def run_variants(exp: Experiment, run_one: Callable[[Experiment], dict]) -> dict:
-    """Run every variant (`run_one` is the compare command on one experiment), then write the comparison."""
+def write_variants(exp: Experiment, variants: dict[str, dict]) -> dict:
+    """The comparison of the variants' results (variant name -> the compare stage's results), written to OUT."""
     out = Path(exp.out)
-    variants = {name: run_one(exp.variant(name)) for name in exp.variants}
     summary = {name: _summary(results) for name, results in variants.items()}
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "variants.json", summary)

@@ -2,7 +2,7 @@
 
 The format comes from the flags, else the model folder's onsft.json (`hint_template`, `hint_system`,
 `answer_marker`; the organism was pretrained on exactly that format), else the model family's rewrite profile
-(`onsft.pipeline.hint_profiles`, e.g. SmolLM2), else a generic instruction to rewrite the reference as the
+(`onsft.pipeline.rewrite.hint_profiles`, e.g. SmolLM2), else a generic instruction to rewrite the reference as the
 model's own step-by-step reasoning. Two forms:
 
 - instruction: [system instruction] + [user: the template filled with the question and the reference];
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from onsft.data.rows import Messages
 from onsft.engine.hinted import ANSWER_MARKER
 from onsft.errors import UserError
-from onsft.pipeline.hint_profiles import RESTATE_FOLLOWUP, RewriteProfile
+from onsft.pipeline.rewrite.hint_profiles import RESTATE_FOLLOWUP, RewriteProfile
 
 DEFAULT_HINT_SYSTEM = (
     "You will be given a question and a reference solution that is known to be correct. Rewrite the "

@@ -9,8 +9,8 @@ from pathlib import Path
 from onsft.data.chat import encode_prompt
 from onsft.data.rows import dataset_identity, load_examples
 from onsft.engine.kl import base_continuations, kl_on_continuations
-from onsft.pipeline.evaluation import evaluate_model
-from onsft.pipeline.experiment import EVALUATED_SETS, Experiment
+from onsft.pipeline.compare.experiment import EVALUATED_SETS, Experiment
+from onsft.pipeline.evaluate.evaluation import evaluate_model
 from onsft.runtime.fingerprints import config_defaults
 from onsft.runtime.models import load_model, load_tokenizer
 

@@ -2,7 +2,7 @@
 
 For every chunk of prompts (`Rewriter.chunk`): sample `own_samples` answers from the plain context and
 keep the first usable one as it is (provenance `own`); otherwise decode `samples_per_prompt` hinted
-candidates (`onsft.pipeline.best_of_n`) and keep the best, first or all usable ones (`hinted`), else
+candidates (`onsft.pipeline.rewrite.best_of_n`) and keep the best, first or all usable ones (`hinted`), else
 `dropped`; then score the responses and the original reference under the plain context. Every sample is
 seeded by (seed, stage, its row's input index, its sample index), so a row samples the same whenever and
 wherever it runs, in any chunk.
@@ -22,7 +22,7 @@ from onsft.engine.decoding import SamplingConfig, generate
 from onsft.engine.hinted import DEFAULT_BETA, HintedConfig
 from onsft.engine.scoring import Item, ScoringConfig
 from onsft.errors import UserError
-from onsft.pipeline.best_of_n import (
+from onsft.pipeline.rewrite.best_of_n import (
     ENDED,
     Candidate,
     candidate_betas,
@@ -35,9 +35,9 @@ from onsft.pipeline.best_of_n import (
     shown,
     to_score,
 )
-from onsft.pipeline.hint_profiles import model_profile
-from onsft.pipeline.hints import HintSettings, hinted_messages
-from onsft.pipeline.rewrite_config import RewriteConfig, check_columns
+from onsft.pipeline.rewrite.hint_profiles import model_profile
+from onsft.pipeline.rewrite.hint_prompts import HintSettings, hinted_messages
+from onsft.pipeline.rewrite.rewrite_config import RewriteConfig, check_columns
 from onsft.runtime.device import stream_seed
 from onsft.runtime.models import context_length, pad_token_id
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from onsft.formulas.stats import QUANTILES
 from onsft.pipeline import report
-from onsft.pipeline.auditing import AuditConfig, ScoreSet
+from onsft.pipeline.audit.auditing import AuditConfig, ScoreSet
 from onsft.runtime.records import write_text_atomic
 
 SUMMARY_ROWS = (

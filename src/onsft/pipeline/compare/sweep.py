@@ -23,10 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from onsft.data.rows import dataset_identity
-from onsft.pipeline.experiment import Experiment
-from onsft.pipeline.experiment_eval import Evaluator
+from onsft.pipeline.compare.experiment import Experiment
+from onsft.pipeline.compare.experiment_eval import Evaluator
+from onsft.pipeline.train import stage as train_stage
 from onsft.runtime.fingerprints import config_defaults, same_settings
 from onsft.runtime.records import write_json_atomic
+from onsft.runtime.runs import RunArguments
 
 # Short names of common swept options in folder names and labels; others are written whole.
 SHORT = {"learning_rate": "lr", "max_steps": "steps", "num_train_epochs": "epochs", "replay_share": "replay"}
@@ -186,22 +188,28 @@ def drop_resume_state(train_dir: Path) -> None:
                 path.unlink() if path.is_file() else shutil.rmtree(path)
 
 
-def run_cell(
+def run_sweep_cell(
     exp: Experiment,
     cell: Cell,
     folder: Path,
     evaluator: Evaluator,
     base: dict,
     settings: dict,
-    train: Callable[[], dict],
+    configs: tuple,
+    steps: RunArguments,
     defaults: dict | None = None,
 ) -> dict:
-    """Train the cell (`train` runs `onsft train` and returns its summary; a finished run returns at once),
-    then evaluate its curve. Cached whole in <cell>/eval.json under `settings` (`cell_defaults`)."""
+    """Train the cell (the train stage's run on `configs`: TrainArguments, LoraArguments, trainer config,
+    LossConfig or None; a finished run returns at once), then evaluate its curve. Cached whole in
+    <cell>/eval.json under `settings` (`cell_defaults`)."""
     done = folder / "eval.json"
     if (cached := _cached(done, settings, defaults)) is not None:
         return cached
     train_settings = {k: settings[k] for k in ("train", "data", "options", "seed")}
+
+    def train() -> dict:
+        return train_stage.run(configs[0], exp.model, configs[1], configs[2], configs[3], steps)
+
     summary, cost = measured(folder / "cost.json", "train", train_settings, train, defaults)
     if not exp.keep_checkpoints:
         drop_resume_state(folder / "train")
