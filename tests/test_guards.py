@@ -18,10 +18,12 @@ import torch
 
 import fault_corpus
 from onsft import cli
+from onsft.commands import train as train_command
 from onsft.data.chat import char_budget, check_known_text, encode_examples, longest_token
 from onsft.data.rows import parse_example
 from onsft.errors import UserError
 from onsft.formulas.weighting import LossConfig
+from onsft.runtime.given import given_values
 from onsft.runtime.records import ResumableJsonl, dumps, write_json_atomic, write_jsonl_atomic
 from onsft.runtime.runs import RunGuard
 from onsft.runtime.settings import given_options
@@ -209,6 +211,22 @@ def test_options_given_at_their_default_value_are_still_given(tmp_path):
     config.write_text("idft_beta: 1.0\nlearning_rate: 0.1\n")
     assert given_options(["--loss", "idft", "--x", "1"], LossConfig) == ["loss"]
     assert given_options(["--config", str(config), "--loss=nll"], LossConfig) == ["loss", "idft_beta"]
+
+
+def test_one_reader_of_given_options_serves_cli_train_and_compare(tmp_path):
+    """onsft.runtime.given.given_values reads --verbose (cli), --method (train), the model's options (compare)
+    and LossConfig's (train): flags in any form, the --config file's keys, a flag over the file."""
+    config = tmp_path / "c.yaml"
+    config.write_text("method: dpo\nverbose: true\n")
+    both = given_values(["--method", "simpo", "--config", str(config)], ["method", "verbose"])
+    assert both == {"method": "simpo", "verbose": True}
+    assert given_values(["--config", str(config)], ["method"], config_file=False) == {}
+    flags = ["--config", "x.yaml", "--model=organism", "--offline", "--seeds", "0", "1"]
+    assert given_values(flags, ["model", "offline", "dtype"], config_file=False) == {
+        "model": "organism",
+        "offline": True,
+    }
+    assert train_command.method_of(["--config", str(config)]) == "dpo" and train_command.method_of([]) == "sft"
 
 
 # ---------------------------------------------------------------------------------- checks before tokenising

@@ -6,15 +6,14 @@ because every writer in onsft writes under a temporary name and renames on succe
 
 from __future__ import annotations
 
-import argparse
 import errno
 import importlib
 import os
 import sys
-from pathlib import Path
 
 from onsft import __version__
 from onsft.errors import EXIT_USER_ERROR, UserError
+from onsft.runtime.given import given_values
 from onsft.runtime.progress import configure_output
 from onsft.runtime.records import output_error
 
@@ -44,18 +43,7 @@ def _usage() -> str:
 def _verbose(argv: list[str]) -> bool:
     """`--verbose` from the command line or its --config file, read before the command's own parser (which
     reports any problem with it): how quiet the libraries are is set before the command imports them."""
-    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
-    parser.add_argument("--verbose", nargs="?", const="true", default=None)
-    parser.add_argument("--config", default=None)
-    try:
-        known, _ = parser.parse_known_args(argv)
-        value = known.verbose
-        if value is None and known.config and Path(known.config).is_file():
-            import yaml
-
-            value = (yaml.safe_load(Path(known.config).read_text(encoding="utf-8")) or {}).get("verbose")
-    except (Exception, SystemExit):  # noqa: BLE001 - any problem is the command parser's to report
-        return False
+    value = given_values(argv, ["verbose"]).get("verbose")
     return str(value).strip().lower() in ("true", "yes", "1", "t", "y")
 
 

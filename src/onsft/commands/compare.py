@@ -8,11 +8,9 @@ the command line and calls its `run`, the same `run` as `onsft.commands.compare.
 
 from __future__ import annotations
 
-import dataclasses
-
 from onsft.pipeline.compare.stage import CONFIGS, CompareArgs, experiment_of, run
 from onsft.runtime.models import ModelArguments
-from onsft.runtime.settings import parse_command
+from onsft.runtime.settings import given_options, parse_command
 
 __all__ = ["CompareArgs", "main", "run"]
 
@@ -21,10 +19,6 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(argv or [])
     # `--config` is the experiment here, not a YAML of flags: it is read by load_experiment.
     args, model_args, run_args = parse_command(argv, *CONFIGS, prog="onsft compare", yaml_config=False)
-    given = [
-        f.name
-        for f in dataclasses.fields(ModelArguments)
-        if any(a == f"--{f.name}" or a.startswith(f"--{f.name}=") for a in argv)
-    ]
+    given = given_options(argv, ModelArguments, config_file=False)  # they replace the experiment's `model:`
     run(experiment_of(args, model_args, given), run_args)
     return 0

@@ -7,11 +7,6 @@ command line, calls its `run` (the same `run` as `onsft.commands.train.run`) and
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
-import yaml
-
 from onsft.errors import UserError
 from onsft.pipeline.train.stage import (
     DESCRIPTION,
@@ -22,6 +17,7 @@ from onsft.pipeline.train.stage import (
     configs,
     run,
 )
+from onsft.runtime.given import given_values
 from onsft.runtime.records import dumps
 from onsft.runtime.settings import given_options, parse_command
 
@@ -30,17 +26,8 @@ __all__ = ["TrainArguments", "main", "run"]
 
 def method_of(argv: list[str]) -> str:
     """The --method (flag, else the config file's, else sft): it decides which trainer options exist."""
-    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    pre.add_argument("--method", default=None)
-    pre.add_argument("--config", default=None)
-    known, _ = pre.parse_known_args(argv)
-    method = known.method
-    if method is None and known.config and Path(known.config).is_file():
-        try:
-            method = (yaml.safe_load(Path(known.config).read_text()) or {}).get("method")
-        except (yaml.YAMLError, AttributeError):
-            method = None  # parse_command reports the broken file properly
-    method = method or "sft"
+    method = given_values(argv, ["method"]).get("method")
+    method = method if isinstance(method, str) and method else "sft"  # a bare --method: the parser reports it
     if method not in METHODS:
         raise UserError(f"unknown method `{method}`", where="command line", fix=f"use one of {', '.join(METHODS)}.")
     return method
@@ -48,9 +35,10 @@ def method_of(argv: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(argv or [])
-    preference = method_of(argv) in PREFERENCE_METHODS
+    method = method_of(argv)
+    preference = method in PREFERENCE_METHODS
     inputs, model_args, lora, loss, args, run_args = parse_command(
-        argv, *configs(method_of(argv)), prog="onsft train", description=DESCRIPTION
+        argv, *configs(method), prog="onsft train", description=DESCRIPTION
     )
     changed = given_options(argv, LossConfig)  # given at all, even with its default value
     if preference and changed:

@@ -60,6 +60,11 @@ class ModelArguments:
         default=False, metadata={"help": "Allow model code from the Hub repository (only for models you trust)."}
     )
 
+    def recorded(self) -> dict:
+        """These settings as a run records them (its settings, cache keys): without `device` and `offline`, which
+        change where the model runs and where it is read from, not what it computes."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("device", "offline")}
+
     def validate(self) -> None:
         if not self.model:
             raise UserError("`model` is required", where="command line", fix="pass --model NAME_OR_PATH.")

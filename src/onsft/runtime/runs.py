@@ -35,7 +35,8 @@ from pathlib import Path
 
 from onsft.errors import UserError
 from onsft.runtime.fingerprints import changed_keys, config_defaults, group_defaults, normalized, same_settings
-from onsft.runtime.records import output_error, write_json_atomic
+from onsft.runtime.progress import configure_output
+from onsft.runtime.records import check_writable, output_error, write_json_atomic
 
 __all__ = [
     "RunArguments",
@@ -314,3 +315,20 @@ class RunArguments:
     )
     progress: bool = field(default=True, metadata={"help": "Show progress bars with rate and ETA (on stderr)."})
     verbose: bool = field(default=False, metadata={"help": "Show the libraries' warnings and loading messages."})
+
+
+def open_run(kinds: tuple[type, ...], given: tuple, writes: tuple = ()) -> tuple:
+    """The opening every stage's `run` shares, before it reads any input: each settings object not given (None)
+    takes its type's defaults, the libraries' output follows `RunArguments.verbose`, every object validates
+    itself (in order), and every path of `writes` must be writable. `kinds` are the run's settings types in its
+    order (the stage's CONFIGS), RunArguments last; returns the objects in that order."""
+    if len(kinds) != len(given):
+        raise TypeError(f"{len(given)} settings objects for {len(kinds)} settings types")
+    filled = tuple(part if part is not None else kind() for part, kind in zip(given, kinds))
+    *parts, run_args = filled
+    configure_output(run_args.verbose)
+    for part in parts:
+        part.validate()
+    for path in writes:
+        check_writable(path)
+    return filled

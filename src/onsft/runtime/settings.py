@@ -29,6 +29,7 @@ import yaml
 from transformers import HfArgumentParser
 
 from onsft.errors import UserError
+from onsft.runtime.given import given_values
 
 _NUMBER = r"(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?"
 NEGATIVE_NUMBERS = re.compile(rf"^-{_NUMBER}(,\s*-?{_NUMBER})*$")
@@ -174,23 +175,11 @@ def parse_command(
     return configs
 
 
-def given_options(argv: list[str] | None, config_type: type) -> list[str]:
-    """The fields of `config_type` set on the command line or in its --config file, whatever their value (a
-    flag given with its default value is still given: `--loss idft` where it does not apply is an error)."""
-    argv = list(argv or [])
-    names = [f.name for f in dataclasses.fields(config_type)]
-    given = {n for n in names for a in argv if a == f"--{n}" or a.startswith(f"--{n}=")}
-    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    pre.add_argument("--config", default=None)
-    config = pre.parse_known_args(argv)[0].config
-    if config and Path(config).is_file():
-        try:
-            values = yaml.safe_load(Path(config).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, yaml.YAMLError):
-            values = None  # parse_command reports the broken file itself
-        if isinstance(values, dict):
-            given |= {n for n in names if n in values}
-    return [n for n in names if n in given]
+def given_options(argv: list[str] | None, config_type: type, config_file: bool = True) -> list[str]:
+    """The fields of `config_type` set on the command line or (with `config_file`) in its --config file,
+    whatever their value (a flag given with its default value is still given: `--loss idft` where it does not
+    apply is an error). Read by `onsft.runtime.given.given_values`, the one reader of given options."""
+    return list(given_values(argv, [f.name for f in dataclasses.fields(config_type)], config_file))
 
 
 def check_finite(configs, where: str) -> None:

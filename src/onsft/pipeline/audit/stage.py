@@ -52,9 +52,8 @@ from onsft.runtime.models import (
     load_tokenizer,
     pad_token_id,
 )
-from onsft.runtime.progress import configure_output
 from onsft.runtime.records import check_writable, write_json_atomic, write_jsonl_atomic
-from onsft.runtime.runs import RunArguments, RunGuard, config_defaults
+from onsft.runtime.runs import RunArguments, RunGuard, config_defaults, open_run
 from onsft.runtime.store import public
 
 OUTPUTS = [
@@ -145,14 +144,7 @@ def run(
     run_args: RunArguments | None = None,
 ) -> dict | None:
     """The command: returns the summary on rank 0 (None on other ranks of a launch)."""
-    model_args, scoring, run_args = (
-        model_args or ModelArguments(),
-        scoring or ScoringConfig(),
-        run_args or RunArguments(),
-    )
-    configure_output(run_args.verbose)
-    for part in (config, model_args, scoring):
-        part.validate()
+    config, model_args, scoring, run_args = open_run(CONFIGS, (config, model_args, scoring, run_args))
     procs = Processes(model_args.device)
     dtype = resolve_dtype(model_args.dtype, procs.device)
     out = Path(config.out)

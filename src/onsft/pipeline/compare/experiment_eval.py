@@ -79,9 +79,8 @@ class Evaluator:
         """What the cached evaluations (base/eval.json, each cell's eval.json) depend on, the base model included,
         and the test sets by content (a test file edited in place must not reuse evaluations of the old one)."""
         if self._settings is None:
-            model = {k: v for k, v in dataclasses.asdict(self.exp.model).items() if k not in ("device", "offline")}
             self._settings = {
-                "model": model,
+                "model": self.exp.model.recorded(),
                 "eval": self.exp.eval,
                 "kl_limit": self.exp.kl_limit,
                 "sets": {

@@ -38,9 +38,8 @@ from onsft.organism.tasks import write_demo_data
 from onsft.pipeline.data.own_answers import replay_rows, sample_answers
 from onsft.pipeline.evaluate.evaluation import check_prompts
 from onsft.runtime.models import ModelArguments, configured_context_length, load_model, load_tokenizer
-from onsft.runtime.progress import configure_output
 from onsft.runtime.records import ResumableJsonl, check_writable, write_json_atomic, write_jsonl_atomic
-from onsft.runtime.runs import RunArguments, RunGuard, config_defaults, group_defaults
+from onsft.runtime.runs import RunArguments, RunGuard, config_defaults, group_defaults, open_run
 
 
 @dataclass
@@ -204,12 +203,10 @@ def run_replay(
     run_args: RunArguments | None = None,
 ) -> dict:
     """Sample, keep the finished answers, write; returns the summary (`<out stem>.summary.json`)."""
-    model_args, run_args = model_args or ModelArguments(), run_args or RunArguments()
-    configure_output(run_args.verbose)
-    sampling = sampling or OwnSamplingConfig()
-    for part in (config, model_args, sampling):
-        part.validate()
-    out = check_writable(config.out)
+    config, model_args, sampling, run_args = open_run(
+        CONFIGS["replay"], (config, model_args, sampling, run_args), writes=(config.out,)
+    )
+    out = Path(config.out)
     summary_path = out.with_name(out.stem + ".summary.json")
     examples = load_examples(config.data, require_response=False, split=config.split, offline=model_args.offline)
     examples = examples[: config.limit] if config.limit else examples
@@ -218,7 +215,7 @@ def run_replay(
     settings = {
         "replay": {k: v for k, v in dataclasses.asdict(config).items() if k != "out"},
         "data": dataset_identity(config.data, config.split),
-        "model": {k: v for k, v in dataclasses.asdict(model_args).items() if k not in ("device", "offline")},
+        "model": model_args.recorded(),
         "sampling": dataclasses.asdict(sampling),
     }
     defaults = group_defaults(replay=config, model=model_args, sampling=sampling)

@@ -67,9 +67,9 @@ from onsft.runtime.models import (
     load_tokenizer,
     vocabulary_size,
 )
-from onsft.runtime.progress import configure_output, note_resume, progress
-from onsft.runtime.records import ResumableJsonl, check_writable, write_json_atomic
-from onsft.runtime.runs import RunArguments, RunGuard, group_defaults
+from onsft.runtime.progress import note_resume, progress
+from onsft.runtime.records import ResumableJsonl, write_json_atomic
+from onsft.runtime.runs import RunArguments, RunGuard, group_defaults, open_run
 
 OUTPUTS = ["metrics.json", "accuracy.png", "generations.jsonl*", "retention.jsonl*", "kl.jsonl*"]
 
@@ -155,7 +155,7 @@ def _settings(config: EvalConfig, model: ModelArguments, sampling: SamplingConfi
     return {
         "eval": {k: v for k, v in dataclasses.asdict(config).items() if k not in ("out", "plot")},
         "data": identity,
-        "model": {k: v for k, v in dataclasses.asdict(model).items() if k not in ("device", "offline")},
+        "model": model.recorded(),
         "sampling": dataclasses.asdict(sampling),
         "verify": dataclasses.asdict(verify),
     }
@@ -169,13 +169,10 @@ def run(
     run_args: RunArguments | None = None,
 ) -> dict:
     """The command: every input is checked before the first forward pass; returns metrics.json's contents."""
-    model_args, run_args = model_args or ModelArguments(), run_args or RunArguments()
-    configure_output(run_args.verbose)
-    sampling, verify = sampling or OwnSamplingConfig(), verify or VerifyConfig()
-    for part in (config, model_args, sampling, verify):
-        part.validate()
     out = Path(config.out)
-    check_writable(out / "metrics.json")
+    config, model_args, sampling, verify, run_args = open_run(
+        CONFIGS, (config, model_args, sampling, verify, run_args), writes=(out / "metrics.json",)
+    )
     verifier = verify.build()
     kl_flag = next(f for f in ("kl_data", "retention_data", "data") if getattr(config, f))
     kl_source = getattr(config, kl_flag)

@@ -43,9 +43,8 @@ from onsft.errors import UserError
 from onsft.pipeline.evaluate.evaluation import check_answers, check_prompt_set, evaluate_rows
 from onsft.pipeline.pairs.pairing import FORMATS, chosen_candidates, load_rewrites, make_pairs
 from onsft.runtime.models import ModelArguments, configured_context_length, load_model, load_tokenizer
-from onsft.runtime.progress import configure_output
-from onsft.runtime.records import ResumableJsonl, check_writable, write_json_atomic, write_jsonl_atomic
-from onsft.runtime.runs import RunArguments, RunGuard, group_defaults
+from onsft.runtime.records import ResumableJsonl, write_json_atomic, write_jsonl_atomic
+from onsft.runtime.runs import RunArguments, RunGuard, group_defaults, open_run
 
 
 @dataclass
@@ -100,14 +99,11 @@ def run(
     run_args: RunArguments | None = None,
 ) -> dict:
     """Sample, verify, pair, write; returns the summary (`<out stem>.summary.json`)."""
-    model_args, run_args = model_args or ModelArguments(), run_args or RunArguments()
-    configure_output(run_args.verbose)
-    sampling, verify = sampling or OwnSamplingConfig(), verify or VerifyConfig()
-    for part in (config, model_args, sampling, verify):
-        part.validate()
     out = Path(config.out)
+    config, model_args, sampling, verify, run_args = open_run(
+        CONFIGS, (config, model_args, sampling, verify, run_args), writes=(out,)
+    )
     samples_path, summary_path = _paths(out)
-    check_writable(out)
     verifier = verify.build()
     inputs = {"--data": config.data, "--rewrites": config.rewrites}
     check_sources(inputs)
@@ -122,7 +118,7 @@ def run(
     settings = {
         "pairs": {k: v for k, v in dataclasses.asdict(config).items() if k != "out"},
         "data": dataset_identity(config.data, config.split),
-        "model": {k: v for k, v in dataclasses.asdict(model_args).items() if k not in ("device", "offline")},
+        "model": model_args.recorded(),
         "sampling": dataclasses.asdict(sampling),
         "verify": dataclasses.asdict(verify),
     }

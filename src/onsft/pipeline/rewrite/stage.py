@@ -114,9 +114,9 @@ from onsft.runtime.models import (
     load_tokenizer,
     read_model_info,
 )
-from onsft.runtime.progress import configure_output, note_resume, progress
+from onsft.runtime.progress import note_resume, progress
 from onsft.runtime.records import check_writable, write_json_atomic, write_jsonl_atomic
-from onsft.runtime.runs import RunArguments, RunGuard, group_defaults, normalized
+from onsft.runtime.runs import RunArguments, RunGuard, group_defaults, normalized, open_run
 from onsft.runtime.store import ShardStore
 
 OUTPUTS = ["records*.jsonl*", "train.jsonl", "summary.json"]
@@ -133,7 +133,7 @@ def _settings(
             k: v for k, v in dataclasses.asdict(config).items() if k not in ("out", "train_out", "own_batch_size")
         },
         "hinted": {k: v for k, v in dataclasses.asdict(hinted).items() if k != "batch_size"},
-        "model": {k: v for k, v in dataclasses.asdict(model_args).items() if k not in ("device", "offline")},
+        "model": model_args.recorded(),
         "dtype": str(dtype),
         "data": dataset_identity(config.data, config.split),
         "hint": dataclasses.asdict(hint),
@@ -150,12 +150,10 @@ def run(
     run_args: RunArguments | None = None,
 ) -> dict | None:
     """The command: returns the summary on rank 0 (None on other ranks)."""
-    model_args, hinted = model_args or ModelArguments(), hinted or HintedConfig()
-    scoring, verify, run_args = scoring or ScoringConfig(), verify or VerifyConfig(), run_args or RunArguments()
-    configure_output(run_args.verbose)
+    config, model_args, hinted, scoring, verify, run_args = open_run(
+        CONFIGS, (config, model_args, hinted, scoring, verify, run_args)
+    )
     started = time.time()
-    for part in (config, model_args, hinted, scoring, verify):
-        part.validate()
     if not config.out:
         raise UserError("`out` is required", where="config", fix="pass --out FOLDER.")
     out = Path(config.out)
