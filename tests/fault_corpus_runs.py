@@ -285,7 +285,7 @@ def _reruns(c, sixteen: str) -> None:
         "records.jsonl",
         "records.jsonl.partial",
         3,
-        ["--beta", "2.0"],
+        ["--hint_beta", "2.0"],
         ".run.json.lock",
         "rewrite 16 rows",
         sixteen,
@@ -862,10 +862,10 @@ def _finite(c) -> None:
     c.pairs("nan_top_p", "--top_p -nan", good, "`top_p` must be a finite number", extra=("--top_p=-nan",), **kind)
     c.rewrite(
         "nan_beta",
-        "--beta nan (hinted decoding)",
+        "--hint_beta nan (hinted decoding)",
         good,
         "`beta` must be a finite number",
-        extra=("--beta", "nan"),
+        extra=("--hint_beta", "nan"),
         **kind,
     )
     c.rewrite(

@@ -14,7 +14,7 @@ from transformers import MistralConfig, MistralForCausalLM
 
 from onsft.engine.decoding import DecodeStats, SamplingConfig, generate
 from onsft.engine.hinted import HintedConfig, hinted_decode
-from onsft.engine.rows import RowBatch, group_prefix
+from onsft.engine.row_batch import RowBatch, group_prefix
 from test_generation import TOKENIZER, varied_model
 from tiny import tiny_tokenizer
 

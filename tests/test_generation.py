@@ -9,7 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from onsft.engine.decoding import SamplingConfig, generate
 from onsft.engine.kv_cache import SPAN_ATTENTION, GrowingCache, row_spans, span_attention
-from onsft.engine.rows import RowBatch, _chunks
+from onsft.engine.row_batch import RowBatch, _chunks
 from onsft.errors import UserError
 from onsft.formulas.sampling import (
     RepetitionDetector,

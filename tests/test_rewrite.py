@@ -565,7 +565,7 @@ def test_a_rewrite_that_keeps_nothing_is_exit_2_without_a_training_file(saved, t
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("onsft: error:"), err
     assert "kept 0 of 10 rows (10 not verified)" in err and "records.jsonl.partial" in err and "Fix:" in err
-    assert "--samples_per_prompt" in err and "--beta" in err and "--verifier" in err
+    assert "--samples_per_prompt" in err and "--hint_beta" in err and "--verifier" in err
     assert not (out / "train.jsonl").exists() and not (out / "summary.json").exists()
     assert not (out / "records.jsonl").exists()
     assert len((out / "records.jsonl.partial").read_text().splitlines()) == 1 + 10  # fingerprint + every row
@@ -792,7 +792,7 @@ def test_summary_reports_z_of_kept_rows_and_advises_on_a_low_marker_share():
     }
     assert summary["answer_marker"]["share"] == pytest.approx(1 / 4)
     (note,) = rewrite_summary.advice(summary, {"form": "instruction", "answer_marker": "\\boxed{"})
-    assert "25%" in note and "--hint_form restate" in note and "answer is" in note and "--beta" in note
+    assert "25%" in note and "--hint_form restate" in note and "answer is" in note and "--hint_beta" in note
     # The restate form is not suggested again; a share at or above one half gives no advice.
     assert "--hint_form" not in rewrite_summary.advice(summary, {"form": "restate", "answer_marker": "x"})[0]
     for entry in [e for r in records for e in r["candidates"] or []][:2]:

@@ -338,3 +338,16 @@ def test_configs_from_dict_coerces_yaml_values_and_names_unknown_keys():
         configs_from_dict({"step_s": 1}, Knobs)
     with pytest.raises(UserError, match="finite"):
         configs_from_dict({"maybe": float("nan")}, Knobs)
+
+
+def test_a_renamed_flag_keeps_working_with_one_note(capsys):
+    """Hinted decoding's beta is --hint_beta (train's --beta is DPO's); --beta still sets it, with a one-line
+    note, and the setting keeps its recorded name `beta`."""
+    from onsft.engine.hinted import HintedConfig
+
+    (old,) = parse_command(["--beta", "2"], HintedConfig)
+    err = capsys.readouterr().err
+    assert old.beta == 2.0 and len(err.strip().splitlines()) == 1 and "use --hint_beta" in err
+    (new,) = parse_command(["--hint_beta", "2"], HintedConfig)
+    assert new.beta == 2.0 and capsys.readouterr().err == ""
+    assert configs_from_dict({"beta": 2.0}, HintedConfig)[0].beta == 2.0  # experiment files keep `beta`

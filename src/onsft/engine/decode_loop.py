@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from onsft.engine.kv_cache import CopyCounter
-from onsft.engine.rows import RowBatch
+from onsft.engine.row_batch import RowBatch
 from onsft.formulas.sampling import RepetitionDetector, example_generator, sample_tokens
 
 SCHEDULES = ("continuous", "static")

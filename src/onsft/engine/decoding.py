@@ -31,7 +31,7 @@ import torch
 
 from onsft.engine.decode_loop import SCHEDULES, DecodeStats, Mixer, Trace, run_examples, stop_token_ids
 from onsft.engine.kv_cache import span_attention
-from onsft.engine.rows import group_prefix
+from onsft.engine.row_batch import group_prefix
 from onsft.errors import UserError
 
 FINISH_REASONS = ("eos", "stop", "length", "repetition")

@@ -13,7 +13,7 @@ decides, so the text stays on-policy. The first token comes from the hinted cont
 answer marker (default "\\boxed{") has been generated, the plain context alone finishes the text.
 
 Both contexts are rows of one batch through one copy of the weights with one KV cache
-(`onsft.engine.rows.RowBatch`); a hinted row leaves the batch at the hand-over, and both rows of an
+(`onsft.engine.row_batch.RowBatch`); a hinted row leaves the batch at the hand-over, and both rows of an
 example leave when it stops (EOS, token limit, repetition loop). With lambda = 1 at every step this
 is exactly ordinary decoding of the plain context (`onsft.engine.decoding.generate` runs the same loop).
 
@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 
@@ -50,6 +50,8 @@ class HintedConfig(SamplingConfig):
     """Hinted decoding settings: the sampling fields of `SamplingConfig` (with the reference demo's
     defaults) plus the mixing rule and the answer marker."""
 
+    RENAMED_FLAGS: ClassVar[dict[str, str]] = {"beta": "hint_beta"}  # old flag -> its name now (same setting)
+
     max_new_tokens: int = field(
         default=2048, metadata={"help": "Most tokens generated per example (the reference demo used 8192)."}
     )
@@ -60,11 +62,15 @@ class HintedConfig(SamplingConfig):
     top_p: float = field(
         default=0.95, metadata={"help": "Nucleus sampling over the mixed distribution (after temperature; 1 = off)."}
     )
+    # The flag is --hint_beta (train's --beta is DPO's); --beta, its old name, still works with a note on stderr.
+    # The setting keeps its name `beta` in records and experiment files.
     beta: float | None = field(
         default=None,
         metadata={
-            "help": "Entropy scale of lambda: 0 = hinted context alone (plain self-distillation rewrite). "
-            f"Default: {DEFAULT_BETA} (the reference demo), or the model's rewrite profile when rewriting."
+            "aliases": ["--hint_beta"],
+            "help": "--hint_beta: hinted decoding's entropy scale of lambda: 0 = hinted context alone (plain "
+            f"self-distillation rewrite). Default: {DEFAULT_BETA} (the reference demo), or the model's rewrite "
+            "profile when rewriting.",
         },
     )
     mode: Literal["linear", "sigmoid", "piecewise"] = field(

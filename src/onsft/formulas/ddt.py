@@ -45,6 +45,12 @@ OOD_THRESHOLD = -0.1
 VAR_FLOOR = 1e-12
 
 
+def centered_log_likelihood(log_probs: torch.Tensor, entropy: torch.Tensor) -> torch.Tensor:
+    """phi_t = log p(y_t) + H(p_t): zero in expectation when y_t is sampled from p_t (the one phi of onsft: the
+    audit's statistics and IDFT's weights both read it here)."""
+    return log_probs + entropy
+
+
 @dataclass
 class TokenStats:
     """Per-token statistics, each a tensor of the targets' shape."""
@@ -55,7 +61,7 @@ class TokenStats:
 
     @property
     def phi(self) -> torch.Tensor:
-        return self.logp + self.entropy
+        return centered_log_likelihood(self.logp, self.entropy)
 
     @property
     def second_moment(self) -> torch.Tensor:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from onsft.errors import UserError
+from onsft.formulas.ddt import centered_log_likelihood
 
 LOSS_TYPES = ("nll", "dft", "idft", "eaft", "asft")
 
@@ -87,11 +88,6 @@ class LossConfig:
         for name in ("eaft_alpha", "asft_alpha"):
             if not math.isfinite(getattr(self, name)) or getattr(self, name) < 0:
                 raise UserError(f"{name} must be a finite number >= 0", where="config", fix=f"fix --{name}.")
-
-
-def centered_log_likelihood(log_probs: torch.Tensor, entropy: torch.Tensor) -> torch.Tensor:
-    """phi_t = log p(y_t) + H(p_t): zero in expectation when y_t is sampled from p_t."""
-    return log_probs + entropy
 
 
 def idft_gamma(phi: torch.Tensor, beta: float, gamma_min: float, gamma_max: float) -> torch.Tensor:

@@ -20,6 +20,7 @@ import dataclasses
 import enum
 import math
 import re
+import sys
 import types
 import typing
 from pathlib import Path
@@ -169,6 +170,12 @@ def parse_command(
             where="command line",
             fix=f"did you mean `--{close[0]}`?" if close else f"see `{prog} --help`.",
         )
+    for config_type in config_types:  # old flag names still parse; say once which name to use now
+        renamed = getattr(config_type, "RENAMED_FLAGS", {})
+        for old in given_values(argv, list(renamed), config_file=False):
+            print(
+                f"onsft: warning: --{old} is deprecated here; use --{renamed[old]} (the same setting).", file=sys.stderr
+            )
     # The namespace holding --config is not a dataclass; callers only want the dataclasses.
     configs = tuple(o for o in outputs if dataclasses.is_dataclass(o))
     check_finite(configs, "command line")
@@ -186,12 +193,14 @@ def check_finite(configs, where: str) -> None:
     """Refuse NaN and infinite values in any float setting: a NaN compares false with every bound, so it
     would pass range checks and turn into garbage (or invalid JSON) far from the flag that caused it."""
     for config in configs:
+        renamed = getattr(config, "RENAMED_FLAGS", {})
         for f in dataclasses.fields(config):
             value = getattr(config, f.name, None)
             for item in value if isinstance(value, (list, tuple)) else [value]:
                 if isinstance(item, float) and not math.isfinite(item):
+                    flag = renamed.get(f.name, f.name)
                     raise UserError(
-                        f"`{f.name}` must be a finite number, got {item}", where=where, fix=f"pass a finite --{f.name}."
+                        f"`{f.name}` must be a finite number, got {item}", where=where, fix=f"pass a finite --{flag}."
                     )
 
 

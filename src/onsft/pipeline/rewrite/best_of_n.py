@@ -53,7 +53,7 @@ class BestOfNConfig:
         default="",
         metadata={
             "help": "Betas of the candidates, comma-separated, cycled: candidate s uses the (s mod length)-th "
-            "(e.g. 0.5,1,2). Default: --beta for every candidate."
+            "(e.g. 0.5,1,2). Default: --hint_beta for every candidate."
         },
     )
     keep: Literal["best", "first", "all"] = field(

@@ -152,7 +152,7 @@ def advice(summary: dict, hint: dict) -> list[str]:
             f"only {marker['share']:.0%} of hinted candidates reached the answer marker {hint.get('answer_marker')!r}, "
             "so the plain context rarely finished the answers and the rewrites may lack the answer format; try"
             f"{restate} --answer_marker '\\boxed{{|answer is' (add a phrase the model writes by habit before its "
-            "answer), or a lower --beta (e.g. 1) so that the hinted context leads more often."
+            "answer), or a lower --hint_beta (e.g. 1) so that the hinted context leads more often."
         )
     kept = summary["step_check"]
     if kept["rows_checked"] and kept["flagged"] / kept["rows_checked"] >= 0.25:

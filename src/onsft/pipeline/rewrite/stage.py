@@ -10,7 +10,7 @@ The pipeline (spec section 3, "The data pipeline around it"), for every prompt:
   2. otherwise run hinted decoding (`onsft.engine.hinted`): one response shared by the plain context and a
      hinted context (the hint template filled with the question and the `reference` column, under the
      chat template). Best-of-n (`onsft.pipeline.rewrite.best_of_n`): `--samples_per_prompt` N candidates, candidate
-     s at beta `--beta_ladder`[s mod length] (default `--beta`), each verified; `--keep best` (default)
+     s at beta `--beta_ladder`[s mod length] (default `--hint_beta`), each verified; `--keep best` (default)
      keeps the usable candidate with the highest Z (closest to the model's own distribution), `first` the
      first, `all` every distinct one (a training row each): provenance `hinted`; when none is usable:
      `dropped` (its most promising try is shown, not trained on, with `drop_reason`). A response cut by
@@ -78,7 +78,7 @@ after it. A row whose analysis never reaches the marker is dropped, as the refer
 (The reference cuts at the *last* marker of a full greedy output; the first one is where the model's
 own solution begins.)
 
-Flags: the pipeline's own (`RewriteConfig`), hinted decoding's (`HintedConfig`: --beta, --mode,
+Flags: the pipeline's own (`RewriteConfig`), hinted decoding's (`HintedConfig`: --hint_beta, --mode,
 --sigmoid_center, --piecewise_low/high, --temperature, --top_p, --max_new_tokens, --batch_size, --seed,
 ...), scoring's (`ScoringConfig`), checking's (`VerifyConfig`) and the model's (`ModelArguments`).
 From Python: `run(RewriteConfig(data=..., out=...), ModelArguments(model=...), HintedConfig(beta=3))`.
@@ -295,7 +295,7 @@ def _nothing_kept(outcomes: Counter, partial: Path, world: int) -> UserError:
         "against its `answer` and ends by itself, even with the reference in context, so there is nothing to "
         "train on; each row's last try (extracted_answer, finish_reason, drop_reason) is in this file",
         where=str(shown),
-        fix="try more samples (--own_samples, --samples_per_prompt), a higher --beta, another --verifier (exact, "
+        fix="try more samples (--own_samples, --samples_per_prompt), a higher --hint_beta, another --verifier (exact, "
         "file.py:function), or a larger --max_new_tokens when rows were cut (truncated); rerun with --overwrite.",
     )
 
