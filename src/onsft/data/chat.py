@@ -13,7 +13,8 @@ rejects a row (a role it does not support, turns that do not alternate) is an er
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from onsft.data.rows import Example, Messages
 from onsft.errors import UserError, warn
@@ -23,6 +24,11 @@ OVERLONG_HELP = (
     "Rows longer than max_length: `reject` (stop with a count, the default), `truncate` (cut the response's tail, "
     "never the prompt), or `drop` (skip them, with a count)."
 )
+
+
+def overlong_field() -> Any:
+    """`overlong`, declared once for every command that encodes training rows under --max_length."""
+    return field(default="reject", metadata={"help": OVERLONG_HELP})
 
 
 def _check_chat_template(tokenizer, where: str) -> None:

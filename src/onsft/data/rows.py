@@ -41,6 +41,16 @@ class DataArguments:
     split: str = field(default="train", metadata={"help": "Split of a Hub dataset or a saved DatasetDict."})
 
 
+def limit_field() -> Any:
+    """`limit`, declared once for every command that may read only the first rows of its inputs."""
+    return field(default=0, metadata={"help": "Use only the first N rows of each input file (0 = all)."})
+
+
+def check_limit(limit: int) -> None:
+    if limit < 0:
+        raise UserError("`limit` must be >= 0", where="command line", fix="pass --limit 0 for all rows.")
+
+
 @dataclass
 class Example:
     """One validated row. `index` is the position in the file (0-based), `line` what error messages show."""

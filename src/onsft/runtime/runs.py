@@ -30,7 +30,7 @@ import json
 import os
 import shutil
 import socket
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from onsft.errors import UserError
@@ -332,3 +332,11 @@ def open_run(kinds: tuple[type, ...], given: tuple, writes: tuple = ()) -> tuple
     for path in writes:
         check_writable(path)
     return filled
+
+
+def settings_record(name: str, config, data: dict, model_args, leave_out: tuple = ("out",), **groups) -> dict:
+    """What a run's results depend on, as its run.json and resumable files record it: the command's own settings
+    under `name` (without its output names, `leave_out`), its data by content, the model as runs record it
+    (`ModelArguments.recorded`), then each of `groups` whole, in the order given."""
+    own = {k: v for k, v in asdict(config).items() if k not in leave_out}
+    return {name: own, "data": data, "model": model_args.recorded(), **{k: asdict(v) for k, v in groups.items()}}

@@ -189,6 +189,13 @@ def given_options(argv: list[str] | None, config_type: type, config_file: bool =
     return list(given_values(argv, [f.name for f in dataclasses.fields(config_type)], config_file))
 
 
+def field_like(config_type: type, name: str, **default: Any) -> Any:
+    """The field `name` of `config_type` declared again (its help) for a config that drives that one under its
+    own name and default (`default=` or `default_factory=`): the help is written once, where the setting lives."""
+    source = {f.name: f for f in dataclasses.fields(config_type)}[name]
+    return dataclasses.field(metadata=dict(source.metadata), **default)
+
+
 def check_finite(configs, where: str) -> None:
     """Refuse NaN and infinite values in any float setting: a NaN compares false with every bound, so it
     would pass range checks and turn into garbage (or invalid JSON) far from the flag that caused it."""

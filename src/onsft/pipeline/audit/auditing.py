@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from onsft.data.chat import OVERLONG, OVERLONG_HELP
+from onsft.data.chat import OVERLONG, overlong_field
 from onsft.data.rows import DataArguments, Example
 from onsft.engine.decoding import sample_own
 from onsft.engine.scoring import Item, Scorer, ScoringConfig, encode_items, score_batch, score_items, tau_suffix
@@ -35,7 +35,7 @@ class AuditConfig(DataArguments):
 
     out: str = field(default="", metadata={"help": "Output folder (scores.jsonl, summary.json, report.html, ...)."})
     max_length: int = field(default=1024, metadata={"help": "Maximum tokens of prompt + response."})
-    overlong: str = field(default="reject", metadata={"help": OVERLONG_HELP})
+    overlong: str = overlong_field()
     tau: list[float] = field(
         default_factory=lambda: [1.0],
         metadata={

@@ -31,7 +31,7 @@ from pathlib import Path
 import yaml
 
 from onsft.data import gym
-from onsft.data.rows import DataArguments, dataset_identity, load_examples
+from onsft.data.rows import DataArguments, check_limit, dataset_identity, limit_field, load_examples
 from onsft.engine.decoding import OwnSamplingConfig, SamplingConfig
 from onsft.errors import UserError
 from onsft.organism.tasks import write_demo_data
@@ -39,7 +39,7 @@ from onsft.pipeline.data.own_answers import replay_rows, sample_answers
 from onsft.pipeline.evaluate.evaluation import check_prompts
 from onsft.runtime.models import ModelArguments, configured_context_length, load_model, load_tokenizer
 from onsft.runtime.records import ResumableJsonl, check_writable, write_json_atomic, write_jsonl_atomic
-from onsft.runtime.runs import RunArguments, RunGuard, config_defaults, group_defaults, open_run
+from onsft.runtime.runs import RunArguments, RunGuard, config_defaults, group_defaults, open_run, settings_record
 
 
 @dataclass
@@ -71,7 +71,13 @@ class GymDataConfig:
 class OrganismDataConfig:
     out: str = field(default="", metadata={"help": "Output folder for the JSONL files."})
     seed: int = field(default=0, metadata={"help": "Generation seed."})
-    n_train: int = field(default=500, metadata={"help": "Training rows (all teacher styles together)."})
+    n_train: int = field(
+        default=500,
+        metadata={
+            "help": "New-skill prompts; each is written in all five teacher styles, so the teacher data has 5x "
+            "this many rows."
+        },
+    )
     n_test: int = field(default=200, metadata={"help": "Rows of the new skill's test set."})
     n_ood: int = field(default=200, metadata={"help": "Rows of the new skill's out-of-distribution test set."})
     n_retention: int = field(default=200, metadata={"help": "Rows of the retention (old skills) set."})
@@ -83,7 +89,7 @@ class ReplayDataConfig(DataArguments):
     OwnSamplingConfig's)."""
 
     out: str = field(default="", metadata={"help": "Output .jsonl of replay rows (prompt, completion, ...)."})
-    limit: int = field(default=0, metadata={"help": "Use only the first N prompts of --data (0 = all)."})
+    limit: int = limit_field()
     keep_unfinished: bool = field(
         default=False,
         metadata={"help": "Keep answers cut by the token limit or a repetition loop (dropped by default)."},
@@ -94,8 +100,7 @@ class ReplayDataConfig(DataArguments):
             raise UserError("no prompts given", where="command line", fix="pass --data FILE (prompt column).")
         if not self.out:
             raise UserError("no output file given", where="command line", fix="pass --out FILE.jsonl.")
-        if self.limit < 0:
-            raise UserError("`limit` must be >= 0", where="command line", fix="pass --limit 0 for all rows.")
+        check_limit(self.limit)
 
 
 SUBCOMMANDS = {
@@ -212,12 +217,8 @@ def run_replay(
     examples = examples[: config.limit] if config.limit else examples
     tokenizer = load_tokenizer(model_args)
     check_prompts(tokenizer, examples, configured_context_length(model_args), config.data)
-    settings = {
-        "replay": {k: v for k, v in dataclasses.asdict(config).items() if k != "out"},
-        "data": dataset_identity(config.data, config.split),
-        "model": model_args.recorded(),
-        "sampling": dataclasses.asdict(sampling),
-    }
+    identity = dataset_identity(config.data, config.split)
+    settings = settings_record("replay", config, identity, model_args, sampling=sampling)
     defaults = group_defaults(replay=config, model=model_args, sampling=sampling)
     samples_path = out.with_name(out.stem + ".samples.jsonl")
     with RunGuard(

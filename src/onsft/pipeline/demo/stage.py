@@ -25,13 +25,16 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from onsft.engine.trainer import TrainConfig
 from onsft.errors import UserError
 from onsft.organism.tasks import write_demo_data
 from onsft.pipeline.compare import stage as compare
 from onsft.pipeline.compare.comparison import table_markdown
 from onsft.pipeline.compare.experiment import Experiment
+from onsft.pipeline.data.stage import OrganismDataConfig
 from onsft.runtime.models import ModelArguments, resolve_model_path
 from onsft.runtime.records import check_writable, write_json_atomic, write_text_atomic
+from onsft.runtime.settings import field_like
 
 DEMO_METHODS = ["sft", "dft", "idft", "rewrite+idft"]
 
@@ -40,24 +43,15 @@ DEMO_METHODS = ["sft", "dft", "idft", "rewrite+idft"]
 class DemoConfig:
     out: str = field(default="runs/demo", metadata={"help": "Output folder."})
     seed: int = field(default=0, metadata={"help": "Seed of the data, the rewrite and the training."})
-    methods: list[str] = field(
-        default_factory=lambda: list(DEMO_METHODS),
-        metadata={"help": "Methods to compare (see `onsft compare --help`)."},
-    )
+    methods: list[str] = field_like(Experiment, "methods", default_factory=lambda: list(DEMO_METHODS))
     steps: int = field(default=300, metadata={"help": "Training steps per method."})
     learning_rate: float = field(default=2e-4, metadata={"help": "Learning rate (the organism study's 2e-4)."})
-    batch_size: int = field(default=32, metadata={"help": "Training batch size."})
-    n_train: int = field(
-        default=100,
-        metadata={
-            "help": "New-skill prompts; each is written in all five teacher "
-            "styles, so the teacher data has 5x this many rows."
-        },
-    )
+    batch_size: int = field_like(TrainConfig, "per_device_train_batch_size", default=32)
+    n_train: int = field_like(OrganismDataConfig, "n_train", default=100)
     n_test: int = field(default=200, metadata={"help": "Rows of each test set."})
-    curve_every: int = field(default=100, metadata={"help": "Evaluate checkpoints every N steps (0 = off)."})
-    curve_limit: int = field(default=50, metadata={"help": "Rows per test set at each curve point."})
-    bf16: bool = field(default=True, metadata={"help": "bf16 autocast (about 2x faster on CPU for this model)."})
+    curve_every: int = field_like(Experiment, "curve_every", default=100)
+    curve_limit: int = field_like(Experiment, "curve_limit", default=50)
+    bf16: bool = field_like(TrainConfig, "bf16", default=True)  # about 2x faster on CPU for this model
 
 
 def _experiment(config: DemoConfig, data: dict[str, Path], model: ModelArguments) -> Experiment:

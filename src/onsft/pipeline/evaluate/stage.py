@@ -43,7 +43,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from onsft.data.chat import encode_prompt
-from onsft.data.rows import DataArguments, Example, check_sources, dataset_identity, load_examples
+from onsft.data.rows import (
+    DataArguments,
+    Example,
+    check_limit,
+    check_sources,
+    dataset_identity,
+    limit_field,
+    load_examples,
+)
 from onsft.data.verify import VerifyConfig
 from onsft.engine.decoding import OwnSamplingConfig, SamplingConfig
 from onsft.engine.kl import KL_CONTINUATIONS, kl_drift
@@ -69,7 +77,7 @@ from onsft.runtime.models import (
 )
 from onsft.runtime.progress import note_resume, progress
 from onsft.runtime.records import ResumableJsonl, write_json_atomic
-from onsft.runtime.runs import RunArguments, RunGuard, group_defaults, open_run
+from onsft.runtime.runs import RunArguments, RunGuard, group_defaults, open_run, settings_record
 
 OUTPUTS = ["metrics.json", "accuracy.png", "generations.jsonl*", "retention.jsonl*", "kl.jsonl*"]
 
@@ -86,7 +94,7 @@ class EvalConfig(DataArguments):
         default_factory=list,
         metadata={"help": "k values for pass@k (each <= --samples); default: 1, 2, 4, ... up to --samples."},
     )
-    limit: int = field(default=0, metadata={"help": "Evaluate only the first N rows of each dataset (0 = all)."})
+    limit: int = limit_field()
     overlong: str = field(
         default="reject",
         metadata={
@@ -127,8 +135,7 @@ class EvalConfig(DataArguments):
             bad("pass_k", f"values must be between 1 and --samples ({self.samples})")
         if self.kl_continuation not in KL_CONTINUATIONS:
             bad("kl_continuation", f"must be one of {', '.join(KL_CONTINUATIONS)}")
-        if self.limit < 0:
-            bad("limit", "must be >= 0")
+        check_limit(self.limit)
         if self.overlong not in ("reject", "drop"):
             bad("overlong", "must be reject or drop")
         SamplingConfig(max_new_tokens=self.kl_max_new_tokens, temperature=self.kl_temperature).validate()
@@ -152,13 +159,7 @@ def _settings(config: EvalConfig, model: ModelArguments, sampling: SamplingConfi
         for name in ("data", "retention_data", "kl_data")
         if (path := getattr(config, name))
     }
-    return {
-        "eval": {k: v for k, v in dataclasses.asdict(config).items() if k not in ("out", "plot")},
-        "data": identity,
-        "model": model.recorded(),
-        "sampling": dataclasses.asdict(sampling),
-        "verify": dataclasses.asdict(verify),
-    }
+    return settings_record("eval", config, identity, model, ("out", "plot"), sampling=sampling, verify=verify)
 
 
 def run(

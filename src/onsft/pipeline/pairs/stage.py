@@ -29,14 +29,13 @@ From Python: `run(PairsConfig(data=...), ModelArguments(model=...), OwnSamplingC
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from onsft.data.rows import DataArguments, check_sources, dataset_identity, load_examples
+from onsft.data.rows import DataArguments, check_limit, check_sources, dataset_identity, limit_field, load_examples
 from onsft.data.verify import VerifyConfig
 from onsft.engine.decoding import OwnSamplingConfig, SamplingConfig
 from onsft.errors import UserError
@@ -44,7 +43,7 @@ from onsft.pipeline.evaluate.evaluation import check_answers, check_prompt_set, 
 from onsft.pipeline.pairs.pairing import FORMATS, chosen_candidates, load_rewrites, make_pairs
 from onsft.runtime.models import ModelArguments, configured_context_length, load_model, load_tokenizer
 from onsft.runtime.records import ResumableJsonl, write_json_atomic, write_jsonl_atomic
-from onsft.runtime.runs import RunArguments, RunGuard, group_defaults, open_run
+from onsft.runtime.runs import RunArguments, RunGuard, group_defaults, open_run, settings_record
 
 
 @dataclass
@@ -69,7 +68,7 @@ class PairsConfig(DataArguments):
     )
     samples: int = field(default=8, metadata={"help": "Own samples per prompt."})
     pairs_per_prompt: int = field(default=1, metadata={"help": "Most pairs per prompt (distinct wrong samples)."})
-    limit: int = field(default=0, metadata={"help": "Use only the first N rows of --data (0 = all)."})
+    limit: int = limit_field()
     format: str = field(default="conversational", metadata={"help": "conversational (TRL chat) or standard (text)."})
 
     def validate(self) -> None:
@@ -79,8 +78,7 @@ class PairsConfig(DataArguments):
             raise UserError("`samples` must be at least 1", where="command line", fix="pass --samples 8 or so.")
         if self.pairs_per_prompt < 1:
             raise UserError("`pairs_per_prompt` must be at least 1", where="command line", fix="pass a positive value.")
-        if self.limit < 0:
-            raise UserError("`limit` must be >= 0", where="command line", fix="pass --limit 0 for all rows.")
+        check_limit(self.limit)
         if self.format not in FORMATS:
             raise UserError(
                 f"unknown --format `{self.format}`", where="command line", fix=f"use {' or '.join(FORMATS)}."
@@ -115,13 +113,8 @@ def run(
     tokenizer = load_tokenizer(model_args)
     # Every prompt is encoded now: a missing chat template or a prompt over the context fails before sampling.
     check_prompt_set(tokenizer, examples, configured_context_length(model_args), config.data)
-    settings = {
-        "pairs": {k: v for k, v in dataclasses.asdict(config).items() if k != "out"},
-        "data": dataset_identity(config.data, config.split),
-        "model": model_args.recorded(),
-        "sampling": dataclasses.asdict(sampling),
-        "verify": dataclasses.asdict(verify),
-    }
+    identity = dataset_identity(config.data, config.split)
+    settings = settings_record("pairs", config, identity, model_args, sampling=sampling, verify=verify)
     defaults = group_defaults(pairs=config, model=model_args, sampling=sampling, verify=verify)
     outputs = [out.name, samples_path.name + "*", summary_path.name]
     with RunGuard(

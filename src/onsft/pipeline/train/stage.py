@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from onsft.data.chat import overlong_field
 from onsft.data.replay import mix_batches, planned_steps, replay_dataset, replay_rows_per_batch
 from onsft.data.rows import DataArguments, check_sources
 from onsft.data.training_sets import preference_dataset, sft_dataset
@@ -64,7 +65,7 @@ class TrainArguments(DataArguments):
     method: str = field(
         default="sft", metadata={"help": f"sft (token-weighted: --loss {'|'.join(LOSS_TYPES)}), dpo or simpo."}
     )
-    overlong: str = field(default="reject", metadata={"help": "Rows over --max_length: reject | truncate | drop."})
+    overlong: str = overlong_field()
     resume: bool = field(default=True, metadata={"help": "Resume from the last checkpoint in output_dir if any."})
     replay_data: str | None = field(
         default=None,
