@@ -296,7 +296,7 @@ def test_run_guard_refuses_a_live_second_writer_and_unknown_runs(tmp_path):
     # Outputs without any record (a run of unknown settings) are refused too.
     (tmp_path / "y").mkdir()
     (tmp_path / "y" / "ckpt-1").mkdir()
-    with pytest.raises(UserError, match="not recorded"):
+    with pytest.raises(UserError, match="no recorded onsft run wrote"):
         guard(tmp_path / "y", {"k": 1}).claim()
     # A run that fails before writing anything leaves the folder as it found it.
     empty = guard(tmp_path / "z", {"k": 1})
@@ -351,3 +351,13 @@ def test_a_renamed_flag_keeps_working_with_one_note(capsys):
     (new,) = parse_command(["--hint_beta", "2"], HintedConfig)
     assert new.beta == 2.0 and capsys.readouterr().err == ""
     assert configs_from_dict({"beta": 2.0}, HintedConfig)[0].beta == 2.0  # experiment files keep `beta`
+
+
+def test_an_optional_bool_flag_alone_means_true():
+    from onsft.engine.trainer import TrainConfig
+    from onsft.runtime.settings import parse_command
+
+    # `bf16: bool | None` (None: decided from the hardware) takes `--bf16` alone like every other switch.
+    assert parse_command(["--bf16"], TrainConfig)[0].bf16 is True
+    assert parse_command(["--bf16", "false"], TrainConfig)[0].bf16 is False
+    assert parse_command(["--bf16", "--learning_rate", "0.1"], TrainConfig)[0].learning_rate == 0.1

@@ -28,6 +28,7 @@ from typing import Any
 
 import yaml
 from transformers import HfArgumentParser
+from transformers.hf_argparser import string_to_bool
 
 from onsft.errors import UserError
 from onsft.runtime.given import given_values
@@ -59,6 +60,10 @@ class _RaisingParser(HfArgumentParser):
         # argparse takes `-1,2` (a list of numbers starting with a negative one) for an option: it is a value.
         self._negative_number_matcher = NEGATIVE_NUMBERS
         for action in self._actions:
+            # transformers parses an optional bool (`bf16: bool | None`, None = decide from the hardware) only
+            # with a value; `--bf16` alone means true, as for every other switch.
+            if action.type is string_to_bool and action.nargs is None and action.option_strings:
+                action.nargs, action.const = "?", True
             # transformers gives `--no_X` the help of `--X`; say what the switch does.
             if _negation(action) and action.help:
                 text = action.help.strip()
