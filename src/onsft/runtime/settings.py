@@ -194,11 +194,15 @@ def given_options(argv: list[str] | None, config_type: type, config_file: bool =
     return list(given_values(argv, [f.name for f in dataclasses.fields(config_type)], config_file))
 
 
-def field_like(config_type: type, name: str, **default: Any) -> Any:
+def field_like(config_type: type, name: str, why: str | None = None, **default: Any) -> Any:
     """The field `name` of `config_type` declared again (its help) for a config that drives that one under its
-    own name and default (`default=` or `default_factory=`): the help is written once, where the setting lives."""
+    own name and default (`default=` or `default_factory=`): the help is written once, where the setting lives.
+    `why` replaces the help where the driving config's own default changes what the help must say."""
     source = {f.name: f for f in dataclasses.fields(config_type)}[name]
-    return dataclasses.field(metadata=dict(source.metadata), **default)
+    metadata = dict(source.metadata)
+    if why is not None:
+        metadata["help"] = why
+    return dataclasses.field(metadata=metadata, **default)
 
 
 def check_finite(configs, where: str) -> None:
