@@ -50,7 +50,9 @@ def test_train_step_quick(tmp_path):
     assert losses["naive_fp32"] == pytest.approx(losses["idft@cpu"], rel=1e-4)
     for ratio in result["ratios"].values():
         check_spread(ratio, 2)
-    assert result["memory"]["step_mib"]["idft@cpu"] >= 0
+    # Quick mode measures in this process, so only the code path is checked: the kernel batches per-thread RSS
+    # counters (up to 64 pages each), so a step that allocates nothing can read a few hundred KiB below zero.
+    assert result["memory"]["step_mib"]["idft@cpu"] > -4
     assert result["top_k"]["max_abs_difference_to_full_logits"] < 1e-4
     assert "| **IDFT / TRL nll, same tiles 1024 x 8192** (the weighting's cost) |" in rendered("train_step", tmp_path)
 
