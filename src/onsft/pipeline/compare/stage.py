@@ -71,9 +71,8 @@ from onsft.pipeline.rewrite.rewriting import RewriteConfig
 from onsft.pipeline.train import stage as train_stage
 from onsft.pipeline.train.stage import TrainArguments
 from onsft.runtime.models import ModelArguments, resolve_model_path
-from onsft.runtime.progress import configure_output
-from onsft.runtime.records import check_writable, write_json_atomic, write_text_atomic
-from onsft.runtime.runs import RunArguments, config_defaults, same_settings
+from onsft.runtime.records import write_json_atomic, write_text_atomic
+from onsft.runtime.runs import RunArguments, config_defaults, open_run, same_settings
 from onsft.runtime.settings import configs_from_dict
 
 QUIET = RunArguments(progress=False)
@@ -353,12 +352,13 @@ def run(exp: Experiment, run_args: RunArguments | None = None) -> dict:
     """Audit (optional), shared data, base evaluation, every cell, then the table and plots. `run_args` go to
     every step: `overwrite` lets a step start over where an earlier grid left outputs made with other
     settings (each step refuses them otherwise, naming its folder), `progress` shows the steps' bars."""
-    steps = run_args or QUIET
-    configure_output(steps.verbose)
+    # The experiment validated itself when it was read (`load_experiment`); a variant grid writes in its variants.
+    (steps,) = open_run(
+        (RunArguments,), (run_args or QUIET,), writes=() if exp.variants else (Path(exp.out) / "results.json",)
+    )
     if exp.variants:  # each variant is a whole experiment of its own, in OUT/<name>
         return write_variants(exp, {name: run(exp.variant(name), run_args) for name in exp.variants})
     out = Path(exp.out)
-    check_writable(out / "results.json")
     resolve_model_path(exp.model.model, revision=exp.model.model_revision, offline=exp.model.offline)
     for key, value in materialize(exp.data(), out / "data", exp.data_seed).items():
         setattr(exp, key, value)

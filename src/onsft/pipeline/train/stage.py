@@ -44,9 +44,8 @@ from onsft.runtime.checkpoints import (
 )
 from onsft.runtime.device import check_device_name, resolve_device, resolve_dtype
 from onsft.runtime.models import ModelArguments, check_context, context_length, load_model, load_tokenizer
-from onsft.runtime.progress import configure_output
-from onsft.runtime.records import check_writable, write_json_atomic, write_jsonl_atomic
-from onsft.runtime.runs import RunArguments, RunGuard, data_identity, group_defaults, normalized
+from onsft.runtime.records import write_json_atomic, write_jsonl_atomic
+from onsft.runtime.runs import RunArguments, RunGuard, data_identity, group_defaults, normalized, open_run
 
 METHODS = ("sft", *PREFERENCE_METHODS)
 DESCRIPTION = (
@@ -163,11 +162,8 @@ def run(
     run_args: RunArguments | None = None,
 ) -> dict:
     """Validate everything a user can get wrong, then train; returns the summary written to train_summary.json."""
-    model_args, lora, run_args = model_args or ModelArguments(), lora or LoraArguments(), run_args or RunArguments()
-    configure_output(run_args.verbose)
     preference = inputs.method in PREFERENCE_METHODS
     args = trainer or (PreferenceTrainConfig() if preference else TrainConfig())
-    loss = None if preference else (loss or LossConfig())
     _check(inputs, args)
     if isinstance(args, PreferenceTrainConfig) != preference:
         raise UserError(
@@ -176,19 +172,22 @@ def run(
             where="command line",
             fix=f"use --method {' or '.join(PREFERENCE_METHODS)} with a PreferenceTrainConfig, sft with a TrainConfig.",
         )
-    model_args.validate()
-    lora.validate()
-    if loss is not None:
-        loss.validate()
-        if args.nonfinite not in ("stop", "skip"):
-            raise UserError(f"unknown --nonfinite `{args.nonfinite}`", where="command line", fix="use stop or skip.")
+    output_dir = Path(args.output_dir)
+    # The trainer config is TRL's (no validate of ours; `_check` above reads it); a preference run has no loss.
+    model_args, lora, loss, run_args = open_run(
+        (ModelArguments, LoraArguments, LossConfig, RunArguments),
+        (model_args, lora, None if preference else loss, run_args),
+        writes=(output_dir / "train_summary.json",),
+    )
+    if preference:
+        loss = None
+    elif args.nonfinite not in ("stop", "skip"):
+        raise UserError(f"unknown --nonfinite `{args.nonfinite}`", where="command line", fix="use stop or skip.")
     args.trust_remote_code = model_args.trust_remote_code  # TRL's copy of the flag ModelArguments owns
     trl_args = trainer_args(inputs.method, args) if preference else args
     dtype = _place(model_args, trl_args)
     if not run_args.progress:
         trl_args.disable_tqdm = True
-    output_dir = Path(args.output_dir)
-    check_writable(output_dir / "train_summary.json")
     tokenizer = load_tokenizer(model_args)
     if preference:
         train_set, stats = preference_dataset(inputs.data, tokenizer, args.max_length, inputs.overlong)
