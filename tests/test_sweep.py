@@ -15,7 +15,7 @@ from onsft.errors import UserError
 from onsft.formulas.frontier import best_setting, reading_at_level
 from onsft.pipeline.compare.experiment import Experiment, experiment_from_dict, load_experiment
 from onsft.pipeline.compare.experiment_eval import Evaluator
-from onsft.pipeline.compare.frontier_report import write_frontier
+from onsft.pipeline.compare.frontier_report import settings_for_more_seeds, write_frontier
 from onsft.pipeline.compare.stage import check_options
 from onsft.pipeline.compare.sweep import grid
 from onsft.pipeline.train import stage as train_stage
@@ -334,19 +334,57 @@ def test_seeds_override_replaces_method_seeds(tmp_path, capsys):
     assert "--seeds replaces the `method_seeds`" in capsys.readouterr().err
 
 
-def test_frontier_chooses_the_setting_on_validation_and_reads_compute_matched(tmp_path):
-    def cell(method, lr, seed, test, validation, tokens=1000):
-        curve = [
-            {"step": 10 * i, "in_domain": x, "retention": y, "validation_in_domain": vx, "validation_retention": vy}
-            for i, ((x, y), (vx, vy)) in enumerate(zip(test, validation))
-        ]
-        return {"method": method, "setting": f"lr={lr}", "options": {"learning_rate": lr}, "seed": seed,
-                "curve": curve, "tokens": tokens, "train_cpu_seconds": 1.0, "train_seconds": 1.0,
-                "eval_seconds": 0.1, **curve[-1]}  # fmt: skip
+def synthetic_cell(method, lr, seed, test, validation, tokens=1000):
+    """A cell result as the sweep writes it, from (in-domain, retention) pairs along its test and validation curves."""
+    curve = [
+        {"step": 10 * i, "in_domain": x, "retention": y, "validation_in_domain": vx, "validation_retention": vy}
+        for i, ((x, y), (vx, vy)) in enumerate(zip(test, validation))
+    ]
+    return {"method": method, "setting": f"lr={lr}", "options": {"learning_rate": lr}, "seed": seed,
+            "curve": curve, "tokens": tokens, "train_cpu_seconds": 1.0, "train_seconds": 1.0,
+            "eval_seconds": 0.1, **curve[-1]}  # fmt: skip
 
-    # On the test sets lr=0.4 keeps more retention at in-domain 50%; on the validation draws lr=0.1 does.
-    slow_test, slow_val = [(0.0, 0.9), (0.5, 0.6), (0.8, 0.5)], [(0.0, 0.9), (0.5, 0.85), (0.8, 0.8)]
-    fast_test, fast_val = [(0.0, 0.9), (0.5, 0.8), (0.9, 0.7)], [(0.0, 0.9), (0.5, 0.7), (0.9, 0.6)]
+
+# On the test sets lr=0.4 keeps more retention at in-domain 50%; on the validation draws lr=0.1 does.
+SLOW_TEST, SLOW_VAL = [(0.0, 0.9), (0.5, 0.6), (0.8, 0.5)], [(0.0, 0.9), (0.5, 0.85), (0.8, 0.8)]
+FAST_TEST, FAST_VAL = [(0.0, 0.9), (0.5, 0.8), (0.9, 0.7)], [(0.0, 0.9), (0.5, 0.7), (0.9, 0.6)]
+
+
+def test_later_seeds_go_to_the_setting_the_first_seeds_validation_readings_choose():
+    first = [synthetic_cell("sft", 0.1, 0, SLOW_TEST, SLOW_VAL), synthetic_cell("sft", 0.4, 0, FAST_TEST, FAST_VAL)]
+    first.append(synthetic_cell("idft", 0.1, 0, SLOW_TEST, SLOW_VAL))  # one setting: its seeds all run there
+    exp = Experiment(methods=["sft", "idft"], matched={"in_domain": 0.5}, more_seeds="chosen")
+    assert settings_for_more_seeds(exp, first) == {"sft": {"lr=0.1"}, "idft": {"lr=0.1"}}
+    # Without validation draws the first seed's test readings choose (lr=0.4 is better there).
+    for cell in first:
+        for point in cell["curve"]:
+            del point["validation_in_domain"], point["validation_retention"]
+    assert settings_for_more_seeds(exp, first)["sft"] == {"lr=0.4"}
+    # Two matched readings may choose two settings: the later seeds run at both.
+    exp.matched = {"in_domain": 0.5, "retention": 0.65}
+    assert settings_for_more_seeds(exp, first)["sft"] == {"lr=0.1", "lr=0.4"}
+
+
+def test_more_seeds_chosen_trains_the_later_seeds_at_the_chosen_setting_only(experiment, counted, tmp_path):
+    root, config = experiment
+    spec = {**yaml.safe_load(config.read_text()), "more_seeds": "chosen", "out": str(tmp_path / "out")}
+    spec.update(methods=["sft"], method_seeds={"sft": [0, 1]}, contrasts=[], matched={"in_domain": 0.0})
+    path = tmp_path / "chosen.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert main(["compare", "--config", str(path)]) == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    first = [c for c in results["cells"] if c["seed"] == 0]
+    chosen = settings_for_more_seeds(load_experiment(str(path), {}), first)["sft"]
+    assert len(first) == 2 and len(chosen) == 1  # one matched reading: one setting
+    assert [(c["setting"], c["seed"]) for c in results["cells"] if c["seed"] == 1] == [(next(iter(chosen)), 1)]
+    assert counted["train"] == 3
+    with pytest.raises(UserError, match="more_seeds"):
+        experiment_from_dict({**spec, "more_seeds": "some"}, "x.yaml")
+
+
+def test_frontier_chooses_the_setting_on_validation_and_reads_compute_matched(tmp_path):
+    cell = synthetic_cell
+    slow_test, slow_val, fast_test, fast_val = SLOW_TEST, SLOW_VAL, FAST_TEST, FAST_VAL
     cells = [cell("sft", lr, s, *curves) for s in (0, 1) for lr, curves in ((0.1, (slow_test, slow_val)),
                                                                             (0.4, (fast_test, fast_val)))]  # fmt: skip
     # idft trains on half the tokens: the compute-matched reading is at its 500 tokens, sft's step 10 of 20.

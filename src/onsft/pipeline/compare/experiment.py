@@ -107,6 +107,14 @@ class Experiment:
         default_factory=dict,
         metadata={"help": "Per-method seed lists replacing `seeds` (spend 3 seeds where the comparison is decided)."},
     )
+    more_seeds: str = field(
+        default="all",
+        metadata={
+            "help": "Where a method's seeds after its first run: `all` (every swept setting), or `chosen` (only the "
+            "settings its first seed's curves choose for the matched readings, on the validation draws when the "
+            "experiment has them): 3 seeds where the comparison is read, at a third of the cost of a full grid."
+        },
+    )
     eval_every: int = field(
         default=0,
         metadata={
@@ -203,6 +211,8 @@ class Experiment:
         for name, keys in self.variants.items():
             if not isinstance(keys, dict) or not keys or set(keys) - allowed:
                 refuse(f"variant `{name}` must be a mapping of experiment keys", "e.g. {train_data: FILE}.")
+        if self.more_seeds not in ("all", "chosen"):
+            refuse(f"unknown more_seeds `{self.more_seeds}`", "use all or chosen.")
         if self.eval_every < 0 or (self.eval_every and self.curve_every):
             refuse("`eval_every` must be >= 0 and not combined with `curve_every`", "use eval_every for sweeps.")
 

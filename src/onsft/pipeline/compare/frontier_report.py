@@ -114,6 +114,18 @@ def method_readings(exp: Experiment, cells: list[dict], method: str, axis: str) 
     return dataclasses.replace(matched, setting=matched.setting if len(test) > 1 else None)
 
 
+def settings_for_more_seeds(exp: Experiment, first: list[dict]) -> dict[str, set[str]]:
+    """{method: the settings its later seeds run at} under `more_seeds: chosen`: for each matched reading, the
+    setting `method_readings` picks from the first seed's cells (on their validation draws when they carry them),
+    so the seeds are spent where the comparison is read and no test reading moves the choice."""
+    chosen = {}
+    for method in exp.methods:
+        mine = {c["setting"] for c in first if c["method"] == method}
+        picks = {method_readings(exp, first, method, axis).setting for axis in exp.matched}
+        chosen[method] = mine if None in picks or not picks else picks  # None: a single setting
+    return chosen
+
+
 def compute_matched(cells: list[dict], method: str, setting: str | None, tokens: float) -> dict:
     """In-domain and retention accuracy after `tokens` training tokens (linear between the checkpoints that
     bracket it; each checkpoint's tokens are the run's tokens x step / last step), bootstrapped over seeds,

@@ -52,8 +52,9 @@ from onsft.pipeline.compare.comparison import plot_results, summarize, table_csv
 from onsft.pipeline.compare.experiment import EVAL_SETS, METHODS, REPLAY_METHODS, Experiment, load_experiment
 from onsft.pipeline.compare.experiment_data import materialize
 from onsft.pipeline.compare.experiment_eval import Evaluator
-from onsft.pipeline.compare.frontier_report import write_frontier
+from onsft.pipeline.compare.frontier_report import settings_for_more_seeds, write_frontier
 from onsft.pipeline.compare.sweep import (
+    Cell,
     base_point,
     cell_defaults,
     cell_settings,
@@ -307,19 +308,30 @@ def _curve(train_dir: Path, evaluator: Evaluator) -> list[dict]:
 
 
 def run_sweep(exp: Experiment, out: Path, shared: dict, evaluator: Evaluator, steps: RunArguments) -> tuple:
-    """Every cell of the sweep (`onsft.pipeline.compare.sweep`): (the base model's point, the cells' results)."""
+    """Every cell of the sweep (`onsft.pipeline.compare.sweep`): (the base model's point, the cells' results).
+    Under `more_seeds: chosen` each method's first seed runs every setting first, then its other seeds only
+    the settings chosen from those curves (`settings_for_more_seeds`)."""
     base = base_point(exp, out, evaluator)
-    cells = []
-    for cell in grid(exp):
+
+    def run_cell(cell: Cell) -> dict:
         source, folder = METHODS[cell.method][0], out / "cells" / cell.name
         data, replay = shared["paths"][source], shared["paths"].get("replay")
         configs = train_configs(exp, cell.method, cell.seed, data, folder / "train", replay, cell.options)
         settings = cell_settings(exp, cell.method, cell.seed, data, configs[0], evaluator, cell.options)
         print(f"onsft compare: {cell.method} {cell.label} seed {cell.seed}", file=sys.stderr, flush=True)
-
         defaults = cell_defaults(configs[0], evaluator)
-        cells.append(run_sweep_cell(exp, cell, folder, evaluator, base, settings, configs, steps, defaults))
-    return base, cells
+        return run_sweep_cell(exp, cell, folder, evaluator, base, settings, configs, steps, defaults)
+
+    cells = grid(exp)
+    if exp.more_seeds == "all":
+        return base, [run_cell(cell) for cell in cells]
+    first = {cell: run_cell(cell) for cell in cells if cell.seed == exp.seeds_of(cell.method)[0]}
+    chosen = settings_for_more_seeds(exp, list(first.values()))
+    for method, labels in chosen.items():
+        if len(exp.seeds_of(method)) > 1:
+            print(f"onsft compare: later seeds of {method} at {', '.join(sorted(labels))}", file=sys.stderr)
+    later = {cell: run_cell(cell) for cell in cells if cell not in first and cell.label in chosen[cell.method]}
+    return base, [{**first, **later}[cell] for cell in cells if cell in first or cell in later]
 
 
 def _base_eval(out: Path, evaluator: Evaluator) -> dict:
