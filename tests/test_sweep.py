@@ -15,7 +15,8 @@ from onsft.errors import UserError
 from onsft.formulas.frontier import best_setting, reading_at_level
 from onsft.pipeline.compare.experiment import Experiment, experiment_from_dict, load_experiment
 from onsft.pipeline.compare.experiment_eval import Evaluator
-from onsft.pipeline.compare.frontier_report import settings_for_more_seeds, write_frontier
+from onsft.pipeline.compare.frontier_readings import settings_for_more_seeds
+from onsft.pipeline.compare.frontier_report import write_frontier
 from onsft.pipeline.compare.stage import check_options
 from onsft.pipeline.compare.sweep import grid
 from onsft.pipeline.train import stage as train_stage
@@ -334,12 +335,15 @@ def test_seeds_override_replaces_method_seeds(tmp_path, capsys):
     assert "--seeds replaces the `method_seeds`" in capsys.readouterr().err
 
 
-def synthetic_cell(method, lr, seed, test, validation, tokens=1000):
-    """A cell result as the sweep writes it, from (in-domain, retention) pairs along its test and validation curves."""
+def synthetic_cell(method, lr, seed, test, validation, tokens=1000, kl=None):
+    """A cell result as the sweep writes it, from (in-domain, retention) pairs along its test and validation curves
+    (and the KL drift at each point, when given)."""
     curve = [
         {"step": 10 * i, "in_domain": x, "retention": y, "validation_in_domain": vx, "validation_retention": vy}
         for i, ((x, y), (vx, vy)) in enumerate(zip(test, validation))
     ]
+    for point, drift in zip(curve, kl or ()):
+        point["kl_drift"] = drift
     return {"method": method, "setting": f"lr={lr}", "options": {"learning_rate": lr}, "seed": seed,
             "curve": curve, "tokens": tokens, "train_cpu_seconds": 1.0, "train_seconds": 1.0,
             "eval_seconds": 0.1, **curve[-1]}  # fmt: skip
@@ -385,11 +389,13 @@ def test_more_seeds_chosen_trains_the_later_seeds_at_the_chosen_setting_only(exp
 def test_frontier_chooses_the_setting_on_validation_and_reads_compute_matched(tmp_path):
     cell = synthetic_cell
     slow_test, slow_val, fast_test, fast_val = SLOW_TEST, SLOW_VAL, FAST_TEST, FAST_VAL
-    cells = [cell("sft", lr, s, *curves) for s in (0, 1) for lr, curves in ((0.1, (slow_test, slow_val)),
-                                                                            (0.4, (fast_test, fast_val)))]  # fmt: skip
+    kl = {0.1: [0.0, 0.1, 0.3], 0.4: [0.0, 0.2, 0.5]}
+    cells = [cell("sft", lr, s, *curves, kl=kl[lr]) for s in (0, 1) for lr, curves in ((0.1, (slow_test, slow_val)),
+                                                                                      (0.4, (fast_test, fast_val)))]  # fmt: skip
     # idft trains on half the tokens: the compute-matched reading is at its 500 tokens, sft's step 10 of 20.
-    cells += [cell("idft", 0.1, s, slow_test, slow_val, tokens=500) for s in (0, 1)]
-    exp = Experiment(methods=["sft", "idft"], matched={"in_domain": 0.5})
+    # Seed 1 of idft drifts twice as far as seed 0 on its way to the in-domain level.
+    cells += [cell("idft", 0.1, s, slow_test, slow_val, tokens=500, kl=[0.0, 0.3 * (s + 1), 0.6]) for s in (0, 1)]
+    exp = Experiment(methods=["sft", "idft"], matched={"in_domain": 0.5}, contrasts=[["idft", "sft"]])
     summary = write_frontier(exp, {"in_domain": 0.0, "retention": 0.9}, cells, {}, tmp_path)["summary"]
     sft = summary["methods"]["sft"]["matched"]["in_domain"]
     assert sft["setting"] == "lr=0.1" and sft["values"] == {"0": pytest.approx(0.6), "1": pytest.approx(0.6)}
@@ -402,6 +408,13 @@ def test_frontier_chooses_the_setting_on_validation_and_reads_compute_matched(tm
     assert "chosen on the validation draws" in text and "## Compute-matched: after 500 training tokens" in text
     assert "| sft | lr=0.1 | 50.0 [50.0, 50.0] | 60.0 [60.0, 60.0] |" in text
     assert "validation_in_domain" in (tmp_path / "curves.csv").read_text().splitlines()[0]
+    # KL drift at matched skill: read where in-domain reaches 50% (step 10 here), at the retention reading's lr.
+    drift = summary["drift"]
+    assert drift["methods"]["sft"]["setting"] == "lr=0.1"
+    assert drift["methods"]["sft"]["interval"]["mean"] == pytest.approx(0.1)
+    assert drift["methods"]["idft"]["interval"]["mean"] == pytest.approx(0.45)
+    assert drift["contrasts"][0]["difference"]["mean"] == pytest.approx(0.35)  # (0.2 + 0.5) / 2
+    assert "## KL drift at matched skill (in-domain 50%)" in text and "| idft | sft | +0.350 [+0.200, +0.500] |" in text
     # Without validation draws the choice falls back to the test readings, and the report says so.
     for c in cells:
         for p in c["curve"]:

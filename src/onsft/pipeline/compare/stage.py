@@ -52,7 +52,8 @@ from onsft.pipeline.compare.comparison import plot_results, summarize, table_csv
 from onsft.pipeline.compare.experiment import EVAL_SETS, METHODS, REPLAY_METHODS, Experiment, load_experiment
 from onsft.pipeline.compare.experiment_data import materialize
 from onsft.pipeline.compare.experiment_eval import Evaluator
-from onsft.pipeline.compare.frontier_report import settings_for_more_seeds, write_frontier
+from onsft.pipeline.compare.frontier_readings import settings_for_more_seeds
+from onsft.pipeline.compare.frontier_report import write_frontier
 from onsft.pipeline.compare.sweep import (
     Cell,
     base_point,

@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 
 from onsft.pipeline.compare.experiment import Experiment
-from onsft.pipeline.compare.frontier_report import interval_text, reading_name
+from onsft.pipeline.compare.frontier_markdown import interval_text, reading_name
 from onsft.pipeline.report import figure_png, new_figure, save_png
 from onsft.runtime.records import write_json_atomic, write_text_atomic
 
