@@ -76,41 +76,47 @@ def check_answers(examples: Sequence[Example], where: str) -> None:
         )
 
 
+def encoded_prompts(tokenizer, examples: Sequence[Example], context: int | None, where: str) -> list[list[int] | None]:
+    """Each prompt's token ids (a chat template that rejects it raises), or None for a prompt far past `context`
+    by its characters alone, which is never tokenised."""
+    budget = char_budget(tokenizer, context) if context else None
+    return [
+        None
+        if budget is not None and text_chars(e.prompt) > budget
+        else encode_prompt(tokenizer, e.prompt, where, e.line)
+        for e in examples
+    ]
+
+
+def fills_context(prompt: list[int] | None, context: int | None) -> bool:
+    """No room left to generate: the prompt (None: far past the context, see `encoded_prompts`) fills it."""
+    return prompt is None or bool(context) and len(prompt) >= context
+
+
 def check_prompts(
     tokenizer, examples: Sequence[Example], context: int | None, where: str, fix: str = "shorten or remove the row."
 ) -> list[list[int]]:
     """Every prompt's token ids, refusing (before anything is generated) a prompt that fills the context, a
     prompt far past it by its characters alone (never tokenised), and one the chat template rejects."""
-    check_text_budget(tokenizer, examples, context, where)
-    prompts = [encode_prompt(tokenizer, e.prompt, where, e.line) for e in examples]
-    for example, prompt in zip(examples, prompts):
-        if context and len(prompt) >= context:
-            over = sum(len(p) >= context for p in prompts)
-            raise UserError(
-                f"prompt has {len(prompt)} tokens; the model's context is {context}"
-                + (f" ({over} such rows)" if over > 1 else ""),
-                where=where,
-                line=example.line,
-                fix=fix,
-            )
+    check_text_budget(tokenizer, examples, context, where)  # names the characters of the first such row
+    prompts = encoded_prompts(tokenizer, examples, context, where)
+    over = [i for i, p in enumerate(prompts) if fills_context(p, context)]
+    if over:
+        raise UserError(
+            f"prompt has {len(prompts[over[0]])} tokens; the model's context is {context}"
+            + (f" ({len(over)} such rows)" if len(over) > 1 else ""),
+            where=where,
+            line=examples[over[0]].line,
+            fix=fix,
+        )
     return prompts
 
 
 def fitting_prompts(tokenizer, examples: Sequence[Example], context: int | None, where: str):
     """(the examples whose prompt leaves room to generate within `context`, the file lines of the others): the
-    rows `--overlong drop` evaluates. A prompt far past the context by its characters is left out untokenised."""
-    if not context:
-        return list(examples), []
-    budget = char_budget(tokenizer, context)
-    kept, dropped = [], []
-    for example in examples:
-        fits = text_chars(example.prompt) <= budget
-        fits = fits and len(encode_prompt(tokenizer, example.prompt, where, example.line)) < context
-        if fits:
-            kept.append(example)
-        else:
-            dropped.append(example.line)
-    return kept, dropped
+    rows `--overlong drop` evaluates, by the rule `check_prompts` refuses with."""
+    fills = [fills_context(p, context) for p in encoded_prompts(tokenizer, examples, context, where)]
+    return [e for e, full in zip(examples, fills) if not full], [e.line for e, full in zip(examples, fills) if full]
 
 
 def check_prompt_set(
