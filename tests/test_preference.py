@@ -332,7 +332,10 @@ def test_simpo_is_reference_free_length_normalised_and_changes_the_model(setup, 
     summary = train_preference(
         ["--method", "simpo", *train_args(setup["model"], data, out), "--beta", "2.5", "--simpo_gamma", "0.3"]
     )
-    assert summary["trainer"] == "CPOTrainer" and summary["global_step"] == 2
+    assert summary["trainer"] == "SimPOTrainer" and summary["global_step"] == 2
+    # Its token count (compute-matched readings use it) is DPO's: chosen and rejected, prompt included.
+    dpo = train_preference(["--method", "dpo", *train_args(setup["model"], data, tmp_path / "dpo-tokens")])
+    assert summary["tokens_seen"] == dpo["tokens_seen"] > 0
     assert summary["beta"] == 2.5 and summary["simpo_gamma"] == 0.3
     assert first_loss(out) == pytest.approx(naive_simpo_loss(setup["model"], pair, 2.5, 0.3), rel=1e-5)
     before, after = weights(setup["model"]), weights(out / "model")

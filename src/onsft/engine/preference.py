@@ -15,6 +15,7 @@ import copy
 import dataclasses
 from dataclasses import dataclass, field
 
+import torch
 from trl import DPOConfig, DPOTrainer
 
 from onsft.engine.trainer import LEARNING_RATE_HELP, LEARNING_RATES, TrainingDefaults
@@ -95,6 +96,25 @@ def build_preference_trainer(method: str, model, config, peft_config, **common):
         # would reload one from the hub path in the config). With LoRA, disabling adapters gives it for free.
         reference = None if peft_config is not None else copy.deepcopy(model).eval().requires_grad_(False)
         return DPOTrainer(model=model, ref_model=reference, args=config, peft_config=peft_config, **common)
-    from trl.experimental.cpo import CPOTrainer  # experimental module: imported only for SimPO
+    return simpo_trainer_class()(model=model, args=config, peft_config=peft_config, **common)
 
-    return CPOTrainer(model=model, args=config, peft_config=peft_config, **common)
+
+def simpo_trainer_class() -> type:
+    """TRL's CPOTrainer (an experimental module: imported only for SimPO), counting the tokens it trains on."""
+    from trl.experimental.cpo import CPOTrainer
+
+    class SimPOTrainer(CPOTrainer):
+        """CPOTrainer whose `num_input_tokens_seen` counts the chosen and rejected sequences (prompt included), as
+        DPO's count does: the base Trainer looks for `input_ids`, which CPO's batches lack, and counted nothing,
+        so compute-matched readings had no tokens for SimPO."""
+
+        def _track_num_input_tokens(self, inputs):
+            masks = [inputs[k] for k in ("chosen_attention_mask", "rejected_attention_mask") if k in inputs]
+            mode = self.args.include_num_input_tokens_seen
+            if mode == "no" or not masks:
+                return super()._track_num_input_tokens(inputs)
+            count = sum(int(m.sum()) if mode == "non_padding" else m.numel() for m in masks)
+            seen = self.accelerator.gather(torch.tensor(count, device=self.args.device, dtype=torch.int64))
+            self.state.num_input_tokens_seen += seen.sum().item()
+
+    return SimPOTrainer
