@@ -48,7 +48,8 @@ def setup(tmp_path_factory):
             "max_length": 64,
         },
         "method_train": {"dpo": {"learning_rate": 0.001}},
-        "pairs": {"samples": 2, "max_new_tokens": 6, "verifier": "exact"},
+        # The tiny model verifies no rewrite: the pairs take their chosen answers from its own samples alone.
+        "pairs": {"samples": 2, "max_new_tokens": 6, "verifier": "exact", "rewrites": False},
         "eval": {"max_new_tokens": 6, "verifier": "exact", "batch_size": 8},
         "curve_every": 1,
         "curve_limit": 2,
@@ -131,3 +132,24 @@ def test_an_unknown_method_given_by_flag_is_blamed_on_the_flag(setup, capsys):
     err = capsys.readouterr().err
     assert err.startswith("onsft: error: --methods: unknown method `sfx`") and "flag.yaml" not in err
     assert not (root / "flag").exists()
+
+
+def test_the_preference_pairs_do_not_depend_on_the_other_methods_run(setup, tmp_path, monkeypatch):
+    """DPO's chosen answers are the verified rewrites whether or not a rewrite method runs beside it, so a grid
+    run method by method (`--methods dpo`) reuses the same pairs as the whole grid."""
+    from onsft.pipeline.compare import stage
+    from onsft.pipeline.compare.experiment import experiment_from_dict
+
+    _, experiment = setup
+    rewritten = {"files": {"train": "rewritten.jsonl"}, "wall_seconds": 0.0}
+    given = []
+    monkeypatch.setattr(stage.rewrite_stage, "run", lambda config, *rest: rewritten)
+    monkeypatch.setattr(stage.pairs_stage, "run", lambda config, *rest: given.append(config.rewrites) or {})
+    with_rewrites = {**experiment, "pairs": {k: v for k, v in experiment["pairs"].items() if k != "rewrites"}}
+    for methods in (["dpo"], ["dpo", "rewrite+sft"], ["simpo"]):
+        exp = experiment_from_dict({**with_rewrites, "methods": methods}, "x.yaml")
+        stage.prepare_shared_data(exp, tmp_path / "-".join(methods))
+    assert given == ["rewritten.jsonl"] * 3
+    assert experiment["pairs"]["rewrites"] is False
+    stage.prepare_shared_data(experiment_from_dict({**experiment, "methods": ["dpo"]}, "x.yaml"), tmp_path / "plain")
+    assert given[-1] is None

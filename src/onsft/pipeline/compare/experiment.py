@@ -81,7 +81,13 @@ class Experiment:
     train: dict = field(default_factory=dict, metadata={"help": "`onsft train` options for every cell."})
     method_train: dict = field(default_factory=dict, metadata={"help": "Per-method `onsft train` overrides."})
     rewrite: dict = field(default_factory=dict, metadata={"help": "`onsft rewrite` options."})
-    pairs: dict = field(default_factory=dict, metadata={"help": "`onsft pairs` options."})
+    pairs: dict = field(
+        default_factory=dict,
+        metadata={
+            "help": "`onsft pairs` options, plus `rewrites: false` to build the preference pairs without the verified "
+            "rewrites as chosen answers (default: with them, so the rewrite runs for dpo/simpo too)."
+        },
+    )
     eval: dict = field(default_factory=dict, metadata={"help": "Decoding and verifier options of evaluation."})
     audit: dict | None = field(
         default=None, metadata={"help": "`onsft audit` options: audit the training data first (None = no audit)."}

@@ -168,7 +168,9 @@ def audit_configs(exp: Experiment, folder: Path) -> tuple:
 
 
 def _needs_rewrite(exp: Experiment) -> bool:
-    return "rewrite" in exp.sources() or ("pairs" in exp.sources() and exp.pairs.get("rewrites") is True)
+    """For the rewrite methods, and for the preference pairs, whose chosen answers are the verified rewrites unless
+    `pairs: {rewrites: false}`: a method's data never depends on which other methods run with it."""
+    return "rewrite" in exp.sources() or ("pairs" in exp.sources() and bool(exp.pairs.get("rewrites", True)))
 
 
 def check_options(exp: Experiment, out: Path) -> None:
