@@ -13,10 +13,11 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}"
 
 
-def interval_text(d: dict, signed: bool = False) -> str:
-    """An interval (`Interval.__dict__`) as "mean [low, high]" in %, with signs for differences."""
-    f = "{:+.1f}" if signed else "{:.1f}"
-    return f"{f.format(100 * d['mean'])} [{f.format(100 * d['low'])}, {f.format(100 * d['high'])}]"
+def interval_text(d: dict, signed: bool = False, scale: float = 100, digits: int = 1) -> str:
+    """An interval (`Interval.__dict__`) as "mean [low, high]" (in % by default: `scale` 100), with signs for
+    differences."""
+    f = f"{{:{'+' if signed else ''}.{digits}f}}"
+    return f"{f.format(scale * d['mean'])} [{f.format(scale * d['low'])}, {f.format(scale * d['high'])}]"
 
 
 def reading_name(axis: str, level: float) -> str:
@@ -156,8 +157,7 @@ def _compute_matched_lines(compute: dict) -> list[str]:
 
 
 def _nats(d: dict, signed: bool = False) -> str:
-    f = "{:+.3f}" if signed else "{:.3f}"
-    return f"{f.format(d['mean'])} [{f.format(d['low'])}, {f.format(d['high'])}]"
+    return interval_text(d, signed, scale=1, digits=3)
 
 
 def _drift_lines(drift: dict | None) -> list[str]:
