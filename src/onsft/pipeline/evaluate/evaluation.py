@@ -114,7 +114,9 @@ def check_prompts(
 
 def fitting_prompts(tokenizer, examples: Sequence[Example], context: int | None, where: str):
     """(the examples whose prompt leaves room to generate within `context`, the file lines of the others): the
-    rows `--overlong drop` evaluates, by the rule `check_prompts` refuses with."""
+    rows `--overlong drop` evaluates, by the rule `check_prompts` refuses with (no known context: every row)."""
+    if not context:
+        return list(examples), []
     fills = [fills_context(p, context) for p in encoded_prompts(tokenizer, examples, context, where)]
     return [e for e, full in zip(examples, fills) if not full], [e.line for e, full in zip(examples, fills) if full]
 
