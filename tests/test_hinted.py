@@ -234,6 +234,32 @@ def test_several_answer_markers_hand_over_at_the_first_one_generated():
     assert answer_markers("\\boxed{|answer is") == ("\\boxed{", "answer is") and answer_markers("") == ()
 
 
+def test_marker_before_stop_masks_eos_only_while_the_hinted_context_leads():
+    model = varied_model(seed=0)
+    free = hinted_decode(model, TOKENIZER, PLAIN, HINTED, config(max_new_tokens=40))
+    assert free[0].finish_reason == "eos" and free[0].n_tokens == 9  # this model stops example 0 early
+    eos = TOKENIZER.eos_token_id
+    # A marker that is never generated: example 0 cannot stop, so it runs to its limit; up to the masked EOS
+    # it decodes as before, and the examples that never chose EOS are unchanged.
+    held = hinted_decode(
+        model, TOKENIZER, PLAIN, HINTED, config(max_new_tokens=40, answer_marker="@@", marker_before_stop=True)
+    )
+    assert held[0].finish_reason == "length" and held[0].n_tokens == 40 and eos not in held[0].token_ids
+    assert held[0].token_ids[:8] == free[0].token_ids[:8] and not held[0].handed_over
+    assert [r.token_ids for r in held[1:]] == [r.token_ids for r in free[1:]]
+    # A marker generated before the EOS: the hand-over comes first and the plain context may stop as it likes,
+    # so the flag changes nothing.
+    marker = TOKENIZER.decode(free[0].token_ids[1:3])
+    assert marker not in TOKENIZER.decode(free[0].token_ids[:2])
+    marked = [config(max_new_tokens=40, answer_marker=marker, marker_before_stop=flag) for flag in (False, True)]
+    plain_end, held_end = (hinted_decode(model, TOKENIZER, PLAIN, HINTED, c) for c in marked)
+    assert held_end[0].handed_over and held_end[0].handover_step == 3
+    assert [r.token_ids for r in held_end] == [r.token_ids for r in plain_end]
+    # Without any marker there is nothing to wait for: the flag is off.
+    unmarked = hinted_decode(model, TOKENIZER, PLAIN, HINTED, config(max_new_tokens=40, marker_before_stop=True))
+    assert [r.token_ids for r in unmarked] == [r.token_ids for r in free]
+
+
 def test_repetition_loop_stops_hinted_rows():
     model = varied_model(seed=0, hidden=64)  # loops quickly
     cfg = config(beta=0.0, max_new_tokens=60, repetition_window=4, repetition_count=3)

@@ -100,7 +100,7 @@ def run(args, capsys) -> tuple[int, str]:
 def resolve_hint(config: rewriting.RewriteConfig, info: dict, hinted: HintedConfig | None = None, profile=None):
     """The hint settings a rewrite with these settings uses (the answer marker and beta are HintedConfig's)."""
     hinted = hinted or HintedConfig()
-    return config.hint(hinted.answer_marker, hinted.beta, info, profile)
+    return config.hint(hinted, info, profile)
 
 
 # ------------------------------------------------------------------------------------------ templates
@@ -171,6 +171,7 @@ def test_restate_form_is_the_plain_prompt_with_the_reference_as_an_earlier_answe
         "restate",
         SMOLLM2.followup,
         1.0,
+        True,
     )
     prompt = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}]
     assert hint_prompts.hinted_messages(prompt, "2+2 = 4", hint) == [
@@ -184,10 +185,12 @@ def test_restate_form_is_the_plain_prompt_with_the_reference_as_an_earlier_answe
         {"role": "system", "content": "SYS"},
         {"role": "user", "content": "What is 2+2?"},
     ]
-    # Flags win over the profile: a beta, a marker, a follow-up.
+    # Flags win over the profile: a beta, a marker, a follow-up, letting the hinted context stop.
     flagged = rewriting.RewriteConfig(data="d", hint_followup="Again.")
-    got = resolve_hint(flagged, {}, HintedConfig(beta=2.5, answer_marker="@"), profile=SMOLLM2)
+    hinted = HintedConfig(beta=2.5, answer_marker="@", marker_before_stop=False)
+    got = resolve_hint(flagged, {}, hinted, profile=SMOLLM2)
     assert (got.form, got.followup, got.beta, got.answer_marker) == ("restate", "Again.", 2.5, "@")
+    assert got.marker_before_stop is False
     # So do a template or system text of one's own, the model's onsft.json, and --hint_form instruction.
     for cfg, info in [
         (rewriting.RewriteConfig(data="d", hint_template="{question} {reference}"), {}),
@@ -197,6 +200,7 @@ def test_restate_form_is_the_plain_prompt_with_the_reference_as_an_earlier_answe
     ]:
         got = resolve_hint(cfg, info, profile=SMOLLM2)
         assert got.form == "instruction" and not got.source.startswith("profile") and got.beta is None
+        assert got.marker_before_stop is False
     # The restate form without a profile: the default follow-up, the plain system turn, \\boxed{, beta default.
     plain = resolve_hint(rewriting.RewriteConfig(data="d", hint_form="restate"), {})
     assert (plain.form, plain.system, plain.answer_marker, plain.beta) == ("restate", "", "\\boxed{", None)
@@ -793,8 +797,10 @@ def test_summary_reports_z_of_kept_rows_and_advises_on_a_low_marker_share():
     assert summary["answer_marker"]["share"] == pytest.approx(1 / 4)
     (note,) = rewrite_summary.advice(summary, {"form": "instruction", "answer_marker": "\\boxed{"})
     assert "25%" in note and "--hint_form restate" in note and "answer is" in note and "--hint_beta" in note
-    # The restate form is not suggested again; a share at or above one half gives no advice.
-    assert "--hint_form" not in rewrite_summary.advice(summary, {"form": "restate", "answer_marker": "x"})[0]
+    assert "--marker_before_stop" in note
+    # Settings in use are not suggested again; a share at or above one half gives no advice.
+    (again,) = rewrite_summary.advice(summary, {"form": "restate", "answer_marker": "x", "marker_before_stop": True})
+    assert "--hint_form" not in again and "--marker_before_stop" not in again
     for entry in [e for r in records for e in r["candidates"] or []][:2]:
         entry["handed_over"] = True
     assert rewrite_summary.advice(rewrite_summary.summarize(records), {"form": "restate"}) == []

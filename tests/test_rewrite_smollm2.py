@@ -27,7 +27,8 @@ ROWS = [
 @pytest.mark.skipif(not CACHED, reason="smollm2-135m is not in the onsft cache (tests never download it)")
 def test_smollm2_rewrites_reach_the_answer_marker():
     tokenizer, model = load_tokenizer("smollm2-135m"), load_model("smollm2-135m")
-    assert hint_profiles.model_profile("smollm2-135m", model.config, tokenizer).name == "smollm2"
+    profile = hint_profiles.model_profile("smollm2-135m", model.config, tokenizer)
+    assert profile.name == "smollm2" and profile.marker_before_stop
     examples = [
         parse_example(
             {

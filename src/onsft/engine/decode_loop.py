@@ -92,6 +92,7 @@ def run_examples(
     mixer: Mixer | None,
     answer_markers: tuple[str, ...],
     hinted_first: bool,
+    marker_before_stop: bool,
     context: int | None,
     schedule: str,
     prefixes: list[list[int]],
@@ -147,11 +148,18 @@ def run_examples(
                 stats.admissions += 1
                 stats.admitted_examples += len(take)
         scores, lam = _scores(rows, live, examples, mixer, hinted_first)
-        if config.min_new_tokens and stops.numel():
+        hold = marker_before_stop and bool(answer_markers)
+        if (config.min_new_tokens or hold) and stops.numel():
             if is_stop.numel() != scores.shape[-1]:
                 is_stop = torch.zeros(scores.shape[-1], dtype=torch.bool, device=device).index_fill(0, stops, True)
+            # No stop before min_new_tokens, nor (marker_before_stop) while the hinted context still leads: the
+            # answer after the marker is then always the plain context's.
             early = torch.tensor(
-                [len(examples[i].trace.token_ids) < config.min_new_tokens for i in live], device=device
+                [
+                    len(examples[i].trace.token_ids) < config.min_new_tokens or (hold and examples[i].hinted)
+                    for i in live
+                ],
+                device=device,
             )
             scores = scores.masked_fill(early[:, None] & is_stop[None, :], float("-inf"))
         tokens = sample_tokens(scores, config, [examples[i].generator for i in live]).tolist()

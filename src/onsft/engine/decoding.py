@@ -157,6 +157,7 @@ def decode_examples(
     hinted_first: bool = True,
     progress: Callable[[int], None] | None = None,
     *,
+    marker_before_stop: bool = False,
     schedule: str = "continuous",
     shared_prefix: str | list[int] = "auto",
     example_ids: list[int] | None = None,
@@ -168,7 +169,8 @@ def decode_examples(
     With `hinted_ids`, example i has a hinted row and a plain row; each step's distribution is
     `mixer(hinted, plain)`, except the first step (hinted alone, when `hinted_first`) and every step
     after `answer_marker` (or any of several, a sequence) appeared in the generated text (plain alone; the
-    hinted row is dropped).
+    hinted row is dropped). With `marker_before_stop`, a hinted example cannot stop (EOS) before a marker:
+    the plain context always writes what follows it, and an example that never reaches one ends at its limit.
     Without `hinted_ids` each example has its plain row only: ordinary decoding.
 
     Keyword options, none of which changes a token in exact arithmetic (other batch shapes round floats
@@ -233,6 +235,7 @@ def decode_examples(
                     m for m in ([answer_marker] if isinstance(answer_marker, str) else answer_marker) if m
                 ),
                 hinted_first=hinted_first,
+                marker_before_stop=marker_before_stop and hinted_ids is not None,
                 context=limit,
                 schedule=schedule,
                 prefixes=[group_prefix(prompts, shared_prefix) for prompts in groups],

@@ -97,6 +97,14 @@ class HintedConfig(SamplingConfig):
             "rewrite profile when rewriting, else \\boxed{."
         },
     )
+    marker_before_stop: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Mask EOS while the hinted context leads, so every response reaches an answer marker and its "
+            "answer is written by the plain context (a response that never reaches one ends at --max_new_tokens "
+            "and is not kept). Default: the model's rewrite profile, else false."
+        },
+    )
     lambda_override: float | None = field(
         default=None,
         metadata={
@@ -178,6 +186,7 @@ def hinted_decode(
         answer_marker=answer_markers(ANSWER_MARKER if config.answer_marker is None else config.answer_marker),
         hinted_first=config.lambda_override is None,
         progress=progress,
+        marker_before_stop=bool(config.marker_before_stop),
         **options,
     )
     results = []

@@ -14,6 +14,9 @@ where it hands over:
   habit ("The final answer is ...", "The answer is ..."), after which its plain context alone finishes.
 - `beta`: the entropy scale of the mixing. A small model's hinted context is unsure more often (higher
   entropy), so beta 3 gives the plain context, which cannot solve the task, most of the choices.
+- `marker_before_stop`: EOS is masked while the hinted context leads. SmolLM2 often ends a short solution
+  right after its last line ("4 - 1 = 3", then EOS) without any marker, so the answer was the hinted
+  context's; with the mask it goes on to "The final answer is ...", which the plain context finishes.
 
 Measured on SmolLM2 in docs/study-smollm2.md (`onsft rewrite` summaries): why these values.
 A model matches a profile when one of its `keys` occurs in its name or path, its config's `_name_or_path`, or
@@ -37,6 +40,7 @@ class RewriteProfile:
     system: str = ""  # "" = the chat template's own default system turn, as in the plain context
     answer_marker: str = "\\boxed{"
     beta: float | None = None  # None: HintedConfig's default
+    marker_before_stop: bool = False  # mask EOS until a marker: the plain context always writes the answer
 
 
 PROFILES = (
@@ -46,6 +50,7 @@ PROFILES = (
         form="restate",
         answer_marker="\\boxed{|answer is",
         beta=1.0,
+        marker_before_stop=True,
     ),
 )
 

@@ -47,6 +47,7 @@ class HintSettings:
     form: str = "instruction"  # or "restate" (see the module doc)
     followup: str = ""  # restate: the user turn after the reference
     beta: float | None = None  # the mixing's entropy scale (None: HintedConfig's default)
+    marker_before_stop: bool = False  # hinted decoding masks EOS until an answer marker (HintedConfig's help)
 
 
 def resolve_hint(
@@ -60,11 +61,12 @@ def resolve_hint(
     form: str = "auto",
     followup: str | None = None,
     beta: float | None = None,
+    marker_before_stop: bool | None = None,
 ) -> HintSettings:
     """The hint format: flags win, then the model's onsft.json (the format it was trained on), then the model
     family's rewrite profile, then the generic instruction (with the analyze-first variant of the system
     text). A template or system text given by flag or onsft.json means the instruction form unless `form`
-    says otherwise; `beta` (the flag) wins over the profile's."""
+    says otherwise; `beta` and `marker_before_stop` (the flags) win over the profile's."""
     has_template = isinstance(info.get("hint_template"), str)
     own_format = template is not None or system is not None or has_template
     use = profile if profile is not None and not own_format and form in ("auto", profile.form) else None
@@ -91,6 +93,8 @@ def resolve_hint(
         followup = use.followup if use is not None else RESTATE_FOLLOWUP
     if beta is None and use is not None:
         beta = use.beta
+    if marker_before_stop is None:
+        marker_before_stop = use.marker_before_stop if use is not None else False
     missing = [p for p in PLACEHOLDERS if "{" + p + "}" not in template] if form == "instruction" else []
     if missing:
         raise UserError(
@@ -102,7 +106,9 @@ def resolve_hint(
         raise UserError(
             "the restate form needs a follow-up turn", where="--hint_followup", fix="pass a non-empty text."
         )
-    return HintSettings(template, system, marker, source, form, followup if form == "restate" else "", beta)
+    return HintSettings(
+        template, system, marker, source, form, followup if form == "restate" else "", beta, marker_before_stop
+    )
 
 
 _PLACEHOLDER = re.compile(r"\{(question|reference)\}")

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from onsft.data.rows import DataArguments, Example
 from onsft.data.step_check import StepCheckConfig
+from onsft.engine.hinted import HintedConfig
 from onsft.errors import UserError
 from onsft.pipeline.rewrite.best_of_n import SAMPLE_SLOTS, BestOfNConfig
 from onsft.pipeline.rewrite.hint_profiles import RewriteProfile
@@ -136,21 +137,21 @@ class RewriteConfig(StepCheckConfig, BestOfNConfig, DataArguments):
         },
     )
 
-    def hint(
-        self, answer_marker: str | None, beta: float | None, info: dict, profile: RewriteProfile | None
-    ) -> HintSettings:
-        """The hinted context's format: these flags (and hinted decoding's marker and beta), else the model
-        folder's onsft.json, else its family's rewrite profile, else the generic instruction."""
+    def hint(self, hinted: HintedConfig, info: dict, profile: RewriteProfile | None) -> HintSettings:
+        """The hinted context's format: these flags (and hinted decoding's marker, beta and
+        marker_before_stop), else the model folder's onsft.json, else its family's rewrite profile, else the
+        generic instruction."""
         return resolve_hint(
             self.hint_template,
             self.hint_system,
-            answer_marker,
+            hinted.answer_marker,
             self.analyze_first,
             info,
             profile,
             form=self.hint_form,
             followup=self.hint_followup,
-            beta=beta,
+            beta=hinted.beta,
+            marker_before_stop=hinted.marker_before_stop,
         )
 
     def validate(self) -> None:

@@ -148,11 +148,12 @@ def advice(summary: dict, hint: dict) -> list[str]:
             if hint.get("form") == "restate"
             else " --hint_form restate (the plain prompt with the reference as the model's earlier answer),"
         )
+        hold = "" if hint.get("marker_before_stop") else " --marker_before_stop (no EOS before a marker),"
         notes.append(
             f"only {marker['share']:.0%} of hinted candidates reached the answer marker {hint.get('answer_marker')!r}, "
             "so the plain context rarely finished the answers and the rewrites may lack the answer format; try"
             f"{restate} --answer_marker '\\boxed{{|answer is' (add a phrase the model writes by habit before its "
-            "answer), or a lower --hint_beta (e.g. 1) so that the hinted context leads more often."
+            f"answer),{hold} or a lower --hint_beta (e.g. 1) so that the hinted context leads more often."
         )
     kept = summary["step_check"]
     if kept["rows_checked"] and kept["flagged"] / kept["rows_checked"] >= 0.25:

@@ -107,7 +107,9 @@ class Rewriter:
     ):
         self.model, self.tokenizer, self.config, self.hint, self.verifier = model, tokenizer, config, hint, verifier
         self.step_checker = step_checker
-        self.hinted = dataclasses.replace(hinted, answer_marker=hint.answer_marker, beta=hint.beta)
+        self.hinted = dataclasses.replace(
+            hinted, answer_marker=hint.answer_marker, beta=hint.beta, marker_before_stop=hint.marker_before_stop
+        )
         self.betas = candidate_betas(config, DEFAULT_BETA if hint.beta is None else hint.beta)
         self.context = context_length(model)
         self.scorer = scoring.scorer(model, pad_token_id(tokenizer))
@@ -335,7 +337,7 @@ def rewrite_examples(
     hinted.validate()
     check_columns(examples, "examples")
     profile = model_profile(getattr(model, "name_or_path", ""), getattr(model, "config", None), tokenizer)
-    hint = hint or config.hint(hinted.answer_marker, hinted.beta, info or {}, profile)
+    hint = hint or config.hint(hinted, info or {}, profile)
     verifier = get_verifier(verifier or "math")
     step_checker = config.build_step_checker()
     prepared = prepare(tokenizer, examples, hint, config.max_length, context_length(model), "examples")

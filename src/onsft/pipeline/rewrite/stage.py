@@ -165,7 +165,7 @@ def run(
     check_columns(examples, config.data)
     tokenizer = load_tokenizer(model_args)
     profile = model_profile(model_args.model, tokenizer=tokenizer)
-    hint = config.hint(hinted.answer_marker, hinted.beta, read_model_info(model_args), profile)
+    hint = config.hint(hinted, read_model_info(model_args), profile)
     check_writable(out / "records.jsonl")
     check_writable(train_out)
     procs = Processes(model_args.device)
