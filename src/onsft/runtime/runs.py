@@ -337,6 +337,12 @@ def open_run(kinds: tuple[type, ...], given: tuple, writes: tuple = ()) -> tuple
 def settings_record(name: str, config, data: dict, model_args, leave_out: tuple = ("out",), **groups) -> dict:
     """What a run's results depend on, as its run.json and resumable files record it: the command's own settings
     under `name` (without its output names, `leave_out`), its data by content, the model as runs record it
-    (`ModelArguments.recorded`), then each of `groups` whole, in the order given."""
+    (`ModelArguments.recorded`), then each of `groups` whole (a dataclass) or as given (a dict: a group
+    without the fields that do not change results, e.g. a batch size), in the order given."""
     own = {k: v for k, v in asdict(config).items() if k not in leave_out}
-    return {name: own, "data": data, "model": model_args.recorded(), **{k: asdict(v) for k, v in groups.items()}}
+    return {
+        name: own,
+        "data": data,
+        "model": model_args.recorded(),
+        **{k: v if isinstance(v, dict) else asdict(v) for k, v in groups.items()},
+    }

@@ -116,7 +116,7 @@ from onsft.runtime.models import (
 )
 from onsft.runtime.progress import note_resume, progress
 from onsft.runtime.records import check_writable, write_json_atomic, write_jsonl_atomic
-from onsft.runtime.runs import RunArguments, RunGuard, group_defaults, normalized, open_run
+from onsft.runtime.runs import RunArguments, RunGuard, group_defaults, normalized, open_run, settings_record
 from onsft.runtime.store import ShardStore
 
 OUTPUTS = ["records*.jsonl*", "train.jsonl", "summary.json"]
@@ -127,18 +127,18 @@ def _settings(
 ) -> dict:
     """What changes results (batch sizes and output names do not): a resumed run must match it, and a
     finished run with it is not redone."""
-    return {
-        "command": "rewrite",
-        "rewrite": {
-            k: v for k, v in dataclasses.asdict(config).items() if k not in ("out", "train_out", "own_batch_size")
-        },
-        "hinted": {k: v for k, v in dataclasses.asdict(hinted).items() if k != "batch_size"},
-        "model": model_args.recorded(),
-        "dtype": str(dtype),
-        "data": dataset_identity(config.data, config.split),
-        "hint": dataclasses.asdict(hint),
-        "verify": dataclasses.asdict(verify),
-    }
+    record = settings_record(
+        "rewrite",
+        config,
+        dataset_identity(config.data, config.split),
+        model_args,
+        ("out", "train_out", "own_batch_size"),
+        hinted={k: v for k, v in dataclasses.asdict(hinted).items() if k != "batch_size"},
+        hint=hint,
+        verify=verify,
+    )
+    # The command's name and the weights' precision as the first rewrites recorded them (cached rewrites stay valid).
+    return {"command": "rewrite", "dtype": str(dtype), **record}
 
 
 def run(
