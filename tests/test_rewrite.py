@@ -504,6 +504,16 @@ def test_cli_end_to_end_and_a_finished_rerun_does_nothing(saved, tmp_path, capsy
     code, err = run([*base_args(saved), "--out", out, "--train_out", tmp_path / "elsewhere" / "kept.jsonl"], capsys)
     assert code == 0 and "nothing to do" in err
     assert (tmp_path / "elsewhere" / "kept.jsonl").read_bytes() == before["train.jsonl"]
+    # A run recorded before --marker_before_stop existed is the same run with it off (the default here, or
+    # given); turning it on is another run.
+    recorded = json.loads((out / "run.json").read_text())
+    del recorded["settings"]["hint"]["marker_before_stop"]
+    (out / "run.json").write_text(json.dumps(recorded))
+    for extra in ([], ["--marker_before_stop", "false"]):
+        code, err = run([*base_args(saved), "--out", out, *extra], capsys)
+        assert code == 0 and "nothing to do" in err
+    code, err = run([*base_args(saved), "--out", out, "--marker_before_stop", "true"], capsys)
+    assert code == 2 and "marker_before_stop" in err
 
 
 BAD_INPUTS = {

@@ -133,7 +133,9 @@ def _settings(
         dataset_identity(config.data, config.split),
         model_args,
         ("out", "train_out", "own_batch_size"),
-        hinted={k: v for k, v in dataclasses.asdict(hinted).items() if k != "batch_size"},
+        # marker_before_stop as resolved (flag, else profile) is the hint's; the flag itself is not recorded, so a
+        # rewrite recorded before the option existed matches a rerun that turns it off.
+        hinted={k: v for k, v in dataclasses.asdict(hinted).items() if k not in ("batch_size", "marker_before_stop")},
         hint=hint,
         verify=verify,
     )
