@@ -10,6 +10,7 @@ from onsft.pipeline.rewrite.rewrite_config import ADDED_FIELDS
 
 Z_95 = 1.645  # one-sided 5% point of N(0, 1)
 LOW_MARKER_SHARE = 0.5  # below this share of hinted candidates reaching the marker, the summary advises
+HIGH_CUT_SHARE = 0.25  # from this share of hinted candidates cut at the token limit (EOS held), it advises too
 
 
 def train_rows(records: Sequence[dict]) -> list[dict]:
@@ -154,6 +155,13 @@ def advice(summary: dict, hint: dict) -> list[str]:
             "so the plain context rarely finished the answers and the rewrites may lack the answer format; try"
             f"{restate} --answer_marker '\\boxed{{|answer is' (add a phrase the model writes by habit before its "
             f"answer),{hold} or a lower --hint_beta (e.g. 1) so that the hinted context leads more often."
+        )
+    if hint.get("marker_before_stop") and (marker.get("cut_share") or 0) >= HIGH_CUT_SHARE:
+        notes.append(
+            f"{marker['cut_share']:.0%} of hinted candidates ran to --max_new_tokens: EOS is held until an answer "
+            "marker (--marker_before_stop, the model's rewrite profile), and these never wrote one; raise "
+            "--max_new_tokens if the solutions are long, or pass --marker_before_stop false (sampling at a high "
+            "--temperature often wanders off instead of reaching a marker)."
         )
     kept = summary["step_check"]
     if kept["rows_checked"] and kept["flagged"] / kept["rows_checked"] >= 0.25:
