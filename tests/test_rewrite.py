@@ -818,7 +818,10 @@ def test_summary_reports_z_of_kept_rows_and_advises_on_a_low_marker_share():
     # limit or turn the hold off (nothing to say when the hold is off: those ran long by themselves).
     records[-1]["candidates"][0]["finish_reason"] = "length"
     summary = rewrite_summary.summarize(records)
-    assert (summary["answer_marker"]["cut_at_limit"], summary["answer_marker"]["cut_share"]) == (1, 0.25)
+    assert (summary["answer_marker"]["cut_before_marker"], summary["answer_marker"]["cut_share"]) == (1, 0.25)
     (cut,) = rewrite_summary.advice(summary, {"form": "restate", "marker_before_stop": True})
     assert "25%" in cut and "--max_new_tokens" in cut and "--marker_before_stop false" in cut
     assert rewrite_summary.advice(summary, {"form": "restate", "marker_before_stop": False}) == []
+    # A candidate cut after its hand-over reached a marker: not counted.
+    records[-1]["candidates"][0]["handed_over"] = True
+    assert rewrite_summary.summarize(records)["answer_marker"]["cut_before_marker"] == 0

@@ -277,13 +277,13 @@ def handover(records: Sequence[dict]) -> dict:
     candidates = [e for r in records for e in r.get("candidates") or []]
     kept = [e for e in candidates if e["kept"]]
     reached, kept_reached = sum(e["handed_over"] for e in candidates), sum(e["handed_over"] for e in kept)
-    cut = sum(e.get("finish_reason") == "length" for e in candidates)
+    cut = sum(e.get("finish_reason") == "length" and not e["handed_over"] for e in candidates)
     return {
         "candidates": len(candidates),
         "handed_over": reached,
         "share": _share(reached, len(candidates)),
-        # Cut at the token limit: with marker_before_stop, the candidates that found no marker to stop after.
-        "cut_at_limit": cut,
+        # Cut at the token limit before any marker: with marker_before_stop, the ones that never found one.
+        "cut_before_marker": cut,
         "cut_share": _share(cut, len(candidates)),
         "kept": len(kept),
         "kept_handed_over": kept_reached,

@@ -10,7 +10,7 @@ from onsft.pipeline.rewrite.rewrite_config import ADDED_FIELDS
 
 Z_95 = 1.645  # one-sided 5% point of N(0, 1)
 LOW_MARKER_SHARE = 0.5  # below this share of hinted candidates reaching the marker, the summary advises
-HIGH_CUT_SHARE = 0.25  # from this share of hinted candidates cut at the token limit (EOS held), it advises too
+HIGH_CUT_SHARE = 0.25  # from this share of candidates cut before any marker (EOS held), it advises too
 
 
 def train_rows(records: Sequence[dict]) -> list[dict]:
@@ -158,8 +158,8 @@ def advice(summary: dict, hint: dict) -> list[str]:
         )
     if hint.get("marker_before_stop") and (marker.get("cut_share") or 0) >= HIGH_CUT_SHARE:
         notes.append(
-            f"{marker['cut_share']:.0%} of hinted candidates ran to --max_new_tokens: EOS is held until an answer "
-            "marker (--marker_before_stop, the model's rewrite profile), and these never wrote one; raise "
+            f"{marker['cut_share']:.0%} of hinted candidates ran to --max_new_tokens without reaching an answer "
+            "marker, before which EOS is held (--marker_before_stop, the model's rewrite profile); raise "
             "--max_new_tokens if the solutions are long, or pass --marker_before_stop false (sampling at a high "
             "--temperature often wanders off instead of reaching a marker)."
         )
