@@ -103,6 +103,8 @@ def run_examples(
 ) -> dict[int, Trace]:
     """Decode the examples in `order` (their admission order); returns each example's trace."""
     hinted = hinted_ids is not None
+    # marker_before_stop: no stop while an example's hinted row leads (only hinted decoding with a marker has one).
+    hold = marker_before_stop and hinted and bool(answer_markers)
     per_example = 2 if hinted else 1
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     rows = RowBatch(
@@ -148,7 +150,6 @@ def run_examples(
                 stats.admissions += 1
                 stats.admitted_examples += len(take)
         scores, lam = _scores(rows, live, examples, mixer, hinted_first)
-        hold = marker_before_stop and bool(answer_markers)
         if (config.min_new_tokens or hold) and stops.numel():
             if is_stop.numel() != scores.shape[-1]:
                 is_stop = torch.zeros(scores.shape[-1], dtype=torch.bool, device=device).index_fill(0, stops, True)

@@ -235,7 +235,7 @@ def decode_examples(
                     m for m in ([answer_marker] if isinstance(answer_marker, str) else answer_marker) if m
                 ),
                 hinted_first=hinted_first,
-                marker_before_stop=marker_before_stop and hinted_ids is not None,
+                marker_before_stop=marker_before_stop,
                 context=limit,
                 schedule=schedule,
                 prefixes=[group_prefix(prompts, shared_prefix) for prompts in groups],
