@@ -177,7 +177,7 @@ def _sequence(c, command, folder: Path, argv, target, progress_file, lines, chan
             watch=str(run),
             fingerprint=fingerprint,
             same_as=f"{name}_reference",
-            expect_stderr="resuming from checkpoint-" if command == "train" else "",
+            expect_stderr=f"onsft {command}: resuming: ",  # every resumable command says so in one line
             **common,
         )
     )

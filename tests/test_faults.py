@@ -240,7 +240,15 @@ def test_resumed_training_reports_the_loss_of_the_whole_run(corpus):
     assert resumed["global_step"] == reference["global_step"] == 16
     assert resumed["train_loss_this_run"] != pytest.approx(reference["train_loss"], rel=1e-3)
     assert resumed["train_loss"] == pytest.approx(reference["train_loss"], rel=1e-6)
-    assert "resuming from checkpoint-" in results["train_rerun_resumed"]["stderr"]
+    assert "onsft train: resuming: 14 of 16 done (steps, checkpoint-14)" in results["train_rerun_resumed"]["stderr"]
+    # The compute a resumed run reports is the whole run's: the earlier call's training time comes from its
+    # checkpoint (issue 21: a resumed run counted only its resumed part).
+    assert reference["cost_before_this_run"] == {"wall_seconds": 0.0, "cpu_seconds": 0.0}
+    earlier = resumed["cost_before_this_run"]
+    assert earlier["wall_seconds"] > 0 and earlier["cpu_seconds"] > 0
+    assert (
+        earlier["wall_seconds"] < resumed["train_seconds"] <= earlier["wall_seconds"] + resumed["wall_seconds_this_run"]
+    )
 
 
 @pytest.mark.slow

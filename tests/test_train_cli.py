@@ -96,6 +96,10 @@ def test_killed_after_its_last_checkpoint_resumes_to_the_same_model_without_an_e
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["global_step"] == 2 and summary["resumed_from"].endswith("checkpoint-2")
     assert summary["train_loss"] == pytest.approx(loss, rel=1e-6)
+    # No step ran now: the run's training time is what checkpoint-2 saved of the first call's.
+    saved = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())["stateful_callbacks"]["TrainClock"]
+    assert summary["cost_before_this_run"] == saved["args"] and saved["args"]["wall_seconds"] > 0
+    assert summary["train_seconds"] == saved["args"]["wall_seconds"]
     resumed = AutoModelForCausalLM.from_pretrained(out / "model")
     assert all(torch.equal(a, b) for a, b in zip(finished.state_dict().values(), resumed.state_dict().values()))
 
@@ -114,6 +118,33 @@ def test_an_epochs_run_resumed_from_a_middle_checkpoint_trains_its_remaining_ste
     assert main(args) == 0
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["global_step"] == 4 and summary["resumed_from"].endswith("checkpoint-2")
+    # The whole run's training time: checkpoint-2's saved clock plus this call's two steps.
+    before = summary["cost_before_this_run"]
+    assert before["wall_seconds"] > 0 and before["cpu_seconds"] > 0
+    assert (
+        before["wall_seconds"] < summary["train_seconds"] <= before["wall_seconds"] + summary["wall_seconds_this_run"]
+    )
+
+
+def test_a_checkpoint_saved_before_the_clock_resumes_with_no_earlier_time(tmp_path, tiny_dir):
+    """Checkpoints written by an onsft without the training clock (or by plain transformers) hold no TrainClock
+    entry; transformers' save fails on a missing entry, so the clock must add its own."""
+    data = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    out = tmp_path / "run"
+    args = [a for a in train_args(tiny_dir, data, out) if a not in ("--max_steps", "3")]
+    args += ["--num_train_epochs", "2"]
+    assert main(args) == 0
+    (out / "train_summary.json").unlink()
+    shutil.rmtree(out / "model")
+    shutil.rmtree(out / "checkpoint-4")
+    state_file = out / "checkpoint-2" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    del state["stateful_callbacks"]["TrainClock"]
+    state_file.write_text(json.dumps(state))
+    assert main(args) == 0
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["global_step"] == 4 and summary["cost_before_this_run"] == {"wall_seconds": 0.0, "cpu_seconds": 0.0}
+    assert "TrainClock" in json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())["stateful_callbacks"]
 
 
 def test_lora_training_saves_adapter_and_merged_model(tmp_path, tiny_dir):

@@ -170,3 +170,18 @@ def test_exact_compares_plain_numbers_as_numbers_and_anything_else_as_text():
         ("1e3", "1000"),
     ]:
         assert not exact.check(response, gold).correct, (response, gold)
+
+
+@pytest.mark.parametrize("name", ["exact", "math"])
+def test_a_gold_answer_stored_boxed_is_read_as_its_content(name):
+    """Issue 21: `--verifier exact` judged `30.0` wrong against the gold `\\boxed{30}` (datasets store answers
+    boxed, or whole solutions ending in a box)."""
+    verifier = get_verifier(name)
+    for response, gold in [
+        ("\\boxed{30.0}", "\\boxed{30}"),
+        ("so the answer is 30", "$\\boxed{30}$"),
+        ("\\boxed{30}", "Add 10 and 20 to get \\boxed{30}."),
+    ]:
+        assert verifier.check(response, gold).correct, (name, response, gold)
+    assert not verifier.check("\\boxed{31}", "\\boxed{30}").correct
+

@@ -17,6 +17,7 @@ Verifiers
 - "exact": the final answer extracted by `extract_final_answer` (the whole response when it has no
   answer marker) equals the gold answer after `normalize_answer` (case-sensitive: `aBc` != `abc`; plain
   decimal numbers are compared as numbers: `30.0` equals `30`).
+- Both read a gold answer stored boxed (`\\boxed{30}`, or a solution ending in one) as its boxed content.
 - "module:function" or "path/to/file.py:function": a user function fn(response, answer) returning a
   bool, or a float score in [0, 1] that counts as correct at >= 0.5.
 
@@ -31,19 +32,15 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import json
-import os
 import re
-import select
-import subprocess
 import sys
-import threading
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 
+from onsft.data.math_verify_runner import BoundedMathVerify
 from onsft.errors import UserError
 
 BUILTIN = ("math", "exact")
@@ -120,6 +117,14 @@ def normalize_answer(answer: str) -> str:
             return text
 
 
+def gold_answer(answer) -> str:
+    """The gold answer to compare with: normalised, and the content of its last \\boxed{...} when it holds
+    one (datasets often store the answer boxed, `\\boxed{30}`, or a whole solution ending in one)."""
+    text = normalize_answer(str(answer))
+    boxed = last_boxed(text)
+    return normalize_answer(boxed) if boxed is not None else text
+
+
 def same_answer(extracted: str, gold: str) -> bool:
     """Normalised answers equal as text, or as numbers when both are plain decimals (`30.0` equals `30`)."""
     a, b = normalize_answer(extracted), normalize_answer(gold)
@@ -129,108 +134,6 @@ def same_answer(extracted: str, gold: str) -> bool:
 def _is_word(answer: str) -> bool:
     """A bare alphanumeric word with two or more letters: a string answer, not a product of symbols."""
     return bool(re.fullmatch(r"[A-Za-z0-9]+", answer)) and sum(c.isalpha() for c in answer) >= 2
-
-
-# ---------------------------------------------------------------------------------------- math-verify
-
-
-_WARM = False
-
-
-def _warm_up_math_verify(parse, verify) -> None:
-    """One untimed parse and comparison per process: the first call imports sympy's LaTeX and
-    expression machinery lazily, which on a loaded machine can take longer than a per-answer time limit
-    meant for pathological inputs (then a correct "1/2" vs "0.5" would be judged by string comparison)."""
-    global _WARM
-    if not _WARM:
-        _WARM = True
-        verify(parse("$\\frac{1}{2}$", parsing_timeout=120), parse("$0.5$", parsing_timeout=120), timeout_seconds=120)
-
-
-def _math_verify_in_process(gold: str, prediction: str, timeout: int) -> tuple[bool | None, str]:
-    """(equal, method); equal is None when math-verify could not decide (then the caller falls back).
-    Needs the main thread: math-verify's time limits are SIGALRM-based."""
-    from math_verify import parse, verify
-    from math_verify.errors import TimeoutException
-
-    _warm_up_math_verify(parse, verify)
-    try:
-        gold_parsed = parse(gold, parsing_timeout=timeout, raise_on_error=True)
-        pred_parsed = parse(prediction, parsing_timeout=timeout, raise_on_error=True)
-        if not gold_parsed or not pred_parsed:
-            return None, "unparsed-fallback"
-        return bool(verify(gold_parsed, pred_parsed, timeout_seconds=timeout, raise_on_error=True)), "math-verify"
-    except TimeoutException:
-        return None, "timeout-fallback"
-    except Exception:  # sympy raises many types on odd input; a string comparison still answers
-        return None, "error-fallback"
-
-
-def serve_math_verify() -> None:
-    """The child process of `_IsolatedMathVerify`: JSON requests on stdin, JSON answers on stdout.
-    It runs in its own main thread, where math-verify's SIGALRM time limits work."""
-    for line in sys.stdin:
-        gold, prediction, timeout = json.loads(line)
-        equal, method = _math_verify_in_process(gold, prediction, timeout)
-        sys.stdout.write(json.dumps([equal, method]) + "\n")
-        sys.stdout.flush()
-
-
-class _IsolatedMathVerify:
-    """math-verify in a child process, for callers outside the main thread. The parent waits a bounded
-    time and kills the child when sympy is stuck (also in C code, which no signal interrupts).
-
-    A plain `python -c` child rather than `multiprocessing`: spawn re-imports the caller's main
-    script (breaking scripts without a __main__ guard) and fork is unsafe after torch started threads.
-    """
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._process: subprocess.Popen | None = None
-
-    def _start(self) -> None:
-        env = dict(os.environ)
-        package_root = str(Path(__file__).resolve().parents[2])  # src/ (onsft/data/verify.py)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
-        self._process = subprocess.Popen(
-            [sys.executable, "-c", "from onsft.data.verify import serve_math_verify; serve_math_verify()"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            env=env,
-            text=True,
-            bufsize=1,
-        )
-
-    def _stop(self) -> None:
-        if self._process is not None:
-            self._process.kill()
-            self._process.wait()
-        self._process = None
-
-    def __call__(self, gold: str, prediction: str, timeout: int) -> tuple[bool | None, str]:
-        with self._lock:
-            try:
-                if self._process is None or self._process.poll() is not None:
-                    self._start()
-                self._process.stdin.write(json.dumps([gold, prediction, timeout]) + "\n")
-                self._process.stdin.flush()
-                # Two parses and one comparison, each bounded in the child, plus start-up on first use.
-                ready, _, _ = select.select([self._process.stdout], [], [], 3 * timeout + 30)
-                if ready:
-                    line = self._process.stdout.readline()
-                    if line:
-                        equal, method = json.loads(line)
-                        return equal, method
-                self._stop()
-                return None, "timeout-fallback"
-            except (OSError, ValueError):
-                self._stop()
-                return None, "error-fallback"
-
-    def close(self) -> None:
-        with self._lock:
-            self._stop()
 
 
 # ------------------------------------------------------------------------------------------ verifiers
@@ -264,7 +167,7 @@ class ExactVerifier(Verifier):
         if extracted is None:
             # No answer marker: the whole response is the answer (short-answer tasks).
             extracted = response
-        gold = normalize_answer(str(answer))
+        gold = gold_answer(answer)
         return Verdict(bool(gold) and same_answer(extracted, gold), "exact", extracted)
 
 
@@ -275,13 +178,12 @@ class MathVerifier(Verifier):
         super().__init__()
         self.timeout_seconds = max(1, int(timeout_seconds))
         self.max_answer_chars = max_answer_chars
-        self._isolated: _IsolatedMathVerify | None = None
+        self._runner = BoundedMathVerify()
 
     def _check(self, response: str, answer: str) -> Verdict:
-        answer = str(answer)
         boxed = last_boxed(response)
         extracted = boxed if boxed is not None else extract_final_answer(response)
-        gold = normalize_answer(answer)
+        gold = gold_answer(answer)
         if not gold:
             return Verdict(False, "no-gold", extracted)
         if _is_word(gold):
@@ -299,22 +201,16 @@ class MathVerifier(Verifier):
         return Verdict(equal, method, extracted)
 
     def _math_verify(self, gold: str, prediction: str) -> tuple[bool | None, str]:
-        if threading.current_thread() is threading.main_thread():
-            return _math_verify_in_process(gold, prediction, self.timeout_seconds)
-        if self._isolated is None:
-            self._isolated = _IsolatedMathVerify()
-        return self._isolated(gold, prediction, self.timeout_seconds)
+        return self._runner(gold, prediction, self.timeout_seconds)
 
     @staticmethod
     def _string(extracted: str | None, gold: str, method: str) -> Verdict:
         if extracted is None:
             return Verdict(False, "no-answer", None)
-        return Verdict(normalize_answer(extracted) == gold, method, extracted)
+        return Verdict(same_answer(extracted, gold), method, extracted)
 
     def close(self) -> None:
-        if self._isolated is not None:
-            self._isolated.close()
-            self._isolated = None
+        self._runner.close()
 
 
 def call_user_function(function: Callable, args: tuple, what: str, returns: str):

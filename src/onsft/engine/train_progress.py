@@ -4,7 +4,7 @@ transformers' own callbacks print each log as a Python dict to stdout (mixed int
 restart the bar at 0 after a resume and hide it entirely when the library is quiet; and its `training_loss`
 covers only the steps run since the last resume. `TrainProgress` replaces them:
   - a bar over the optimiser steps (step count, rate, ETA) that starts at the resumed step;
-  - "resuming from checkpoint-N" when it does;
+  - "resuming: K of N done (steps, checkpoint-K)" when it does, as every resumable command says it;
   - one line per log with the step: `step 20/300  loss 1.234  grad_norm 0.5  learning_rate 1e-05 ...`;
   - a log at every checkpoint, so the log history a checkpoint carries covers all of its steps, and
     `whole_run_loss` can report the loss over the whole run after any number of resumes.
@@ -16,7 +16,7 @@ import sys
 
 from transformers import PrinterCallback, ProgressCallback, TrainerCallback
 
-from onsft.runtime.progress import progress
+from onsft.runtime.progress import note_resume, progress
 
 
 def _format(value) -> str:
@@ -37,10 +37,8 @@ class TrainProgress(TrainerCallback):
         self.start_step = state.global_step
         if not state.is_world_process_zero:
             return
-        if state.global_step:
-            self._write(
-                f"onsft train: resuming from checkpoint-{state.global_step} (step {state.global_step} of {state.max_steps})"
-            )
+        # The bar does not exist yet: the line goes straight to stderr, like every resumable command's.
+        note_resume("train", state.global_step, state.max_steps, f"steps, checkpoint-{state.global_step}")
         self.bar = progress(state.max_steps, "train", self.show_bar, unit="step", initial=state.global_step)
 
     def on_step_end(self, args, state, control, **kwargs):

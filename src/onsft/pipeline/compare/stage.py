@@ -278,7 +278,7 @@ def run_grid_cell(
             return cached
     started = time.time()
     summary = train_stage.run(inputs, exp.model, lora, args, loss, steps)
-    train_seconds = summary.get("wall_seconds_this_run", time.time() - started)
+    train_seconds = summary.get("train_seconds", time.time() - started)  # resumes included
     model = evaluator.load(folder / "train" / "model")
     result = {
         "method": method,

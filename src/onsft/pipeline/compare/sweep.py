@@ -107,10 +107,15 @@ def measured(
     """Run `work` and return (its result, its cost). The cost is recorded in `path` (a JSON map of key ->
     {wall_seconds, cpu_seconds, settings}) the first time the work runs with these settings; later, when
     the work finds its output cached and returns at once, the recorded cost is kept (`defaults`: options
-    added since the record was written match when they hold their defaults)."""
+    added since the record was written match when they hold their defaults). A result holding
+    `cost_before_this_run` (a resumed training: its earlier calls' seconds) adds it to what this call measured."""
     wall, cpu = time.time(), time.process_time()
     result = work()
-    cost = {"wall_seconds": time.time() - wall, "cpu_seconds": time.process_time() - cpu}
+    before = (result.get("cost_before_this_run") if isinstance(result, dict) else None) or {}
+    cost = {
+        "wall_seconds": time.time() - wall + before.get("wall_seconds", 0.0),
+        "cpu_seconds": time.process_time() - cpu + before.get("cpu_seconds", 0.0),
+    }
     costs = json.loads(path.read_text()) if path.exists() else {}
     known = costs.get(key)
     if known is not None and same_settings(known.get("settings"), settings, defaults):

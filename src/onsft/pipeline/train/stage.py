@@ -32,6 +32,7 @@ from onsft.data.rows import DataArguments, check_sources
 from onsft.data.training_sets import preference_dataset, sft_dataset
 from onsft.engine.lora import LoraArguments
 from onsft.engine.preference import PREFERENCE_METHODS, PreferenceTrainConfig, build_preference_trainer, trainer_args
+from onsft.engine.train_clock import attach_clock, clock_of
 from onsft.engine.train_progress import attach_progress
 from onsft.engine.trainer import OnPolicySFTTrainer, TrainConfig, restore_finished
 from onsft.errors import UserError
@@ -224,7 +225,9 @@ def run(
     ) as finished:
         if finished is not None:
             print(f"onsft: {output_dir} already holds this finished run; nothing to do.", file=sys.stderr)
-            return finished
+            # All of its training happened before this call (records older than the clock: unknown, 0).
+            before = {"wall_seconds": "train_seconds", "cpu_seconds": "train_cpu_seconds"}
+            return {**finished, "cost_before_this_run": {k: finished.get(v, 0.0) for k, v in before.items()}}
         model = load_model(model_args, device="cpu", dtype=dtype)
         if not preference:
             check_context(context_length(model), stats["lengths"], inputs.data)
@@ -277,6 +280,7 @@ def _train(
         ) from None
     resume_from = last_checkpoint(output_dir) if inputs.resume else None
     shown = attach_progress(trainer, not trl_args.disable_tqdm)
+    attach_clock(trainer)
     started = time.time()
     with write_failures_as_user_errors(output_dir):
         if resume_from is not None and holds_every_step(resume_from):
@@ -284,8 +288,10 @@ def _train(
             # (it skips the batches already seen, then trains one before checking the limit).
             training_loss = restore_finished(trainer, resume_from)
             shown.start_step = trainer.state.global_step  # no step runs now: the whole loss is in the logs
+            clock_of(trainer).resume_from(trainer.state)
         else:
             training_loss = trainer.train(resume_from_checkpoint=resume_from).training_loss
+    clock = clock_of(trainer)
     summary = {
         "method": inputs.method,
         "model": model_args.model,
@@ -295,7 +301,11 @@ def _train(
         "train_loss": shown.whole_run_loss(trainer.state, training_loss),  # every step, resumes included
         "train_loss_this_run": training_loss,
         "wall_seconds_this_run": time.time() - started,
-        "tokens_seen": trainer.state.num_input_tokens_seen,
+        # Training time over the whole run, resumes included (the compute a resumed run really cost).
+        "train_seconds": clock.total()["wall_seconds"],
+        "train_cpu_seconds": clock.total()["cpu_seconds"],
+        "cost_before_this_run": clock.before,
+        "tokens_seen": trainer.state.num_input_tokens_seen,  # restored from the checkpoint: the whole run's
         "trainer": type(trainer).__name__,
         "torch": torch.__version__,
         "settings": settings,
