@@ -61,3 +61,36 @@ def test_resolve_device_refuses_accelerators_this_torch_lacks(monkeypatch):
         monkeypatch.setattr(torch.xpu, "is_available", lambda: False)
         with pytest.raises(UserError, match="no Intel XPU"):
             device_module.resolve_device("xpu")
+
+
+SUMMARY = {
+    "audit": "out/summary.json",
+    "eval": "out/metrics.json",
+    "pairs": "out/pairs.summary.json",
+    "data replay": "out/replay.summary.json",
+    "train": "out/train_summary.json",
+}
+
+
+@pytest.mark.parametrize("command", list(SUMMARY))
+def test_every_summary_records_where_the_job_really_ran(tmp_path, command):
+    """Issue 21: the device used is recorded truthfully, read from the loaded model, not from the option."""
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({**ROW, "id": i}) + "\n" for i in range(4)))
+    extra = {"audit": ["--self_check", "0"], "train": ["--per_device_train_batch_size", "2"]}.get(command, [])
+    extra += [] if command in ("audit", "train") else ["--max_new_tokens", "8"]
+    extra += ["--keep_unfinished", "true"] if command == "data replay" else []
+    assert cli.main(argv(command, data, tmp_path / "out", "cpu") + extra) == 0
+    ran_on = json.loads((tmp_path / SUMMARY[command]).read_text())["ran_on"]
+    assert ran_on["device"] == "cpu" and ran_on["dtype"] == "float32" and ran_on["processes"] == 1
+    assert ran_on["torch"] == torch.__version__
+
+
+def test_ran_on_reads_the_weights_not_the_request():
+    model = torch.nn.Linear(2, 2).to(torch.bfloat16)
+    assert device_module.ran_on(model) == {
+        "device": "cpu",
+        "dtype": "bfloat16",
+        "processes": 1,
+        "torch": torch.__version__,
+    }

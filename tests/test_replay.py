@@ -83,6 +83,17 @@ def test_replay_rows_are_the_starting_models_own_answers(model_dir, tmp_path):
     assert again == sampled
 
 
+def test_no_usable_answer_is_said_in_words(model_dir, tmp_path, capsys):
+    """Every answer cut at the token limit: one line that counts them in words (not a Python dict)."""
+    prompts = write_jsonl(tmp_path / "other.jsonl", OTHER_PROMPTS)
+    out = tmp_path / "replay.jsonl"
+    args = ["data", "replay", "--model", str(model_dir), "--data", str(prompts), "--out", str(out)]
+    assert main([*args, "--max_new_tokens", "1", "--temperature", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "none of the 6 answers is usable (6 cut at --max_new_tokens)" in err and "{" not in err, err
+    assert not out.exists()
+
+
 ORIGINAL_COMPUTE_LOSS = OnPolicySFTTrainer.compute_loss
 
 

@@ -184,4 +184,3 @@ def test_a_gold_answer_stored_boxed_is_read_as_its_content(name):
     ]:
         assert verifier.check(response, gold).correct, (name, response, gold)
     assert not verifier.check("\\boxed{31}", "\\boxed{30}").correct
-

@@ -101,6 +101,17 @@ def resolve_precision(args) -> None:
         args.use_cpu = True
 
 
+def ran_on(model, processes: int = 1) -> dict:
+    """Where a job really ran, read from its loaded model (not from the option asked for): the device and
+    dtype of its weights, the accelerator's name, the processes and the PyTorch build. Recorded in each
+    command's summary beside the results."""
+    first = next(model.parameters())
+    record = {"device": str(first.device), "dtype": str(first.dtype).removeprefix("torch."), "processes": processes}
+    if first.device.type == "cuda":
+        record["accelerator"] = torch.cuda.get_device_name(first.device)
+    return {**record, "torch": torch.__version__}
+
+
 class Processes:
     """This process's place among `accelerate launch` / torchrun processes (one process: rank 0 of 1), and
     the device it computes on: the launcher's accelerator for this rank, or `--device` in one process."""

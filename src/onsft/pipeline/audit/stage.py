@@ -42,7 +42,7 @@ from onsft.pipeline.audit.auditing import (
     token_phi,
     worst_responses,
 )
-from onsft.runtime.device import Processes, resolve_dtype
+from onsft.runtime.device import Processes, ran_on, resolve_dtype
 from onsft.runtime.models import (
     ModelArguments,
     check_context,
@@ -191,7 +191,8 @@ def run(
             sets += [second] if second else []
         summary = None
         if procs.main:
-            summary = _summary(config, model_args, encoding, procs, sets, rows)
+            # Where it ran: read from the model that scored last (both models share the device and dtype).
+            summary = _summary(config, model_args, encoding, procs, sets, rows, ran_on(other_model, procs.world))
             main_set = summary["sets"]["scores"]
             print(
                 f"onsft audit: {main_set['n_responses']} responses, mean phi "
@@ -236,6 +237,7 @@ def _summary(
     procs: Processes,
     sets: list[ScoreSet],
     rows: list[dict],
+    where: dict,
 ) -> dict:
     """summary.json, kept.jsonl and the report, on rank 0."""
     out = Path(config.out)
@@ -248,6 +250,7 @@ def _summary(
         "alpha": config.alpha,
         "encoding": encoding,
         "processes": procs.world,
+        "ran_on": where,
         "compare_model": config.compare_model or None,
         "compare_data": config.compare_data or None,
         "sets": {

@@ -70,6 +70,18 @@ def sample_answers(
     return [rows[i] for i in range(len(examples))]
 
 
+REASONS = {
+    "empty": "empty",
+    "unfinished_length": "cut at --max_new_tokens",
+    "unfinished_repetition": "stopped repeating",
+}
+
+
+def dropped_text(dropped: dict[str, int]) -> str:
+    """`{"empty": 1, "unfinished_length": 3}` -> "1 empty, 3 cut at --max_new_tokens": words, not a Python dict."""
+    return ", ".join(f"{n} {REASONS.get(reason, reason.replace('_', ' '))}" for reason, n in dropped.items())
+
+
 def replay_rows(samples: Sequence[dict], model: str, keep_unfinished: bool) -> tuple[list[dict], dict]:
     """The samples worth training on, each marked with the model that answered, and why others were dropped."""
     kept, dropped = [], Counter()

@@ -35,8 +35,9 @@ from onsft.data.rows import DataArguments, check_limit, dataset_identity, limit_
 from onsft.engine.decoding import OwnSamplingConfig, SamplingConfig
 from onsft.errors import UserError
 from onsft.organism.tasks import write_demo_data
-from onsft.pipeline.data.own_answers import replay_rows, sample_answers
+from onsft.pipeline.data.own_answers import dropped_text, replay_rows, sample_answers
 from onsft.pipeline.evaluate.evaluation import check_prompts
+from onsft.runtime.device import ran_on
 from onsft.runtime.models import ModelArguments, configured_context_length, load_model, load_tokenizer
 from onsft.runtime.records import ResumableJsonl, check_writable, write_json_atomic, write_jsonl_atomic
 from onsft.runtime.runs import RunArguments, RunGuard, config_defaults, group_defaults, open_run, settings_record
@@ -237,13 +238,12 @@ def run_replay(
             return finished
         started = time.time()
         store = ResumableJsonl(samples_path, fingerprint=settings, defaults=defaults)
-        samples = sample_answers(
-            load_model(model_args), tokenizer, examples, sampling, store, config.data, run_args.progress
-        )
+        model = load_model(model_args)
+        samples = sample_answers(model, tokenizer, examples, sampling, store, config.data, run_args.progress)
         rows, dropped = replay_rows(samples, model_args.model, config.keep_unfinished)
         if not rows:
             raise UserError(
-                f"none of the {len(examples)} answers is usable ({dropped})",
+                f"none of the {len(examples)} answers is usable ({dropped_text(dropped)})",
                 where=config.data,
                 fix="raise --max_new_tokens (answers were cut), or pass --keep_unfinished true.",
             )
@@ -254,6 +254,7 @@ def run_replay(
             "rows": len(rows),
             "dropped": dropped,
             "model": model_args.model,
+            "ran_on": ran_on(model),
             "wall_seconds": time.time() - started,
             "settings": settings,
         }

@@ -66,7 +66,7 @@ from onsft.pipeline.evaluate.evaluation import (
     fitting_prompts,
     plot_accuracy,
 )
-from onsft.runtime.device import stream_seed
+from onsft.runtime.device import ran_on, stream_seed
 from onsft.runtime.models import (
     ModelArguments,
     check_model,
@@ -295,6 +295,7 @@ def _evaluate(
         "model": model_args.model,
         "data": config.data,
         "verifier": verifier.name,
+        "ran_on": ran_on(model),
         **aggregate(rows, config.ks()),
     }
     if sets.retention is not None:

@@ -41,6 +41,7 @@ from onsft.engine.decoding import OwnSamplingConfig, SamplingConfig
 from onsft.errors import UserError
 from onsft.pipeline.evaluate.evaluation import check_answers, check_prompt_set, evaluate_rows
 from onsft.pipeline.pairs.pairing import FORMATS, chosen_candidates, load_rewrites, make_pairs
+from onsft.runtime.device import ran_on
 from onsft.runtime.models import ModelArguments, configured_context_length, load_model, load_tokenizer
 from onsft.runtime.records import ResumableJsonl, write_json_atomic, write_jsonl_atomic
 from onsft.runtime.runs import RunArguments, RunGuard, group_defaults, open_run, settings_record
@@ -184,6 +185,7 @@ def _pairs(config, model_args, sampling, verifier, run_args, tokenizer, examples
         "chosen_sources": dict(Counter(p["chosen_source"] for p in pairs)),
         "mean_sample_accuracy": sum(r["n_correct"] for r in rows) / max(1, config.samples * len(rows)),
         "samples_file": str(samples_path),
+        "ran_on": ran_on(model),
         "wall_seconds_this_run": time.time() - started,
         "settings": settings,
     }

@@ -105,7 +105,7 @@ from onsft.pipeline.rewrite.hint_profiles import model_profile
 from onsft.pipeline.rewrite.rewrite_config import RewriteConfig, check_columns
 from onsft.pipeline.rewrite.rewrite_summary import summarize, train_rows
 from onsft.pipeline.rewrite.rewriting import Rewriter, chunks, prepare
-from onsft.runtime.device import Processes, resolve_dtype
+from onsft.runtime.device import Processes, ran_on, resolve_dtype
 from onsft.runtime.models import (
     ModelArguments,
     configured_context_length,
@@ -269,6 +269,7 @@ def _rewrite(config, model_args, run_args, procs, rewriter, prepared, fingerprin
         "model": model_args.model,
         "data": config.data,
         "processes": procs.world,
+        "ran_on": ran_on(rewriter.model, procs.world),
         **summarize(merged),
         "generated_tokens_this_run": generated_now,
         "decode_seconds_this_run": slowest,

@@ -43,7 +43,7 @@ from onsft.runtime.checkpoints import (
     save_final_model,
     write_failures_as_user_errors,
 )
-from onsft.runtime.device import check_device_name, resolve_device, resolve_dtype
+from onsft.runtime.device import check_device_name, ran_on, resolve_device, resolve_dtype
 from onsft.runtime.models import ModelArguments, check_context, context_length, load_model, load_tokenizer
 from onsft.runtime.records import write_json_atomic, write_jsonl_atomic
 from onsft.runtime.runs import RunArguments, RunGuard, data_identity, group_defaults, normalized, open_run
@@ -307,7 +307,11 @@ def _train(
         "cost_before_this_run": clock.before,
         "tokens_seen": trainer.state.num_input_tokens_seen,  # restored from the checkpoint: the whole run's
         "trainer": type(trainer).__name__,
-        "torch": torch.__version__,
+        # The device the trainer placed the model on (accelerate decides under a launcher), its processes.
+        "ran_on": {
+            **ran_on(trainer.model, trl_args.world_size),
+            "mixed_precision": "bf16" if trl_args.bf16 else "fp16" if trl_args.fp16 else None,
+        },
         "settings": settings,
     }
     if loss is None:
