@@ -70,6 +70,7 @@ def add_cases(c) -> None:
     _huge(c)
     _messages(c)
     _issue21(c)
+    _issue21_runs(c, models)
 
 
 # ----------------------------------------------------------------------------------- rerun and lock
@@ -1531,4 +1532,48 @@ def _issue21_rows(c) -> None:
         code=0,
         early=False,
         expect_stderr="repeated_key.jsonl:3: a JSON object repeats the key `answer`",
+    )
+
+
+def _issue21_runs(c, models) -> None:
+    """Runs that used to abort, leave files behind or refuse, and now go on or end cleanly (items 5 and 8)."""
+    long_prompt = c.write("long_prompt_drop.jsonl", [*fault_corpus.good_rows(2), {"prompt": "x" * 60, "answer": "x"}])
+    c.evaluate(
+        "eval_overlong_drop",
+        "--overlong drop with one prompt past a 32-position context (was: the whole run aborted, and the fix "
+        "suggested --limit)",
+        long_prompt,
+        "",
+        model=models["short_context"],
+        extra=("--overlong", "drop"),
+        code=0,
+        early=False,
+        expect_stderr="1 row(s) with a prompt of 32+ tokens left out (line 3); the others are evaluated",
+        kind="early",
+    )
+    always = c.write("always_verifier.py", "def check(response, answer):\n    return True\n") + ":check"
+    c.pairs(
+        "pairs_no_pair",
+        "every own sample verifies, so no prompt has a rejected answer (was: a Python dict in the message, and "
+        "a summary of a run that made nothing)",
+        c.good,
+        "no preference pairs from 8 prompts (8 with every sample right)",
+        extra=("--verifier", always),
+        where="good.jsonl",
+        early=False,
+        allow=["pairs.samples.jsonl.partial", "pairs.run.json"],
+        kind="useless",
+    )
+    experiment = {"model": c.tiny, "train_data": c.good, "in_domain": c.good, "methods": ["sft", "idft"],
+                  "contrasts": [["idft", "sft"]], "seeds": [0], "train": {"max_steps": 1, "use_cpu": True},
+                  "eval": {"max_new_tokens": 4}, "out": str(c.out / "compare_methods_drops_contrasts" / "grid")}  # fmt: skip
+    c.case(
+        "compare_methods_drops_contrasts",
+        "compare",
+        "--methods sft on an experiment whose contrasts name idft (was: refused, with a fix repeating the YAML)",
+        ["--config", c.write("drops_contrasts.yaml", json.dumps(experiment)), "--methods", "sft"],
+        code=0,
+        early=False,
+        expect_stderr="1 contrast(s) of",
+        kind="message",
     )

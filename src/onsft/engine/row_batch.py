@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from transformers.cache_utils import DynamicCache
 
 from onsft.engine.kv_cache import ROW_SPANS, GrowingCache, row_spans
 from onsft.errors import UserError
+
+
+def cache_keyword(model) -> str:
+    """The name of forward's KV-cache argument: transformers 5.25 renamed `past_key_values` to `cache` (the old
+    name warns on every model and goes in 5.40); earlier 5.x releases, and wrappers without the new name, take
+    `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 class RowBatch:
@@ -63,6 +72,7 @@ class RowBatch:
         self.next_position = torch.zeros(0, dtype=torch.long, device=self.device)
         self.logprobs = None
         self.cache = GrowingCache(model.config, cache_reserve, self.capacity) if self.managed else None
+        self.cache_keyword = cache_keyword(model)
         if shared_prefixes is None:
             shared_prefixes = [group_prefix([prompts[i] for i in g], "auto", min_shared_prefix) for g in prefill_groups]
         self.prefixes = [list(prefix) if self.managed else [] for prefix in shared_prefixes]
@@ -151,7 +161,7 @@ class RowBatch:
                     input_ids=tokens,
                     attention_mask=self.mask,
                     position_ids=self.next_position.view(-1, 1),
-                    past_key_values=self.cache,
+                    **{self.cache_keyword: self.cache},
                     use_cache=True,
                     logits_to_keep=1,
                 )
@@ -179,7 +189,7 @@ class RowBatch:
             input_ids=ids,
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=cache,
+            **{self.cache_keyword: cache},
             use_cache=cache is not None,
             logits_to_keep=1,
         )
