@@ -82,6 +82,14 @@ def test_compare_caches_match_records_written_before_an_option_existed(tmp_path)
     assert cost == {"wall_seconds": 9.0, "cpu_seconds": 8.0}  # the recorded cost of the first run is kept
 
 
+def test_a_resumed_trainings_earlier_seconds_count_in_its_measured_cost(tmp_path):
+    """Issue 21: a run resumed after a kill counted only its resumed part in compare's compute columns."""
+    resumed = {"cost_before_this_run": {"wall_seconds": 100.0, "cpu_seconds": 150.0}}
+    _, cost = measured(tmp_path / "cost.json", "train", {"a": 1}, lambda: resumed)
+    assert 100.0 <= cost["wall_seconds"] < 101.0 and 150.0 <= cost["cpu_seconds"] < 151.0
+    assert json.loads((tmp_path / "cost.json").read_text())["train"]["wall_seconds"] == cost["wall_seconds"]
+
+
 # ---------------------------------------------------------------------------------- end to end: onsft train
 
 

@@ -25,6 +25,7 @@ class TrainClock(TrainerCallback, ExportableState):
     def __init__(self, wall_seconds: float = 0.0, cpu_seconds: float = 0.0):
         self.before = {"wall_seconds": wall_seconds, "cpu_seconds": cpu_seconds}
         self._started: tuple[float, float] | None = None
+        self._stopped: dict[str, float] | None = None  # this call's seconds, once its training ended
 
     def resume_from(self, state) -> None:
         """Take the earlier calls' time from a trainer state loaded from a checkpoint (zero for a fresh run or a
@@ -36,9 +37,14 @@ class TrainClock(TrainerCallback, ExportableState):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.resume_from(state)
-        self._started = (time.time(), time.process_time())
+        self._started, self._stopped = (time.time(), time.process_time()), None
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._stopped = self.this_call()
 
     def this_call(self) -> dict[str, float]:
+        if self._stopped is not None:
+            return self._stopped
         if self._started is None:
             return {k: 0.0 for k in KEYS}
         wall, cpu = self._started
