@@ -112,7 +112,7 @@ def make_step(variant: str, model, workdir: str):
         dataset_kwargs={"skip_prepare_dataset": True},
         remove_unused_columns=False,
         max_steps=1,
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
     )
     if name == "trl_nll":
         from trl import SFTConfig, SFTTrainer
