@@ -7,9 +7,11 @@ import pytest
 
 from onsft.errors import UserError
 from onsft.runtime.records import (
+    ResumableJsonl,
     atomic_directory,
     atomic_open,
     open_for_append,
+    partial_rows,
     write_bytes_atomic,
     write_json_atomic,
     write_jsonl_atomic,
@@ -71,3 +73,23 @@ def test_atomic_directory_replaces_or_keeps_an_existing_folder(tmp_path):
     with pytest.raises(RuntimeError), atomic_directory(tmp_path / "other", unique=True) as tmp:
         raise RuntimeError("failed while saving")
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+def test_a_resumed_store_knows_what_its_earlier_runs_cost_and_its_final_file_holds_rows_only(tmp_path):
+    """Issue 21: a resumed data step counted only its resumed part. Each write records the seconds so far."""
+    path = tmp_path / "rows.jsonl"
+    first = ResumableJsonl(path, {"a": 1})
+    assert first.seconds_before == {"wall_seconds": 0.0, "cpu_seconds": 0.0}
+    sum(range(200_000))  # some CPU time
+    first.append_many([{"_index": 0, "x": "a"}, {"_index": 1, "x": "b"}])
+    first.close()  # a kill after the first chunk
+    lines = (tmp_path / "rows.jsonl.partial").read_text().splitlines()
+    saved = json.loads(lines[-1])["_clock"]
+    assert saved["wall_seconds"] > 0 and saved["cpu_seconds"] > 0
+    assert partial_rows(lines[1:]) == [{"_index": 0, "x": "a"}, {"_index": 1, "x": "b"}]
+    again = ResumableJsonl(path, {"a": 1})
+    assert again.seconds_before == saved and set(again.done) == {0, 1}
+    again.append({"_index": 2, "x": "c"})
+    assert again.elapsed()["wall_seconds"] >= saved["wall_seconds"]
+    assert again.finalize(range(3)) == [{"x": "a"}, {"x": "b"}, {"x": "c"}]
+    assert path.read_text().count("_clock") == 0

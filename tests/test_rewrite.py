@@ -24,6 +24,7 @@ from onsft.errors import UserError
 from onsft.formulas import ddt
 from onsft.pipeline.rewrite import hint_profiles, hint_prompts, rewrite_config, rewrite_summary, rewriting
 from onsft.runtime.models import load_model, load_tokenizer, read_model_info
+from onsft.runtime.records import partial_rows
 from tiny import tiny_model, tiny_tokenizer, untied_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -582,7 +583,8 @@ def test_a_rewrite_that_keeps_nothing_is_exit_2_without_a_training_file(saved, t
     assert "--samples_per_prompt" in err and "--hint_beta" in err and "--verifier" in err
     assert not (out / "train.jsonl").exists() and not (out / "summary.json").exists()
     assert not (out / "records.jsonl").exists()
-    assert len((out / "records.jsonl.partial").read_text().splitlines()) == 1 + 10  # fingerprint + every row
+    lines = (out / "records.jsonl.partial").read_text().splitlines()
+    assert len(partial_rows(lines[1:])) == 10  # after the fingerprint: every row (and the time lines)
     # The same command decodes nothing again and fails the same way; a training file elsewhere is not made.
     chunks = []
     monkeypatch.setattr(rewriting.Rewriter, "chunk", lambda self, rows, progress=None: chunks.append(rows) or [])
@@ -609,7 +611,8 @@ def test_resume_after_a_simulated_kill_and_refusal_of_other_settings(saved, tmp_
     monkeypatch.setattr(rewriting.Rewriter, "chunk", killed_in_third_chunk)
     assert run([*base_args(saved), "--out", out], capsys)[0] == 130
     partial = out / "records.jsonl.partial"
-    assert not (out / "records.jsonl").exists() and len(partial.read_text().splitlines()) == 1 + 6
+    assert not (out / "records.jsonl").exists() and len(partial_rows(partial.read_text().splitlines()[1:])) == 6
+    clocks = [json.loads(line)["_clock"] for line in partial.read_text().splitlines() if '"_clock"' in line]
     with open(partial, "a") as handle:
         handle.write('{"id": 6, "prompt": "What is 6 + 6?", "answer": "a6", "refer')  # a torn last line
     code, err = run([*base_args(saved), "--out", out, "--beta", 1.0], capsys)
@@ -629,6 +632,9 @@ def test_resume_after_a_simulated_kill_and_refusal_of_other_settings(saved, tmp_
     assert chunks == [[6, 7, 8], [9]]  # only the chunks not already on disk were decoded
     resumed = [line for line in err.splitlines() if "resuming" in line]
     assert resumed == [f"onsft rewrite: resuming: 6 of 10 done ({partial})"]
+    # The killed run's seconds (up to its last written chunk) count in the whole run's cost (issue 21).
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["cost_before_this_run"] == clocks[-1] and clocks[-1]["wall_seconds"] > 0
     for name in ("records.jsonl", "train.jsonl"):
         assert (out / name).read_bytes() == (tmp_path / "reference" / name).read_bytes()
     assert not partial.exists()
@@ -636,6 +642,12 @@ def test_resume_after_a_simulated_kill_and_refusal_of_other_settings(saved, tmp_
 
 def _env():
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src"), "PYTHONUNBUFFERED": "1"}
+
+
+def rows_on_disk(partial) -> list[dict]:
+    """The rows of a partial file a live process is writing (a torn last line is not one yet)."""
+    raw = partial.read_bytes()
+    return partial_rows(raw[: raw.rfind(b"\n") + 1].decode("utf-8").splitlines()[1:])
 
 
 def test_sigkill_at_a_random_point_then_restart_gives_every_row_once(saved, tmp_path, capsys):
@@ -651,7 +663,7 @@ def test_sigkill_at_a_random_point_then_restart_gives_every_row_once(saved, tmp_
     process = subprocess.Popen(command, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while time.time() < deadline and process.poll() is None:
-        if partial.exists() and len(partial.read_bytes().splitlines()) >= 1 + 2 * kill_after:
+        if partial.exists() and len(rows_on_disk(partial)) >= 2 * kill_after:
             time.sleep(rng.uniform(0, 0.05))
             process.send_signal(signal.SIGKILL)
             break
@@ -659,7 +671,7 @@ def test_sigkill_at_a_random_point_then_restart_gives_every_row_once(saved, tmp_
     process.wait(timeout=60)
     assert process.returncode == -signal.SIGKILL, process.stderr.read()[-2000:]
     assert not (out / "records.jsonl").exists()
-    done_before = len(partial.read_bytes().splitlines()) - 1
+    done_before = len(rows_on_disk(partial))
     assert 2 * kill_after <= done_before < len(ROWS)
 
     code, err = run([*args, "--out", out], capsys)

@@ -21,6 +21,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -151,6 +152,14 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
+CLOCK = "_clock"  # the key of a partial file's time lines
+
+
+def partial_rows(lines: list[str]) -> list[dict]:
+    """The rows of a partial file's lines after its fingerprint (its time lines left out)."""
+    return [row for row in map(json.loads, lines) if CLOCK not in row]
+
+
 class ResumableJsonl:
     """Append-only JSONL keyed by `_index`, finalised by an atomic rename.
 
@@ -163,6 +172,8 @@ class ResumableJsonl:
     The fingerprint (command settings that change results) is stored in the first line; a restart with
     different settings refuses to mix outputs instead of silently merging them (`defaults`, shaped like the
     fingerprint: options added since the partial file was written match when they hold their defaults).
+    After each write a `{"_clock": ...}` line records the seconds spent since the first run opened the file,
+    so a resumed run knows what its earlier runs cost (`seconds_before`; the final file holds rows only).
     """
 
     def __init__(self, path: str | os.PathLike, fingerprint: dict | None = None, defaults: dict | None = None):
@@ -170,6 +181,7 @@ class ResumableJsonl:
         self.partial = self.path.with_name(self.path.name + ".partial")
         self.fingerprint, self.defaults = fingerprint or {}, defaults
         self.done: dict[int, dict] = {}
+        self.seconds_before = {"wall_seconds": 0.0, "cpu_seconds": 0.0}  # earlier runs', up to their last write
         check_writable(self.path)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -179,6 +191,13 @@ class ResumableJsonl:
         self._handle = open_for_append(self.partial)
         if self._handle.tell() == 0:
             self._write(dumps({"_fingerprint": self.fingerprint}) + "\n")
+        self._opened = (time.time(), time.process_time())
+
+    def elapsed(self) -> dict[str, float]:
+        """Wall and CPU seconds of this output's runs: the earlier ones' and this one's so far."""
+        wall, cpu = self._opened
+        now = {"wall_seconds": time.time() - wall, "cpu_seconds": time.process_time() - cpu}
+        return {k: self.seconds_before[k] + now[k] for k in now}
 
     def _write(self, text: str) -> None:
         try:
@@ -212,12 +231,15 @@ class ResumableJsonl:
             )
         for text in lines[1:]:
             row = json.loads(text)
-            self.done[row["_index"]] = row
+            if CLOCK in row:
+                self.seconds_before = row[CLOCK]  # the last one: the time up to the last rows written
+            else:
+                self.done[row["_index"]] = row
 
     def append(self, row: dict) -> None:
         if row["_index"] in self.done:
             return
-        self._write(dumps(row, ensure_ascii=False) + "\n")
+        self._write(dumps(row, ensure_ascii=False) + "\n" + self._clock_line())
         self.done[row["_index"]] = row
 
     def append_many(self, rows: list[dict]) -> None:
@@ -225,8 +247,12 @@ class ResumableJsonl:
         for row in rows:
             if row["_index"] not in self.done:
                 fresh[row["_index"]] = row
-        self._write("".join(dumps(row, ensure_ascii=False) + "\n" for row in fresh.values()))
+        if fresh:
+            self._write("".join(dumps(row, ensure_ascii=False) + "\n" for row in fresh.values()) + self._clock_line())
         self.done.update(fresh)
+
+    def _clock_line(self) -> str:
+        return dumps({CLOCK: self.elapsed()}) + "\n"
 
     def rows(self, order) -> list[dict]:
         return [self.done[i] for i in order if i in self.done]

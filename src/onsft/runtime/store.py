@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from onsft.runtime.device import Processes
-from onsft.runtime.records import ResumableJsonl, write_jsonl_atomic
+from onsft.runtime.records import ResumableJsonl, partial_rows, write_jsonl_atomic
 
 # Row keys that are bookkeeping, never written to a final file: the input index, sampled token phi for plots.
 PRIVATE = ("_index", "_token_phi")
@@ -20,7 +19,7 @@ def _read_partial(path: Path) -> list[dict]:
     """Rows of another process's finished partial file (the first line is ResumableJsonl's fingerprint)."""
     raw = path.read_bytes()
     lines = raw[: raw.rfind(b"\n") + 1].decode("utf-8").splitlines()
-    return [json.loads(line) for line in lines[1:]]
+    return partial_rows(lines[1:])
 
 
 class ShardStore:

@@ -65,8 +65,8 @@ def frontier_markdown(exp: Experiment, cells: list[dict], summary: dict) -> str:
         "",
         "Compute: CPU seconds are `time.process_time` of this process (all its threads) while training; data prep "
         "is the shared step the method's data needs (rewrite, pairs, replay answers), paid once for all its runs. "
-        "A training resumed after a kill counts the time its checkpoints saved (the steps redone after the last "
-        "checkpoint once); a data step resumed after a kill counts only its resumed part.",
+        "A step resumed after a kill counts the time of its earlier runs too, as far as their last checkpoint or "
+        "written rows (the work redone after that, once).",
         "",
         "## Per setting",
         "",

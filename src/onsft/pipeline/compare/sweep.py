@@ -108,7 +108,8 @@ def measured(
     {wall_seconds, cpu_seconds, settings}) the first time the work runs with these settings; later, when
     the work finds its output cached and returns at once, the recorded cost is kept (`defaults`: options
     added since the record was written match when they hold their defaults). A result holding
-    `cost_before_this_run` (a resumed training: its earlier calls' seconds) adds it to what this call measured."""
+    `cost_before_this_run` (a resumed training or data step: its earlier calls' seconds) adds it to what this
+    call measured."""
     wall, cpu = time.time(), time.process_time()
     result = work()
     before = (result.get("cost_before_this_run") if isinstance(result, dict) else None) or {}

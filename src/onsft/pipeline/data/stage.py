@@ -256,6 +256,7 @@ def run_replay(
             "model": model_args.model,
             "ran_on": ran_on(model),
             "wall_seconds": time.time() - started,
+            "cost_before_this_run": store.seconds_before,  # the runs before a resume (saved with their answers)
             "settings": settings,
         }
         write_json_atomic(summary_path, summary)

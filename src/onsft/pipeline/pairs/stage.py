@@ -187,6 +187,7 @@ def _pairs(config, model_args, sampling, verifier, run_args, tokenizer, examples
         "samples_file": str(samples_path),
         "ran_on": ran_on(model),
         "wall_seconds_this_run": time.time() - started,
+        "cost_before_this_run": store.seconds_before,  # the runs before a resume (saved with their samples)
         "settings": settings,
     }
     if not pairs:

@@ -275,6 +275,8 @@ def _rewrite(config, model_args, run_args, procs, rewriter, prepared, fingerprin
         "decode_seconds_this_run": slowest,
         "tokens_per_second": generated_now / max(slowest, 1e-9) if generated_now else None,
         "wall_seconds": time.time() - started,
+        # What the runs before a resume spent (saved with their rows), for the compute of the whole run.
+        "cost_before_this_run": store.store.seconds_before,
         "files": {"records": str(out / "records.jsonl"), "train": str(train_out)},
         "hint": settings["hint"],
         "settings": settings,
