@@ -635,6 +635,7 @@ def test_resume_after_a_simulated_kill_and_refusal_of_other_settings(saved, tmp_
     # The killed run's seconds (up to its last written chunk) count in the whole run's cost (issue 21).
     summary = json.loads((out / "summary.json").read_text())
     assert summary["cost_before_this_run"] == clocks[-1] and clocks[-1]["wall_seconds"] > 0
+    assert summary["ran_on"]["device"] == "cpu" and summary["ran_on"]["processes"] == 1
     for name in ("records.jsonl", "train.jsonl"):
         assert (out / name).read_bytes() == (tmp_path / "reference" / name).read_bytes()
     assert not partial.exists()
