@@ -23,7 +23,7 @@ Verifiers
 
 Robustness of math-verify: sympy can take minutes (or forever) on adversarial strings such as
 \\boxed{(10^7)!}. math-verify bounds each parse and comparison with SIGALRM, which only works in the
-main thread; in any other thread (a data loader, a server) this module runs math-verify in a child
+main thread; in any other thread (a data loader, a server) math_verify_runner.py runs it in a child
 process instead and kills it when it overruns. Either way an overrun becomes a string comparison and
 is counted (`Verifier.stats`), never a crash or a hang.
 """
