@@ -10,12 +10,10 @@ trained again.
 
 from __future__ import annotations
 
-import time
-
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
-KEYS = ("wall_seconds", "cpu_seconds")
+from onsft.runtime.clock import KEYS, plus, seconds_since, start
 
 
 class TrainClock(TrainerCallback, ExportableState):
@@ -37,7 +35,7 @@ class TrainClock(TrainerCallback, ExportableState):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.resume_from(state)
-        self._started, self._stopped = (time.time(), time.process_time()), None
+        self._started, self._stopped = start(), None
 
     def on_train_end(self, args, state, control, **kwargs):
         self._stopped = self.this_call()
@@ -47,12 +45,10 @@ class TrainClock(TrainerCallback, ExportableState):
             return self._stopped
         if self._started is None:
             return {k: 0.0 for k in KEYS}
-        wall, cpu = self._started
-        return {"wall_seconds": time.time() - wall, "cpu_seconds": time.process_time() - cpu}
+        return seconds_since(self._started)
 
     def total(self) -> dict[str, float]:
-        now = self.this_call()
-        return {k: self.before[k] + now[k] for k in KEYS}
+        return plus(self.before, self.this_call())
 
     def state(self) -> dict:
         return {"args": self.total(), "attributes": {}}

@@ -21,12 +21,12 @@ import math
 import os
 import shutil
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
 from onsft.errors import UserError
+from onsft.runtime.clock import plus, seconds_since, start
 from onsft.runtime.fingerprints import same_settings
 
 
@@ -191,13 +191,11 @@ class ResumableJsonl:
         self._handle = open_for_append(self.partial)
         if self._handle.tell() == 0:
             self._write(dumps({"_fingerprint": self.fingerprint}) + "\n")
-        self._opened = (time.time(), time.process_time())
+        self._opened = start()
 
     def elapsed(self) -> dict[str, float]:
         """Wall and CPU seconds of this output's runs: the earlier ones' and this one's so far."""
-        wall, cpu = self._opened
-        now = {"wall_seconds": time.time() - wall, "cpu_seconds": time.process_time() - cpu}
-        return {k: self.seconds_before[k] + now[k] for k in now}
+        return plus(self.seconds_before, seconds_since(self._opened))
 
     def _write(self, text: str) -> None:
         try:

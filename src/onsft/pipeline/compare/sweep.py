@@ -26,6 +26,7 @@ from onsft.data.rows import dataset_identity
 from onsft.pipeline.compare.experiment import Experiment
 from onsft.pipeline.compare.experiment_eval import Evaluator
 from onsft.pipeline.train import stage as train_stage
+from onsft.runtime.clock import plus, seconds_since, start
 from onsft.runtime.fingerprints import config_defaults, same_settings
 from onsft.runtime.records import write_json_atomic
 from onsft.runtime.runs import RunArguments
@@ -110,13 +111,10 @@ def measured(
     added since the record was written match when they hold their defaults). A result holding
     `cost_before_this_run` (a resumed training or data step: its earlier calls' seconds) adds it to what this
     call measured."""
-    wall, cpu = time.time(), time.process_time()
+    started = start()
     result = work()
     before = (result.get("cost_before_this_run") if isinstance(result, dict) else None) or {}
-    cost = {
-        "wall_seconds": time.time() - wall + before.get("wall_seconds", 0.0),
-        "cpu_seconds": time.process_time() - cpu + before.get("cpu_seconds", 0.0),
-    }
+    cost = plus(seconds_since(started), before)
     costs = json.loads(path.read_text()) if path.exists() else {}
     known = costs.get(key)
     if known is not None and same_settings(known.get("settings"), settings, defaults):

@@ -292,6 +292,7 @@ def _train(
         else:
             training_loss = trainer.train(resume_from_checkpoint=resume_from).training_loss
     clock = clock_of(trainer)
+    seconds = clock.total()  # stopped with the training: one reading for both keys
     summary = {
         "method": inputs.method,
         "model": model_args.model,
@@ -302,8 +303,8 @@ def _train(
         "train_loss_this_run": training_loss,
         "wall_seconds_this_run": time.time() - started,
         # Training time over the whole run, resumes included (the compute a resumed run really cost).
-        "train_seconds": clock.total()["wall_seconds"],
-        "train_cpu_seconds": clock.total()["cpu_seconds"],
+        "train_seconds": seconds["wall_seconds"],
+        "train_cpu_seconds": seconds["cpu_seconds"],
         "cost_before_this_run": clock.before,
         "tokens_seen": trainer.state.num_input_tokens_seen,  # restored from the checkpoint: the whole run's
         "trainer": type(trainer).__name__,
